@@ -1,0 +1,136 @@
+"""Knowledge-base data: sources, their chunks (with embeddings and full-text vectors) and products.
+
+A ``Source`` is one document (an uploaded or ingested file, or a product entry). Its extracted
+``text`` is what chunk offsets and citations point into. The chunks of a source are replaced in one
+transaction together with ``text`` and ``content_hash``, so readers always see one consistent version.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.postgres.indexes import GinIndex
+from django.contrib.postgres.search import SearchVectorField
+from django.db import models
+from django.db.models import CheckConstraint, F, Q, UniqueConstraint
+from pgvector.django import HnswIndex, VectorField
+
+DEFAULT_COLLECTION = "default"
+
+
+class Source(models.Model):
+    """One document of the knowledge base, and the state of its latest ingestion.
+
+    ``uri`` identifies the document inside its collection (a file path, an upload name, or
+    ``product:<sku>``); ingesting the same ``uri`` again updates this row instead of adding one.
+    """
+
+    class Kind(models.TextChoices):
+        FILE = "file", "File"
+        FAQ = "faq", "FAQ sheet"
+        PRODUCT = "product", "Product"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        PARSING = "parsing", "Parsing"
+        EMBEDDING = "embedding", "Embedding"
+        READY = "ready", "Ready"
+        FAILED = "failed", "Failed"
+
+    collection = models.CharField(max_length=100, default=DEFAULT_COLLECTION, db_index=True)
+    uri = models.CharField(max_length=500, help_text="Path, upload name or product:<sku>.")
+    kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.FILE)
+    title = models.CharField(max_length=500, blank=True)
+    # The raw bytes waiting to be ingested (uploads and products); files ingested from a path on
+    # the server are read from ``uri``.
+    pending_file = models.FileField(upload_to="sources/%Y/%m/", blank=True)
+    # Serving version: the extracted text the chunks point into, and the hash of the raw bytes.
+    text = models.TextField(blank=True)
+    content_hash = models.CharField(max_length=64, blank=True)
+    # Latest ingestion attempt.
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
+    error = models.TextField(blank=True, help_text="Why the latest ingestion failed.")
+    progress = models.PositiveSmallIntegerField(default=0, help_text="Percent, 0..100.")
+    chunk_count = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    ingested_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            UniqueConstraint(fields=["collection", "uri"], name="source_unique_uri_per_collection"),
+            CheckConstraint(condition=Q(progress__lte=100), name="source_progress_percent"),
+        ]
+        ordering = ["collection", "uri"]
+
+    def __str__(self) -> str:
+        return self.title or self.uri
+
+
+class Chunk(models.Model):
+    """A passage of a source: ``source.text[start:end] == text``.
+
+    ``heading_path`` is the list of headings above the passage (outermost first). ``embedding`` is
+    the L2-normalised vector of ``embedding_model`` for the passage with its title and headings;
+    ``search_vector`` is the Postgres full-text vector of the same.
+    """
+
+    source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="chunks")
+    ordinal = models.PositiveIntegerField(help_text="Position of the chunk in its source, from 0.")
+    start = models.PositiveIntegerField(help_text="Character offset of the first character.")
+    end = models.PositiveIntegerField(help_text="Character offset one past the last character.")
+    text = models.TextField()
+    heading_path = models.JSONField(default=list, blank=True)
+    token_count = models.PositiveIntegerField(default=0)
+    embedding = VectorField(dimensions=settings.EMBEDDING_DIM)
+    embedding_model = models.CharField(max_length=200)
+    search_vector = SearchVectorField(null=True)
+
+    class Meta:
+        constraints = [
+            UniqueConstraint(fields=["source", "ordinal"], name="chunk_unique_ordinal"),
+            CheckConstraint(condition=Q(end__gt=F("start")), name="chunk_nonempty_range"),
+        ]
+        indexes = [
+            HnswIndex(
+                name="chunk_embedding_hnsw",
+                fields=["embedding"],
+                m=16,
+                ef_construction=64,
+                opclasses=["vector_cosine_ops"],
+            ),
+            GinIndex(name="chunk_search_vector_gin", fields=["search_vector"]),
+        ]
+        ordering = ["source_id", "ordinal"]
+
+    def __str__(self) -> str:
+        return f"{self.source} #{self.ordinal} [{self.start}, {self.end})"
+
+
+class Product(models.Model):
+    """A product entry, edited in the admin and retrievable like any document.
+
+    Saving a product through ``knowledge.services.product_sync`` renders it as text and ingests it
+    as the source ``product:<sku>`` of its collection.
+    """
+
+    collection = models.CharField(max_length=100, default=DEFAULT_COLLECTION)
+    sku = models.CharField("SKU", max_length=100)
+    name = models.CharField(max_length=300)
+    price = models.DecimalField(max_digits=12, decimal_places=2)
+    currency = models.CharField(max_length=3, default="USD")
+    description = models.TextField(blank=True)
+    attributes = models.JSONField(default=dict, blank=True, help_text='e.g. {"colour": "red"}')
+    source = models.OneToOneField(
+        Source, null=True, blank=True, on_delete=models.SET_NULL, related_name="product"
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            UniqueConstraint(fields=["collection", "sku"], name="product_unique_sku_per_collection"),
+            CheckConstraint(condition=Q(price__gte=0), name="product_price_not_negative"),
+        ]
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.sku})"

@@ -1,0 +1,197 @@
+"""Knowledge-base reads: hybrid retrieval (``chunk_search``) and source listings.
+
+Hybrid retrieval runs two legs in one SQL statement and fuses their rankings with reciprocal rank
+fusion (RRF; Cormack, Clarke & Buettcher, "Reciprocal Rank Fusion outperforms Condorcet and
+individual Rank Learning Methods", SIGIR 2009): ``score = sum(1 / (RRF_K + rank))`` over the legs
+that returned the chunk.
+
+- vector leg: cosine distance between the query embedding and chunk embeddings (pgvector HNSW
+  index, ``<=>``), restricted to chunks of the current embedding model;
+- full-text leg: Postgres ``english`` full-text search, any query term (OR), ranked by ``ts_rank_cd``
+  with length normalisation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from django.conf import settings
+from django.db import connection, transaction
+
+from knowledge import embedding as embedding_module
+from knowledge.models import Chunk, Source
+
+_TERM = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class RetrievedChunk:
+    """One retrieval result.
+
+    ``start``/``end`` are character offsets into the source's text; ``score`` is the fused RRF score
+    (higher is better, at most ``2 / (RRF_K + 1)``); ``vector_distance`` is the cosine distance (0..2,
+    lower is closer) when the vector leg returned the chunk, ``text_rank`` the ``ts_rank_cd`` score
+    when the full-text leg did; ``vector_rank``/``text_rank_position`` are 1-based ranks in each leg.
+    """
+
+    chunk_id: int
+    source_id: int
+    source_uri: str
+    source_title: str
+    collection: str
+    ordinal: int
+    start: int
+    end: int
+    text: str
+    heading_path: list[str] = field(default_factory=list)
+    score: float = 0.0
+    vector_rank: int | None = None
+    vector_distance: float | None = None
+    text_rank_position: int | None = None
+    text_rank: float | None = None
+
+
+def retrieval_query(question: str, history: Sequence[dict] = (), *, max_user_turns: int = 2) -> str:
+    """The text to retrieve with for ``question`` in a conversation.
+
+    ``history`` is the earlier turns, oldest first, as ``{"role": "user"|"agent"|"assistant",
+    "text": str}``. A follow-up ("what about for my spouse?") rarely names its topic, so the latest
+    ``max_user_turns`` earlier user turns are appended after the question (question first, so it
+    dominates the embedding's attention and the full-text terms).
+    """
+    earlier = [turn["text"] for turn in history if turn.get("role") == "user" and turn.get("text")]
+    parts = [question.strip(), *reversed(earlier[-max_user_turns:])] if max_user_turns else [question.strip()]
+    return "\n".join(part for part in parts if part)
+
+
+def _tsquery_text(query: str) -> str:
+    """An OR ``to_tsquery`` expression of the query's words (quoted, so no operator can be injected)."""
+    terms = dict.fromkeys(term.lower() for term in _TERM.findall(query))
+    return " | ".join(f"'{term}'" for term in terms)
+
+
+_HYBRID_SQL = """
+WITH vec AS (
+    SELECT id, distance, row_number() OVER (ORDER BY distance, id) AS rank
+    FROM (
+        SELECT c.id, c.embedding <=> %(embedding)s::vector AS distance
+        FROM knowledge_chunk c
+        {vector_join}
+        WHERE c.embedding_model = %(model)s {vector_filter}
+        ORDER BY c.embedding <=> %(embedding)s::vector
+        LIMIT %(candidates)s
+    ) nearest
+),
+fts AS (
+    SELECT id, text_score, row_number() OVER (ORDER BY text_score DESC, id) AS rank
+    FROM (
+        SELECT c.id, ts_rank_cd(c.search_vector, q.query, 1) AS text_score
+        FROM knowledge_chunk c
+        {text_join}
+        CROSS JOIN (SELECT to_tsquery('english', %(tsquery)s) AS query) q
+        WHERE c.search_vector @@ q.query {text_filter}
+        ORDER BY text_score DESC, c.id
+        LIMIT %(candidates)s
+    ) matched
+)
+SELECT coalesce(vec.id, fts.id) AS id,
+       vec.rank, vec.distance, fts.rank, fts.text_score,
+       coalesce(1.0 / (%(rrf_k)s + vec.rank), 0) + coalesce(1.0 / (%(rrf_k)s + fts.rank), 0) AS score
+FROM vec FULL OUTER JOIN fts ON vec.id = fts.id
+ORDER BY score DESC, id
+LIMIT %(k)s
+"""
+
+
+def chunk_search(
+    query: str,
+    *,
+    k: int = 5,
+    collection: str | None = None,
+    candidates: int | None = None,
+    query_embedding: Sequence[float] | None = None,
+    mode: str = "hybrid",
+) -> list[RetrievedChunk]:
+    """Hybrid retrieval: the ``k`` best chunks for ``query`` (best first), fused with RRF.
+
+    ``collection`` restricts the search to one collection. ``candidates`` (default
+    ``RETRIEVAL_CANDIDATES``) is how many chunks each leg contributes before fusion.
+    ``query_embedding`` (a unit vector of length ``EMBEDDING_DIM``) skips embedding the query.
+    ``mode`` ``"vector"`` or ``"text"`` runs one leg only (for measurement).
+    Returns ``[]`` for an empty query. Raises ``ValueError`` if ``k`` < 1 or ``mode`` is unknown.
+    """
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    if mode not in {"hybrid", "vector", "text"}:
+        raise ValueError(f"unknown retrieval mode {mode!r}")
+    if not query.strip():
+        return []
+    candidates = max(candidates or settings.RETRIEVAL_CANDIDATES, k)
+    if query_embedding is None:
+        query_embedding = embedding_module.get_embedding_model().encode([query])[0]
+    vector_literal = "[" + ",".join(f"{float(x):.7g}" for x in query_embedding) + "]"
+    tsquery = _tsquery_text(query)
+    join = "JOIN knowledge_source s ON s.id = c.source_id" if collection else ""
+    where = "AND s.collection = %(collection)s" if collection else ""
+    sql = _HYBRID_SQL.format(
+        vector_join=join, text_join=join,
+        vector_filter=where if mode != "text" else where + " AND false",
+        text_filter=where if tsquery and mode != "vector" else where + " AND false",
+    )
+    params = {
+        "embedding": vector_literal,
+        "model": embedding_module.model_id(),
+        "candidates": candidates,
+        "tsquery": tsquery or "''",
+        "rrf_k": settings.RRF_K,
+        "k": k,
+        "collection": collection,
+    }
+    outermost = not connection.in_atomic_block
+    with transaction.atomic(), connection.cursor() as cursor:
+        # One snapshot for both statements, so a source re-ingested in between cannot drop results;
+        # SET LOCAL lasts until the end of this transaction only.
+        if outermost:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        cursor.execute("SET LOCAL hnsw.ef_search = %s", [max(settings.HNSW_EF_SEARCH, candidates)])
+        if collection:
+            # pgvector >= 0.8: keep scanning the graph until enough rows pass the filter.
+            cursor.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+        chunks = Chunk.objects.select_related("source").defer(
+            "embedding", "search_vector", "source__text"
+        ).in_bulk([row[0] for row in rows])
+    results = []
+    for chunk_id, v_rank, v_distance, t_rank, t_score, score in rows:
+        chunk = chunks.get(chunk_id)
+        if chunk is None:  # deleted between the two queries
+            continue
+        results.append(
+            RetrievedChunk(
+                chunk_id=chunk.pk,
+                source_id=chunk.source_id,
+                source_uri=chunk.source.uri,
+                source_title=chunk.source.title,
+                collection=chunk.source.collection,
+                ordinal=chunk.ordinal,
+                start=chunk.start,
+                end=chunk.end,
+                text=chunk.text,
+                heading_path=list(chunk.heading_path),
+                score=float(score),
+                vector_rank=v_rank,
+                vector_distance=None if v_distance is None else float(v_distance),
+                text_rank_position=t_rank,
+                text_rank=None if t_score is None else float(t_score),
+            )
+        )
+    return results
+
+
+def source_list(*, collection: str | None = None):
+    """Sources (optionally of one ``collection``), ordered by collection and URI."""
+    sources = Source.objects.defer("text")
+    return sources.filter(collection=collection) if collection else sources

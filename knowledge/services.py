@@ -1,0 +1,457 @@
+"""Knowledge-base writes: registering sources, ingesting them, products, deletion and re-embedding.
+
+Ingestion of one source (``document_ingest``) reads its bytes, skips them if unchanged, parses,
+chunks and embeds them, then swaps the source's chunks, text and hash in one transaction: readers see
+the old version or the new one, never a mix or nothing. Any failure marks the source ``failed`` with
+the reason and leaves its serving chunks untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Callable, Iterable
+
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.db import connection, transaction
+from django.utils import timezone
+
+from knowledge import embedding as embedding_module
+from knowledge.chunking import chunk_document
+from knowledge.models import DEFAULT_COLLECTION, Chunk, Product, Source
+from knowledge.parsers import SUPPORTED_EXTENSIONS, ParseError, parse_file
+
+logger = logging.getLogger(__name__)
+
+
+class SourceUnavailable(Exception):
+    """The source's bytes cannot be read (file moved or deleted)."""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """Outcome of ``document_ingest``: ``status`` is ``"ingested"``, ``"unchanged"``, ``"failed"`` or
+    ``"missing"`` (the source row was deleted before the task ran)."""
+
+    source_id: int
+    status: str
+    chunk_count: int = 0
+    error: str = ""
+
+
+# --- registering sources ------------------------------------------------------------------------
+
+
+def _enqueue(source_ids: Iterable[int]) -> None:
+    from knowledge.tasks import ingest_source
+
+    ids = list(source_ids)
+    transaction.on_commit(lambda: [ingest_source.delay(source_id) for source_id in ids])
+
+
+def _kind_for(filename: str) -> str:
+    return Source.Kind.FAQ if filename.lower().endswith(".csv") else Source.Kind.FILE
+
+
+def iter_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Files named by ``paths``, folders walked recursively (hidden files and folders skipped),
+    sorted. Raises ``FileNotFoundError`` for a path that does not exist."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser().resolve()
+        if not path.exists():
+            raise FileNotFoundError(f"no such file or folder: {raw}")
+        if path.is_file():
+            found.append(path)
+            continue
+        for child in sorted(path.rglob("*")):
+            relative = child.relative_to(path)
+            if child.is_file() and not any(part.startswith(".") for part in relative.parts):
+                found.append(child)
+    return sorted(dict.fromkeys(found))
+
+
+@dataclass
+class RegisterResult:
+    """Sources queued for ingestion, sources left as they were (same content hash), and sources
+    deleted by ``prune``."""
+
+    queued: list[Source]
+    unchanged: list[Source]
+    pruned: int = 0
+
+
+@transaction.atomic
+def sources_register_paths(
+    paths: Iterable[str | Path], *, collection: str = DEFAULT_COLLECTION, prune: bool = False,
+    enqueue: bool = True,
+) -> RegisterResult:
+    """Register files and folders (recursively) as sources and queue changed ones for ingestion.
+
+    A file whose bytes hash to the serving ``content_hash`` is left alone. With ``prune``, sources
+    of ``collection`` that lived under one of the given folders but whose file is gone are deleted
+    with their chunks. With ``enqueue=False`` the caller runs ``document_ingest`` itself. Raises ``FileNotFoundError`` if a path does not exist (nothing is queued).
+    """
+    paths = list(paths)
+    files = iter_files(paths)
+    result = RegisterResult(queued=[], unchanged=[])
+    for file in files:
+        uri = str(file)
+        source, _ = Source.objects.get_or_create(
+            collection=collection, uri=uri, defaults={"kind": _kind_for(file.name), "title": file.stem}
+        )
+        if source.status == Source.Status.READY and source.content_hash == _file_hash(file):
+            result.unchanged.append(source)
+            continue
+        Source.objects.filter(pk=source.pk).update(
+            status=Source.Status.QUEUED, progress=0, error="", updated_at=timezone.now()
+        )
+        result.queued.append(source)
+    if prune:
+        folders = [str(Path(p).expanduser().resolve()) for p in paths if Path(p).is_dir()]
+        seen = {str(f) for f in files}
+        for source in Source.objects.filter(collection=collection, kind__in=[Source.Kind.FILE, Source.Kind.FAQ]):
+            if source.uri not in seen and any(source.uri.startswith(f + "/") for f in folders):
+                source_delete(source)
+                result.pruned += 1
+    if enqueue:
+        _enqueue(source.pk for source in result.queued)
+    return result
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return ""
+    return digest.hexdigest()
+
+
+@transaction.atomic
+def source_upload(*, filename: str, data: bytes, collection: str = DEFAULT_COLLECTION) -> Source:
+    """Store an uploaded file as the pending version of source ``upload:<filename>`` and queue it.
+
+    The serving version (if any) keeps answering until the new one is ready.
+    """
+    name = Path(filename).name or "upload"
+    source, _ = Source.objects.get_or_create(
+        collection=collection, uri=f"upload:{name}", defaults={"kind": _kind_for(name), "title": Path(name).stem}
+    )
+    if source.pending_file:
+        source.pending_file.delete(save=False)
+    source.pending_file.save(name, ContentFile(data), save=False)
+    source.status, source.progress, source.error = Source.Status.QUEUED, 0, ""
+    source.save()
+    _enqueue([source.pk])
+    return source
+
+
+@transaction.atomic
+def source_delete(source: Source) -> None:
+    """Delete ``source``, its chunks (cascade) and its pending upload file."""
+    if source.pending_file:
+        name, storage = source.pending_file.name, source.pending_file.storage
+        transaction.on_commit(lambda: storage.delete(name))
+    Product.objects.filter(source=source).update(source=None)
+    source.delete()
+
+
+# --- products -----------------------------------------------------------------------------------
+
+
+def product_markdown(product: Product) -> str:
+    """Render ``product`` as the Markdown document that is ingested for it."""
+    price = Decimal(product.price).quantize(Decimal("0.01"))
+    lines = [f"# {product.name}", "", f"SKU: {product.sku}. Price: {price} {product.currency}."]
+    if product.description.strip():
+        lines += ["", product.description.strip()]
+    if product.attributes:
+        lines += ["", "## Specifications", ""]
+        lines += [f"- {key}: {value}" for key, value in product.attributes.items()]
+    return "\n".join(lines) + "\n"
+
+
+@transaction.atomic
+def product_sync(product: Product) -> Source:
+    """Queue (re-)ingestion of ``product`` as the source ``product:<sku>`` of its collection.
+
+    Call after saving a product; an unchanged rendering is skipped by ``document_ingest``. If the SKU
+    changed, the source of the old SKU is deleted.
+    """
+    uri = f"product:{product.sku}"
+    if product.source_id and product.source.uri != uri:
+        source_delete(product.source)
+        product.source = None
+    source, _ = Source.objects.get_or_create(
+        collection=product.collection, uri=uri, defaults={"kind": Source.Kind.PRODUCT, "title": product.name}
+    )
+    if source.pending_file:
+        source.pending_file.delete(save=False)
+    source.pending_file.save(f"product-{product.sku}.md", ContentFile(product_markdown(product).encode()), save=False)
+    source.title = product.name
+    source.status, source.progress, source.error = Source.Status.QUEUED, 0, ""
+    source.save()
+    Product.objects.filter(pk=product.pk).update(source=source)
+    product.source = source
+    _enqueue([source.pk])
+    return source
+
+
+@transaction.atomic
+def product_delete(product: Product) -> None:
+    """Delete ``product`` and the source (and chunks) that made it retrievable."""
+    if product.source_id:
+        source_delete(product.source)
+    product.delete()
+
+
+# --- ingestion ----------------------------------------------------------------------------------
+
+
+def _read_bytes(source: Source) -> tuple[str, bytes]:
+    if source.pending_file:
+        try:
+            with source.pending_file.open("rb") as handle:
+                return source.pending_file.name, handle.read()
+        except OSError as error:
+            raise SourceUnavailable(f"the uploaded file is missing ({error})") from None
+    if source.uri.startswith(("upload:", "product:")):
+        raise SourceUnavailable("there is no pending file to ingest; upload the file again")
+    path = Path(source.uri)
+    try:
+        size = path.stat().st_size
+        if size > settings.INGEST_MAX_FILE_BYTES:
+            return path.name, b"\0" * (settings.INGEST_MAX_FILE_BYTES + 1)  # reported below
+        return path.name, path.read_bytes()
+    except OSError as error:
+        raise SourceUnavailable(f"cannot read {path} ({error.strerror or error})") from None
+
+
+def _set_progress(source_id: int, status: str, progress: int) -> None:
+    Source.objects.filter(pk=source_id).update(status=status, progress=progress, updated_at=timezone.now())
+
+
+def mark_failed(source_id: int, reason: str) -> None:
+    """Record that the latest ingestion of ``source_id`` failed because of ``reason``."""
+    Source.objects.filter(pk=source_id).update(
+        status=Source.Status.FAILED, error=reason, progress=0, updated_at=timezone.now()
+    )
+
+
+def _fail(source_id: int, reason: str) -> IngestResult:
+    logger.warning("ingestion of source %s failed: %s", source_id, reason)
+    mark_failed(source_id, reason)
+    return IngestResult(source_id, "failed", error=reason)
+
+
+def document_ingest(source_id: int, *, force: bool = False) -> IngestResult:
+    """Parse, chunk, embed and store the pending version of source ``source_id``.
+
+    Safe to run twice: bytes that hash to the serving ``content_hash`` (with chunks of the current
+    embedding model) are skipped unless ``force``. Bad input (empty, unsupported type, over
+    ``INGEST_MAX_FILE_BYTES``, corrupt, not UTF-8, no text, CSV without question/answer columns)
+    returns status ``"failed"`` and records the reason on the source; serving chunks are untouched.
+    Side effects: ``status``/``progress`` updates visible to other connections while it runs.
+    """
+    source = Source.objects.filter(pk=source_id).first()
+    if source is None:
+        return IngestResult(source_id, "missing")
+    try:
+        filename, data = _read_bytes(source)
+    except SourceUnavailable as error:
+        return _fail(source_id, str(error))
+    if len(data) > settings.INGEST_MAX_FILE_BYTES:
+        limit_mb = settings.INGEST_MAX_FILE_BYTES / (1024 * 1024)
+        return _fail(source_id, f"the file is larger than the {limit_mb:g} MB limit (INGEST_MAX_FILE_BYTES)")
+    digest = hashlib.sha256(data).hexdigest()
+    current_model = embedding_module.model_id()
+    if (
+        not force
+        and digest == source.content_hash
+        and source.chunk_count > 0
+        and not source.chunks.exclude(embedding_model=current_model).exists()
+    ):
+        _finish_unchanged(source)
+        return IngestResult(source_id, "unchanged", source.chunk_count)
+
+    _set_progress(source_id, Source.Status.PARSING, 5)
+    try:
+        document = parse_file(filename, data)
+    except ParseError as error:
+        return _fail(source_id, str(error))
+    if source.kind == Source.Kind.FAQ and not any(b.kind == "faq" for b in document.blocks):
+        return _fail(source_id, "an FAQ sheet must be a CSV file with question and answer columns")
+
+    model = embedding_module.get_embedding_model()
+    spans = chunk_document(document, max_tokens=settings.CHUNK_MAX_TOKENS, count_tokens=model.count_tokens)
+    _set_progress(source_id, Source.Status.EMBEDDING, 10)
+    texts = [
+        embedding_module.passage_text(document.title, span.heading_path, document.text[span.start : span.end])
+        for span in spans
+    ]
+    vectors = _embed_with_progress(model, texts, lambda pct: _set_progress(source_id, Source.Status.EMBEDDING, pct))
+    chunks = [
+        Chunk(
+            ordinal=ordinal,
+            start=span.start,
+            end=span.end,
+            text=document.text[span.start : span.end],
+            heading_path=list(span.heading_path),
+            token_count=span.token_count,
+            embedding=vector,
+            embedding_model=current_model,
+        )
+        for ordinal, (span, vector) in enumerate(zip(spans, vectors))
+    ]
+    with transaction.atomic():
+        locked = Source.objects.select_for_update().filter(pk=source_id).first()
+        if locked is None:
+            return IngestResult(source_id, "missing")
+        _swap_chunks(locked, chunks, title=document.title)
+        pending = locked.pending_file.name if locked.pending_file else ""
+        Source.objects.filter(pk=source_id).update(
+            text=document.text,
+            title=(locked.title if locked.kind == Source.Kind.PRODUCT else document.title)[:500],
+            content_hash=digest,
+            status=Source.Status.READY,
+            progress=100,
+            error="",
+            chunk_count=len(chunks),
+            pending_file="",
+            ingested_at=timezone.now(),
+            updated_at=timezone.now(),
+        )
+        if pending:
+            storage = locked.pending_file.storage
+            transaction.on_commit(lambda: storage.delete(pending))
+    return IngestResult(source_id, "ingested", len(chunks))
+
+
+def _finish_unchanged(source: Source) -> None:
+    pending = source.pending_file.name if source.pending_file else ""
+    Source.objects.filter(pk=source.pk).update(
+        status=Source.Status.READY, progress=100, error="", pending_file="", updated_at=timezone.now()
+    )
+    if pending:
+        source.pending_file.storage.delete(pending)
+
+
+def _embed_with_progress(model, texts: list[str], report: Callable[[int], None]):
+    batch = settings.EMBEDDING_BATCH_SIZE
+    vectors = []
+    for offset in range(0, len(texts), batch):
+        vectors.extend(model.encode(texts[offset : offset + batch]))
+        report(10 + int(85 * min(len(texts), offset + batch) / max(len(texts), 1)))
+    return vectors
+
+
+def _swap_chunks(source: Source, chunks: list[Chunk], *, title: str) -> None:
+    """Replace ``source``'s chunks with ``chunks`` (caller holds the transaction and the row lock)."""
+    source.chunks.all().delete()
+    for chunk in chunks:
+        chunk.source_id = source.pk
+    Chunk.objects.bulk_create(chunks, batch_size=500)
+    update_search_vectors(source.pk, title)
+
+
+def update_search_vectors(source_id: int, title: str) -> None:
+    """Set the full-text vector of ``source_id``'s chunks: title and headings weighted A, passage B
+    (Postgres ``english`` configuration)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            UPDATE knowledge_chunk SET search_vector =
+                setweight(to_tsvector('english', %s || ' ' || coalesce(
+                    (SELECT string_agg(value, ' ') FROM jsonb_array_elements_text(heading_path)), '')), 'A')
+                || setweight(to_tsvector('english', text), 'B')
+            WHERE source_id = %s
+            """,
+            [title, source_id],
+        )
+
+
+# --- re-embedding -------------------------------------------------------------------------------
+
+
+@dataclass
+class ReembedResult:
+    """Sources whose chunks were re-embedded, and chunks written."""
+
+    sources: int = 0
+    chunks: int = 0
+
+
+def reembed(*, collection: str | None = None, everything: bool = False,
+            report: Callable[[int, int], None] | None = None) -> ReembedResult:
+    """Re-embed chunks written by another embedding model (or all chunks with ``everything``).
+
+    Chunks keep their text and offsets; only vectors change. Each source is swapped in its own
+    transaction, so old vectors serve until its new ones commit. If ``EMBEDDING_DIM`` differs from
+    the stored column's dimension, every chunk is re-embedded first and the column and its HNSW index
+    are rebuilt in one transaction (searches wait for it, they never see a mix).
+    ``report(done, total)`` is called after each source.
+    """
+    current = embedding_module.model_id()
+    model = embedding_module.get_embedding_model()
+    if _stored_vector_dimension() != settings.EMBEDDING_DIM:
+        return _reembed_new_dimension(model, current, report)
+    sources = Source.objects.filter(chunk_count__gt=0)
+    if collection:
+        sources = sources.filter(collection=collection)
+    if not everything:
+        sources = sources.filter(pk__in=Chunk.objects.exclude(embedding_model=current).values("source_id"))
+    sources = list(sources.order_by("pk"))
+    result = ReembedResult()
+    for index, source in enumerate(sources, start=1):
+        with transaction.atomic():
+            locked = Source.objects.select_for_update().get(pk=source.pk)
+            chunks = list(locked.chunks.order_by("ordinal"))
+            texts = [embedding_module.passage_text(locked.title, c.heading_path, c.text) for c in chunks]
+            for chunk, vector in zip(chunks, model.encode(texts)):
+                chunk.embedding, chunk.embedding_model = vector, current
+            Chunk.objects.bulk_update(chunks, ["embedding", "embedding_model"], batch_size=500)
+        result.sources += 1
+        result.chunks += len(chunks)
+        if report:
+            report(index, len(sources))
+    return result
+
+
+def _stored_vector_dimension() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT atttypmod FROM pg_attribute WHERE attrelid = 'knowledge_chunk'::regclass "
+            "AND attname = 'embedding'"
+        )
+        return cursor.fetchone()[0]
+
+
+def _reembed_new_dimension(model, current: str, report) -> ReembedResult:
+    rows = list(Chunk.objects.select_related("source").order_by("pk"))
+    texts = [embedding_module.passage_text(c.source.title, c.heading_path, c.text) for c in rows]
+    vectors = model.encode(texts)
+    dim = int(settings.EMBEDDING_DIM)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("LOCK TABLE knowledge_chunk IN ACCESS EXCLUSIVE MODE")
+        cursor.execute("DROP INDEX IF EXISTS chunk_embedding_hnsw")
+        cursor.execute("ALTER TABLE knowledge_chunk ALTER COLUMN embedding DROP NOT NULL")
+        cursor.execute(f"ALTER TABLE knowledge_chunk ALTER COLUMN embedding TYPE vector({dim}) USING NULL")
+        for chunk, vector in zip(rows, vectors):
+            chunk.embedding, chunk.embedding_model = vector, current
+        Chunk.objects.bulk_update(rows, ["embedding", "embedding_model"], batch_size=500)
+        cursor.execute("ALTER TABLE knowledge_chunk ALTER COLUMN embedding SET NOT NULL")
+        cursor.execute(
+            "CREATE INDEX chunk_embedding_hnsw ON knowledge_chunk USING hnsw "
+            "(embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
+        )
+    sources = len({c.source_id for c in rows})
+    if report:
+        report(sources, sources)
+    return ReembedResult(sources=sources, chunks=len(rows))
