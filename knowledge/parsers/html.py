@@ -32,14 +32,17 @@ def parse(data: bytes, filename: str) -> ParsedDocument:
     builder = TextBuilder(title)
     body = soup.body or soup
     for element in body.find_all(list(_BLOCKS)):
+        # A table row is one block ("cell | cell"); it contains td/th blocks, so it is handled
+        # before the leaf rule below, and what is inside a row contributes through the row.
+        if element.name == "tr":
+            cells = [" ".join(c.get_text(" ", strip=True).split())
+                     for c in element.find_all(["td", "th"], recursive=False)]
+            builder.add("paragraph", " | ".join(c for c in cells if c))
+            continue
+        if element.find_parent("tr") is not None:
+            continue
         # Leaf blocks only: a block containing other blocks contributes through them.
         if element.find(list(_BLOCKS)) is not None:
-            continue
-        if element.name in {"td", "th"} and element.find_parent("tr") is not None:
-            continue
-        if element.name == "tr":
-            cells = [c.get_text(" ", strip=True) for c in element.find_all(["td", "th"])]
-            builder.add("paragraph", " | ".join(c for c in cells if c))
             continue
         text = " ".join(element.get_text(" ", strip=True).split())
         if element.name in _HEADINGS:
