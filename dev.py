@@ -83,6 +83,9 @@ def main(argv: list[str]) -> None:
         manage("load_demo")
         port = os.environ.setdefault("PORT", "8000")
         print(f"\nOpen http://127.0.0.1:{port}/ (demo) and http://127.0.0.1:{port}/admin/\n", flush=True)
+        # The Procfile's commands (python, celery) must come from .venv.
+        os.environ["PATH"] = f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+        os.environ["VIRTUAL_ENV"] = str(VENV)
         os.execv(str(PYTHON), [str(PYTHON), "-m", "honcho", "start", "-f", str(ROOT / "Procfile"), *rest])
     elif command == "test":
         setup()

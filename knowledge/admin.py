@@ -27,9 +27,9 @@ class MultipleFileField(forms.FileField):
 
     def clean(self, data, initial=None):
         single = super().clean
-        if isinstance(data, (list, tuple)):
+        if isinstance(data, (list, tuple)) and data:
             return [single(item, initial) for item in data]
-        return [single(data, initial)]
+        return [single(data, initial)]  # an empty list too, so "required" is enforced
 
 
 class UploadForm(forms.Form):

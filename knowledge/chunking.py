@@ -15,7 +15,9 @@ from typing import Callable
 
 from knowledge.parsers import Block, ParsedDocument
 
-_SENTENCE = re.compile(r"[^.!?\n]*(?:[.!?]+(?=\s|$)|\n|$)")
+# A sentence runs to [.!?] followed by whitespace (or the end), or to a line break; a "." inside a
+# token ("1.5 kg", "example.com") does not end it, so every character belongs to some sentence.
+_SENTENCE = re.compile(r"(?:[^.!?\n]|[.!?](?!\s|$))*(?:[.!?]+(?=\s|$)|\n|$)")
 _WORDS = re.compile(r"\S+")
 
 
@@ -67,9 +69,11 @@ def chunk_document(
             continue
         pieces = _split(text, block, max_tokens, count_tokens)
         if block.kind == "faq":
+            # Never packed with a neighbour; an entry over max_tokens becomes several chunks.
             flush()
-            pending.extend(pieces)
-            flush()
+            for piece in pieces:
+                pending.append(piece)
+                flush()
             continue
         for piece in pieces:
             if pending and pending_tokens() + piece[2] > max_tokens:

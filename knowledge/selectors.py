@@ -144,7 +144,7 @@ def chunk_search(
         "embedding": vector_literal,
         "model": embedding_module.model_id(),
         "candidates": candidates,
-        "tsquery": tsquery or "''",
+        "tsquery": tsquery,  # empty: the full-text leg is switched off above
         "rrf_k": settings.RRF_K,
         "k": k,
         "collection": collection,

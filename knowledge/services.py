@@ -46,11 +46,11 @@ class IngestResult:
 # --- registering sources ------------------------------------------------------------------------
 
 
-def _enqueue(source_ids: Iterable[int]) -> None:
+def _enqueue(source_ids: Iterable[int], *, force: bool = False) -> None:
     from knowledge.tasks import ingest_source
 
     ids = list(source_ids)
-    transaction.on_commit(lambda: [ingest_source.delay(source_id) for source_id in ids])
+    transaction.on_commit(lambda: [ingest_source.delay(source_id, force=force) for source_id in ids])
 
 
 def _kind_for(filename: str) -> str:
@@ -88,13 +88,14 @@ class RegisterResult:
 @transaction.atomic
 def sources_register_paths(
     paths: Iterable[str | Path], *, collection: str = DEFAULT_COLLECTION, prune: bool = False,
-    enqueue: bool = True,
+    enqueue: bool = True, force: bool = False,
 ) -> RegisterResult:
     """Register files and folders (recursively) as sources and queue changed ones for ingestion.
 
     A file whose bytes hash to the serving ``content_hash`` is left alone. With ``prune``, sources
     of ``collection`` that lived under one of the given folders but whose file is gone are deleted
-    with their chunks. With ``enqueue=False`` the caller runs ``document_ingest`` itself. Raises ``FileNotFoundError`` if a path does not exist (nothing is queued).
+    with their chunks. ``force`` queues unchanged files too (re-parse and re-embed them, e.g. after
+    a parser or chunking change). With ``enqueue=False`` the caller runs ``document_ingest`` itself. Raises ``FileNotFoundError`` if a path does not exist (nothing is queued).
     """
     paths = list(paths)
     files = iter_files(paths)
@@ -104,7 +105,7 @@ def sources_register_paths(
         source, _ = Source.objects.get_or_create(
             collection=collection, uri=uri, defaults={"kind": _kind_for(file.name), "title": file.stem}
         )
-        if source.status == Source.Status.READY and source.content_hash == _file_hash(file):
+        if not force and source.status == Source.Status.READY and source.content_hash == _file_hash(file):
             result.unchanged.append(source)
             continue
         Source.objects.filter(pk=source.pk).update(
@@ -119,7 +120,7 @@ def sources_register_paths(
                 source_delete(source)
                 result.pruned += 1
     if enqueue:
-        _enqueue(source.pk for source in result.queued)
+        _enqueue((source.pk for source in result.queued), force=force)
     return result
 
 
@@ -183,10 +184,10 @@ def product_sync(product: Product) -> Source:
     """Queue (re-)ingestion of ``product`` as the source ``product:<sku>`` of its collection.
 
     Call after saving a product; an unchanged rendering is skipped by ``document_ingest``. If the SKU
-    changed, the source of the old SKU is deleted.
+    or the collection changed, the source of the old SKU or collection is deleted.
     """
     uri = f"product:{product.sku}"
-    if product.source_id and product.source.uri != uri:
+    if product.source_id and (product.source.uri != uri or product.source.collection != product.collection):
         source_delete(product.source)
         product.source = None
     source, _ = Source.objects.get_or_create(
@@ -263,6 +264,18 @@ def document_ingest(source_id: int, *, force: bool = False) -> IngestResult:
     source = Source.objects.filter(pk=source_id).first()
     if source is None:
         return IngestResult(source_id, "missing")
+    if (
+        not source.pending_file
+        and source.uri.startswith(("upload:", "product:"))
+        and source.content_hash
+        and source.chunk_count > 0
+    ):
+        # An upload or product whose pending bytes were already ingested (a task run twice, or a
+        # forced re-ingest): its raw bytes are gone, so a forced run re-embeds the serving chunks.
+        if force:
+            _reembed_source(source_id, embedding_module.get_embedding_model(), embedding_module.model_id())
+        _finish_unchanged(source)
+        return IngestResult(source_id, "unchanged", source.chunk_count)
     try:
         filename, data = _read_bytes(source)
     except SourceUnavailable as error:
@@ -410,18 +423,23 @@ def reembed(*, collection: str | None = None, everything: bool = False,
     sources = list(sources.order_by("pk"))
     result = ReembedResult()
     for index, source in enumerate(sources, start=1):
-        with transaction.atomic():
-            locked = Source.objects.select_for_update().get(pk=source.pk)
-            chunks = list(locked.chunks.order_by("ordinal"))
-            texts = [embedding_module.passage_text(locked.title, c.heading_path, c.text) for c in chunks]
-            for chunk, vector in zip(chunks, model.encode(texts)):
-                chunk.embedding, chunk.embedding_model = vector, current
-            Chunk.objects.bulk_update(chunks, ["embedding", "embedding_model"], batch_size=500)
+        result.chunks += _reembed_source(source.pk, model, current)
         result.sources += 1
-        result.chunks += len(chunks)
         if report:
             report(index, len(sources))
     return result
+
+
+@transaction.atomic
+def _reembed_source(source_id: int, model, current: str) -> int:
+    """Re-embed one source's chunks in place (one transaction); returns the number of chunks."""
+    locked = Source.objects.select_for_update().get(pk=source_id)
+    chunks = list(locked.chunks.order_by("ordinal"))
+    texts = [embedding_module.passage_text(locked.title, c.heading_path, c.text) for c in chunks]
+    for chunk, vector in zip(chunks, model.encode(texts)):
+        chunk.embedding, chunk.embedding_model = vector, current
+    Chunk.objects.bulk_update(chunks, ["embedding", "embedding_model"], batch_size=500)
+    return len(chunks)
 
 
 def _stored_vector_dimension() -> int:

@@ -23,8 +23,10 @@ def looks_like_heading(line: str, next_line: str | None) -> bool:
     words = line.split()
     if not words or len(words) > _MAX_HEADING_WORDS or len(line) > 120:
         return False
-    if line[-1] in ".,;!?" or line.startswith(("-", "*", "•")):
+    if line.startswith(("-", "*", "•")) or line[-1] in ".,;!":
         return False
+    if line[-1] == "?":  # an FAQ-style question heading needs its answer right below it
+        return next_line is not None and len(next_line) > len(line)
     if next_line is None:
         return True
     # A line about as long as the next one is hard-wrapped prose, not a heading.
@@ -34,7 +36,11 @@ def looks_like_heading(line: str, next_line: str | None) -> bool:
 
 
 def blocks_from_lines(text: str, offset: int = 0, first_heading_level: int = 1) -> list[Block]:
-    """Split ``text`` into heading and paragraph blocks with offsets shifted by ``offset``."""
+    """Split ``text`` into heading and paragraph blocks with offsets shifted by ``offset``.
+
+    A heading that opens the text gets ``first_heading_level`` (the title); later headings, and all
+    headings of a text that opens with a paragraph, get level 2.
+    """
     blocks: list[Block] = []
     seen_heading = first_heading_level > 1
     for group in _GROUP.finditer(text):
@@ -47,7 +53,7 @@ def blocks_from_lines(text: str, offset: int = 0, first_heading_level: int = 1) 
             end = start + len(stripped)
             following = lines[index + 1].group().strip() if index + 1 < len(lines) else None
             if index == 0 and looks_like_heading(stripped, following):
-                level = 2 if seen_heading else first_heading_level
+                level = 2 if seen_heading or blocks else first_heading_level
                 blocks.append(Block("heading", start, end, level))
                 seen_heading = True
             else:
@@ -59,5 +65,6 @@ def parse(data: bytes, filename: str) -> ParsedDocument:
     """Parse UTF-8 text; raises ``ParseError`` for bytes that are not UTF-8."""
     text = decode_text(data)
     blocks = blocks_from_lines(text)
-    title = next((text[b.start : b.end] for b in blocks if b.kind == "heading"), "")
+    # The title is a heading that opens the file; otherwise parse_file falls back to the file name.
+    title = text[blocks[0].start : blocks[0].end] if blocks and blocks[0].level == 1 else ""
     return ParsedDocument(title=title, text=text, blocks=blocks)

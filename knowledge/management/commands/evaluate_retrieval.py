@@ -33,8 +33,10 @@ class Command(BaseCommand):
         parser.add_argument("--collection", default=None)
         parser.add_argument("--limit", type=int, default=None, help="evaluate the first N questions")
         parser.add_argument("--modes", default="hybrid", help="comma-separated: hybrid,vector,text")
+        parser.add_argument("--turns", choices=["first", "all", "both"], default="both",
+                            help="first turns only, all turns (with history), or both tables")
 
-    def handle(self, *args, questions, docs_root, collection, limit, modes, **options):
+    def handle(self, *args, questions, docs_root, collection, limit, modes, turns, **options):
         path = Path(questions)
         if not path.exists():
             raise CommandError(f"no such file: {questions}")
@@ -80,7 +82,12 @@ class Command(BaseCommand):
         systems = {f"{mode}": hybrid_retriever(mode) for mode in modes.split(",")}
         systems["BM25 baseline"] = bm25_retrieve
         chunk_search("warm up the embedding model", k=1, collection=collection)
-        for label, subset in (("first turns", [q for q in gold if q.is_first_turn]), ("all turns (with history)", gold)):
+        subsets = []
+        if turns in ("first", "both"):
+            subsets.append(("first turns", [q for q in gold if q.is_first_turn]))
+        if turns in ("all", "both"):
+            subsets.append(("all turns (with history)", gold))
+        for label, subset in subsets:
             columns = {}
             for name, retrieve in systems.items():
                 rankings, latencies = run_retriever(subset, retrieve)

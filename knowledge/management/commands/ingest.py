@@ -24,12 +24,16 @@ class Command(BaseCommand):
                             help="delete sources under the given folders whose files are gone")
         parser.add_argument("--sync", action="store_true",
                             help="ingest in this process instead of queuing Celery tasks")
+        parser.add_argument("--force", action="store_true",
+                            help="re-parse and re-embed even files whose content is unchanged")
         parser.add_argument("--no-wait", action="store_true", help="queue and return at once")
         parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
 
-    def handle(self, *args, paths, collection, prune, sync, no_wait, timeout, **options):
+    def handle(self, *args, paths, collection, prune, sync, force, no_wait, timeout, **options):
         try:
-            result = services.sources_register_paths(paths, collection=collection, prune=prune, enqueue=not sync)
+            result = services.sources_register_paths(
+                paths, collection=collection, prune=prune, enqueue=not sync, force=force
+            )
         except FileNotFoundError as error:
             raise CommandError(str(error)) from None
         self.stdout.write(
@@ -39,7 +43,7 @@ class Command(BaseCommand):
         ids = [source.pk for source in result.queued]
         if sync:
             for source_id in tqdm(ids, desc="ingesting", unit="file"):
-                services.document_ingest(source_id)
+                services.document_ingest(source_id, force=force)
         elif ids and not no_wait:
             self._wait(ids, timeout)
         if not no_wait:

@@ -1,0 +1,605 @@
+"""Ingestion services against the real Postgres + pgvector and the real embedding model: every file
+type, the hash skip, the atomic replace, deletion, products, re-embedding, and every kind of bad
+input (the source is marked failed with its reason; the rest of a batch goes on; what was serving is
+untouched)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from decimal import Decimal
+
+import numpy as np
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.db import connection
+
+from knowledge import services
+from knowledge.chunking import chunk_document
+from knowledge.embedding import model_id, passage_text
+from knowledge.models import Chunk, Product, Source
+from knowledge.parsers import parse_file
+from knowledge.selectors import chunk_search
+from tests.knowledge.conftest import ingest_paths, serving_snapshot
+from tests.knowledge.sample_files import (
+    CARE_PDF_PAGES,
+    FAQ_CSV,
+    RETURNS_MD,
+    SCRIPTS_ONLY_HTML,
+    SHIPPING_TXT,
+    WARRANTY_HTML,
+    good_files,
+    pdf_bytes,
+)
+
+pytestmark = pytest.mark.django_db
+
+MODEL_ID = "all-MiniLM-L6-v2@384"
+
+EXPECTED_CHUNKS = {
+    "returns.md": ("Returns policy", [
+        (["Returns policy"], "You can return any item within 30 days of delivery."),
+        (["Returns policy", "Refunds"], "Refunds go back to the original payment method within 5 business days."
+                                        "\n\n- The item must be unused\n- Keep the receipt"),
+        (["Returns policy", "Exchanges"], "Exchanges for another size are free."),
+    ]),
+    "shipping.txt": ("Shipping times", [
+        (["Shipping times"],
+         "Orders ship within two business days. Express orders placed before noon ship the same day."),
+        (["Shipping times", "International shipping"], "We ship to 40 countries.\nCustoms fees are paid by the buyer."),
+    ]),
+    "warranty.html": ("Warranty", [
+        (["Warranty"], "Every product has a two-year warranty."),
+        (["Warranty", "Claims"], "Email support with your order number.\n\nAttach a photo of the fault.\n\n"
+                                 "Plan | Years\n\nBasic | 2"),
+    ]),
+    "care.pdf": ("Care instructions", [
+        (["Care instructions"], "Wash the jacket in cold water.\n\nDo not tumble dry."),
+        (["Care instructions", "Storage"], "Keep the jacket in a dry place."),
+    ]),
+    "handbook.docx": ("Employee handbook", [
+        (["Holidays"], "Staff get 25 days of paid leave a year."),
+        (["Holidays", "Booking leave"], "Book leave in the HR portal two weeks ahead.\n\n"
+                                        "Years of service | Extra days\n\n5 | 2"),
+    ]),
+    "store_faq.csv": ("store faq", [
+        ([], "How long does shipping take?\nOrders arrive in 3 to 5 business days."),
+        ([], "Can I change my order?\nYes, within one hour of placing it."),
+    ]),
+}
+
+
+def chunk_rows(source_id: int) -> list[tuple[list[str], str]]:
+    return [(c.heading_path, c.text) for c in Chunk.objects.filter(source_id=source_id).order_by("ordinal")]
+
+
+# --- every file type ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("filename", sorted(EXPECTED_CHUNKS))
+def test_each_file_type_becomes_ready_chunks_with_exact_offsets_and_embeddings(filename, kb_folder, embedding_model):
+    # given a realistic file of one type in a folder
+    data = good_files()[filename]
+    (kb_folder / filename).write_bytes(data)
+    # when the folder is registered and ingested
+    results = ingest_paths([kb_folder])
+    # then the source is ready with the expected title and chunks
+    source = Source.objects.get()
+    title, expected = EXPECTED_CHUNKS[filename]
+    assert results == {filename: services.IngestResult(source.pk, "ingested", len(expected))}
+    assert (source.status, source.progress, source.error, source.chunk_count) == ("ready", 100, "", len(expected))
+    assert source.kind == ("faq" if filename.endswith(".csv") else "file")
+    assert source.uri == str(kb_folder / filename)
+    assert source.title == title
+    assert source.content_hash == hashlib.sha256(data).hexdigest()
+    assert source.text == parse_file(filename, data).text
+    assert source.ingested_at is not None
+    assert chunk_rows(source.pk) == expected
+    # and each chunk is its exact span of the source's text, within the token bound, embedded by
+    # the recorded model (a unit vector of the passage with its title and headings), full-text indexed
+    spans = chunk_document(parse_file(filename, data), max_tokens=settings.CHUNK_MAX_TOKENS,
+                           count_tokens=embedding_model.count_tokens)
+    chunks = list(Chunk.objects.filter(source=source).order_by("ordinal"))
+    assert [(c.ordinal, c.start, c.end, c.token_count) for c in chunks] == [
+        (n, s.start, s.end, s.token_count) for n, s in enumerate(spans)
+    ]
+    for chunk in chunks:
+        assert source.text[chunk.start : chunk.end] == chunk.text
+        assert chunk.token_count <= settings.CHUNK_MAX_TOKENS
+        assert chunk.embedding_model == MODEL_ID == model_id()
+        assert len(chunk.embedding) == settings.EMBEDDING_DIM == 384
+        assert np.linalg.norm(chunk.embedding) == pytest.approx(1.0, abs=1e-5)
+        assert chunk.search_vector
+    expected_vector = embedding_model.encode([passage_text(title, chunks[0].heading_path, chunks[0].text)])[0]
+    assert np.asarray(chunks[0].embedding) == pytest.approx(expected_vector, abs=1e-5)
+
+
+def test_full_text_vector_holds_the_title_and_headings_as_well_as_the_passage(kb_folder):
+    # given an ingested Markdown page
+    (kb_folder / "returns.md").write_text(RETURNS_MD)
+    ingest_paths([kb_folder])
+    # when chunks are matched by a heading word that is not in their own passage
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT text FROM knowledge_chunk WHERE search_vector @@ to_tsquery('english', 'refund & policy') "
+            "ORDER BY ordinal"
+        )
+        matched = [row[0] for row in cursor.fetchall()]
+    # then the chunk under "Returns policy > Refunds" matches (title and headings weigh in)
+    assert matched == [EXPECTED_CHUNKS["returns.md"][1][1][1]]
+
+
+# --- hash skip and replace ------------------------------------------------------------------------
+
+
+def test_unchanged_bytes_are_skipped_and_chunks_are_untouched(kb_folder):
+    # given a serving Markdown source
+    path = kb_folder / "returns.md"
+    path.write_text(RETURNS_MD)
+    ingest_paths([kb_folder])
+    source = Source.objects.get()
+    before = serving_snapshot(source.pk)
+    # when the same folder is registered again
+    registered = services.sources_register_paths([kb_folder], enqueue=False)
+    # then nothing is queued
+    assert (registered.queued, [s.pk for s in registered.unchanged]) == ([], [source.pk])
+    # and ingesting it anyway (a task run twice) reports "unchanged" and keeps every chunk as it was
+    assert services.document_ingest(source.pk) == services.IngestResult(source.pk, "unchanged", 3)
+    assert serving_snapshot(source.pk) == before
+    assert Source.objects.get().status == "ready"
+
+
+def test_force_reingests_unchanged_bytes_with_new_chunk_rows(kb_folder):
+    (kb_folder / "returns.md").write_text(RETURNS_MD)
+    ingest_paths([kb_folder])
+    source = Source.objects.get()
+    old_ids = set(Chunk.objects.values_list("pk", flat=True))
+    # when ingestion is forced
+    result = services.document_ingest(source.pk, force=True)
+    # then the same chunks are written again as new rows
+    assert result == services.IngestResult(source.pk, "ingested", 3)
+    assert chunk_rows(source.pk) == EXPECTED_CHUNKS["returns.md"][1]
+    assert old_ids.isdisjoint(Chunk.objects.values_list("pk", flat=True))
+
+
+def test_changed_file_replaces_its_chunks_text_and_hash(kb_folder):
+    # given a serving Markdown source and another source beside it
+    path = kb_folder / "returns.md"
+    path.write_text(RETURNS_MD)
+    (kb_folder / "shipping.txt").write_text(SHIPPING_TXT)
+    ingest_paths([kb_folder])
+    source = Source.objects.get(uri=str(path))
+    neighbour = Source.objects.get(uri=str(kb_folder / "shipping.txt"))
+    neighbour_before = serving_snapshot(neighbour.pk)
+    old_ids = set(Chunk.objects.filter(source=source).values_list("pk", flat=True))
+    # when the file changes and the folder is registered and ingested again
+    new_text = "# Returns policy\n\nReturns are accepted within 60 days.\n"
+    path.write_text(new_text)
+    results = ingest_paths([kb_folder])
+    # then only the changed file was queued, and its chunks, text and hash are the new version's
+    assert results == {"returns.md": services.IngestResult(source.pk, "ingested", 1)}
+    source.refresh_from_db()
+    assert chunk_rows(source.pk) == [(["Returns policy"], "Returns are accepted within 60 days.")]
+    assert (source.text, source.content_hash, source.chunk_count) == (
+        new_text, hashlib.sha256(new_text.encode()).hexdigest(), 1)
+    assert old_ids.isdisjoint(Chunk.objects.filter(source=source).values_list("pk", flat=True))
+    # and the neighbour is exactly as it was
+    assert serving_snapshot(neighbour.pk) == neighbour_before
+
+
+def numbered_guide(version: str, sections: int) -> str:
+    return "".join(
+        f"## {version} section {n}\n\nIn the {version.lower()} guide, step {n} is to check the parcel "
+        f"label number {n} before shipping.\n\n"
+        for n in range(sections)
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reingest_is_atomic_for_readers_on_another_connection(kb_folder, embedding_model, monkeypatch):
+    # given a serving source of 30 chunks, and its file changed to a version of 20 different chunks
+    path = kb_folder / "guide.md"
+    path.write_text(numbered_guide("Old", 30))
+    ingest_paths([kb_folder])
+    source = Source.objects.get()
+    old_hash, old_texts = source.content_hash, frozenset(Chunk.objects.values_list("text", flat=True))
+    path.write_text(numbered_guide("New", 20))
+    services.sources_register_paths([kb_folder], enqueue=False)
+    query_embedding = embedding_model.encode(["check the parcel label number before shipping"])[0]
+
+    # The swap is paused after the old chunks are deleted and the new ones inserted, until a
+    # reader has looked: that reader must still see the old version.
+    mid_swap, reader_looked = threading.Event(), threading.Event()
+    real_swap = services._swap_chunks
+
+    def swap_then_wait_for_a_reader(*args, **kwargs):
+        real_swap(*args, **kwargs)
+        mid_swap.set()
+        assert reader_looked.wait(30)
+
+    monkeypatch.setattr(services, "_swap_chunks", swap_then_wait_for_a_reader)
+    reads, searches, during_swap, errors = [], [], [], []
+    first_read, writer_done, stop = threading.Event(), threading.Event(), threading.Event()
+
+    def reader():
+        try:
+            after_writer = 0
+            while not stop.is_set() and after_writer < 5:
+                looking_mid_swap = mid_swap.is_set() and not reader_looked.is_set()
+                with connection.cursor() as cursor:  # this thread's own connection, autocommit
+                    cursor.execute(
+                        "SELECT s.content_hash, c.text FROM knowledge_source s "
+                        "LEFT JOIN knowledge_chunk c ON c.source_id = s.id WHERE s.id = %s",
+                        [source.pk],
+                    )
+                    rows = cursor.fetchall()
+                seen = (frozenset(row[0] for row in rows), frozenset(row[1] for row in rows if row[1] is not None))
+                found = frozenset(r.text for r in chunk_search(
+                    "check the parcel label number before shipping", k=50, query_embedding=query_embedding))
+                reads.append(seen)
+                searches.append(found)
+                if looking_mid_swap:
+                    during_swap.append(seen)
+                    reader_looked.set()
+                first_read.set()
+                if writer_done.is_set():
+                    after_writer += 1
+        except Exception as error:  # reported by the main thread
+            errors.append(error)
+            reader_looked.set()
+        finally:
+            first_read.set()
+            connection.close()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        assert first_read.wait(30)
+        # when the new version is ingested while the reader keeps reading
+        result = services.document_ingest(source.pk)
+    finally:
+        writer_done.set()
+        thread.join(60)
+        stop.set()
+    assert not errors, errors
+    assert result == services.IngestResult(source.pk, "ingested", 20)
+    new_hash, new_texts = Source.objects.get().content_hash, frozenset(Chunk.objects.values_list("text", flat=True))
+    assert len(old_texts) == 30 and len(new_texts) == 20 and old_texts.isdisjoint(new_texts)
+    # then every read saw the whole old version or the whole new version, never a mix or nothing
+    old, new = (frozenset({old_hash}), old_texts), (frozenset({new_hash}), new_texts)
+    assert set(reads) <= {old, new}
+    assert reads[0] == old and reads[-1] == new
+    # and a read made in the middle of the swap transaction saw the old version
+    assert during_swap == [old]
+    # and retrieval always found chunks of one version only
+    assert all(found and (found <= old_texts or found <= new_texts) for found in searches)
+    assert searches[0] <= old_texts and searches[-1] <= new_texts
+
+
+# --- deletion ---------------------------------------------------------------------------------------
+
+
+def test_registering_a_missing_path_raises_and_queues_nothing(kb_folder):
+    # given a folder with a file, and a path that does not exist
+    (kb_folder / "returns.md").write_text(RETURNS_MD)
+    # when both are registered, then FileNotFoundError names the missing path and nothing is created
+    with pytest.raises(FileNotFoundError, match="no such file or folder: .*/gone.md"):
+        services.sources_register_paths([kb_folder, kb_folder / "gone.md"], enqueue=False)
+    assert Source.objects.count() == 0
+
+
+def test_deleting_a_source_removes_its_chunks_and_nothing_else(kb_folder):
+    # given two serving sources
+    (kb_folder / "returns.md").write_text(RETURNS_MD)
+    (kb_folder / "shipping.txt").write_text(SHIPPING_TXT)
+    ingest_paths([kb_folder])
+    returns = Source.objects.get(uri=str(kb_folder / "returns.md"))
+    shipping = Source.objects.get(uri=str(kb_folder / "shipping.txt"))
+    shipping_before = serving_snapshot(shipping.pk)
+    # when one is deleted
+    services.source_delete(returns)
+    # then it and its chunks are gone, and the other is exactly as it was
+    assert not Source.objects.filter(pk=returns.pk).exists()
+    assert Chunk.objects.filter(source_id=returns.pk).count() == 0
+    assert serving_snapshot(shipping.pk) == shipping_before
+    assert [r.source_id for r in chunk_search("return any item within 30 days", k=5)] == [shipping.pk] * 2
+
+
+def test_prune_deletes_sources_whose_files_are_gone(kb_folder):
+    # given two ingested files, one of which is then deleted from the folder
+    (kb_folder / "returns.md").write_text(RETURNS_MD)
+    (kb_folder / "shipping.txt").write_text(SHIPPING_TXT)
+    ingest_paths([kb_folder])
+    (kb_folder / "returns.md").unlink()
+    # when the folder is registered with prune
+    registered = services.sources_register_paths([kb_folder], prune=True, enqueue=False)
+    # then the missing file's source and chunks are deleted and the other is left alone
+    assert (len(registered.queued), len(registered.unchanged), registered.pruned) == (0, 1, 1)
+    assert list(Source.objects.values_list("uri", flat=True)) == [str(kb_folder / "shipping.txt")]
+    assert Chunk.objects.count() == 2
+
+
+# --- products -----------------------------------------------------------------------------------------
+
+
+def make_product(**overrides) -> Product:
+    fields = dict(sku="TR-100", name="Trailblazer running shoe", price=Decimal("129.00"),
+                  description="A waterproof trail running shoe with a grippy sole.",
+                  attributes={"colour": "forest green", "weight": "280 g"})
+    return Product.objects.create(**{**fields, **overrides})
+
+
+def test_product_sync_makes_a_product_retrievable_and_product_delete_removes_it():
+    # given a product saved and synced
+    product = make_product()
+    source = services.product_sync(product)
+    assert (source.uri, source.kind, source.status, source.title) == (
+        "product:TR-100", "product", "queued", "Trailblazer running shoe")
+    # when its source is ingested
+    assert services.document_ingest(source.pk) == services.IngestResult(source.pk, "ingested", 2)
+    # then it is retrieved by what a customer would ask, with its rendered text
+    results = chunk_search("waterproof trail running shoe price", k=3)
+    assert results[0].source_uri == "product:TR-100"
+    assert results[0].source_title == "Trailblazer running shoe"
+    assert chunk_rows(source.pk) == [
+        (["Trailblazer running shoe"],
+         "SKU: TR-100. Price: 129.00 USD.\n\nA waterproof trail running shoe with a grippy sole."),
+        (["Trailblazer running shoe", "Specifications"], "- colour: forest green\n- weight: 280 g"),
+    ]
+    source.refresh_from_db()
+    assert (source.status, source.pending_file.name) == ("ready", "")
+    # when the product is deleted
+    services.product_delete(product)
+    # then its source and chunks are gone and it is no longer retrieved
+    assert not Product.objects.exists()
+    assert not Source.objects.exists()
+    assert Chunk.objects.count() == 0
+    assert chunk_search("waterproof trail running shoe price", k=3) == []
+
+
+def test_product_ingested_twice_stays_ready_and_untouched():
+    # given a synced and ingested product
+    product = make_product()
+    source = services.product_sync(product)
+    services.document_ingest(source.pk)
+    before = serving_snapshot(source.pk)
+    # when its ingestion runs again (a task delivered twice)
+    result = services.document_ingest(source.pk)
+    # then it reports unchanged, stays ready, and serves the same chunks
+    assert result == services.IngestResult(source.pk, "unchanged", 2)
+    assert Source.objects.get(pk=source.pk).status == "ready"
+    assert serving_snapshot(source.pk) == before
+
+
+def test_product_sku_or_collection_change_moves_its_source():
+    # given an ingested product
+    product = make_product()
+    services.document_ingest(services.product_sync(product).pk)
+    # when its SKU changes and it is synced again
+    product.sku = "TR-200"
+    product.save()
+    moved = services.product_sync(product)
+    services.document_ingest(moved.pk)
+    # then only the new SKU's source exists
+    assert list(Source.objects.values_list("collection", "uri")) == [("default", "product:TR-200")]
+    # when its collection changes
+    product.collection = "outdoor"
+    product.save()
+    services.document_ingest(services.product_sync(product).pk)
+    # then it is retrievable in the new collection only
+    assert list(Source.objects.values_list("collection", "uri")) == [("outdoor", "product:TR-200")]
+    assert chunk_search("trail running shoe", k=3, collection="default") == []
+    assert {r.source_uri for r in chunk_search("trail running shoe", k=3, collection="outdoor")} == {"product:TR-200"}
+
+
+# --- uploads --------------------------------------------------------------------------------------------
+
+
+def test_upload_is_ingested_from_its_pending_file_and_a_second_run_is_a_no_op(
+    media_root, django_capture_on_commit_callbacks
+):
+    # given an uploaded FAQ sheet
+    source = services.source_upload(filename="store_faq.csv", data=FAQ_CSV.encode(), collection="store")
+    pending = media_root / source.pending_file.name
+    assert (source.uri, source.kind, source.status, pending.read_bytes()) == (
+        "upload:store_faq.csv", "faq", "queued", FAQ_CSV.encode())
+    # when it is ingested (and its transaction commits)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.document_ingest(source.pk) == services.IngestResult(source.pk, "ingested", 2)
+    # then it serves its rows and its pending file is gone
+    source.refresh_from_db()
+    assert (source.status, source.pending_file.name, pending.exists()) == ("ready", "", False)
+    assert chunk_rows(source.pk) == EXPECTED_CHUNKS["store_faq.csv"][1]
+    before = serving_snapshot(source.pk)
+    # when the task runs again, then nothing changes and it stays ready
+    assert services.document_ingest(source.pk) == services.IngestResult(source.pk, "unchanged", 2)
+    assert Source.objects.get(pk=source.pk).status == "ready"
+    assert serving_snapshot(source.pk) == before
+    # when the same bytes are uploaded again, then they are skipped by their hash
+    again = services.source_upload(filename="store_faq.csv", data=FAQ_CSV.encode(), collection="store")
+    assert again.pk == source.pk
+    assert services.document_ingest(source.pk) == services.IngestResult(source.pk, "unchanged", 2)
+    assert serving_snapshot(source.pk) == before
+    assert list(media_root.rglob("*.csv")) == []
+
+
+# --- re-embedding -----------------------------------------------------------------------------------------
+
+
+def test_chunks_of_another_embedding_model_are_detected_and_reembedded(kb_folder):
+    # given a serving source whose chunks were written by another embedding model
+    (kb_folder / "returns.md").write_text(RETURNS_MD)
+    ingest_paths([kb_folder])
+    source = Source.objects.get()
+    before = serving_snapshot(source.pk)
+    Chunk.objects.update(embedding_model="old-model@384", embedding=[0.0] * 383 + [1.0])
+    # when reembed runs
+    result = services.reembed()
+    # then every chunk is re-embedded in place: same ids, text and offsets, current model's vectors
+    assert (result.sources, result.chunks) == (1, 3)
+    after = serving_snapshot(source.pk)
+    without_vectors = lambda chunks: [c[:7] + c[8:] for c in chunks]  # noqa: E731
+    assert without_vectors(after["chunks"]) == without_vectors(before["chunks"])
+    for old, new in zip(before["chunks"], after["chunks"]):
+        assert new[7] == pytest.approx(old[7], abs=1e-5)
+    # and unchanged bytes are still skipped once the model matches
+    assert services.document_ingest(source.pk).status == "unchanged"
+
+
+def test_unchanged_bytes_are_reingested_when_the_embedding_model_changed(kb_folder):
+    (kb_folder / "returns.md").write_text(RETURNS_MD)
+    ingest_paths([kb_folder])
+    source = Source.objects.get()
+    Chunk.objects.update(embedding_model="old-model@384")
+    # when the same bytes are ingested, then they are not skipped
+    assert services.document_ingest(source.pk) == services.IngestResult(source.pk, "ingested", 3)
+    assert set(Chunk.objects.values_list("embedding_model", flat=True)) == {MODEL_ID}
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+OVER_LIMIT = 1024 * 1024  # INGEST_MAX_FILE_BYTES for these tests: 1 MB
+
+BAD_VERSIONS = {
+    # id: (file name, bad bytes, reason)
+    "empty": ("returns.md", b"", "the file is empty"),
+    "corrupt-pdf": ("care.pdf", b"%PDF-1.4\nthis is not a pdf at all\n",
+                    "corrupt or unreadable PDF (Stream has ended unexpectedly)"),
+    "over-size-limit": ("shipping.txt", b"Shipping times\n\n" + b"Parcels ship daily. " * 60000,
+                        "the file is larger than the 1 MB limit (INGEST_MAX_FILE_BYTES)"),
+    "not-utf8": ("shipping.txt", "Shipping times\n\nCaf\u00e9 orders ship daily.\n".encode("latin-1"),
+                 "the file is not valid UTF-8 text (byte 0xe9 at offset 19); save it as UTF-8 and upload it again"),
+    "html-only-scripts": ("warranty.html", SCRIPTS_ONLY_HTML.encode(),
+                          "the page has no visible text once its scripts are removed (is it rendered by JavaScript?)"),
+    "csv-without-columns": ("store_faq.csv", b"name,email\nAnn,ann@example.com\n",
+                            "a CSV FAQ sheet needs a 'question' column and an 'answer' column; "
+                            "found columns: 'name', 'email'"),
+    "corrupt-docx": ("handbook.docx", b"PK\x03\x04 this is not really a zip file",
+                     "corrupt or unreadable Word document (File is not a zip file)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VERSIONS))
+def test_bad_new_version_fails_with_its_reason_and_the_serving_version_is_untouched(case, kb_folder, settings):
+    # given a serving source of a good file, and a neighbour
+    settings.INGEST_MAX_FILE_BYTES = OVER_LIMIT
+    filename, bad, reason = BAD_VERSIONS[case]
+    path = kb_folder / filename
+    path.write_bytes(good_files()[filename])
+    (kb_folder / "neighbour.md").write_text(RETURNS_MD.replace("Returns policy", "Neighbour policy"))
+    ingest_paths([kb_folder])
+    source = Source.objects.get(uri=str(path))
+    neighbour = Source.objects.get(uri=str(kb_folder / "neighbour.md"))
+    before, neighbour_before = serving_snapshot(source.pk), serving_snapshot(neighbour.pk)
+    served = [r.chunk_id for r in chunk_search(before["chunks"][0][4], k=3, collection="default")]
+    # when the file is replaced by a bad version and ingested
+    path.write_bytes(bad)
+    results = ingest_paths([kb_folder])
+    # then its source is failed with the reason
+    assert results == {filename: services.IngestResult(source.pk, "failed", 0, reason)}
+    source.refresh_from_db()
+    assert (source.status, source.error, source.progress) == ("failed", reason, 0)
+    # and what was serving is exactly as before, still retrieved, and the neighbour is untouched
+    assert serving_snapshot(source.pk) == before
+    assert serving_snapshot(neighbour.pk) == neighbour_before
+    assert [r.chunk_id for r in chunk_search(before["chunks"][0][4], k=3, collection="default")] == served
+
+
+def test_file_that_disappears_before_ingestion_fails_and_the_serving_version_is_untouched(kb_folder):
+    # given a serving source queued again after a change, whose file is then removed
+    path = kb_folder / "returns.md"
+    path.write_text(RETURNS_MD)
+    ingest_paths([kb_folder])
+    source = Source.objects.get()
+    before = serving_snapshot(source.pk)
+    path.write_text(RETURNS_MD + "\nOne more line.\n")
+    services.sources_register_paths([kb_folder], enqueue=False)
+    path.unlink()
+    # when it is ingested
+    result = services.document_ingest(source.pk)
+    # then it is failed with the reason and still serves the old version
+    reason = f"cannot read {path} (No such file or directory)"
+    assert result == services.IngestResult(source.pk, "failed", 0, reason)
+    assert Source.objects.get().error == reason
+    assert serving_snapshot(source.pk) == before
+
+
+def test_bad_upload_fails_and_the_serving_upload_is_untouched():
+    # given a serving uploaded page
+    source = services.source_upload(filename="warranty.html", data=WARRANTY_HTML.encode())
+    services.document_ingest(source.pk)
+    before = serving_snapshot(source.pk)
+    # when a version rendered only by scripts is uploaded under the same name and ingested
+    services.source_upload(filename="warranty.html", data=SCRIPTS_ONLY_HTML.encode())
+    result = services.document_ingest(source.pk)
+    # then it fails with the reason and the serving version is untouched
+    reason = "the page has no visible text once its scripts are removed (is it rendered by JavaScript?)"
+    assert result == services.IngestResult(source.pk, "failed", 0, reason)
+    assert serving_snapshot(source.pk) == before
+
+
+BATCH_BAD = {
+    "empty.md": (b"", "the file is empty"),
+    "setup.exe": (b"MZ\x90\x00\x03", "unsupported file type .exe; supported: "
+                                     ".txt, .text, .md, .markdown, .html, .htm, .pdf, .docx, .csv"),
+    "broken.pdf": (pdf_bytes(CARE_PDF_PAGES)[:60], "corrupt or unreadable PDF (Stream has ended unexpectedly)"),
+    "huge.txt": (b"Big file\n\n" + b"All work and no play. " * 50000,
+                 "the file is larger than the 1 MB limit (INGEST_MAX_FILE_BYTES)"),
+    "latin1.txt": ("Caf\u00e9 hours\n".encode("latin-1"),
+                   "the file is not valid UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8 and upload it again"),
+    "app.html": (SCRIPTS_ONLY_HTML.encode(),
+                 "the page has no visible text once its scripts are removed (is it rendered by JavaScript?)"),
+    "contacts.csv": (b"name,email\nAnn,ann@example.com\n",
+                     "a CSV FAQ sheet needs a 'question' column and an 'answer' column; "
+                     "found columns: 'name', 'email'"),
+}
+
+
+def write_batch(folder) -> None:
+    for name, data in good_files().items():
+        (folder / name).write_bytes(data)
+    for name, (data, _) in BATCH_BAD.items():
+        (folder / name).write_bytes(data)
+    (folder / ".hidden").mkdir()
+    (folder / ".hidden" / "notes.md").write_text("# Hidden\n\nNever ingested.\n")
+
+
+def test_a_batch_with_bad_files_marks_each_failed_and_the_rest_becomes_ready(kb_folder, settings):
+    # given a folder of six good files, seven bad ones and a hidden folder
+    settings.INGEST_MAX_FILE_BYTES = OVER_LIMIT
+    write_batch(kb_folder)
+    # when the folder is registered and every queued source ingested
+    results = ingest_paths([kb_folder])
+    # then each bad file is failed with its reason and every good file is ready
+    assert {name: (r.status, r.error) for name, r in results.items()} == {
+        **{name: ("ingested", "") for name in good_files()},
+        **{name: ("failed", reason) for name, (_, reason) in BATCH_BAD.items()},
+    }
+    states = {s.uri.rsplit("/", 1)[1]: (s.status, s.error, s.chunk_count, s.text)
+              for s in Source.objects.all()}
+    assert states == {
+        **{name: ("ready", "", len(EXPECTED_CHUNKS[name][1]), parse_file(name, data).text)
+           for name, data in good_files().items()},
+        **{name: ("failed", reason, 0, "") for name, (_, reason) in BATCH_BAD.items()},
+    }
+    assert Chunk.objects.count() == sum(len(chunks) for _, chunks in EXPECTED_CHUNKS.values())
+    assert not Chunk.objects.filter(source__status="failed").exists()
+
+
+def test_ingest_command_sync_reports_ready_and_failed_files(kb_folder, settings):
+    # given the same mixed folder
+    settings.INGEST_MAX_FILE_BYTES = OVER_LIMIT
+    write_batch(kb_folder)
+    out = io.StringIO()
+    # when `manage.py ingest FOLDER --sync --collection help` runs
+    call_command("ingest", str(kb_folder), "--sync", "--collection", "help", stdout=out, stderr=io.StringIO())
+    # then it reports the counts and each failure's reason
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "13 queued, 0 unchanged, 0 pruned (collection 'help')"
+    assert lines[1] == "6 ready (13 chunks), 7 failed"
+    assert sorted(lines[2:]) == sorted(
+        f"  failed: {kb_folder / name}: {reason}" for name, (_, reason) in BATCH_BAD.items()
+    )
+    assert set(Source.objects.values_list("collection", flat=True)) == {"help"}

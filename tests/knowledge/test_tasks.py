@@ -1,0 +1,157 @@
+"""Celery ingestion tasks run by a real worker (threads, same process) on the real Redis broker.
+
+Tasks are enqueued by the services with ``transaction.on_commit``, so these tests commit
+(``transaction=True``). Completion is observed through Celery's ``task_postrun`` signal, which the
+worker sends with each task's return value.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from celery.signals import task_postrun
+
+from knowledge import services
+from knowledge.models import Chunk, Source
+from knowledge.tasks import ingest_source
+from tests.knowledge.conftest import serving_snapshot
+from tests.knowledge.sample_files import FAQ_CSV, RETURNS_MD, SCRIPTS_ONLY_HTML
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class FinishedTasks:
+    """Return values of ``knowledge.ingest_source`` runs, in the order the worker finished them."""
+
+    def __init__(self):
+        self.results: list[tuple[str, dict | Exception]] = []
+        self.threads: set[str] = set()
+        self._changed = threading.Condition()
+
+    def record(self, sender=None, task=None, retval=None, state=None, **kwargs):
+        if task is not None and task.name == "knowledge.ingest_source":
+            with self._changed:
+                self.threads.add(threading.current_thread().name)
+                self.results.append((state, retval))
+                self._changed.notify_all()
+
+    def wait_for(self, count: int, timeout_s: float = 120) -> list[tuple[str, dict | Exception]]:
+        """Block until ``count`` runs have finished; fails after ``timeout_s`` seconds."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while len(self.results) < count:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"only {len(self.results)} of {count} ingestion tasks finished"
+                self._changed.wait(remaining)
+            return list(self.results)
+
+
+@pytest.fixture
+def finished(celery_worker_real, embedding_model):
+    tasks = FinishedTasks()
+    task_postrun.connect(tasks.record, weak=False)
+    try:
+        yield tasks
+    finally:
+        task_postrun.disconnect(tasks.record)
+
+
+def test_folder_registered_for_ingestion_is_ingested_by_the_worker(finished, kb_folder):
+    # given a folder with two good files and two bad ones
+    (kb_folder / "returns.md").write_text(RETURNS_MD)
+    (kb_folder / "store_faq.csv").write_text(FAQ_CSV)
+    (kb_folder / "empty.md").write_bytes(b"")
+    (kb_folder / "app.html").write_text(SCRIPTS_ONLY_HTML)
+    # when it is registered (which queues one task per file when its transaction commits)
+    registered = services.sources_register_paths([kb_folder], collection="help")
+    assert len(registered.queued) == 4
+    # then the worker ingests each: the good files end ready, the bad ones failed with their reason
+    results = finished.wait_for(4)
+    by_id = {s.pk: s.uri.rsplit("/", 1)[1] for s in registered.queued}
+    assert sorted((by_id[r["source_id"]], state, r["status"], r["chunks"], r["error"]) for state, r in results) == [
+        ("app.html", "SUCCESS", "failed", 0,
+         "the page has no visible text once its scripts are removed (is it rendered by JavaScript?)"),
+        ("empty.md", "SUCCESS", "failed", 0, "the file is empty"),
+        ("returns.md", "SUCCESS", "ingested", 3, ""),
+        ("store_faq.csv", "SUCCESS", "ingested", 2, ""),
+    ]
+    assert sorted((s.uri.rsplit("/", 1)[1], s.status, s.progress, s.chunk_count) for s in Source.objects.all()) == [
+        ("app.html", "failed", 0, 0),
+        ("empty.md", "failed", 0, 0),
+        ("returns.md", "ready", 100, 3),
+        ("store_faq.csv", "ready", 100, 2),
+    ]
+    assert Chunk.objects.count() == 5
+    # and the tasks ran on the worker's threads, not in this one
+    assert finished.threads and threading.current_thread().name not in finished.threads
+
+
+def test_ingestion_task_is_safe_to_run_twice(finished, kb_folder):
+    # given a file registered and ingested by the worker
+    (kb_folder / "returns.md").write_text(RETURNS_MD)
+    services.sources_register_paths([kb_folder])
+    [(_, first)] = finished.wait_for(1)
+    source = Source.objects.get()
+    before = serving_snapshot(source.pk)
+    # when the same task is delivered twice more
+    ingest_source.delay(source.pk)
+    ingest_source.delay(source.pk)
+    results = finished.wait_for(3)
+    # then the first run ingested it, the repeats found it unchanged, and its chunks are untouched
+    assert [state for state, _ in results] == ["SUCCESS"] * 3
+    assert [r for _, r in results] == [
+        {"source_id": source.pk, "status": "ingested", "chunks": 3, "error": ""},
+        {"source_id": source.pk, "status": "unchanged", "chunks": 3, "error": ""},
+        {"source_id": source.pk, "status": "unchanged", "chunks": 3, "error": ""},
+    ]
+    assert Source.objects.get().status == "ready"
+    assert serving_snapshot(source.pk) == before
+
+
+def test_uploaded_file_task_run_twice_stays_ready(finished):
+    # given an uploaded FAQ sheet (queued on commit) and the same task delivered again
+    source = services.source_upload(filename="store_faq.csv", data=FAQ_CSV.encode())
+    finished.wait_for(1)
+    before = serving_snapshot(source.pk)
+    ingest_source.delay(source.pk)
+    results = finished.wait_for(2)
+    # then the repeat finds nothing pending and leaves the source ready and untouched
+    assert [r["status"] for _, r in results] == ["ingested", "unchanged"]
+    assert Source.objects.get().status == "ready"
+    assert serving_snapshot(source.pk) == before
+
+
+def test_task_for_a_deleted_source_reports_missing(finished):
+    # given a source deleted after its task was queued
+    source = services.source_upload(filename="notes.md", data=RETURNS_MD.encode())
+    finished.wait_for(1)
+    source_id = source.pk
+    services.source_delete(source)
+    # when its task runs again
+    ingest_source.delay(source_id)
+    results = finished.wait_for(2)
+    # then it reports the source missing and creates nothing
+    assert results[1] == ("SUCCESS", {"source_id": source_id, "status": "missing", "chunks": 0, "error": ""})
+    assert (Source.objects.count(), Chunk.objects.count()) == (0, 0)
+
+
+def test_unexpected_error_marks_the_source_failed_and_keeps_what_was_serving(kb_folder, monkeypatch):
+    # given a serving source
+    (kb_folder / "returns.md").write_text(RETURNS_MD)
+    source = services.sources_register_paths([kb_folder], enqueue=False).queued[0]
+    services.document_ingest(source.pk)
+    before = serving_snapshot(source.pk)
+
+    # when ingestion breaks in an unforeseen way (the task is called in this process)
+    def broken(source_id, *, force=False):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(services, "document_ingest", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        ingest_source(source.pk)
+    # then the source is failed with the error's text and its serving version is untouched
+    source.refresh_from_db()
+    assert (source.status, source.error) == ("failed", "internal error during ingestion: RuntimeError: disk on fire")
+    assert serving_snapshot(source.pk) == before
