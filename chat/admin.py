@@ -1,0 +1,44 @@
+"""Admin for conversations (read-only transcripts) and the model-version registry."""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+
+from chat import services
+from chat.models import Conversation, Message, ModelVersion
+
+
+@admin.register(ModelVersion)
+class ModelVersionAdmin(admin.ModelAdmin):
+    list_display = ["name", "is_active", "base_model_path", "adapter_path", "created_at"]
+    list_filter = ["is_active"]
+    readonly_fields = ["base_model_sha256", "adapter_sha256", "is_active", "created_at"]
+    actions = ["activate"]
+
+    @admin.action(description="Serve this version (activate)")
+    def activate(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one version to activate.", messages.ERROR)
+            return
+        version = services.model_version_activate(queryset.get())
+        self.message_user(request, f"{version.name} is now served; chats in progress finish on the old model.")
+
+
+class MessageInline(admin.TabularInline):
+    model = Message
+    extra = 0
+    can_delete = False
+    fields = ["created_at", "role", "text", "abstained", "citations", "timings", "model_version"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Conversation)
+class ConversationAdmin(admin.ModelAdmin):
+    list_display = ["id", "status", "collection", "origin", "created_at", "updated_at"]
+    list_filter = ["status", "collection"]
+    readonly_fields = ["id", "created_at", "updated_at"]
+    exclude = ["token"]
+    inlines = [MessageInline]

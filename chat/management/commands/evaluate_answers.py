@@ -1,0 +1,196 @@
+"""``manage.py evaluate_answers --questions FILE [--limit N] [--collection C] [--first-turns]``:
+answer quality and speed of the answer pipeline on gold questions (Doc2Dial's format).
+
+Each question is asked through ``chat.services.answer_stream``, the pipeline the widget uses, in a
+fresh conversation holding the question's history (customer turns as ``user``, agent turns as
+``agent`` messages), so follow-ups are retrieved with their history. Conversations made here are
+deleted at the end unless ``--keep``.
+
+Metrics (answered = not abstained; all questions are answerable from their gold page):
+
+- answered / abstained;
+- citation validity: source numbers written by the model that name a source of its prompt, over all
+  it wrote (``chat.done``'s ``citation_markers``), and the share of answers with a valid citation;
+- citation precision: cited chunks overlapping the gold span (``knowledge.evaluation.passage_hit``:
+  same file, overlapping ``[answer_start, answer_end)``), over all cited chunks; also split by who
+  placed the citation (the model's markers, or post-hoc attribution by overlap);
+- gold passage in prompt: answered questions whose gold passage was among the prompt's sources (the
+  ceiling for citation precision);
+- token-F1 against ``reference_answer`` (SQuAD v1.1's normalisation: lower case, punctuation and
+  articles removed; Rajpurkar et al. 2016), citation markers stripped; over answered questions, and
+  over all with abstentions scored 0;
+- TTFT p50/p95 (question received to first token, ms) and decode tokens/s, over answered questions.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import statistics
+import string
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from chat import services
+from chat.citations import MARKER
+from chat.models import Conversation, Message
+from knowledge.evaluation import RankedPassage, load_questions, passage_hit, percentile
+from knowledge.models import Chunk
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def answer_tokens(text: str) -> list[str]:
+    """SQuAD v1.1 normalisation (lower case, no punctuation, no articles), split on whitespace."""
+    text = MARKER.sub(" ", text).lower().translate(_PUNCTUATION)
+    return _ARTICLES.sub(" ", text).split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Token-level F1 of ``prediction`` against ``reference`` (SQuAD v1.1 evaluation script)."""
+    predicted, gold = answer_tokens(prediction), answer_tokens(reference)
+    if not predicted or not gold:
+        return float(predicted == gold)
+    common = sum((collections.Counter(predicted) & collections.Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+class Command(BaseCommand):
+    help = "Evaluate the answer pipeline (abstention, citations, token-F1, TTFT, tokens/s) on gold questions."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--questions", required=True, help="JSON-lines question file (Doc2Dial format)")
+        parser.add_argument("--docs-root", default=None,
+                            help="folder gold_file paths are relative to (default: the questions file's folder)")
+        parser.add_argument("--collection", default="default")
+        parser.add_argument("--limit", type=int, default=None, help="evaluate the first N questions (after --first-turns)")
+        parser.add_argument("--first-turns", action="store_true", help="only questions without history")
+        parser.add_argument("--keep", action="store_true", help="keep the evaluation conversations")
+        parser.add_argument("--show", type=int, default=0, help="print the first N answers")
+
+    def handle(self, *args, questions, docs_root, collection, limit, first_turns, keep, show, **options):
+        path = Path(questions)
+        if not path.exists():
+            raise CommandError(f"no such file: {questions}")
+        root = Path(docs_root or path.parent).resolve()
+        gold = load_questions(path)
+        if first_turns:
+            gold = [q for q in gold if q.is_first_turn]
+        gold = gold[:limit] if limit else gold
+        if not gold:
+            raise CommandError("no questions")
+
+        relative: dict[str, str] = {}
+
+        def file_of(uri: str) -> str:
+            if uri not in relative:
+                try:
+                    relative[uri] = str(Path(uri).resolve().relative_to(root))
+                except ValueError:
+                    relative[uri] = uri
+            return relative[uri]
+
+        rows = []
+        made: list = []
+        started = time.perf_counter()
+        try:
+            for index, question in enumerate(gold, start=1):
+                conversation = services.conversation_start(collection=collection, origin="evaluate_answers")
+                made.append(conversation.pk)
+                Message.objects.bulk_create([
+                    Message(conversation=conversation, role=Message.Role.USER if turn.get("role") == "user"
+                            else Message.Role.AGENT, text=turn.get("text", ""))
+                    for turn in question.history
+                ])
+                events = list(services.answer_stream(conversation.pk, question.question))
+                final = events[-1]
+                if final.type != "chat.done":
+                    raise CommandError(f"question {question.qid}: {final.type} {final.data}")
+                message = Message.objects.get(pk=final.data["message_id"])
+                chunk_ids = [c["chunk_id"] for c in message.citations]
+                prompt_ids = [r["chunk_id"] for r in message.retrieval[: settings.LLM_PROMPT_SOURCES]]
+                spans = {c.pk: (file_of(c.source.uri), c.start, c.end)
+                         for c in Chunk.objects.select_related("source").only("start", "end", "source__uri")
+                         .filter(pk__in=chunk_ids + prompt_ids)}
+
+                def hit(chunk_id):
+                    return chunk_id in spans and passage_hit(RankedPassage(*spans[chunk_id]), question)
+
+                rows.append({
+                    "question": question,
+                    "abstained": message.abstained,
+                    "text": message.text,
+                    "markers": final.data.get("citation_markers", {"total": 0, "valid": 0}),
+                    "cited": len(chunk_ids),
+                    "cited_hits": sum(hit(c) for c in chunk_ids),
+                    "cited_by": collections.Counter(c.get("method", "model") for c in message.citations),
+                    "hits_by": collections.Counter(c.get("method", "model") for c in message.citations
+                                                   if hit(c["chunk_id"])),
+                    "gold_in_prompt": any(hit(c) for c in prompt_ids),
+                    "f1": 0.0 if message.abstained else token_f1(message.text, question.reference_answer),
+                    "timings": message.timings,
+                })
+                if index <= show:
+                    self.stdout.write(f"\n[{question.qid}] {question.question}\n-> {message.text}\n"
+                                      f"   citations {[c['n'] for c in message.citations]}, "
+                                      f"F1 {rows[-1]['f1']:.2f}, gold in prompt {rows[-1]['gold_in_prompt']}")
+                if index % 10 == 0:
+                    self.stderr.write(f"{index}/{len(gold)} questions ({time.perf_counter() - started:.0f} s)")
+        finally:
+            if not keep:
+                Conversation.objects.filter(pk__in=made).delete()
+
+        self.stdout.write("\n" + self.table(rows) + "\n")
+
+    @staticmethod
+    def table(rows: list[dict]) -> str:
+        """The Markdown table of the metrics over ``rows``, first turns and all rows."""
+        groups = {"first turns": [r for r in rows if r["question"].is_first_turn], "all": rows}
+        groups = {name: group for name, group in groups.items() if group}
+        if len(groups) == 2 and len(groups["first turns"]) == len(rows):
+            del groups["all"]
+        names = list(groups)
+        lines = ["| metric | " + " | ".join(f"{n} ({len(groups[n])})" for n in names) + " |",
+                 "|---|" + "---:|" * len(names)]
+
+        def ratio(a: float, b: float) -> str:
+            return f"{a / b:.3f}" if b else "–"
+
+        def row(label, compute):
+            lines.append(f"| {label} | " + " | ".join(compute(groups[n]) for n in names) + " |")
+
+        def answered(group):
+            return [r for r in group if not r["abstained"]]
+
+        row("answered", lambda g: f"{len(answered(g))} ({ratio(len(answered(g)), len(g))})")
+        row("abstained", lambda g: f"{len(g) - len(answered(g))} ({ratio(len(g) - len(answered(g)), len(g))})")
+        row("citation validity (valid markers / markers)",
+            lambda g: f"{ratio(sum(r['markers']['valid'] for r in g), sum(r['markers']['total'] for r in g))} "
+                      f"({sum(r['markers']['total'] for r in g)} markers)")
+        row("answers with a valid citation", lambda g: ratio(sum(r["cited"] > 0 for r in answered(g)), len(answered(g))))
+        row("citation precision (cited chunks on the gold span)",
+            lambda g: f"{ratio(sum(r['cited_hits'] for r in g), sum(r['cited'] for r in g))} ({sum(r['cited'] for r in g)} cited)")
+        for method, label in (("model", "written by the model"), ("overlap", "attributed by overlap")):
+            row(f"  citations {label}: precision",
+                lambda g, m=method: f"{ratio(sum(r['hits_by'][m] for r in g), sum(r['cited_by'][m] for r in g))} "
+                                    f"({sum(r['cited_by'][m] for r in g)} cited)")
+        row("gold passage in the prompt (answered)",
+            lambda g: ratio(sum(r["gold_in_prompt"] for r in answered(g)), len(answered(g))))
+        row("token-F1 vs reference (answered)",
+            lambda g: f"{statistics.fmean([r['f1'] for r in answered(g)]):.3f}" if answered(g) else "–")
+        row("token-F1 vs reference (all, abstained = 0)", lambda g: f"{statistics.fmean([r['f1'] for r in g]):.3f}")
+        row("TTFT p50 (ms)", lambda g: f"{percentile([r['timings']['ttft_ms'] for r in answered(g)], 50):.0f}")
+        row("TTFT p95 (ms)", lambda g: f"{percentile([r['timings']['ttft_ms'] for r in answered(g)], 95):.0f}")
+        row("retrieval p50 (ms)", lambda g: f"{percentile([r['timings']['retrieval_ms'] for r in g], 50):.0f}")
+        row("tokens per answer (mean)",
+            lambda g: f"{statistics.fmean([r['timings']['tokens'] for r in answered(g)]):.1f}" if answered(g) else "–")
+        row("tokens/s (decode, p50)",
+            lambda g: f"{percentile([r['timings']['tokens_per_s'] for r in answered(g)], 50):.1f}")
+        return "\n".join(lines)

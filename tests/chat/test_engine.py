@@ -1,0 +1,261 @@
+"""The model engine: streaming, bounded queue, cancel, and swapping models while chats run.
+
+Unit tests use ``FakeChatModel`` behind the real ``Engine``; the last tests run the real GGUF model.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from chat.engine import Engine, EngineBusy, EngineError, ModelKey
+from tests.chat.conftest import FakeChatModel
+
+BASE = ModelKey("/models/base.gguf")
+TUNED = ModelKey("/models/base.gguf", "/models/adapter-v2.gguf")
+
+
+def make_engine(tokens, *, queue_size=2, delay_s=0.0, gate=None):
+    models: list[FakeChatModel] = []
+
+    def load(key):
+        model = FakeChatModel(key, tokens, delay_s=delay_s, gate=gate)
+        models.append(model)
+        return model
+
+    return Engine(load_model=load, queue_size=queue_size), models
+
+
+def wait_until(predicate, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.005)
+
+
+def test_submit_streams_tokens_in_order_and_records_stats():
+    # given an engine serving a model that answers four tokens
+    engine, models = make_engine(["Hello", " there", " [1]", "."])
+    engine.ensure(BASE)
+    try:
+        # when a chat is submitted and iterated
+        generation = engine.submit([{"role": "user", "content": "hi"}], max_tokens=10, temperature=0.0)
+        pieces = list(generation)
+        # then the pieces arrive in order and the stats count them
+        assert pieces == ["Hello", " there", " [1]", "."]
+        assert generation.stats.tokens == 4
+        assert generation.stats.finish_reason == "stop"
+        assert generation.stats.first_token_ms is not None
+        assert generation.stats.model_key == BASE
+        assert models[0].calls == [[{"role": "user", "content": "hi"}]]
+    finally:
+        engine.shutdown()
+
+
+def test_max_tokens_is_passed_to_the_model():
+    engine, _ = make_engine(["a", "b", "c", "d"])
+    engine.ensure(BASE)
+    try:
+        generation = engine.submit([{"role": "user", "content": "hi"}], max_tokens=2)
+        assert list(generation) == ["a", "b"]
+        assert generation.stats.finish_reason == "length"
+    finally:
+        engine.shutdown()
+
+
+def test_submit_without_a_loaded_model_raises():
+    engine, models = make_engine(["x"])
+    with pytest.raises(EngineError, match="no model loaded"):
+        engine.submit([{"role": "user", "content": "hi"}])
+    assert models == []
+
+
+def test_full_queue_raises_engine_busy_and_leaves_queued_requests_untouched():
+    # given a model held on its first request and a queue of two
+    gate = threading.Event()
+    engine, _ = make_engine(["ok"], queue_size=2, gate=gate)
+    engine.ensure(BASE)
+    try:
+        running = engine.submit([{"role": "user", "content": "1"}])
+        wait_until(lambda: engine._current.active is running)
+        queued = [engine.submit([{"role": "user", "content": str(n)}]) for n in (2, 3)]
+        # when one more request arrives
+        with pytest.raises(EngineBusy) as busy:
+            engine.submit([{"role": "user", "content": "4"}])
+        # then it is refused with a retry hint, and the others still complete once the model frees up
+        assert busy.value.retry_after_s >= 1.0
+        assert engine.has_capacity() is False
+        gate.set()
+        assert [list(g) for g in [running, *queued]] == [["ok"], ["ok"], ["ok"]]
+        assert engine.has_capacity() is True
+    finally:
+        gate.set()
+        engine.shutdown()
+
+
+def test_cancel_stops_generation_at_the_next_token():
+    # given a slow model producing 200 tokens
+    engine, _ = make_engine([f" t{i}" for i in range(200)], delay_s=0.01)
+    engine.ensure(BASE)
+    cancel = threading.Event()
+    try:
+        generation = engine.submit([{"role": "user", "content": "hi"}], max_tokens=500, cancel=cancel)
+        pieces = []
+        # when the caller's cancel event is set after three tokens
+        for piece in generation:
+            pieces.append(piece)
+            if len(pieces) == 3:
+                cancel.set()
+        # then the stream ends within a token or two, marked cancelled
+        assert 3 <= len(pieces) <= 5
+        assert generation.stats.finish_reason == "cancelled"
+        assert generation.stats.tokens == len(pieces)
+    finally:
+        engine.shutdown()
+
+
+def test_closing_the_iterator_early_stops_the_model_and_the_thread_serves_the_next_request():
+    engine, _ = make_engine([f" t{i}" for i in range(200)], delay_s=0.01)
+    engine.ensure(BASE)
+    try:
+        generation = engine.submit([{"role": "user", "content": "hi"}], max_tokens=500)
+        iterator = iter(generation)
+        assert next(iterator) == " t0"
+        iterator.close()
+        wait_until(lambda: generation.stats.finish_reason == "cancelled")
+        assert generation.stats.tokens < 10
+        follow_up = engine.submit([{"role": "user", "content": "again"}], max_tokens=2)
+        assert list(follow_up) == [" t0", " t1"]
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_cancelled_while_queued_is_skipped():
+    gate = threading.Event()
+    engine, models = make_engine(["ok"], gate=gate)
+    engine.ensure(BASE)
+    try:
+        running = engine.submit([{"role": "user", "content": "1"}])
+        cancel = threading.Event()
+        queued = engine.submit([{"role": "user", "content": "2"}], cancel=cancel)
+        cancel.set()
+        gate.set()
+        assert list(running) == ["ok"]
+        assert list(queued) == []
+        assert queued.stats.finish_reason == "cancelled"
+        assert [call[0]["content"] for call in models[0].calls] == ["1"]
+    finally:
+        gate.set()
+        engine.shutdown()
+
+
+def test_swap_while_generating_finishes_in_flight_chats_on_the_old_model_then_frees_it():
+    # given a generation running (held) on the base model
+    gate = threading.Event()
+    engine, models = make_engine(["old"], gate=gate)
+    engine.ensure(BASE)
+    try:
+        in_flight = engine.submit([{"role": "user", "content": "before swap"}])
+        queued_on_old = engine.submit([{"role": "user", "content": "queued before swap"}])
+        wait_until(lambda: engine._current.active is in_flight)
+        old = engine._current
+        # when the engine switches to the tuned adapter while it runs
+        engine.ensure(TUNED)
+        models[1].tokens = ["new"]
+        after = engine.submit([{"role": "user", "content": "after swap"}])
+        # then the new request is served by the new model at once, while the old one is still busy
+        assert list(after) == ["new"]
+        assert after.stats.model_key == TUNED
+        assert engine.current_key == TUNED
+        assert old.finished.is_set() is False
+        # and the chats started before the swap finish on the old model, which is then freed
+        gate.set()
+        assert list(in_flight) == ["old"]
+        assert list(queued_on_old) == ["old"]
+        assert in_flight.stats.model_key == BASE
+        wait_until(old.finished.is_set)
+        assert models[0].closed is True
+        assert models[1].closed is False
+        assert old.model is None
+    finally:
+        gate.set()
+        engine.shutdown()
+
+
+def test_ensure_with_the_current_key_does_not_reload():
+    engine, models = make_engine(["x"])
+    try:
+        engine.ensure(BASE)
+        engine.ensure(BASE)
+        assert len(models) == 1
+    finally:
+        engine.shutdown()
+
+
+def test_a_failed_load_keeps_serving_the_previous_model():
+    def load(key):
+        if key == TUNED:
+            raise EngineError("could not load adapter")
+        return FakeChatModel(key, ["still here"])
+
+    engine = Engine(load_model=load, queue_size=2)
+    engine.ensure(BASE)
+    try:
+        with pytest.raises(EngineError, match="could not load adapter"):
+            engine.ensure(TUNED)
+        assert engine.current_key == BASE
+        assert list(engine.submit([{"role": "user", "content": "hi"}])) == ["still here"]
+    finally:
+        engine.shutdown()
+
+
+def test_a_model_error_is_raised_to_the_consumer_and_the_thread_keeps_serving():
+    class Broken(FakeChatModel):
+        def create_chat_completion(self, messages, **options):
+            if messages[0]["content"] == "boom":
+                raise RuntimeError("llama_decode returned -1")
+            return super().create_chat_completion(messages, **options)
+
+    engine = Engine(load_model=lambda key: Broken(key, ["fine"]), queue_size=2)
+    engine.ensure(BASE)
+    try:
+        with pytest.raises(EngineError, match="llama_decode returned -1"):
+            list(engine.submit([{"role": "user", "content": "boom"}]))
+        assert list(engine.submit([{"role": "user", "content": "ok"}])) == ["fine"]
+    finally:
+        engine.shutdown()
+
+
+# --- the real GGUF model ---------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_real_model_streams_tokens_with_its_chat_template(real_engine):
+    generation = real_engine.submit(
+        [{"role": "system", "content": "You are a helpful assistant."},
+         {"role": "user", "content": "Say hello."}],
+        max_tokens=8, temperature=0.0,
+    )
+    pieces = list(generation)
+    assert 1 <= len(pieces) <= 8
+    assert generation.stats.tokens == len(pieces)
+    assert "<|im_end|>" not in "".join(pieces)  # the template's end-of-turn token stops generation
+    assert generation.stats.finish_reason in ("stop", "length")
+
+
+@pytest.mark.e2e
+def test_real_model_cancel_stops_generation(real_engine):
+    cancel = threading.Event()
+    generation = real_engine.submit(
+        [{"role": "user", "content": "Write a long story about a dragon."}], max_tokens=200, cancel=cancel,
+    )
+    pieces = []
+    for piece in generation:
+        pieces.append(piece)
+        if len(pieces) == 2:
+            cancel.set()
+    assert 2 <= len(pieces) <= 4
+    assert generation.stats.finish_reason == "cancelled"

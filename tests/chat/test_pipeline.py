@@ -1,0 +1,406 @@
+"""The answer pipeline (``answer_stream`` / ``answer_events``).
+
+Unit tests: retrieval is replaced by fixed chunks and the model by ``FakeChatModel`` behind the real
+engine (``fake_engine``). End to end (``e2e``): real Doc2Dial pages ingested into real Postgres with
+the real embedding model, answered by the real GGUF model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from django.conf import settings
+
+from chat import services
+from chat.models import Conversation, Message
+from chat.prompts import INSTRUCTION
+from knowledge.selectors import RetrievedChunk
+from tests.chat.test_engine import wait_until
+
+
+def chunk(n: int, *, distance: float | None = 0.3, text: str | None = None) -> RetrievedChunk:
+    return RetrievedChunk(
+        chunk_id=100 + n, source_id=10 + n, source_uri=f"/kb/page{n}.txt", source_title=f"Page {n}",
+        collection="default", ordinal=0, start=n * 1000, end=n * 1000 + 400,
+        text=text or f"Passage number {n} about renewing a licence.", heading_path=["Renewal"],
+        score=0.03 - n * 0.001, vector_rank=n, vector_distance=distance, text_rank_position=None, text_rank=None,
+    )
+
+
+@pytest.fixture
+def retrieval(monkeypatch):
+    """Replace ``chunk_search`` in the pipeline with fixed results; records the queries."""
+
+    class Retrieval:
+        results = [chunk(1), chunk(2), chunk(3), chunk(4)]
+        queries: list[tuple[str, int, str]] = []
+
+    def fake_chunk_search(query, *, k, collection=None, **kwargs):
+        Retrieval.queries.append((query, k, collection))
+        return list(Retrieval.results)
+
+    monkeypatch.setattr(services, "chunk_search", fake_chunk_search)
+    return Retrieval
+
+
+def events_of(conversation, question, **kwargs):
+    return list(services.answer_stream(conversation.id, question, **kwargs))
+
+
+def text_of(events):
+    return "".join(e.data["text"] for e in events if e.type == "chat.token")
+
+
+@pytest.mark.django_db
+def test_answer_streams_tokens_then_citations_then_done_and_persists_both_messages(fake_engine, retrieval):
+    # given a conversation and a model that cites source 2
+    fake_engine.script(["You", " can", " renew", " online", " [2]", "."])
+    conversation = services.conversation_start(collection="kb")
+    # when the customer asks
+    events = events_of(conversation, "  How do I renew my licence?  ")
+    # then tokens stream, then the cited chunk, then done
+    assert [e.type for e in events] == ["chat.token"] * 6 + ["chat.citations", "chat.done"]
+    assert text_of(events) == "You can renew online [2]."
+    citations = events[-2].data["citations"]
+    assert citations == [{
+        "n": 2, "chunk_id": 102, "source_id": 12, "source_title": "Page 2", "start": 2000, "end": 2400,
+        "method": "model", "title": "Page 2", "excerpt": "Passage number 2 about renewing a licence.",
+    }]
+    # and both messages are stored, the answer with its trace, citations, version and timings
+    user, answer = conversation.messages.all()
+    assert (user.role, user.text) == ("user", "How do I renew my licence?")
+    assert answer.role == "assistant"
+    assert answer.text == "You can renew online [2]."
+    assert answer.abstained is False
+    assert answer.citations == [{k: v for k, v in citations[0].items() if k not in ("title", "excerpt")}]
+    assert [r["chunk_id"] for r in answer.retrieval] == [101, 102, 103, 104]
+    assert answer.retrieval[0] == {"chunk_id": 101, "source_id": 11, "score": 0.029, "vector_distance": 0.3,
+                                   "text_rank": None}
+    assert answer.model_version == services.model_version_active()
+    assert set(answer.timings) == {"retrieval_ms", "ttft_ms", "generation_ms", "tokens", "tokens_per_s"}
+    assert answer.timings["tokens"] == 6
+    assert events[-1].data == {"message_id": answer.pk, "abstained": False, "timings": answer.timings,
+                               "text": answer.text, "citation_markers": {"total": 1, "valid": 1}}
+    # retrieval ran in the conversation's collection with RETRIEVAL_K
+    assert retrieval.queries[-1] == ("How do I renew my licence?", settings.RETRIEVAL_K, "kb")
+
+
+@pytest.mark.django_db
+def test_prompt_has_the_top_sources_numbered_then_the_question_and_the_instruction(fake_engine, retrieval):
+    conversation = services.conversation_start()
+    events_of(conversation, "How do I renew?")
+    (messages,) = fake_engine.models[0].calls
+    sources = "\n\n".join(
+        f"[{n}] Page {n}: Passage number {n} about renewing a licence." for n in range(1, settings.LLM_PROMPT_SOURCES + 1)
+    )
+    assert messages == [{"role": "user", "content": f"Sources:\n{sources}\n\nQuestion: How do I renew?\n{INSTRUCTION}"}]
+
+
+@pytest.mark.django_db
+def test_an_answer_without_markers_is_cited_to_the_source_it_copies(fake_engine, retrieval):
+    # given sources with distinct text and a model that copies source 2 without citing it
+    retrieval.results = [chunk(1, text="Renew your registration online with your plate number."),
+                         chunk(2, text="Insurance lapses lead to a suspension of the registration by the DMV."),
+                         chunk(3, text="Road tests are scheduled online.")]
+    fake_engine.script(["Insurance", " lapses", " lead", " to", " a", " suspension", " of", " the", " registration", "."])
+    conversation = services.conversation_start()
+    # when answered
+    events = events_of(conversation, "What if my insurance ends?")
+    # then the source is cited after the answer, marked as attributed by overlap
+    answer = conversation.messages.get(role="assistant")
+    assert text_of(events) == answer.text == "Insurance lapses lead to a suspension of the registration. [2]"
+    assert [(c["n"], c["chunk_id"], c["method"]) for c in answer.citations] == [(2, 102, "overlap")]
+    assert events[-1].data["citation_markers"] == {"total": 0, "valid": 0}
+
+
+@pytest.mark.django_db
+def test_an_answer_no_source_supports_gets_no_citation(fake_engine, retrieval):
+    fake_engine.script(["Pizza", " with", " basil", " and", " fresh", " tomatoes", " tastes", " great", "."])
+    conversation = services.conversation_start()
+    events = events_of(conversation, "How do I renew?")
+    answer = conversation.messages.get(role="assistant")
+    assert answer.text == "Pizza with basil and fresh tomatoes tastes great."
+    assert answer.citations == []
+    assert events[-2].data == {"citations": []}
+
+
+@pytest.mark.django_db
+def test_markers_naming_no_source_are_dropped_from_the_stream_and_the_message(fake_engine, retrieval):
+    fake_engine.script(["Renew", " online", " [", "7", "]", " or", " by", " mail", " [1", "]", "."])
+    conversation = services.conversation_start()
+    events = events_of(conversation, "How do I renew?")
+    answer = conversation.messages.get(role="assistant")
+    assert text_of(events) == answer.text == "Renew online or by mail [1]."
+    assert [c["n"] for c in answer.citations] == [1]
+    assert events[-1].data["citation_markers"] == {"total": 2, "valid": 1}
+
+
+@pytest.mark.django_db
+def test_weak_retrieval_abstains_with_the_fixed_message_without_asking_the_model(fake_engine, retrieval, settings):
+    # given retrieval whose closest chunk is farther than the threshold
+    settings.ABSTAIN_MAX_DISTANCE = 0.5
+    retrieval.results = [chunk(1, distance=0.51), chunk(2, distance=0.7)]
+    conversation = services.conversation_start()
+    # when the customer asks
+    events = events_of(conversation, "What is the best pizza topping?")
+    # then the fixed abstention is streamed and stored, with the retrieval trace and no citations
+    assert [e.type for e in events] == ["chat.token", "chat.citations", "chat.done"]
+    assert text_of(events) == services.ABSTAIN_MESSAGE
+    answer = conversation.messages.get(role="assistant")
+    assert answer.abstained is True
+    assert answer.citations == []
+    assert [r["vector_distance"] for r in answer.retrieval] == [0.51, 0.7]
+    assert events[-1].data["abstained"] is True
+    assert answer.timings["tokens"] == 0
+    assert fake_engine.models == []  # the model was never loaded nor asked
+
+
+@pytest.mark.django_db
+def test_an_empty_model_answer_is_stored_as_an_abstention(fake_engine, retrieval):
+    fake_engine.script([" ", "\n"])
+    conversation = services.conversation_start()
+    events = events_of(conversation, "How do I renew?")
+    answer = conversation.messages.get(role="assistant")
+    assert (answer.text, answer.abstained, answer.citations) == (services.ABSTAIN_MESSAGE, True, [])
+    assert [e.type for e in events] == ["chat.token", "chat.citations", "chat.done"]
+
+
+@pytest.mark.django_db
+def test_no_retrieval_result_abstains(fake_engine, retrieval):
+    retrieval.results = []
+    conversation = services.conversation_start()
+    events = events_of(conversation, "Anything?")
+    assert events[-1].data["abstained"] is True
+
+
+@pytest.mark.django_db
+def test_distance_at_the_threshold_answers(fake_engine, retrieval, settings):
+    settings.ABSTAIN_MAX_DISTANCE = 0.5
+    retrieval.results = [chunk(1, distance=0.5)]
+    conversation = services.conversation_start()
+    assert events_of(conversation, "How do I renew?")[-1].data["abstained"] is False
+
+
+@pytest.mark.django_db
+def test_follow_up_retrieves_with_earlier_user_turns(fake_engine, retrieval):
+    conversation = services.conversation_start()
+    events_of(conversation, "How do I renew my licence?")
+    events_of(conversation, "And for a motorcycle?")
+    assert retrieval.queries[-1][0] == "And for a motorcycle?\nHow do I renew my licence?"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("status", [Conversation.Status.AGENT, Conversation.Status.RESOLVED])
+def test_the_bot_stays_quiet_when_an_agent_has_the_conversation(fake_engine, retrieval, status):
+    conversation = services.conversation_start()
+    Conversation.objects.filter(pk=conversation.pk).update(status=status)
+    events = events_of(conversation, "Are you there?")
+    user = conversation.messages.get()
+    assert [(e.type, e.data) for e in events] == [("chat.agent_active", {"message_id": user.pk})]
+    assert (user.role, user.text) == ("user", "Are you there?")
+    assert retrieval.queries == [] or retrieval.queries[-1][0] != "Are you there?"
+
+
+@pytest.mark.django_db
+def test_needs_human_conversations_are_still_answered_by_the_bot(fake_engine, retrieval):
+    conversation = services.conversation_request_human(services.conversation_start())
+    assert events_of(conversation, "How do I renew?")[-1].type == "chat.done"
+
+
+@pytest.mark.django_db
+def test_busy_engine_yields_chat_busy_and_stores_nothing(fake_engine, retrieval):
+    # given a model held on one request with its queue (2) full
+    gate = threading.Event()
+    fake_engine.script(["ok"], gate=gate)
+    engine = fake_engine.engine
+    conversation = services.conversation_start()
+    services.engine_for(services.model_version_active())
+    held = [engine.submit([{"role": "user", "content": "0"}])]
+    wait_until(lambda: engine._current.active is held[0])
+    held += [engine.submit([{"role": "user", "content": str(i)}]) for i in (1, 2)]
+    try:
+        # when a customer asks
+        events = events_of(conversation, "How do I renew?")
+        # then they are told to retry, and no message was stored
+        assert [e.type for e in events] == ["chat.busy"]
+        assert events[0].data["retry_after_s"] >= 1.0
+        assert events[0].data["message"] == services.BUSY_MESSAGE
+        assert not conversation.messages.exists()
+    finally:
+        gate.set()
+        for generation in held:
+            list(generation)
+
+
+@pytest.mark.django_db
+def test_cancel_stops_generation_and_stores_the_partial_answer(fake_engine, retrieval):
+    fake_engine.script([f" w{i}" for i in range(100)], delay_s=0.01)
+    conversation = services.conversation_start()
+    cancel = threading.Event()
+    seen = []
+    for event in services.answer_stream(conversation.id, "Tell me everything", cancel=cancel):
+        seen.append(event)
+        if event.type == "chat.token" and len(seen) == 3:
+            cancel.set()
+    answer = conversation.messages.get(role="assistant")
+    assert seen[-1].type == "chat.done"
+    assert answer.timings["cancelled"] is True
+    assert 3 <= answer.timings["tokens"] <= 5
+    assert answer.text == text_of(seen).strip()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("question, message", [("   ", "Please type a question."),
+                                               ("x" * 2001, "Please keep questions under 2000 characters.")])
+def test_invalid_questions_get_chat_error_and_store_nothing(fake_engine, retrieval, question, message):
+    conversation = services.conversation_start()
+    assert [(e.type, e.data) for e in events_of(conversation, question)] == [("chat.error", {"message": message})]
+    assert not conversation.messages.exists()
+
+
+@pytest.mark.django_db
+def test_unknown_conversation_gets_chat_error(fake_engine, retrieval):
+    import uuid
+
+    events = list(services.answer_stream(uuid.uuid4(), "hello"))
+    assert [(e.type, e.data) for e in events] == [("chat.error", {"message": "This conversation does not exist."})]
+    assert not Message.objects.exists()
+
+
+@pytest.mark.django_db
+def test_model_failure_gets_chat_error(fake_engine, retrieval, monkeypatch):
+    from chat.engine import EngineError
+
+    def fail_to_load(key):
+        raise EngineError("bad gguf")
+
+    monkeypatch.setattr(fake_engine.engine, "load_model", fail_to_load)
+    conversation = services.conversation_start()
+    events = events_of(conversation, "How do I renew?")
+    assert [(e.type, e.data) for e in events] == [("chat.error", {"message": "The assistant is unavailable right now."})]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_answer_events_bridges_to_asyncio_with_the_same_events(fake_engine, retrieval):
+    fake_engine.script(["Renew", " online", " [1]", "."])
+    conversation = services.conversation_start()
+
+    async def collect():
+        return [event async for event in services.answer_events(conversation.id, "How do I renew?")]
+
+    events = asyncio.run(collect())
+    assert [e.type for e in events] == ["chat.token"] * 4 + ["chat.citations", "chat.done"]
+    assert conversation.messages.get(role="assistant").text == "Renew online [1]."
+
+
+@pytest.mark.django_db(transaction=True)
+def test_answer_events_stops_generation_when_the_consumer_stops_iterating(fake_engine, retrieval):
+    # given a slow 100-token answer
+    fake_engine.script([f" w{i}" for i in range(100)], delay_s=0.02)
+    conversation = services.conversation_start()
+
+    async def take_two_and_leave():
+        events = services.answer_events(conversation.id, "Tell me everything")
+        taken = []
+        async for event in events:
+            taken.append(event)
+            if len(taken) == 2:
+                break
+        await events.aclose()
+        # the event loop stays responsive while the model runs on its own thread
+        await asyncio.sleep(0)
+        return taken
+
+    taken = asyncio.run(take_two_and_leave())
+    assert [e.type for e in taken] == ["chat.token", "chat.token"]
+    # then the model stops within a few tokens and the partial answer is stored as cancelled
+    import time
+
+    deadline = time.monotonic() + 5
+    while not conversation.messages.filter(role="assistant").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    answer = conversation.messages.get(role="assistant")
+    assert answer.timings["cancelled"] is True
+    assert answer.timings["tokens"] < 10
+
+
+# --- end to end: real Doc2Dial pages, real embedding model, real Postgres, real GGUF model ---------
+
+E2E_COLLECTION = "chat-e2e"
+E2E_PAGES = [
+    "docs/dmv/001_DIAL_IN_search_accounts_3_0.txt",
+    "docs/ssa/053_Learn_what_documents_you_will_need_to_get_a_Social_Security_Card_Social_Security.txt",
+    "docs/va/128_Check_Your_VA_Claim_Or_Appeal_Status_Veterans_Affairs_1_0.txt",
+]
+
+
+@pytest.fixture(scope="module")
+def doc2dial_pages(doc2dial_dir, django_db_setup, django_db_blocker, embedding_model):
+    """Three real Doc2Dial pages ingested (parsed, chunked, embedded) into ``chat-e2e`` once per module."""
+    from knowledge.models import Source
+    from knowledge.services import document_ingest, sources_register_paths
+
+    with django_db_blocker.unblock():
+        registered = sources_register_paths([doc2dial_dir / page for page in E2E_PAGES],
+                                            collection=E2E_COLLECTION, enqueue=False, force=True)
+        for source in registered.queued:
+            assert document_ingest(source.pk).status == "ingested"
+        yield {page: Source.objects.get(collection=E2E_COLLECTION, uri=str(doc2dial_dir / page)) for page in E2E_PAGES}
+        Source.objects.filter(collection=E2E_COLLECTION).delete()
+
+
+@pytest.fixture
+def served_real_engine(real_engine):
+    """The real engine installed as the process engine for one test."""
+    from chat import engine as engine_module
+
+    previous = engine_module.set_engine(real_engine)
+    yield real_engine
+    engine_module.set_engine(previous)
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db
+def test_e2e_a_real_question_streams_an_answer_citing_chunks_of_its_gold_page(
+    doc2dial_pages, doc2dial_questions, served_real_engine
+):
+    # given a real first-turn Doc2Dial question whose gold page is ingested
+    question = next(q for q in doc2dial_questions if q["is_first_turn"] and q["gold_file"] == E2E_PAGES[0])
+    gold_source = doc2dial_pages[E2E_PAGES[0]]
+    conversation = services.conversation_start(collection=E2E_COLLECTION)
+    # when it is asked through the pipeline
+    events = list(services.answer_stream(conversation.id, question["question"]))
+    # then tokens stream before the citations and the end
+    types = [e.type for e in events]
+    assert types[-2:] == ["chat.citations", "chat.done"]
+    assert types.count("chat.token") >= 3 and set(types[:-2]) == {"chat.token"}
+    answer = conversation.messages.get(role="assistant")
+    assert answer.abstained is False
+    assert answer.text == text_of(events).strip()
+    assert answer.timings["tokens"] >= 3 and answer.timings["ttft_ms"] > 0 and answer.timings["tokens_per_s"] > 0
+    # and every citation names a retrieved chunk of the gold page, with its offsets
+    retrieved = {r["chunk_id"] for r in answer.retrieval}
+    assert answer.citations, answer.text
+    for citation in answer.citations:
+        assert citation["chunk_id"] in retrieved
+        assert citation["source_id"] == gold_source.pk
+        chunk_row = gold_source.chunks.get(pk=citation["chunk_id"])
+        assert (citation["start"], citation["end"]) == (chunk_row.start, chunk_row.end)
+    assert events[-2].data["citations"][0]["excerpt"] == gold_source.chunks.get(
+        pk=answer.citations[0]["chunk_id"]).text
+    assert answer.model_version.base_model_path == settings.LLM_MODEL_PATH
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db
+def test_e2e_an_unrelated_question_abstains(doc2dial_pages, served_real_engine):
+    conversation = services.conversation_start(collection=E2E_COLLECTION)
+    events = list(services.answer_stream(conversation.id, "What is the capital of France's best pizza topping?"))
+    answer = conversation.messages.get(role="assistant")
+    assert [e.type for e in events] == ["chat.token", "chat.citations", "chat.done"]
+    assert answer.abstained is True
+    assert answer.text == services.ABSTAIN_MESSAGE
+    assert min(r["vector_distance"] for r in answer.retrieval) > settings.ABSTAIN_MAX_DISTANCE
