@@ -1,0 +1,181 @@
+"""The customer's chat websocket (``/ws/chat/<conversation id>/?token=<token>``).
+
+Frames in (JSON text):
+
+- ``{"type": "chat.message", "text": str}``: ask a question (1..``WIDGET_MESSAGE_MAX_CHARS`` characters
+  after stripping). The answer streams back as the events of ``chat.services.answer_events``;
+- ``{"type": "chat.handoff"}``: ask for a human (``chat.services.conversation_request_human``).
+
+Frames out: ``{"type": event.type, **event.data}`` for each answer event (``chat.token``,
+``chat.citations``, ``chat.done``, ``chat.busy``, ``chat.error``); ``chat.status`` ``{"status"}`` after a
+handoff; and whatever the conversation's channel-layer group (``conversation.<id>``) relays:
+``chat.agent_message`` and ``chat.status``. A bad frame (not JSON, not an object, unknown type,
+empty or too long text, a question while an answer is streaming) gets ``chat.error`` ``{"message",
+"code"}`` and the socket stays open.
+
+The consumer is a thin interface: it authenticates in ``connect()`` (the token must match the
+conversation, else the handshake is closed with code 4403) and accepts last; the database is reached
+through ``database_sync_to_async``; the answer runs as one task per socket, cancelled (its cancel
+event set, then the task cancelled) when the socket closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from contextlib import aclosing
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+
+from chat import services
+from chat.models import Conversation
+from chat.selectors import conversation_get
+
+logger = logging.getLogger(__name__)
+
+CLOSE_FORBIDDEN = 4403
+# How long disconnect() lets a cancelled answer wind down (the service persists what it streamed)
+# before cancelling its task outright, in seconds.
+CANCEL_GRACE_S = 2.0
+
+
+def conversation_group(conversation_id) -> str:
+    """The channel-layer group of a conversation's sockets: ``conversation.<uuid>``."""
+    return f"conversation.{conversation_id}"
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    """One customer socket on one conversation (see the module docstring for the frames)."""
+
+    conversation: Conversation | None = None
+    group_name: str | None = None
+    answer_task: asyncio.Task | None = None
+    answer_cancel: threading.Event | None = None
+    # True from a question until its answer stream ends (the task may do a little more afterwards,
+    # e.g. notify the agents, without holding up the customer's next question).
+    answering: bool = False
+
+    async def connect(self) -> None:
+        conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin1"))
+        token = (query.get("token") or [""])[0]
+        if not token:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        try:
+            self.conversation = await database_sync_to_async(conversation_get)(conversation_id, token=token)
+        except Conversation.DoesNotExist:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        if self.channel_layer is not None:
+            self.group_name = conversation_group(self.conversation.pk)
+            await self.channel_layer.group_add(self.group_name, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        if self.answer_cancel is not None:
+            self.answer_cancel.set()
+        task = self.answer_task
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=CANCEL_GRACE_S)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            except Exception:  # already logged by the task
+                pass
+        if self.group_name is not None and self.channel_layer is not None:
+            await self.channel_layer.group_discard(self.group_name, self.channel_name)
+
+    # --- frames from the browser ------------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs) -> None:
+        """Decode a frame; anything that is not a JSON object gets ``chat.error`` (never an exception,
+        which would close the socket)."""
+        if text_data is None:
+            await self.send_error("frames must be JSON text", "invalid_frame")
+            return
+        # A frame can hold the longest message several times over once JSON-escaped, but no more.
+        if len(text_data) > 8 * settings.WIDGET_MESSAGE_MAX_CHARS + 1024:
+            await self.send_error(self._too_long_message(), "too_long")
+            return
+        try:
+            content = json.loads(text_data)
+        except ValueError:
+            await self.send_error("frames must be valid JSON", "invalid_json")
+            return
+        if not isinstance(content, dict):
+            await self.send_error("frames must be JSON objects with a type", "invalid_frame")
+            return
+        await self.receive_json(content)
+
+    async def receive_json(self, content: dict, **kwargs) -> None:
+        frame_type = content.get("type")
+        if frame_type == "chat.message":
+            await self.on_message(content.get("text"))
+        elif frame_type == "chat.handoff":
+            await self.on_handoff()
+        else:
+            await self.send_error("unknown frame type; expected chat.message or chat.handoff", "unknown_type")
+
+    async def on_message(self, text) -> None:
+        """Validate a question and start streaming its answer (one answer at a time per socket)."""
+        if not isinstance(text, str) or not text.strip():
+            await self.send_error("the message is empty", "empty")
+            return
+        text = text.strip()
+        if len(text) > settings.WIDGET_MESSAGE_MAX_CHARS:
+            await self.send_error(self._too_long_message(), "too_long")
+            return
+        if self.answering:
+            await self.send_error("please wait for the current answer to finish", "answer_in_progress")
+            return
+        self.answering = True
+        self.answer_cancel = threading.Event()
+        self.answer_task = asyncio.create_task(self.stream_answer(text, self.answer_cancel))
+
+    async def stream_answer(self, question: str, cancel: threading.Event) -> None:
+        """Send each event of ``answer_events`` as a frame; an unexpected failure becomes ``chat.error``."""
+        try:
+            events = services.answer_events(self.conversation.pk, question, cancel=cancel)
+            async with aclosing(events):
+                async for event in events:
+                    if cancel.is_set():
+                        break
+                    await self.send_json({"type": event.type, **event.data})
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("answering in conversation %s failed", self.conversation.pk)
+            if not cancel.is_set():
+                await self.send_error("something went wrong while answering; please try again", "internal")
+        finally:
+            self.answering = False
+
+    async def on_handoff(self) -> None:
+        """Ask for a human; the socket gets ``chat.status`` with the conversation's new status."""
+        self.conversation = await database_sync_to_async(services.conversation_request_human)(self.conversation)
+        await self.send_json({"type": "chat.status", "status": self.conversation.status})
+
+    async def send_error(self, message: str, code: str) -> None:
+        """Send ``{"type": "chat.error", "message": message, "code": code}``."""
+        await self.send_json({"type": "chat.error", "message": message, "code": code})
+
+    @staticmethod
+    def _too_long_message() -> str:
+        return f"the message is longer than {settings.WIDGET_MESSAGE_MAX_CHARS} characters"
+
+    # --- messages from the conversation's group ---------------------------------------------------
+
+    async def chat_agent_message(self, event: dict) -> None:
+        """Relay an agent's message (``{"type": "chat.agent_message", ...}``) to the customer."""
+        await self.send_json(event)
+
+    async def chat_status(self, event: dict) -> None:
+        """Relay a status change (``{"type": "chat.status", "status": str, ...}``) to the customer."""
+        await self.send_json(event)

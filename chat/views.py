@@ -1,0 +1,153 @@
+"""HTTP endpoints of the chat widget, and the demo page.
+
+The widget runs on the company's pages, so the API answers the origins of ``WIDGET_ALLOWED_ORIGINS``
+(plus the site's own hosts) with CORS headers and refuses other origins. It uses no cookies: a
+conversation is authorised by its secret token (header ``X-Conversation-Token`` or ``?token=``), so
+the endpoints are CSRF-exempt. Every error is a JSON ``{"error": str}``.
+
+| method and path | what |
+|---|---|
+| ``POST /api/conversations/`` | start a conversation: ``{"id", "token"}`` (201) |
+| ``GET /api/conversations/<id>/messages/`` | its transcript (``chat.transcripts.transcript_get``) |
+| ``GET /api/conversations/<id>/passages/<chunk_id>/`` | a cited passage: ``{"title", "before", "passage", "after"}`` |
+| ``POST /api/conversations/<id>/handoff/`` | ask for a human: ``{"id", "status"}`` |
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import wraps
+from uuid import UUID
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.utils.cache import patch_vary_headers
+from django.views.decorators.csrf import csrf_exempt
+from django.views.defaults import page_not_found
+
+from chat import services
+from chat.models import Conversation
+from chat.origins import origin_allowed
+from chat.selectors import conversation_get
+from chat.transcripts import cited_passage_get, transcript_get
+
+TOKEN_HEADER = "X-Conversation-Token"
+_COLLECTION = re.compile(r"^[\w.-]{1,100}$")
+_PREFLIGHT_MAX_AGE_S = 600
+
+
+def _error(message: str, status: int) -> JsonResponse:
+    return JsonResponse({"error": message}, status=status)
+
+
+def widget_api(*methods: str):
+    """Decorate a widget API view: CSRF-exempt; answers CORS preflight (``OPTIONS``) for allowed
+    origins; refuses a request whose ``Origin`` is not allowed (403) or whose method is not one of
+    ``methods`` (405); adds ``Access-Control-Allow-Origin`` for an allowed cross-origin caller."""
+
+    def decorate(view):
+        @csrf_exempt
+        @wraps(view)
+        def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+            origin = request.headers.get("Origin")
+            if not origin_allowed(origin):
+                response = _error("this site is not allowed to use the chat widget", 403)
+            elif request.method == "OPTIONS":
+                response = HttpResponse(status=204)
+                response["Access-Control-Allow-Methods"] = ", ".join([*methods, "OPTIONS"])
+                response["Access-Control-Allow-Headers"] = f"Content-Type, {TOKEN_HEADER}"
+                response["Access-Control-Max-Age"] = str(_PREFLIGHT_MAX_AGE_S)
+            elif request.method not in methods:
+                response = _error(f"method {request.method} is not allowed", 405)
+                response["Allow"] = ", ".join(methods)
+            else:
+                response = view(request, *args, **kwargs)
+            if origin and origin_allowed(origin):
+                response["Access-Control-Allow-Origin"] = origin
+            patch_vary_headers(response, ["Origin"])
+            return response
+
+        return wrapped
+
+    return decorate
+
+
+def _conversation_for(request: HttpRequest, conversation_id: UUID) -> Conversation | None:
+    """The conversation if the request carries its token, else ``None``."""
+    token = request.headers.get(TOKEN_HEADER) or request.GET.get("token")
+    if not token:
+        return None
+    try:
+        return conversation_get(conversation_id, token=token)
+    except Conversation.DoesNotExist:
+        return None
+
+
+_FORBIDDEN = "unknown conversation or wrong token"
+
+
+@widget_api("POST")
+def conversation_create(request: HttpRequest) -> JsonResponse:
+    """Start a conversation. Body (optional, ``application/json``): ``{"collection": str}`` (letters,
+    digits, ``_.-``; default ``"default"``). Returns 201 ``{"id": str, "token": str}``; 400 on a
+    malformed JSON body."""
+    collection = "default"
+    if request.content_type == "application/json" and request.body:
+        try:
+            body = json.loads(request.body)
+        except (ValueError, UnicodeDecodeError):
+            return _error("the body must be JSON", 400)
+        if not isinstance(body, dict):
+            return _error("the body must be a JSON object", 400)
+        collection = body.get("collection", collection)
+        if not isinstance(collection, str) or not _COLLECTION.match(collection):
+            return _error("collection must be 1 to 100 letters, digits, '_', '.' or '-'", 400)
+    origin = request.headers.get("Origin", "")[:300]
+    conversation = services.conversation_start(collection=collection, origin=origin)
+    return JsonResponse({"id": str(conversation.pk), "token": conversation.token}, status=201)
+
+
+@widget_api("GET")
+def conversation_messages(request: HttpRequest, conversation_id: UUID) -> JsonResponse:
+    """The transcript (``chat.transcripts.transcript_get``); 403 without the conversation's token."""
+    conversation = _conversation_for(request, conversation_id)
+    if conversation is None:
+        return _error(_FORBIDDEN, 403)
+    return JsonResponse(transcript_get(conversation))
+
+
+@widget_api("GET")
+def cited_passage(request: HttpRequest, conversation_id: UUID, chunk_id: int) -> JsonResponse:
+    """A passage cited in the conversation (``chat.transcripts.cited_passage_get``); 403 without the
+    token, 404 when the conversation never cited that chunk or it no longer exists."""
+    conversation = _conversation_for(request, conversation_id)
+    if conversation is None:
+        return _error(_FORBIDDEN, 403)
+    passage = cited_passage_get(conversation, chunk_id)
+    if passage is None:
+        return _error("this passage was not cited in the conversation or is no longer available", 404)
+    return JsonResponse(passage)
+
+
+@widget_api("POST")
+def conversation_handoff(request: HttpRequest, conversation_id: UUID) -> JsonResponse:
+    """Ask for a human agent (``chat.services.conversation_request_human``). Returns
+    ``{"id": str, "status": str}``; 403 without the token."""
+    conversation = _conversation_for(request, conversation_id)
+    if conversation is None:
+        return _error(_FORBIDDEN, 403)
+    conversation = services.conversation_request_human(conversation)
+    return JsonResponse({"id": str(conversation.pk), "status": conversation.status})
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """404 handler: JSON under ``/api/`` (the widget parses every API answer), Django's page elsewhere."""
+    if request.path.startswith("/api/"):
+        return _error("not found", 404)
+    return page_not_found(request, exception)
+
+
+def demo(request: HttpRequest) -> HttpResponse:
+    """The demo page: a fictional store's page with the widget's script tag."""
+    return render(request, "demo.html", {"server_url": request.build_absolute_uri("/").rstrip("/")})

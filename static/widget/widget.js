@@ -1,0 +1,622 @@
+/*
+ * Support chat widget: one static script, no build step.
+ *
+ *   <script src="https://support.example.com/static/widget/widget.js"
+ *           data-server="https://support.example.com" defer></script>
+ *
+ * Optional attributes: data-server (default: where this script was loaded from), data-collection
+ * (knowledge-base collection, default "default"), data-title (panel heading, default "Support").
+ *
+ * The widget renders in a shadow root (the host page's CSS cannot reach it), streams answers over a
+ * websocket (/ws/chat/<id>/?token=...), shows numbered citations that open the cited passage, and
+ * keeps the conversation id and token in localStorage so it survives a page reload. Everything that
+ * comes from the server or the user is rendered with textContent, never as HTML.
+ */
+(() => {
+  "use strict";
+
+  const script = document.currentScript;
+  if (!script || window.__supportbotWidget) return;
+  window.__supportbotWidget = true;
+
+  const SERVER = (script.dataset.server || new URL(script.src, location.href).origin).replace(/\/+$/, "");
+  const COLLECTION = script.dataset.collection || "default";
+  const TITLE = script.dataset.title || "Support";
+  const STORAGE_KEY = `supportbot:${SERVER}:${COLLECTION}`;
+  const MAX_CHARS = 2000;
+  const RECONNECT_MAX_MS = 30000;
+
+  // --- DOM helpers: text goes in through textContent / text nodes only ---------------------------
+
+  function el(tag, attrs = {}, children = []) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs)) {
+      if (value === undefined || value === null || value === false) continue;
+      if (key === "text") node.textContent = value;
+      else if (key === "class") node.className = value;
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, value === true ? "" : String(value));
+    }
+    for (const child of children) node.append(child);
+    return node;
+  }
+
+  function svgIcon(pathData) {
+    const ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("viewBox", "0 0 24 24");
+    svg.setAttribute("aria-hidden", "true");
+    svg.setAttribute("focusable", "false");
+    const path = document.createElementNS(ns, "path");
+    path.setAttribute("d", pathData);
+    svg.append(path);
+    return svg;
+  }
+
+  const ICON_CHAT = "M4 4h16a2 2 0 0 1 2 2v10a2 2 0 0 1-2 2H8l-4 4V6a2 2 0 0 1 2-2z";
+  const ICON_CLOSE = "M6 6l12 12M18 6L6 18";
+
+  const STYLE = `
+    :host { all: initial; }
+    * { box-sizing: border-box; }
+    .root { position: fixed; right: 20px; bottom: 20px; z-index: 2147483000;
+      font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2b33; }
+    button { font: inherit; cursor: pointer; }
+    button:focus-visible, textarea:focus-visible { outline: 3px solid #f2b134; outline-offset: 2px; }
+    .launcher { width: 60px; height: 60px; border-radius: 50%; border: none; background: #0f5c6e;
+      color: #fff; box-shadow: 0 6px 20px rgba(0,0,0,.25); display: grid; place-items: center;
+      position: relative; }
+    .launcher svg { width: 28px; height: 28px; fill: none; stroke: currentColor; stroke-width: 2;
+      stroke-linejoin: round; }
+    .launcher .dot { position: absolute; top: 6px; right: 6px; width: 12px; height: 12px;
+      border-radius: 50%; background: #e4572e; border: 2px solid #fff; }
+    .panel { position: absolute; right: 0; bottom: 76px; width: min(380px, calc(100vw - 40px));
+      height: min(560px, calc(100vh - 120px)); background: #fff; border-radius: 14px;
+      box-shadow: 0 12px 40px rgba(0,0,0,.28); display: flex; flex-direction: column; overflow: hidden; }
+    .panel[hidden], .passage[hidden], .status[hidden], .dot[hidden] { display: none; }
+    header { background: #0f5c6e; color: #fff; padding: 12px 14px; display: flex; align-items: center; gap: 8px; }
+    header h2 { font-size: 16px; margin: 0; flex: 1; font-weight: 600; }
+    .human { background: #fff; color: #0f5c6e; border: none; border-radius: 999px; padding: 5px 12px;
+      font-size: 13px; font-weight: 600; }
+    .human:disabled { opacity: .7; cursor: default; }
+    .icon { background: transparent; border: none; color: #fff; width: 32px; height: 32px;
+      display: grid; place-items: center; border-radius: 6px; }
+    .icon svg { width: 18px; height: 18px; stroke: currentColor; stroke-width: 2.5; fill: none; }
+    .status { background: #fff4dc; color: #6b4a00; padding: 6px 14px; font-size: 13px; }
+    .messages { flex: 1; overflow-y: auto; padding: 14px; display: flex; flex-direction: column; gap: 10px;
+      background: #f5f7f8; }
+    .msg { max-width: 85%; padding: 8px 12px; border-radius: 12px; white-space: pre-wrap;
+      overflow-wrap: anywhere; }
+    .msg .who { display: block; font-size: 11px; font-weight: 600; text-transform: uppercase;
+      letter-spacing: .04em; color: #5b6b73; margin-bottom: 2px; white-space: normal; }
+    .user { align-self: flex-end; background: #0f5c6e; color: #fff; }
+    .user .who { color: #cfe6ec; }
+    .assistant, .agent { align-self: flex-start; background: #fff; border: 1px solid #dde4e7; }
+    .agent { border-color: #0f5c6e; }
+    .msg[aria-busy="true"] .body::after { content: "▍"; animation: blink 1s steps(2) infinite; }
+    @keyframes blink { 50% { opacity: 0; } }
+    @media (prefers-reduced-motion: reduce) { .msg[aria-busy="true"] .body::after { animation: none; } }
+    .note { align-self: center; font-size: 13px; color: #5b6b73; text-align: center; max-width: 90%; }
+    .note.error { color: #a8201a; }
+    .cite { border: none; background: #e3f1f4; color: #0f5c6e; border-radius: 4px; padding: 0 4px;
+      margin: 0 1px; font-size: 12px; font-weight: 700; vertical-align: 1px; }
+    .sources { margin-top: 6px; display: flex; flex-wrap: wrap; gap: 4px; white-space: normal; }
+    .source { border: 1px solid #c5d7dc; background: #fff; color: #0f5c6e; border-radius: 999px;
+      padding: 2px 10px; font-size: 12px; max-width: 100%; overflow: hidden; text-overflow: ellipsis;
+      white-space: nowrap; }
+    .inline-human { margin-top: 6px; border: 1px solid #0f5c6e; background: #fff; color: #0f5c6e;
+      border-radius: 999px; padding: 3px 12px; font-size: 13px; }
+    form { display: flex; gap: 8px; padding: 10px; border-top: 1px solid #dde4e7; background: #fff; }
+    textarea { flex: 1; resize: none; border: 1px solid #b9c6cc; border-radius: 10px; padding: 8px 10px;
+      font: inherit; color: inherit; min-height: 42px; max-height: 120px; }
+    .send { border: none; background: #0f5c6e; color: #fff; border-radius: 10px; padding: 0 16px;
+      font-weight: 600; }
+    .send:disabled { background: #8aa9b1; cursor: default; }
+    .passage { position: absolute; inset: 56px 0 0 0; background: #fff; display: flex;
+      flex-direction: column; }
+    .passage-head { display: flex; align-items: center; gap: 8px; padding: 10px 14px;
+      border-bottom: 1px solid #dde4e7; }
+    .passage-head h3 { margin: 0; font-size: 15px; flex: 1; }
+    .back { border: 1px solid #0f5c6e; background: #fff; color: #0f5c6e; border-radius: 8px;
+      padding: 3px 10px; font-size: 13px; }
+    .passage-body { padding: 14px; overflow-y: auto; white-space: pre-wrap; overflow-wrap: anywhere;
+      color: #3d4b52; }
+    mark { background: #ffe58a; color: #1d2b33; padding: 1px 0; border-radius: 2px; }
+    .sr-only { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0);
+      white-space: nowrap; }
+  `;
+
+  // --- state ---------------------------------------------------------------------------------------
+
+  const state = {
+    conversation: loadConversation(), // {id, token} or null
+    status: "bot",
+    socket: null,
+    socketOpen: false,
+    reconnectDelay: 1000,
+    reconnectTimer: null,
+    outbox: [], // frames waiting for the socket
+    streaming: null, // {node, body, text} of the answer being streamed
+    pendingQuestion: null, // the question being answered (re-sent after chat.busy)
+    busyTimer: null,
+  };
+
+  function loadConversation() {
+    try {
+      const saved = JSON.parse(localStorage.getItem(STORAGE_KEY) || "null");
+      if (saved && typeof saved.id === "string" && typeof saved.token === "string") return saved;
+    } catch (error) { /* storage blocked or corrupt: start fresh */ }
+    return null;
+  }
+
+  function saveConversation(conversation) {
+    state.conversation = conversation;
+    try {
+      if (conversation) localStorage.setItem(STORAGE_KEY, JSON.stringify(conversation));
+      else localStorage.removeItem(STORAGE_KEY);
+    } catch (error) { /* private mode: the conversation lasts for this page only */ }
+  }
+
+  // --- DOM -----------------------------------------------------------------------------------------
+
+  const host = document.createElement("supportbot-widget");
+  host.style.setProperty("all", "initial", "important");
+  host.style.setProperty("display", "block", "important");
+  const shadow = host.attachShadow({ mode: "open" });
+
+  const launcherDot = el("span", { class: "dot", hidden: true });
+  const launcher = el("button", {
+    class: "launcher", type: "button", "aria-label": `Open ${TITLE} chat`, "aria-expanded": "false",
+    "aria-controls": "supportbot-panel", onclick: () => togglePanel(),
+  }, [svgIcon(ICON_CHAT), launcherDot]);
+
+  const humanButton = el("button", { class: "human", type: "button", text: "Talk to a human", onclick: () => requestHuman() });
+  const closeButton = el("button", { class: "icon", type: "button", "aria-label": "Close chat", onclick: () => togglePanel(false) }, [svgIcon(ICON_CLOSE)]);
+  const statusLine = el("div", { class: "status", role: "status", "aria-live": "polite", hidden: true });
+  const messages = el("div", { class: "messages", role: "log", "aria-live": "polite", "aria-label": "Conversation" });
+  const input = el("textarea", {
+    id: "supportbot-input", rows: "1", maxlength: String(MAX_CHARS), placeholder: "Ask a question…",
+    "aria-label": "Your question", autocomplete: "off",
+  });
+  const sendButton = el("button", { class: "send", type: "submit", text: "Send" });
+  const form = el("form", { onsubmit: (event) => { event.preventDefault(); sendQuestion(); } }, [input, sendButton]);
+
+  const passageTitle = el("h3", { id: "supportbot-passage-title" });
+  const passageBody = el("div", { class: "passage-body", tabindex: "0" });
+  const passageBack = el("button", { class: "back", type: "button", text: "Back to chat", onclick: () => closePassage() });
+  const passage = el("section", {
+    class: "passage", role: "region", "aria-labelledby": "supportbot-passage-title", hidden: true,
+  }, [el("div", { class: "passage-head" }, [passageTitle, passageBack]), passageBody]);
+
+  const panel = el("section", {
+    class: "panel", id: "supportbot-panel", role: "dialog", "aria-label": `${TITLE} chat`, hidden: true,
+  }, [
+    el("header", {}, [el("h2", { text: TITLE }), humanButton, closeButton]),
+    statusLine, messages, passage, form,
+  ]);
+
+  shadow.append(el("style", { text: STYLE }), el("div", { class: "root" }, [panel, launcher]));
+
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      sendQuestion();
+    }
+  });
+  input.addEventListener("input", () => {
+    input.style.height = "auto";
+    input.style.height = `${Math.min(input.scrollHeight, 120)}px`;
+  });
+  panel.addEventListener("keydown", (event) => {
+    if (event.key !== "Escape") return;
+    event.stopPropagation();
+    if (!passage.hidden) closePassage();
+    else togglePanel(false);
+  });
+
+  function togglePanel(open = panel.hidden) {
+    panel.hidden = !open;
+    launcher.setAttribute("aria-expanded", String(open));
+    launcher.setAttribute("aria-label", open ? `Close ${TITLE} chat` : `Open ${TITLE} chat`);
+    if (open) {
+      launcherDot.hidden = true;
+      input.focus();
+      scrollToEnd();
+    } else {
+      launcher.focus();
+    }
+  }
+
+  function setStatus(text) {
+    statusLine.textContent = text || "";
+    statusLine.hidden = !text;
+  }
+
+  function scrollToEnd() {
+    messages.scrollTop = messages.scrollHeight;
+  }
+
+  function notifyUnread() {
+    if (panel.hidden) launcherDot.hidden = false;
+  }
+
+  function addNote(text, { error = false } = {}) {
+    const note = el("div", { class: error ? "note error" : "note", role: error ? "alert" : null, text });
+    messages.append(note);
+    scrollToEnd();
+    return note;
+  }
+
+  const ROLE_LABELS = { user: "You", assistant: "Assistant", agent: "Support agent" };
+
+  function addMessage(role, text) {
+    const body = el("span", { class: "body", text });
+    const node = el("div", { class: `msg ${role}`, "data-role": role }, [
+      el("span", { class: "who", text: ROLE_LABELS[role] || role }), body,
+    ]);
+    messages.append(node);
+    scrollToEnd();
+    return { node, body };
+  }
+
+  /** Fill ``body`` with ``text``, turning each [n] that names a citation into a button. */
+  function renderAnswer(node, body, text, citations, abstained) {
+    const byNumber = new Map((citations || []).map((c) => [Number(c.n), c]));
+    body.textContent = "";
+    const marker = /\[(\d+)\]/g;
+    let last = 0;
+    for (const match of text.matchAll(marker)) {
+      const citation = byNumber.get(Number(match[1]));
+      if (!citation) continue;
+      body.append(document.createTextNode(text.slice(last, match.index)));
+      body.append(citeButton(citation, `[${citation.n}]`, "cite"));
+      last = match.index + match[0].length;
+    }
+    body.append(document.createTextNode(text.slice(last)));
+    node.querySelector(".sources")?.remove();
+    node.querySelector(".inline-human")?.remove();
+    if (byNumber.size) {
+      const list = el("div", { class: "sources", "aria-label": "Sources" });
+      for (const citation of [...byNumber.values()].sort((a, b) => a.n - b.n)) {
+        list.append(citeButton(citation, `[${citation.n}] ${citation.source_title || citation.title || "Source"}`, "source"));
+      }
+      node.append(list);
+    }
+    if (abstained && state.status === "bot") {
+      node.append(el("button", { class: "inline-human", type: "button", text: "Talk to a human", onclick: () => requestHuman() }));
+    }
+  }
+
+  function citeButton(citation, label, className) {
+    const title = citation.source_title || citation.title || "Source";
+    return el("button", {
+      class: className, type: "button", text: label, "data-chunk-id": String(citation.chunk_id),
+      "aria-label": `Source ${citation.n}: ${title}`, title,
+      onclick: () => openPassage(citation),
+    });
+  }
+
+  // --- cited passages ------------------------------------------------------------------------------
+
+  let passageOpener = null;
+
+  async function openPassage(citation) {
+    passageOpener = shadow.activeElement;
+    passageTitle.textContent = citation.source_title || citation.title || "Source";
+    passageBody.textContent = "Loading the passage…";
+    passage.hidden = false;
+    passageBack.focus();
+    const { id, token } = state.conversation || {};
+    try {
+      const response = await fetch(`${SERVER}/api/conversations/${encodeURIComponent(id)}/passages/${encodeURIComponent(citation.chunk_id)}/`, {
+        headers: { "X-Conversation-Token": token }, cache: "no-store",
+      });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      const data = await response.json();
+      passageTitle.textContent = data.title || "Source";
+      passageBody.textContent = "";
+      if (data.before) passageBody.append(document.createTextNode(`…${data.before}`));
+      passageBody.append(el("mark", { text: data.passage || "" }));
+      if (data.after) passageBody.append(document.createTextNode(`${data.after}…`));
+      const mark = passageBody.querySelector("mark");
+      passageBody.scrollTop = Math.max(0, mark.offsetTop - passageBody.offsetTop - 40);
+    } catch (error) {
+      passageBody.textContent = "This passage is no longer available.";
+    }
+  }
+
+  function closePassage() {
+    passage.hidden = true;
+    (passageOpener && passageOpener.isConnected ? passageOpener : input).focus();
+  }
+
+  // --- conversation over HTTP ----------------------------------------------------------------------
+
+  async function api(path, { method = "GET", body } = {}) {
+    const headers = body === undefined ? {} : { "Content-Type": "application/json" };
+    if (state.conversation) headers["X-Conversation-Token"] = state.conversation.token;
+    const response = await fetch(`${SERVER}/api/${path}`, {
+      method, headers, body: body === undefined ? undefined : JSON.stringify(body), cache: "no-store",
+    });
+    const data = await response.json().catch(() => ({}));
+    return { ok: response.ok, status: response.status, data };
+  }
+
+  async function ensureConversation() {
+    if (state.conversation) return state.conversation;
+    const { ok, data } = await api("conversations/", { method: "POST", body: { collection: COLLECTION } });
+    if (!ok) throw new Error(data.error || "could not start a conversation");
+    saveConversation({ id: data.id, token: data.token });
+    connect();
+    return state.conversation;
+  }
+
+  /** Re-render the log from the stored transcript. Returns false if the conversation is gone. */
+  async function loadTranscript() {
+    const { id } = state.conversation;
+    const { ok, status, data } = await api(`conversations/${encodeURIComponent(id)}/messages/`);
+    if (status === 403 || status === 404) {
+      forgetConversation();
+      return false;
+    }
+    if (!ok) throw new Error(data.error || `HTTP ${status}`);
+    messages.textContent = "";
+    state.streaming = null;
+    state.pendingQuestion = null; // answered and stored, or lost with the connection: either way, done
+    clearTimeout(state.busyTimer);
+    applyStatus(data.status, { quiet: true });
+    if (!data.messages.length) greet();
+    for (const message of data.messages) {
+      const { node, body } = addMessage(message.role, message.text);
+      if (message.role === "assistant") renderAnswer(node, body, message.text, message.citations, message.abstained);
+    }
+    updateSendButton();
+    return true;
+  }
+
+  function forgetConversation() {
+    closeSocket();
+    saveConversation(null);
+    messages.textContent = "";
+    state.streaming = null;
+    applyStatus("bot", { quiet: true });
+    greet();
+  }
+
+  function greet() {
+    addNote("Hi! Ask a question about our products, orders or policies. Answers cite their sources.");
+  }
+
+  // --- websocket -----------------------------------------------------------------------------------
+
+  function connect() {
+    if (!state.conversation || state.socket) return;
+    clearTimeout(state.reconnectTimer);
+    const { id, token } = state.conversation;
+    const url = `${SERVER.replace(/^http/, "ws")}/ws/chat/${encodeURIComponent(id)}/?token=${encodeURIComponent(token)}`;
+    const socket = new WebSocket(url);
+    state.socket = socket;
+    socket.addEventListener("open", () => {
+      state.socketOpen = true;
+      state.reconnectDelay = 1000;
+      setStatus(statusText());
+      updateSendButton();
+      while (state.outbox.length && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(state.outbox.shift()));
+    });
+    socket.addEventListener("message", (event) => {
+      let frame;
+      try { frame = JSON.parse(event.data); } catch (error) { return; }
+      if (frame && typeof frame.type === "string") handleFrame(frame);
+    });
+    socket.addEventListener("close", () => {
+      if (state.socket !== socket) return; // closed on purpose
+      const wasOpen = state.socketOpen;
+      state.socket = null;
+      state.socketOpen = false;
+      updateSendButton();
+      if (state.streaming) finishStreaming();
+      scheduleReconnect(wasOpen);
+    });
+  }
+
+  function closeSocket() {
+    clearTimeout(state.reconnectTimer);
+    const socket = state.socket;
+    state.socket = null;
+    state.socketOpen = false;
+    if (socket) socket.close();
+  }
+
+  function scheduleReconnect(wasOpen) {
+    setStatus("Connection lost, reconnecting…");
+    const delay = wasOpen ? 500 : state.reconnectDelay;
+    state.reconnectDelay = Math.min(state.reconnectDelay * 2, RECONNECT_MAX_MS);
+    state.reconnectTimer = setTimeout(async () => {
+      // Catch up on what was said while disconnected; a refused token means the conversation is gone.
+      try {
+        if (!(await loadTranscript())) return;
+      } catch (error) {
+        scheduleReconnect(false); // the server is unreachable: back off and try again
+        return;
+      }
+      connect();
+    }, delay);
+  }
+
+  function send(frame) {
+    if (state.socket && state.socketOpen) state.socket.send(JSON.stringify(frame));
+    else {
+      state.outbox.push(frame);
+      connect();
+    }
+  }
+
+  // --- frames from the server ----------------------------------------------------------------------
+
+  function handleFrame(frame) {
+    switch (frame.type) {
+      case "chat.token": {
+        if (!state.streaming) state.streaming = startStreaming();
+        state.streaming.text += frame.text || "";
+        state.streaming.body.textContent = state.streaming.text;
+        scrollToEnd();
+        break;
+      }
+      case "chat.citations":
+        if (!state.streaming) state.streaming = startStreaming();
+        state.streaming.citations = Array.isArray(frame.citations) ? frame.citations : [];
+        break;
+      case "chat.done": {
+        const current = state.streaming || startStreaming();
+        if (typeof frame.text === "string" && frame.text) current.text = frame.text;
+        renderAnswer(current.node, current.body, current.text, current.citations, frame.abstained);
+        state.pendingQuestion = null;
+        finishStreaming();
+        setStatus(statusText());
+        notifyUnread();
+        break;
+      }
+      case "chat.busy": {
+        dropEmptyStreaming();
+        const seconds = Math.max(1, Number(frame.retry_after_s) || 2);
+        setStatus(`The assistant is busy, retrying in ${Math.ceil(seconds)} s…`);
+        clearTimeout(state.busyTimer);
+        const question = state.pendingQuestion;
+        state.busyTimer = setTimeout(() => {
+          if (question) {
+            state.streaming = startStreaming();
+            send({ type: "chat.message", text: question });
+          }
+        }, seconds * 1000);
+        break;
+      }
+      case "chat.error":
+        if (frame.code !== "answer_in_progress") {
+          state.pendingQuestion = null;
+          dropEmptyStreaming();
+          humanButton.disabled = state.status === "needs_human" || state.status === "agent";
+        }
+        addNote(frame.message || "Something went wrong.", { error: true });
+        break;
+      case "chat.agent_active":
+        state.pendingQuestion = null;
+        dropEmptyStreaming();
+        applyStatus("agent", { quiet: true });
+        setStatus("A support agent will answer here.");
+        break;
+      case "chat.agent_message":
+        addMessage("agent", String(frame.text || ""));
+        notifyUnread();
+        break;
+      case "chat.status":
+        applyStatus(frame.status);
+        break;
+      default:
+        break;
+    }
+  }
+
+  function startStreaming() {
+    const { node, body } = addMessage("assistant", "");
+    node.setAttribute("aria-busy", "true");
+    sendButton.disabled = true;
+    return { node, body, text: "", citations: [] };
+  }
+
+  function finishStreaming() {
+    if (state.streaming) state.streaming.node.removeAttribute("aria-busy");
+    state.streaming = null;
+    updateSendButton();
+  }
+
+  function dropEmptyStreaming() {
+    if (state.streaming && !state.streaming.text) state.streaming.node.remove();
+    finishStreaming();
+  }
+
+  function updateSendButton() {
+    sendButton.disabled = Boolean(state.streaming || state.pendingQuestion);
+  }
+
+  const STATUS_TEXT = {
+    needs_human: "We've asked a person to join. They will reply here.",
+    agent: "A support agent is in this conversation.",
+    resolved: "This conversation is marked resolved. Ask again to reopen it.",
+  };
+
+  function statusText() {
+    return STATUS_TEXT[state.status] || "";
+  }
+
+  function applyStatus(status, { quiet = false } = {}) {
+    if (!status) return;
+    const changed = status !== state.status;
+    state.status = status;
+    humanButton.disabled = status === "needs_human" || status === "agent";
+    humanButton.textContent = humanButton.disabled ? "Human requested" : "Talk to a human";
+    if (status !== "bot") for (const button of messages.querySelectorAll(".inline-human")) button.remove();
+    setStatus(statusText());
+    if (changed && !quiet && STATUS_TEXT[status]) addNote(STATUS_TEXT[status]);
+  }
+
+  // --- user actions --------------------------------------------------------------------------------
+
+  async function sendQuestion() {
+    const text = input.value.trim();
+    if (!text || state.streaming || state.pendingQuestion) return;
+    if (text.length > MAX_CHARS) {
+      addNote(`Please keep messages under ${MAX_CHARS} characters.`, { error: true });
+      return;
+    }
+    input.value = "";
+    input.style.height = "auto";
+    addMessage("user", text);
+    state.streaming = startStreaming();
+    state.pendingQuestion = text;
+    try {
+      await ensureConversation();
+    } catch (error) {
+      state.pendingQuestion = null;
+      dropEmptyStreaming();
+      addNote("Sorry, the chat is unavailable right now. Please try again later.", { error: true });
+      return;
+    }
+    send({ type: "chat.message", text });
+  }
+
+  async function requestHuman() {
+    humanButton.disabled = true;
+    try {
+      await ensureConversation();
+      if (state.socketOpen) {
+        send({ type: "chat.handoff" });
+        return;
+      }
+      const { ok, data } = await api(`conversations/${encodeURIComponent(state.conversation.id)}/handoff/`, { method: "POST" });
+      if (!ok) throw new Error(data.error || "handoff failed");
+      applyStatus(data.status);
+    } catch (error) {
+      humanButton.disabled = false;
+      addNote("Sorry, we could not reach a person right now. Please try again.", { error: true });
+    }
+  }
+
+  // --- start ---------------------------------------------------------------------------------------
+
+  async function start() {
+    document.body.append(host);
+    if (!state.conversation) {
+      greet();
+      return;
+    }
+    try {
+      if (await loadTranscript()) connect();
+    } catch (error) {
+      greet();
+      scheduleReconnect(false);
+    }
+  }
+
+  if (document.body) start();
+  else document.addEventListener("DOMContentLoaded", start, { once: true });
+})();
