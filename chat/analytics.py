@@ -1,0 +1,168 @@
+"""Analytics reads for the dashboard: volumes, outcomes, feedback, time to first token, and the
+content gaps (the questions the knowledge base could not answer, grouped by similarity).
+
+Content-gap grouping is greedy leader clustering on the real sentence embeddings
+(``knowledge.embedding.get_embedding_model``, unit vectors, so a dot product is the cosine
+similarity): each question joins the first group whose leader is at least ``GAP_SIMILARITY`` similar,
+else it starts a group. Simple, order-dependent, and good enough for "what to write next".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+from django.db import connection
+from django.db.models import Count, Exists, OuterRef, Q
+from django.db.models.functions import TruncDate
+from django.utils import timezone
+
+from chat.models import AnswerFeedback, Conversation, Message
+
+GAP_SIMILARITY = 0.7
+GAP_MAX_QUESTIONS = 500
+
+
+@dataclass
+class QuestionGroup:
+    """Similar unanswered questions: ``leader`` the first one seen, ``questions`` all of them (with
+    repeats), ``count`` how many."""
+
+    leader: str
+    questions: list[str]
+
+    @property
+    def count(self) -> int:
+        return len(self.questions)
+
+    @property
+    def examples(self) -> list[str]:
+        """Up to 5 distinct questions of the group."""
+        return list(dict.fromkeys(self.questions))[:5]
+
+
+def conversations_per_day(*, days: int = 30) -> list[tuple]:
+    """``[(date, count)]`` for each of the last ``days`` days (oldest first, zero-filled), by
+    conversation start in the current time zone."""
+    today = timezone.localdate()
+    start = today - timedelta(days=days - 1)
+    counts = dict(
+        Conversation.objects.filter(created_at__date__gte=start)
+        .annotate(day=TruncDate("created_at")).values("day").annotate(n=Count("id")).values_list("day", "n")
+    )
+    return [(start + timedelta(days=i), counts.get(start + timedelta(days=i), 0)) for i in range(days)]
+
+
+def answer_outcomes() -> dict:
+    """``{"answered": int, "abstained": int, "handed_off": int, "resolved_without_agent": int,
+    "conversations": int}``: assistant answers given and declined; conversations handed to a human
+    (status ``needs_human``/``agent`` now, or any agent or handoff system message); resolved
+    conversations in which no agent wrote and no handoff happened."""
+    answers = Message.objects.filter(role=Message.Role.ASSISTANT)
+    human = Message.objects.filter(conversation=OuterRef("pk")).filter(
+        Q(role=Message.Role.AGENT) | Q(role=Message.Role.SYSTEM)
+    )
+    handed_off = Conversation.objects.filter(
+        Q(status__in=[Conversation.Status.NEEDS_HUMAN, Conversation.Status.AGENT]) | Exists(human)
+    )
+    return {
+        "answered": answers.filter(abstained=False).count(),
+        "abstained": answers.filter(abstained=True).count(),
+        "handed_off": handed_off.count(),
+        "resolved_without_agent": Conversation.objects.filter(status=Conversation.Status.RESOLVED)
+        .exclude(Exists(Message.objects.filter(conversation=OuterRef("pk"), role=Message.Role.AGENT)))
+        .exclude(Exists(Message.objects.filter(conversation=OuterRef("pk"), role=Message.Role.SYSTEM,
+                                               text__contains="asked to talk to a person")))
+        .count(),
+        "conversations": Conversation.objects.count(),
+    }
+
+
+def feedback_summary() -> dict:
+    """``{"up": int, "down": int, "thumbs_down_rate": float | None}`` (rate = down / (up + down))."""
+    counts = dict(AnswerFeedback.objects.values("value").annotate(n=Count("id")).values_list("value", "n"))
+    up, down = counts.get("up", 0), counts.get("down", 0)
+    return {"up": up, "down": down, "thumbs_down_rate": down / (up + down) if up + down else None}
+
+
+def ttft_percentiles() -> dict:
+    """``{"p50_ms": float | None, "p95_ms": float | None, "n": int}``: time to first token of the
+    model's answers (abstentions excluded), continuous percentiles computed by Postgres."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY (timings->>'ttft_ms')::float), "
+            "percentile_cont(0.95) WITHIN GROUP (ORDER BY (timings->>'ttft_ms')::float), count(*) "
+            "FROM chat_message WHERE role = 'assistant' AND NOT abstained AND timings ? 'ttft_ms'"
+        )
+        p50, p95, n = cursor.fetchone()
+    return {"p50_ms": p50, "p95_ms": p95, "n": n}
+
+
+def unanswered_questions(*, limit: int = GAP_MAX_QUESTIONS) -> list[str]:
+    """The customer questions the bot abstained on, newest first (at most ``limit``): for each
+    abstained answer, the latest user message before it."""
+    questions = []
+    abstentions = Message.objects.filter(role=Message.Role.ASSISTANT, abstained=True).order_by("-created_at")[:limit]
+    for answer in abstentions:
+        question = (
+            Message.objects.filter(conversation_id=answer.conversation_id, role=Message.Role.USER,
+                                   created_at__lte=answer.created_at)
+            .order_by("-created_at", "-id").values_list("text", flat=True).first()
+        )
+        if question:
+            questions.append(question)
+    return questions
+
+
+def group_questions(questions: list[str], embeddings: np.ndarray, *, threshold: float = GAP_SIMILARITY) -> list[QuestionGroup]:
+    """Greedy leader clustering: ``embeddings`` (shape ``(len(questions), dim)``, unit rows) row ``i``
+    belongs to ``questions[i]``; a question joins the first group whose leader's cosine similarity
+    is at least ``threshold``. Groups largest first (ties: first seen first)."""
+    groups: list[QuestionGroup] = []
+    leaders: list[np.ndarray] = []
+    for question, vector in zip(questions, embeddings):
+        if leaders:
+            similarities = np.stack(leaders) @ vector
+            best = int(np.argmax(similarities))
+            if similarities[best] >= threshold:
+                groups[best].questions.append(question)
+                continue
+        groups.append(QuestionGroup(leader=question, questions=[question]))
+        leaders.append(vector)
+    return sorted(groups, key=lambda g: -g.count)
+
+
+def content_gaps(*, top: int = 10, threshold: float = GAP_SIMILARITY) -> list[QuestionGroup]:
+    """The ``top`` largest groups of unanswered questions (``unanswered_questions`` embedded with the
+    real embedding model, then ``group_questions``)."""
+    questions = unanswered_questions()
+    if not questions:
+        return []
+    from knowledge.embedding import get_embedding_model
+
+    embeddings = np.asarray(get_embedding_model().encode(questions), dtype=np.float32)
+    return group_questions(questions, embeddings, threshold=threshold)[:top]
+
+
+def bar_chart(values: list[tuple[str, float]], *, width: int = 600, height: int = 160) -> dict:
+    """Geometry of a vertical bar chart drawn as inline SVG by the template: ``{"width", "height",
+    "bars": [{"x", "y", "w", "h", "label", "value"}], "max"}`` (SVG user units; labels are escaped by
+    the template)."""
+    peak = max((v for _, v in values), default=0) or 1
+    step = width / max(len(values), 1)
+    bars = []
+    for i, (label, value) in enumerate(values):
+        h = round((height - 20) * value / peak, 1)
+        bars.append({"x": round(i * step + 1, 1), "y": round(height - 20 - h, 1), "w": round(max(step - 2, 1), 1),
+                     "h": h, "label": label, "value": value})
+    return {"width": width, "height": height, "bars": bars, "max": peak}
+
+
+def hbar_chart(values: list[tuple[str, float]], *, width: int = 600, row: int = 26) -> dict:
+    """Geometry of a horizontal bar chart: ``{"width", "height", "bars": [{"y", "w", "label",
+    "value"}]}``, bars starting at x = 180."""
+    peak = max((v for _, v in values), default=0) or 1
+    bars = [{"y": i * row, "w": round((width - 240) * value / peak, 1), "label": label, "value": value}
+            for i, (label, value) in enumerate(values)]
+    return {"width": width, "height": row * len(values), "bars": bars}

@@ -1,0 +1,211 @@
+"""Training-data writes: corrections of assistant answers, their review, the stale check, and the
+JSONL export of approved corrections.
+
+Flow: an agent writes a correction on an answer (``correction_create``, which snapshots everything
+the training example needs); a second agent or an admin approves or rejects it
+(``correction_review``); ``corrections_flag_stale`` flags corrections whose sources changed since;
+``training_data_export`` writes approved, non-stale corrections as chat records.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import IO, Iterable
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from chat.models import Message
+from chat.notifications import inbox_notify
+from chat.prompts import grounded_messages
+from knowledge.models import Chunk, Source
+from knowledge.selectors import RetrievedChunk
+from tuning.models import Correction
+
+HISTORY_MAX_TURNS = 10
+HISTORY_ROLES = (Message.Role.USER, Message.Role.ASSISTANT, Message.Role.AGENT)
+
+
+class CorrectionError(ValueError):
+    """An invalid correction or review (nothing is stored)."""
+
+
+def chunk_snapshot(chunk: Chunk) -> dict:
+    """What a correction keeps of ``chunk`` (with ``source`` loaded): ``{"chunk_id", "source_id",
+    "source_title", "heading_path", "start", "end", "text", "content_hash"}``, ``content_hash`` the
+    source's hash now."""
+    return {
+        "chunk_id": chunk.pk, "source_id": chunk.source_id, "source_title": chunk.source.title or chunk.source.uri,
+        "heading_path": list(chunk.heading_path), "start": chunk.start, "end": chunk.end, "text": chunk.text,
+        "content_hash": chunk.source.content_hash,
+    }
+
+
+def _chunks_by_id(ids: Iterable[int]) -> dict[int, Chunk]:
+    return Chunk.objects.select_related("source").defer("embedding", "search_vector", "source__text").in_bulk(list(ids))
+
+
+def correction_create(
+    message_id: int, *, author, corrected_answer: str, reason: str, supporting_chunk_ids: Iterable[int] = ()
+) -> Correction:
+    """Store ``author``'s correction of assistant message ``message_id``.
+
+    Snapshots: the original answer, the customer question it answered (the latest user message
+    before it), up to ``HISTORY_MAX_TURNS`` earlier customer/assistant/agent turns, the chunks the
+    model was shown (the first ``LLM_PROMPT_SOURCES`` of the retrieval trace; none for an
+    abstention) and the supporting chunks the agent picked (any chunk ids: retrieved or found by
+    search), each via ``chunk_snapshot``. A shown chunk that no longer exists (its source was
+    re-ingested) cannot be copied: the correction is then created already ``stale``.
+
+    Raises ``CorrectionError`` (nothing stored) for a message that is not an assistant answer, an
+    empty answer, an unknown reason, or a supporting chunk id that does not exist.
+    """
+    corrected_answer = (corrected_answer or "").strip()
+    if not corrected_answer:
+        raise CorrectionError("write the corrected answer")
+    if reason not in Correction.Reason.values:
+        raise CorrectionError(f"unknown reason {reason!r}")
+    message = Message.objects.filter(pk=message_id, role=Message.Role.ASSISTANT).select_related("conversation").first()
+    if message is None:
+        raise CorrectionError("corrections apply to assistant answers only")
+    supporting_ids = list(dict.fromkeys(int(i) for i in supporting_chunk_ids))
+    earlier = list(
+        message.conversation.messages.filter(role__in=HISTORY_ROLES)
+        .filter(created_at__lte=message.created_at).exclude(pk=message.pk).order_by("created_at", "id")
+    )
+    earlier = [m for m in earlier if (m.created_at, m.pk) < (message.created_at, message.pk)]
+    question_index = max((i for i, m in enumerate(earlier) if m.role == Message.Role.USER), default=None)
+    question = earlier[question_index].text if question_index is not None else ""
+    history_messages = earlier[:question_index] if question_index is not None else earlier
+    history = [{"role": m.role, "text": m.text} for m in history_messages[-HISTORY_MAX_TURNS:]]
+
+    shown_ids = [] if message.abstained else [e["chunk_id"] for e in message.retrieval[: settings.LLM_PROMPT_SOURCES]]
+    chunks = _chunks_by_id([*shown_ids, *supporting_ids])
+    missing_support = [i for i in supporting_ids if i not in chunks]
+    if missing_support:
+        raise CorrectionError(f"unknown chunk ids {missing_support}")
+    missing_shown = [i for i in shown_ids if i not in chunks]
+    correction = Correction.objects.create(
+        message=message, author=author, reason=reason, corrected_answer=corrected_answer,
+        original_answer=message.text, question=question, history=history,
+        shown_chunks=[chunk_snapshot(chunks[i]) for i in shown_ids if i in chunks],
+        supporting_chunks=[chunk_snapshot(chunks[i]) for i in supporting_ids],
+        stale=bool(missing_shown),
+        stale_reason=f"chunks {missing_shown} shown to the model no longer exist" if missing_shown else "",
+    )
+    inbox_notify(message.conversation_id, "correction")
+    return correction
+
+
+def correction_review(correction_id: int, *, reviewer, approve: bool, note: str = "") -> Correction:
+    """Approve (``approve=True``) or reject a pending correction as ``reviewer`` (who must not be its
+    author; the caller checks that ``reviewer`` is an agent or staff).
+
+    Atomic: a conditional update on ``status="pending"``, so two reviewers cannot both decide.
+    Raises ``CorrectionError`` (nothing changes) when the reviewer is the author, the correction is
+    no longer pending, or approving a stale correction. ``Correction.DoesNotExist`` for an unknown id.
+    """
+    correction = Correction.objects.get(pk=correction_id)
+    if correction.author_id == reviewer.pk:
+        raise CorrectionError("a correction is reviewed by someone other than its author")
+    if approve and correction.stale:
+        raise CorrectionError("this correction is stale: its sources changed; write a new one")
+    status = Correction.Status.APPROVED if approve else Correction.Status.REJECTED
+    updated = Correction.objects.filter(pk=correction_id, status=Correction.Status.PENDING).update(
+        status=status, reviewer=reviewer, reviewed_at=timezone.now(), review_note=(note or "").strip()
+    )
+    if not updated:
+        raise CorrectionError("this correction was already reviewed")
+    correction.refresh_from_db()
+    inbox_notify(correction.message.conversation_id, "correction")
+    return correction
+
+
+def correction_stale_reason(correction: Correction, current_hashes: dict[int, str]) -> str:
+    """Why ``correction`` is stale given ``current_hashes`` (``{source_id: content_hash}`` of the
+    sources that exist), or ``""`` when every source of its chunks still has the recorded hash."""
+    reasons = []
+    for snapshot in [*correction.shown_chunks, *correction.supporting_chunks]:
+        source_id = snapshot["source_id"]
+        if source_id not in current_hashes:
+            reasons.append(f"source {source_id} was deleted")
+        elif current_hashes[source_id] != snapshot["content_hash"]:
+            reasons.append(f"source {source_id} changed")
+    return "; ".join(dict.fromkeys(reasons))
+
+
+def corrections_flag_stale(*, source_ids: Iterable[int] | None = None) -> int:
+    """Flag as ``stale`` every non-rejected, not yet stale correction whose chunks come from a source
+    whose ``content_hash`` differs from the recorded one (or that was deleted). ``source_ids``
+    restricts the check to corrections citing those sources (e.g. right after they were ingested).
+    Returns how many corrections were flagged. Safe to run any time, and twice."""
+    candidates = Correction.objects.exclude(status=Correction.Status.REJECTED).filter(stale=False)
+    corrections = list(candidates)
+    wanted = set(source_ids) if source_ids is not None else None
+    if wanted is not None:
+        corrections = [
+            c for c in corrections
+            if wanted & {s["source_id"] for s in [*c.shown_chunks, *c.supporting_chunks]}
+        ]
+    all_ids = {s["source_id"] for c in corrections for s in [*c.shown_chunks, *c.supporting_chunks]}
+    current = dict(Source.objects.filter(pk__in=all_ids).values_list("pk", "content_hash"))
+    flagged = 0
+    for correction in corrections:
+        reason = correction_stale_reason(correction, current)
+        if reason:
+            with transaction.atomic():
+                flagged += Correction.objects.filter(pk=correction.pk, stale=False).update(stale=True, stale_reason=reason)
+    return flagged
+
+
+def _as_retrieved(snapshot: dict) -> RetrievedChunk:
+    return RetrievedChunk(
+        chunk_id=snapshot["chunk_id"], source_id=snapshot["source_id"], source_uri="",
+        source_title=snapshot.get("source_title", ""), collection="", ordinal=0,
+        start=snapshot["start"], end=snapshot["end"], text=snapshot["text"],
+        heading_path=list(snapshot.get("heading_path") or []),
+    )
+
+
+def correction_sources(correction: Correction) -> list[dict]:
+    """The numbered sources of the training prompt: the chunks shown to the model (``[1]..[n]`` as the
+    model saw them, so the original citations keep their numbers), then supporting chunks not among
+    them."""
+    shown = list(correction.shown_chunks)
+    shown_ids = {s["chunk_id"] for s in shown}
+    return shown + [s for s in correction.supporting_chunks if s["chunk_id"] not in shown_ids]
+
+
+def training_record(correction: Correction) -> dict:
+    """One chat record for fine-tuning: ``{"messages": [*history, *serving prompt, corrected assistant
+    answer], "metadata": {...}}``. The serving prompt is exactly what the bot is given
+    (``chat.prompts.grounded_messages``: the numbered ``correction_sources``, ``LLM_SOURCE_MAX_CHARS``
+    per source, the question and the instruction); earlier agent turns appear as ``assistant``."""
+    sources = [_as_retrieved(s) for s in correction_sources(correction)]
+    prompt = grounded_messages(correction.question or correction.original_answer, sources,
+                               max_chars=settings.LLM_SOURCE_MAX_CHARS)
+    history = [
+        {"role": "user" if turn["role"] == "user" else "assistant", "content": turn["text"]}
+        for turn in correction.history
+    ]
+    return {
+        "messages": [*history, *prompt, {"role": "assistant", "content": correction.corrected_answer}],
+        "metadata": {
+            "correction_id": correction.pk, "message_id": correction.message_id, "reason": correction.reason,
+            "source_ids": sorted({s.source_id for s in sources}),
+            "chunk_ids": [s.chunk_id for s in sources],
+        },
+    }
+
+
+def training_data_export(output: IO[str]) -> int:
+    """Write every approved, non-stale correction (oldest first) to ``output`` as JSONL
+    (``training_record``, one per line, UTF-8 text). Runs ``corrections_flag_stale`` first, so a
+    source changed since the correction was approved keeps it out. Returns the number written."""
+    corrections_flag_stale()
+    written = 0
+    for correction in Correction.objects.filter(status=Correction.Status.APPROVED, stale=False).order_by("created_at", "id"):
+        output.write(json.dumps(training_record(correction), ensure_ascii=False) + "\n")
+        written += 1
+    return written

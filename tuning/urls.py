@@ -1,0 +1,13 @@
+"""Correction routes of the dashboard (included under ``/dashboard/corrections/`` by ``config.urls``)."""
+
+from django.urls import path
+
+from tuning import views
+
+app_name = "tuning"
+
+urlpatterns = [
+    path("", views.correction_list, name="correction_list"),
+    path("answers/<int:message_id>/", views.correction_create, name="correction_create"),
+    path("<int:correction_id>/review/", views.correction_review, name="correction_review"),
+]
