@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC2DIAL_DIR = Path(os.environ.get("DOC2DIAL_DIR", ROOT.parent / "shared" / "data" / "doc2dial"))
+# Resolved: sources record resolved paths, so a symlinked ../shared must compare equal to them.
+DOC2DIAL_DIR = Path(os.environ.get("DOC2DIAL_DIR", ROOT.parent / "shared" / "data" / "doc2dial")).resolve()
 
 
 @pytest.fixture(scope="session")
