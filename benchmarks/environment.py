@@ -99,7 +99,7 @@ def header(title: str, lines: list[tuple[str, str]]) -> str:
         ("date", time.strftime("%Y-%m-%d %H:%M:%S %Z")),
         ("machine", f"{platform.node()}, {_cpu_model()}, {os.cpu_count()} logical cores, {_memory_gb()} RAM"),
         ("load average", f"{load_average()} (1/5/15 min, at start; the cores are shared)"),
-        ("python / torch", f"{platform.python_version()} / torch {torch.__version__}, {torch.get_num_threads()} intra-op threads"),
+        ("python / torch", f"{platform.python_version()} / torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)"),
         ("database", f"PostgreSQL {pg_version}, pgvector {row[0] if row else 'missing'}, "
                      f"database {db['NAME']!r} ({where}), shared_buffers {shared_buffers}"),
         ("embedding model", f"{model_id()} on {settings.EMBEDDING_DEVICE}, batch {settings.EMBEDDING_BATCH_SIZE}, "

@@ -34,7 +34,11 @@ class EmbeddingModel:
     """
 
     def __init__(self, name_or_path: str, device: str = "cpu"):
+        import torch
         from sentence_transformers import SentenceTransformer
+
+        if settings.EMBEDDING_THREADS > 0:
+            torch.set_num_threads(settings.EMBEDDING_THREADS)
 
         self.model = SentenceTransformer(name_or_path, device=device)
         self.tokenizer = self.model.tokenizer
