@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 class SourceUnavailable(Exception):
-    """The source's bytes cannot be read (file moved or deleted)."""
+    """The source's bytes cannot or may not be read (file moved, deleted, or over the size limit)."""
 
 
 @dataclass(frozen=True)
@@ -227,12 +227,16 @@ def _read_bytes(source: Source) -> tuple[str, bytes]:
         raise SourceUnavailable("there is no pending file to ingest; upload the file again")
     path = Path(source.uri)
     try:
-        size = path.stat().st_size
-        if size > settings.INGEST_MAX_FILE_BYTES:
-            return path.name, b"\0" * (settings.INGEST_MAX_FILE_BYTES + 1)  # reported below
+        if path.stat().st_size > settings.INGEST_MAX_FILE_BYTES:
+            raise SourceUnavailable(_too_large_reason())  # not read into memory at all
         return path.name, path.read_bytes()
     except OSError as error:
         raise SourceUnavailable(f"cannot read {path} ({error.strerror or error})") from None
+
+
+def _too_large_reason() -> str:
+    limit_mb = settings.INGEST_MAX_FILE_BYTES / (1024 * 1024)
+    return f"the file is larger than the {limit_mb:g} MB limit (INGEST_MAX_FILE_BYTES)"
 
 
 def _set_progress(source_id: int, status: str, progress: int) -> None:
@@ -281,8 +285,7 @@ def document_ingest(source_id: int, *, force: bool = False) -> IngestResult:
     except SourceUnavailable as error:
         return _fail(source_id, str(error))
     if len(data) > settings.INGEST_MAX_FILE_BYTES:
-        limit_mb = settings.INGEST_MAX_FILE_BYTES / (1024 * 1024)
-        return _fail(source_id, f"the file is larger than the {limit_mb:g} MB limit (INGEST_MAX_FILE_BYTES)")
+        return _fail(source_id, _too_large_reason())
     digest = hashlib.sha256(data).hexdigest()
     current_model = embedding_module.model_id()
     if (
