@@ -1,4 +1,4 @@
-"""Knowledge-base reads: hybrid retrieval (``chunk_search``) and source listings.
+"""Knowledge-base reads: hybrid retrieval (``chunk_search``) and the retrieval query (``retrieval_query``).
 
 Hybrid retrieval runs two legs in one SQL statement and fuses their rankings with reciprocal rank
 fusion (RRF; Cormack, Clarke & Buettcher, "Reciprocal Rank Fusion outperforms Condorcet and
@@ -21,7 +21,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from knowledge import embedding as embedding_module
-from knowledge.models import Chunk, Source
+from knowledge.models import Chunk
 
 _TERM = re.compile(r"[^\W_]+", re.UNICODE)
 
@@ -190,8 +190,3 @@ def chunk_search(
         )
     return results
 
-
-def source_list(*, collection: str | None = None):
-    """Sources (optionally of one ``collection``), ordered by collection and URI."""
-    sources = Source.objects.defer("text")
-    return sources.filter(collection=collection) if collection else sources

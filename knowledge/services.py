@@ -23,7 +23,7 @@ from django.utils import timezone
 from knowledge import embedding as embedding_module
 from knowledge.chunking import chunk_document
 from knowledge.models import DEFAULT_COLLECTION, Chunk, Product, Source
-from knowledge.parsers import SUPPORTED_EXTENSIONS, ParseError, parse_file
+from knowledge.parsers import ParseError, parse_file
 
 logger = logging.getLogger(__name__)
 

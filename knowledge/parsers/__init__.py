@@ -7,6 +7,7 @@ support admin can act on; they never return an empty document.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Callable
@@ -90,23 +91,17 @@ def decode_text(data: bytes) -> str:
         ) from None
 
 
-def _parsers() -> dict[str, Callable[[bytes, str], ParsedDocument]]:
-    from knowledge.parsers import csv_faq, docx, html, markdown, pdf, text
-
-    return {
-        ".txt": text.parse,
-        ".text": text.parse,
-        ".md": markdown.parse,
-        ".markdown": markdown.parse,
-        ".html": html.parse,
-        ".htm": html.parse,
-        ".pdf": pdf.parse,
-        ".docx": docx.parse,
-        ".csv": csv_faq.parse,
-    }
+# File extension -> parser module of this package (imported on first use).
+_PARSER_MODULES = {
+    ".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown",
+    ".html": "html", ".htm": "html", ".pdf": "pdf", ".docx": "docx", ".csv": "csv_faq",
+}
+SUPPORTED_EXTENSIONS = tuple(_PARSER_MODULES)
 
 
-SUPPORTED_EXTENSIONS = (".txt", ".text", ".md", ".markdown", ".html", ".htm", ".pdf", ".docx", ".csv")
+def _parser_for(suffix: str) -> Callable[[bytes, str], ParsedDocument] | None:
+    module = _PARSER_MODULES.get(suffix)
+    return importlib.import_module(f"knowledge.parsers.{module}").parse if module else None
 
 
 def parse_file(filename: str, data: bytes) -> ParsedDocument:
@@ -116,7 +111,7 @@ def parse_file(filename: str, data: bytes) -> ParsedDocument:
     read (corrupt PDF/DOCX, non-UTF-8 text, CSV without question/answer columns, no text at all).
     """
     suffix = PurePath(filename).suffix.lower()
-    parser = _parsers().get(suffix)
+    parser = _parser_for(suffix)
     if parser is None:
         shown = suffix or "(no extension)"
         raise ParseError(
