@@ -7,11 +7,11 @@ Frames in (JSON text):
 - ``{"type": "chat.handoff"}``: ask for a human (``chat.services.conversation_request_human``).
 
 Frames out: ``{"type": event.type, **event.data}`` for each answer event (``chat.token``,
-``chat.citations``, ``chat.done``, ``chat.busy``, ``chat.error``); ``chat.status`` ``{"status"}`` after a
-handoff; and whatever the conversation's channel-layer group (``conversation.<id>``) relays:
-``chat.agent_message`` and ``chat.status``. A bad frame (not JSON, not an object, unknown type,
-empty or too long text, a question while an answer is streaming) gets ``chat.error`` ``{"message",
-"code"}`` and the socket stays open.
+``chat.citations``, ``chat.done``, ``chat.busy``, ``chat.error``); and whatever the conversation's
+channel-layer group (``conversation.<id>``) relays: ``chat.agent_message`` and ``chat.status``
+``{"status", "message"}`` (after a handoff asked from any tab, a takeover, a hand-back or a
+resolve). A bad frame (not JSON, not an object, unknown type, empty or too long text, a question
+while an answer is streaming) gets ``chat.error`` ``{"message", "code"}`` and the socket stays open.
 
 The consumer is a thin interface: it authenticates in ``connect()`` (the token must match the
 conversation, else the handshake is closed with code 4403) and accepts last; the database is reached
@@ -56,8 +56,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     group_name: str | None = None
     answer_task: asyncio.Task | None = None
     answer_cancel: threading.Event | None = None
-    # True from a question until its answer stream ends (the task may do a little more afterwards,
-    # e.g. notify the agents, without holding up the customer's next question).
+    # True from a question until its answer stream ends.
     answering: bool = False
 
     async def connect(self) -> None:
@@ -158,9 +157,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self.answering = False
 
     async def on_handoff(self) -> None:
-        """Ask for a human; the socket gets ``chat.status`` with the conversation's new status."""
+        """Ask for a human (``services.conversation_request_human``). The service publishes
+        ``chat.status`` to the conversation's group, which relays it to this socket and to every other
+        open tab of the conversation; without a channel layer the socket is answered directly."""
         self.conversation = await database_sync_to_async(services.conversation_request_human)(self.conversation)
-        await self.send_json({"type": "chat.status", "status": self.conversation.status})
+        if self.group_name is None:
+            await self.send_json({"type": "chat.status", "status": self.conversation.status})
 
     async def send_error(self, message: str, code: str) -> None:
         """Send ``{"type": "chat.error", "message": message, "code": code}``."""

@@ -11,9 +11,10 @@ Two audiences:
   ``{"status", "message"}``, which the consumer relays to the widget as they are.
 
 Synchronous callers (services) send after their transaction commits (``transaction.on_commit``), so
-a listener that re-reads the database sees the change. Where chat's own services should call
-``inbox_notify`` (new conversation, new customer message, handoff) is listed in the dashboard report;
-until then ``chat.inbox_relay`` does it for the customer's websocket.
+a listener that re-reads the database sees the change. The services that change a conversation call
+these themselves: ``chat.services`` (new conversation, customer message, answer, handoff),
+``chat.agent_services`` (takeover, agent message, hand-back, resolve, reviewed), ``chat.feedback``
+and ``tuning.services`` (corrections); so every interface (websocket, HTTP, admin, shell) notifies.
 """
 
 from __future__ import annotations

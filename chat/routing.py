@@ -4,16 +4,13 @@ The customer's socket is opened from the widget on the company's pages, so its r
 ``Origin`` against ``WIDGET_ALLOWED_ORIGINS`` plus the site's own hosts (``chat.origins``), not only
 against this site's hosts. Staff routes (the agent dashboard) use session cookies and must stay
 same-origin: wrap them in Channels' ``AllowedHostsOriginValidator`` instead.
-
-The route serves ``chat.inbox_relay.InboxNotifyingChatConsumer`` (``ChatConsumer`` that also tells the
-agent dashboard about new messages) until ``chat.services`` notifies agents itself.
 """
 
 from django.urls import path
 
-from chat.inbox_relay import InboxNotifyingChatConsumer
+from chat.consumers import ChatConsumer
 from chat.origins import WidgetOriginValidator
 
 websocket_urlpatterns = [
-    path("ws/chat/<uuid:conversation_id>/", WidgetOriginValidator(InboxNotifyingChatConsumer.as_asgi()), name="ws_chat"),
+    path("ws/chat/<uuid:conversation_id>/", WidgetOriginValidator(ChatConsumer.as_asgi()), name="ws_chat"),
 ]

@@ -45,6 +45,7 @@ from django.db import IntegrityError, close_old_connections, connection, transac
 from chat import engine as engine_module
 from chat.citations import CitationFilter, attribute, count_markers, parse_citations
 from chat.models import Conversation, Message, ModelVersion
+from chat.notifications import customer_notify, inbox_notify
 from chat.prompts import grounded_messages, source_excerpt
 from chat.selectors import conversation_get, conversation_history
 from knowledge.selectors import RetrievedChunk, chunk_search, retrieval_query
@@ -56,6 +57,8 @@ ABSTAIN_MESSAGE = (
     "Would you like me to connect you with a person?"
 )
 HANDOFF_MESSAGE = "The customer asked to talk to a person."
+# What the customer's widget tabs are told (``chat.status`` ``message``) after a handoff request.
+CUSTOMER_HANDOFF_MESSAGE = "We've asked a person to join the conversation."
 BUSY_MESSAGE = "Our assistant is busy right now; retrying in a moment."
 AGENT_ACTIVE_MESSAGE = "A support agent is handling this conversation."
 MAX_QUESTION_CHARS = 2000
@@ -77,8 +80,13 @@ class AnswerEvent:
 
 def conversation_start(*, collection: str = "default", origin: str = "") -> Conversation:
     """Create a conversation (status ``bot``) with a fresh secret token; ``collection`` is the
-    knowledge-base collection its answers are retrieved from, ``origin`` the embedding site."""
-    return Conversation.objects.create(collection=collection or "default", origin=origin[:300])
+    knowledge-base collection its answers are retrieved from, ``origin`` the embedding site.
+
+    Side effect: once committed, every agent dashboard is told (``inbox.changed``, kind
+    ``conversation``), so the new conversation appears in the live inbox."""
+    conversation = Conversation.objects.create(collection=collection or "default", origin=origin[:300])
+    inbox_notify(conversation.pk, "conversation")
+    return conversation
 
 
 def conversation_request_human(conversation: Conversation) -> Conversation:
@@ -86,14 +94,22 @@ def conversation_request_human(conversation: Conversation) -> Conversation:
 
     Idempotent: a conversation already ``needs_human`` or ``agent`` is returned unchanged (no second
     system message). A ``resolved`` conversation is reopened as ``needs_human``.
+
+    Side effects, after commit: the conversation's channel-layer group (every open widget tab of
+    it, ``conversation.<id>``) receives ``chat.status`` ``{"status", "message"}`` with the status it
+    now has, on every call, so a tab that asks again learns the current status too (``message`` is
+    ``CUSTOMER_HANDOFF_MESSAGE`` or, while an agent holds it, ``AGENT_ACTIVE_MESSAGE``); when the
+    status changed, the agents' dashboards receive ``inbox.changed`` (kind ``status``).
     """
     with transaction.atomic():
         locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
-        if locked.status in (Conversation.Status.NEEDS_HUMAN, Conversation.Status.AGENT):
-            return locked
-        locked.status = Conversation.Status.NEEDS_HUMAN
-        locked.save(update_fields=["status", "updated_at"])
-        Message.objects.create(conversation=locked, role=Message.Role.SYSTEM, text=HANDOFF_MESSAGE)
+        if locked.status not in (Conversation.Status.NEEDS_HUMAN, Conversation.Status.AGENT):
+            locked.status = Conversation.Status.NEEDS_HUMAN
+            locked.save(update_fields=["status", "updated_at"])
+            Message.objects.create(conversation=locked, role=Message.Role.SYSTEM, text=HANDOFF_MESSAGE)
+            inbox_notify(locked.pk, "status")
+        message = AGENT_ACTIVE_MESSAGE if locked.status == Conversation.Status.AGENT else CUSTOMER_HANDOFF_MESSAGE
+        customer_notify(locked.pk, {"type": "chat.status", "status": locked.status, "message": message})
     return locked
 
 
@@ -210,74 +226,95 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
 
-def _abstain(conversation: Conversation, trace: list[dict], retrieval_ms: float, received: float) -> Iterator[AnswerEvent]:
-    """Store and stream the fixed abstention answer (no citations, no model tokens)."""
-    message = Message.objects.create(
-        conversation=conversation, role=Message.Role.ASSISTANT, text=ABSTAIN_MESSAGE, abstained=True,
-        retrieval=trace,
-        timings={"retrieval_ms": retrieval_ms, "ttft_ms": _ms(time.perf_counter() - received),
-                 "generation_ms": 0.0, "tokens": 0, "tokens_per_s": 0.0},
-    )
-    yield AnswerEvent("chat.token", {"text": ABSTAIN_MESSAGE})
-    yield AnswerEvent("chat.citations", {"citations": []})
-    yield AnswerEvent("chat.done", {"message_id": message.pk, "abstained": True, "timings": message.timings,
-                                    "text": ABSTAIN_MESSAGE})
+def _store_message(conversation: Conversation, **fields) -> Message:
+    """Create a message of ``conversation``, mark the conversation as active now (``updated_at``, the
+    inbox's order) and, once committed, tell the agents' dashboards (``inbox.changed``, kind
+    ``message``)."""
+    message = Message.objects.create(conversation=conversation, **fields)
+    Conversation.objects.filter(pk=conversation.pk).update(updated_at=message.created_at)
+    inbox_notify(conversation.pk, "message")
+    return message
 
 
-def answer_stream(
-    conversation_id, question: str, *, cancel: threading.Event | None = None
-) -> Iterator[AnswerEvent]:
-    """Answer ``question`` in conversation ``conversation_id``: a synchronous generator of
-    ``AnswerEvent`` (see the module docstring for the pipeline and the event sequence).
+@dataclass
+class ComposedAnswer:
+    """The outcome of ``answer_compose`` (nothing stored yet).
 
-    Side effects: stores the customer message and the assistant message (or, on ``chat.busy``,
-    nothing). ``cancel`` (set by the caller, e.g. on websocket disconnect) stops generation at the
-    next token; the partial answer is still stored (``timings["cancelled"] = True``) so the transcript
-    shows what was sent. Closing the generator early stops the model too, but stores nothing more.
-    Timings (ms): ``retrieval_ms``; ``ttft_ms`` from receiving the question to the first streamed
-    token (retrieval + queue wait + prompt evaluation); ``generation_ms`` first to last token;
-    ``tokens`` streamed completion tokens; ``tokens_per_s`` decode rate.
+    ``text``: the answer as streamed (invalid markers dropped, attributed markers appended);
+    ``abstained``: declined (weak retrieval, or the model said nothing), ``text`` is then
+    ``ABSTAIN_MESSAGE``; ``citations``: ``[{"n", "chunk_id", "source_id", "source_title", "start",
+    "end", "method"}]``; ``sources``: the prompt's chunks, ``[1]..[n]``; ``trace``: the retrieval
+    trace (every retrieved chunk); ``timings`` (ms, see ``answer_stream``); ``citation_markers``
+    ``{"total", "valid"}`` written by the model; ``version``: the model version that wrote it
+    (``None`` for an abstention before the model); ``cancelled``: stopped by ``cancel``.
     """
-    received = time.perf_counter()
-    cancel = cancel or threading.Event()
-    question = (question or "").strip()
-    if not question:
-        yield AnswerEvent("chat.error", {"message": "Please type a question."})
-        return
-    if len(question) > MAX_QUESTION_CHARS:
-        yield AnswerEvent("chat.error", {"message": f"Please keep questions under {MAX_QUESTION_CHARS} characters."})
-        return
-    try:
-        conversation = conversation_get(conversation_id)
-    except Conversation.DoesNotExist:
-        yield AnswerEvent("chat.error", {"message": "This conversation does not exist."})
-        return
 
-    history = conversation_history(conversation)
-    user_message = Message.objects.create(conversation=conversation, role=Message.Role.USER, text=question)
-    Conversation.objects.filter(pk=conversation.pk).update(updated_at=user_message.created_at)
-    if conversation.status in (Conversation.Status.AGENT, Conversation.Status.RESOLVED):
-        yield AnswerEvent("chat.agent_active", {"message_id": user_message.pk})
-        return
+    text: str
+    abstained: bool
+    citations: list[dict] = field(default_factory=list)
+    sources: list[RetrievedChunk] = field(default_factory=list)
+    trace: list[dict] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    citation_markers: dict = field(default_factory=lambda: {"total": 0, "valid": 0})
+    version: ModelVersion | None = None
+    cancelled: bool = False
 
-    started = time.perf_counter()
-    chunks = chunk_search(retrieval_query(question, history), k=settings.RETRIEVAL_K, collection=conversation.collection)
-    retrieval_ms = _ms(time.perf_counter() - started)
+
+def answer_compose(
+    question: str,
+    *,
+    history: list[dict] = (),
+    collection: str = "default",
+    version: ModelVersion | None = None,
+    engine: engine_module.Engine | None = None,
+    retrieval: bool = True,
+    cancel: threading.Event | None = None,
+    received: float | None = None,
+) -> Iterator[AnswerEvent]:
+    """Steps 2-5 of the pipeline for ``question`` without storing anything: retrieve (from
+    ``collection``, with ``history`` ``[{"role", "text"}]``), abstain or prompt, stream, cite.
+
+    ``version`` defaults to the active one and ``engine`` to the process engine switched to it
+    (``engine_for``); an evaluation passes its own (``tuning.evaluation``). ``retrieval=False``
+    answers from the model alone: no sources, no abstention check, the question as the only user
+    message (the "fine-tune without retrieval" arm of the evaluation). ``received`` is the
+    ``time.perf_counter()`` the question arrived (TTFT is measured from it; default now).
+
+    Yields ``chat.token`` events, then one ``answer.composed`` ``{"answer": ComposedAnswer}``; or,
+    instead of that last one, ``chat.busy`` ``{"retry_after_s", "message"}`` or ``chat.error``
+    ``{"message"}``.
+    """
+    received = time.perf_counter() if received is None else received
+    chunks: list[RetrievedChunk] = []
+    retrieval_ms = 0.0
+    if retrieval:
+        started = time.perf_counter()
+        chunks = chunk_search(retrieval_query(question, list(history)), k=settings.RETRIEVAL_K, collection=collection)
+        retrieval_ms = _ms(time.perf_counter() - started)
     trace = _retrieval_trace(chunks)
 
-    if should_abstain(chunks):
-        yield from _abstain(conversation, trace, retrieval_ms, received)
+    def abstention() -> Iterator[AnswerEvent]:
+        yield AnswerEvent("chat.token", {"text": ABSTAIN_MESSAGE})
+        yield AnswerEvent("answer.composed", {"answer": ComposedAnswer(
+            text=ABSTAIN_MESSAGE, abstained=True, trace=trace,
+            timings={"retrieval_ms": retrieval_ms, "ttft_ms": _ms(time.perf_counter() - received),
+                     "generation_ms": 0.0, "tokens": 0, "tokens_per_s": 0.0},
+        )})
+
+    if retrieval and should_abstain(chunks):
+        yield from abstention()
         return
 
     sources = chunks[: settings.LLM_PROMPT_SOURCES]
+    if retrieval:
+        messages = grounded_messages(question, sources, max_chars=settings.LLM_SOURCE_MAX_CHARS)
+    else:
+        messages = [{"role": "user", "content": question.strip()}]
     try:
-        version = model_version_active()
-        engine = engine_for(version)
-        generation = engine.submit(
-            grounded_messages(question, sources, max_chars=settings.LLM_SOURCE_MAX_CHARS), cancel=cancel
-        )
+        version = version or model_version_active()
+        engine = engine or engine_for(version)
+        generation = engine.submit(messages, cancel=cancel)
     except engine_module.EngineBusy as busy:
-        user_message.delete()  # unanswered: the client sends it again after retry_after_s
         yield AnswerEvent("chat.busy", {"retry_after_s": busy.retry_after_s, "message": BUSY_MESSAGE})
         return
     except (engine_module.EngineError, FileNotFoundError) as error:
@@ -316,12 +353,12 @@ def answer_stream(
         return
     if not answer and stats.finish_reason != "cancelled":
         # The model said nothing (it ended its turn at once): decline rather than store an empty answer.
-        yield from _abstain(conversation, trace, retrieval_ms, received)
+        yield from abstention()
         return
 
     numbers = parse_citations(answer, len(sources))
     method = "model"
-    if not numbers and answer and settings.CITATION_MIN_COVERAGE > 0:
+    if not numbers and answer and sources and settings.CITATION_MIN_COVERAGE > 0:
         # The model cited nothing: cite the sources its sentences were copied from, if any.
         numbers = attribute(
             answer, [f"{c.source_title} {source_excerpt(c, settings.LLM_SOURCE_MAX_CHARS)}" for c in sources],
@@ -332,7 +369,6 @@ def answer_stream(
             tail = " " + "".join(f"[{n}]" for n in numbers)
             answer += tail
             yield AnswerEvent("chat.token", {"text": tail})
-    citations = [{**_citation(n, sources[n - 1]), "method": method} for n in numbers]
     timings = {
         "retrieval_ms": retrieval_ms,
         "ttft_ms": ttft_ms if ttft_ms is not None else _ms(time.perf_counter() - received),
@@ -340,20 +376,80 @@ def answer_stream(
         "tokens": stats.tokens,
         "tokens_per_s": round(stats.tokens_per_s, 1),
     }
-    if stats.finish_reason == "cancelled":
+    cancelled = stats.finish_reason == "cancelled"
+    if cancelled:
         timings["cancelled"] = True
-    message = Message.objects.create(
-        conversation=conversation, role=Message.Role.ASSISTANT, text=answer, citations=citations,
-        retrieval=trace, timings=timings, model_version=version,
+    yield AnswerEvent("answer.composed", {"answer": ComposedAnswer(
+        text=answer, abstained=False, citations=[{**_citation(n, sources[n - 1]), "method": method} for n in numbers],
+        sources=sources, trace=trace, timings=timings, citation_markers=count_markers("".join(raw), len(sources)),
+        version=version, cancelled=cancelled,
+    )})
+
+
+def answer_stream(
+    conversation_id, question: str, *, cancel: threading.Event | None = None
+) -> Iterator[AnswerEvent]:
+    """Answer ``question`` in conversation ``conversation_id``: a synchronous generator of
+    ``AnswerEvent`` (see the module docstring for the pipeline and the event sequence).
+
+    Side effects: stores the customer message and the assistant message (or, on ``chat.busy``,
+    nothing), each bumping the conversation's ``updated_at`` and announced to the agents'
+    dashboards once committed (``inbox.changed``, kind ``message``; ``chat.notifications``). ``cancel`` (set by the caller, e.g. on websocket disconnect) stops generation at the
+    next token; the partial answer is still stored (``timings["cancelled"] = True``) so the transcript
+    shows what was sent. Closing the generator early stops the model too, but stores nothing more.
+    Timings (ms): ``retrieval_ms``; ``ttft_ms`` from receiving the question to the first streamed
+    token (retrieval + queue wait + prompt evaluation); ``generation_ms`` first to last token;
+    ``tokens`` streamed completion tokens; ``tokens_per_s`` decode rate.
+    """
+    received = time.perf_counter()
+    cancel = cancel or threading.Event()
+    question = (question or "").strip()
+    if not question:
+        yield AnswerEvent("chat.error", {"message": "Please type a question."})
+        return
+    if len(question) > MAX_QUESTION_CHARS:
+        yield AnswerEvent("chat.error", {"message": f"Please keep questions under {MAX_QUESTION_CHARS} characters."})
+        return
+    try:
+        conversation = conversation_get(conversation_id)
+    except Conversation.DoesNotExist:
+        yield AnswerEvent("chat.error", {"message": "This conversation does not exist."})
+        return
+
+    history = conversation_history(conversation)
+    user_message = _store_message(conversation, role=Message.Role.USER, text=question)
+    if conversation.status in (Conversation.Status.AGENT, Conversation.Status.RESOLVED):
+        yield AnswerEvent("chat.agent_active", {"message_id": user_message.pk})
+        return
+
+    composed: ComposedAnswer | None = None
+    for event in answer_compose(question, history=history, collection=conversation.collection, cancel=cancel,
+                                received=received):
+        if event.type == "answer.composed":
+            composed = event.data["answer"]
+        elif event.type == "chat.busy":
+            user_message.delete()  # unanswered: the client sends it again after retry_after_s
+            inbox_notify(conversation.pk, "message")
+            yield event
+            return
+        else:
+            yield event
+    if composed is None:  # chat.error was sent
+        return
+    message = _store_message(
+        conversation, role=Message.Role.ASSISTANT, text=composed.text, abstained=composed.abstained,
+        citations=composed.citations, retrieval=composed.trace, timings=composed.timings,
+        model_version=composed.version,
     )
     yield AnswerEvent("chat.citations", {"citations": [
         {**citation, "title": chunk.source_title, "excerpt": chunk.text[:EXCERPT_MAX_CHARS]}
-        for citation, chunk in ((c, sources[c["n"] - 1]) for c in citations)
+        for citation, chunk in ((c, composed.sources[c["n"] - 1]) for c in composed.citations)
     ]})
-    yield AnswerEvent("chat.done", {
-        "message_id": message.pk, "abstained": False, "timings": timings, "text": answer,
-        "citation_markers": count_markers("".join(raw), len(sources)),
-    })
+    done = {"message_id": message.pk, "abstained": composed.abstained, "timings": composed.timings,
+            "text": composed.text}
+    if not composed.abstained:
+        done["citation_markers"] = composed.citation_markers
+    yield AnswerEvent("chat.done", done)
 
 
 async def answer_events(

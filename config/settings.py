@@ -101,12 +101,25 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Periodic tasks. The database scheduler copies these entries into django-celery-beat's tables when
+# beat starts (admin -> Periodic tasks, where they can be edited or disabled).
+CELERY_BEAT_SCHEDULE = {
+    # Corrections citing a source that changed or was deleted since they were written are flagged
+    # stale (kept out of training data until an agent writes a new one), in seconds.
+    "tuning.flag_stale_corrections": {
+        "task": "tuning.flag_stale_corrections",
+        "schedule": env.float("STALE_CORRECTIONS_CHECK_S", default=600.0),
+    },
+}
 
 # --- Auth, i18n, static and uploads ----------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
-LOGIN_URL = "/admin/login/"
+# The dashboard's own login page (the admin's accepts staff only; agents are a group, not staff).
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/dashboard/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = env("TIME_ZONE", default="UTC")
 USE_I18N = True

@@ -3,8 +3,10 @@ JSONL export of approved corrections.
 
 Flow: an agent writes a correction on an answer (``correction_create``, which snapshots everything
 the training example needs); a second agent or an admin approves or rejects it
-(``correction_review``); ``corrections_flag_stale`` flags corrections whose sources changed since;
-``training_data_export`` writes approved, non-stale corrections as chat records.
+(``correction_review``); ``corrections_flag_stale`` flags corrections whose sources changed since
+(every few minutes on Celery beat, ``tuning.tasks.flag_stale_corrections``, and again right before
+each review and each export); ``training_data_export`` writes approved, non-stale corrections as chat
+records.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import json
 from typing import IO, Iterable
 
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
 
 from chat.models import Message
@@ -102,13 +103,20 @@ def correction_review(correction_id: int, *, reviewer, approve: bool, note: str 
     """Approve (``approve=True``) or reject a pending correction as ``reviewer`` (who must not be its
     author; the caller checks that ``reviewer`` is an agent or staff).
 
+    Staleness is checked again first (``corrections_flag_stale`` for this correction): a source
+    that changed since the correction was written, even if the periodic check has not run yet,
+    flags it stale, and a stale correction cannot be approved.
+
     Atomic: a conditional update on ``status="pending"``, so two reviewers cannot both decide.
-    Raises ``CorrectionError`` (nothing changes) when the reviewer is the author, the correction is
-    no longer pending, or approving a stale correction. ``Correction.DoesNotExist`` for an unknown id.
+    Raises ``CorrectionError`` when the reviewer is the author, the correction is no longer pending,
+    or approving a stale correction; its status, reviewer and note are then unchanged (only the
+    stale flag may have been set). ``Correction.DoesNotExist`` for an unknown id.
     """
     correction = Correction.objects.get(pk=correction_id)
     if correction.author_id == reviewer.pk:
         raise CorrectionError("a correction is reviewed by someone other than its author")
+    if corrections_flag_stale(correction_ids=[correction.pk]):
+        correction.refresh_from_db()
     if approve and correction.stale:
         raise CorrectionError("this correction is stale: its sources changed; write a new one")
     status = Correction.Status.APPROVED if approve else Correction.Status.REJECTED
@@ -135,13 +143,21 @@ def correction_stale_reason(correction: Correction, current_hashes: dict[int, st
     return "; ".join(dict.fromkeys(reasons))
 
 
-def corrections_flag_stale(*, source_ids: Iterable[int] | None = None) -> int:
+def corrections_flag_stale(*, source_ids: Iterable[int] | None = None,
+                           correction_ids: Iterable[int] | None = None) -> int:
     """Flag as ``stale`` every non-rejected, not yet stale correction whose chunks come from a source
-    whose ``content_hash`` differs from the recorded one (or that was deleted). ``source_ids``
-    restricts the check to corrections citing those sources (e.g. right after they were ingested).
-    Returns how many corrections were flagged. Safe to run any time, and twice."""
+    whose ``content_hash`` differs from the recorded one (or that was deleted), with the reason in
+    ``stale_reason``. ``source_ids`` restricts the check to corrections citing those sources (e.g.
+    right after they were ingested), ``correction_ids`` to those corrections (e.g. the one being
+    reviewed). Returns how many corrections were flagged. Safe to run any time, twice, and
+    concurrently: each flag is a conditional update on ``stale=False``.
+
+    Called by the periodic task ``tuning.tasks.flag_stale_corrections``, by ``correction_review``
+    before a decision and by ``training_data_export`` before writing."""
     candidates = Correction.objects.exclude(status=Correction.Status.REJECTED).filter(stale=False)
-    corrections = list(candidates)
+    if correction_ids is not None:
+        candidates = candidates.filter(pk__in=list(correction_ids))
+    corrections = list(candidates.only("pk", "shown_chunks", "supporting_chunks"))
     wanted = set(source_ids) if source_ids is not None else None
     if wanted is not None:
         corrections = [
@@ -154,8 +170,7 @@ def corrections_flag_stale(*, source_ids: Iterable[int] | None = None) -> int:
     for correction in corrections:
         reason = correction_stale_reason(correction, current)
         if reason:
-            with transaction.atomic():
-                flagged += Correction.objects.filter(pk=correction.pk, stale=False).update(stale=True, stale_reason=reason)
+            flagged += Correction.objects.filter(pk=correction.pk, stale=False).update(stale=True, stale_reason=reason)
     return flagged
 
 

@@ -44,10 +44,11 @@ def inbox_fragment(request: HttpRequest) -> HttpResponse:
 
 def _detail_context(conversation_id: UUID) -> dict:
     try:
-        conversation, messages, details = agent_selectors.conversation_detail(conversation_id)
+        conversation, transcript, details = agent_selectors.conversation_detail(conversation_id)
     except Conversation.DoesNotExist:
         raise Http404("no such conversation") from None
-    return {"conversation": conversation, "messages": messages, "details": details}
+    # Not "messages": that name is the messages framework's (the flash notes in dashboard/base.html).
+    return {"conversation": conversation, "transcript": transcript, "details": details}
 
 
 @agent_required

@@ -11,6 +11,11 @@
  * websocket (/ws/chat/<id>/?token=...), shows numbered citations that open the cited passage, and
  * keeps the conversation id and token in localStorage so it survives a page reload. Everything that
  * comes from the server or the user is rendered with textContent, never as HTML.
+ *
+ * Feedback: thumbs up/down (then an optional comment) under each answer, and a 1-5 rating of the
+ * conversation ("Rate" in the header, offered by itself when an agent resolves it), sent to
+ * /api/conversations/<id>/messages/<message id>/feedback/ and /api/conversations/<id>/rating/ with
+ * the conversation's token.
  */
 (() => {
   "use strict";
@@ -73,12 +78,14 @@
     .panel { position: absolute; right: 0; bottom: 76px; width: min(380px, calc(100vw - 40px));
       height: min(560px, calc(100vh - 120px)); background: #fff; border-radius: 14px;
       box-shadow: 0 12px 40px rgba(0,0,0,.28); display: flex; flex-direction: column; overflow: hidden; }
-    .panel[hidden], .passage[hidden], .status[hidden], .dot[hidden] { display: none; }
+    .panel[hidden], .passage[hidden], .status[hidden], .dot[hidden], .rate[hidden] { display: none; }
     header { background: #0f5c6e; color: #fff; padding: 12px 14px; display: flex; align-items: center; gap: 8px; }
     header h2 { font-size: 16px; margin: 0; flex: 1; font-weight: 600; }
     .human { background: #fff; color: #0f5c6e; border: none; border-radius: 999px; padding: 5px 12px;
       font-size: 13px; font-weight: 600; }
     .human:disabled { opacity: .7; cursor: default; }
+    .rate { background: transparent; color: #fff; border: 1px solid rgba(255,255,255,.7);
+      border-radius: 999px; padding: 4px 10px; font-size: 13px; }
     .icon { background: transparent; border: none; color: #fff; width: 32px; height: 32px;
       display: grid; place-items: center; border-radius: 6px; }
     .icon svg { width: 18px; height: 18px; stroke: currentColor; stroke-width: 2.5; fill: none; }
@@ -122,6 +129,27 @@
     .passage-body { padding: 14px; overflow-y: auto; white-space: pre-wrap; overflow-wrap: anywhere;
       color: #3d4b52; }
     mark { background: #ffe58a; color: #1d2b33; padding: 1px 0; border-radius: 2px; }
+    .feedback { margin-top: 6px; display: flex; flex-wrap: wrap; align-items: center; gap: 4px;
+      white-space: normal; font-size: 12px; color: #5b6b73; }
+    .thumb { border: 1px solid #c5d7dc; background: #fff; border-radius: 6px; padding: 0 6px;
+      font-size: 14px; line-height: 22px; }
+    .thumb[aria-pressed="true"] { background: #0f5c6e; border-color: #0f5c6e; }
+    .feedback-comment, .rating { display: flex; flex-direction: column; gap: 6px; padding: 0; border: none;
+      background: transparent; width: 100%; white-space: normal; }
+    .feedback-comment textarea, .rating textarea { min-height: 52px; font-size: 13px; }
+    .feedback-comment .actions, .rating .actions { display: flex; gap: 6px; }
+    .small { border: 1px solid #0f5c6e; background: #fff; color: #0f5c6e; border-radius: 8px;
+      padding: 3px 10px; font-size: 13px; }
+    .small.primary { background: #0f5c6e; color: #fff; }
+    .small:disabled { opacity: .6; cursor: default; }
+    .rating-card { align-self: stretch; background: #fff; border: 1px solid #c5d7dc; border-radius: 12px;
+      padding: 10px 12px; }
+    .rating-card p { margin: 0 0 6px; font-weight: 600; font-size: 14px; }
+    .stars { display: flex; gap: 4px; }
+    .star { border: 1px solid #c5d7dc; background: #fff; color: #8aa9b1; border-radius: 6px;
+      width: 36px; height: 32px; font-size: 18px; line-height: 1; }
+    .star.on { color: #d98b00; border-color: #d98b00; }
+    .feedback-status:empty { display: none; }
     .sr-only { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0);
       white-space: nowrap; }
   `;
@@ -151,6 +179,7 @@
 
   function saveConversation(conversation) {
     state.conversation = conversation;
+    rateButton.hidden = !conversation;
     try {
       if (conversation) localStorage.setItem(STORAGE_KEY, JSON.stringify(conversation));
       else localStorage.removeItem(STORAGE_KEY);
@@ -171,6 +200,10 @@
   }, [svgIcon(ICON_CHAT), launcherDot]);
 
   const humanButton = el("button", { class: "human", type: "button", text: "Talk to a human", onclick: () => requestHuman() });
+  const rateButton = el("button", {
+    class: "rate", type: "button", text: "Rate", "aria-label": "Rate this conversation", hidden: true,
+    onclick: () => showRating(),
+  });
   const closeButton = el("button", { class: "icon", type: "button", "aria-label": "Close chat", onclick: () => togglePanel(false) }, [svgIcon(ICON_CLOSE)]);
   const statusLine = el("div", { class: "status", role: "status", "aria-live": "polite", hidden: true });
   const messages = el("div", { class: "messages", role: "log", "aria-live": "polite", "aria-label": "Conversation" });
@@ -191,7 +224,7 @@
   const panel = el("section", {
     class: "panel", id: "supportbot-panel", role: "dialog", "aria-label": `${TITLE} chat`, hidden: true,
   }, [
-    el("header", {}, [el("h2", { text: TITLE }), humanButton, closeButton]),
+    el("header", {}, [el("h2", { text: TITLE }), humanButton, rateButton, closeButton]),
     statusLine, messages, passage, form,
   ]);
 
@@ -361,6 +394,7 @@
     }
     if (!ok) throw new Error(data.error || `HTTP ${status}`);
     messages.textContent = "";
+    ratingCard = null;
     state.streaming = null;
     state.pendingQuestion = null; // answered and stored, or lost with the connection: either way, done
     clearTimeout(state.busyTimer);
@@ -368,7 +402,10 @@
     if (!data.messages.length) greet();
     for (const message of data.messages) {
       const { node, body } = addMessage(message.role, message.text);
-      if (message.role === "assistant") renderAnswer(node, body, message.text, message.citations, message.abstained);
+      if (message.role === "assistant") {
+        renderAnswer(node, body, message.text, message.citations, message.abstained);
+        addFeedback(node, message.id);
+      }
     }
     updateSendButton();
     return true;
@@ -378,6 +415,7 @@
     closeSocket();
     saveConversation(null);
     messages.textContent = "";
+    ratingCard = null;
     state.streaming = null;
     applyStatus("bot", { quiet: true });
     greet();
@@ -470,6 +508,7 @@
         const current = state.streaming || startStreaming();
         if (typeof frame.text === "string" && frame.text) current.text = frame.text;
         renderAnswer(current.node, current.body, current.text, current.citations, frame.abstained);
+        addFeedback(current.node, frame.message_id);
         state.pendingQuestion = null;
         finishStreaming();
         setStatus(statusText());
@@ -557,6 +596,7 @@
     if (status !== "bot") for (const button of messages.querySelectorAll(".inline-human")) button.remove();
     setStatus(statusText());
     if (changed && !quiet && STATUS_TEXT[status]) addNote(STATUS_TEXT[status]);
+    if (changed && !quiet && status === "resolved") showRating();
   }
 
   // --- user actions --------------------------------------------------------------------------------
@@ -601,10 +641,171 @@
     }
   }
 
+
+  // --- feedback: thumbs on each answer, a rating of the conversation ---------------------------------
+
+  const FEEDBACK_MAX_CHARS = 2000;
+
+  /** Under an answer (its stored message id), "Helpful?" thumbs up/down; after a thumb is sent, an
+   *  optional comment box. Sending again replaces the customer's earlier feedback on the answer. */
+  function addFeedback(node, messageId) {
+    if (!Number.isInteger(messageId) || node.querySelector(".feedback")) return;
+    const status = el("span", { class: "feedback-status", role: "status" });
+    const thumbs = [["up", "👍", "Helpful"], ["down", "👎", "Not helpful"]].map(([value, icon, label]) =>
+      el("button", {
+        class: "thumb", type: "button", text: icon, "aria-label": label, "aria-pressed": "false",
+        "data-value": value, onclick: () => choose(value),
+      }));
+    const row = el("div", { class: "feedback", role: "group", "aria-label": "Was this answer helpful?" },
+      [el("span", { text: "Helpful?", "aria-hidden": "true" }), ...thumbs, status]);
+    node.append(row);
+    let chosen = null;
+    let commentForm = null;
+
+    async function post(value, comment) {
+      const path = `conversations/${encodeURIComponent(state.conversation.id)}/messages/${messageId}/feedback/`;
+      const { ok } = await api(path, { method: "POST", body: comment ? { value, comment } : { value } });
+      if (!ok) throw new Error("feedback refused");
+    }
+
+    async function choose(value) {
+      for (const button of thumbs) button.disabled = true;
+      status.textContent = "";
+      try {
+        await post(value, "");
+        chosen = value;
+        for (const button of thumbs) button.setAttribute("aria-pressed", String(button.dataset.value === value));
+        openComment();
+      } catch (error) {
+        status.textContent = "Could not send your feedback. Please try again.";
+      } finally {
+        for (const button of thumbs) button.disabled = false;
+      }
+    }
+
+    function openComment() {
+      if (commentForm) {
+        commentForm.querySelector("textarea").focus();
+        return;
+      }
+      const box = el("textarea", { rows: "2", maxlength: String(FEEDBACK_MAX_CHARS), "aria-label": "Tell us more (optional)",
+        placeholder: "Tell us more (optional)" });
+      const sendComment = el("button", { class: "small primary", type: "submit", text: "Send comment" });
+      const skip = el("button", { class: "small", type: "button", text: "No comment", onclick: () => closeComment("Thanks for your feedback.") });
+      commentForm = el("form", { class: "feedback-comment", onsubmit: (event) => { event.preventDefault(); submit(); } },
+        [box, el("div", { class: "actions" }, [sendComment, skip])]);
+      box.addEventListener("keydown", (event) => {
+        if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); submit(); }
+      });
+      row.append(commentForm);
+      box.focus();
+      scrollToEnd();
+
+      async function submit() {
+        const comment = box.value.trim();
+        if (!comment) { closeComment("Thanks for your feedback."); return; }
+        sendComment.disabled = true;
+        try {
+          await post(chosen, comment);
+          closeComment("Thanks for your feedback.");
+        } catch (error) {
+          status.textContent = "Could not send your comment. Please try again.";
+          sendComment.disabled = false;
+        }
+      }
+    }
+
+    function closeComment(message) {
+      if (commentForm) {
+        commentForm.querySelector("textarea").value = "";
+        commentForm.remove();
+        commentForm = null;
+      }
+      status.textContent = message;
+      const pressed = thumbs.find((button) => button.getAttribute("aria-pressed") === "true");
+      (pressed || input).focus();
+    }
+  }
+
+  let ratingCard = null;
+
+  /** The end-of-conversation rating card (1-5 and an optional comment), at the end of the log. */
+  function showRating() {
+    if (!state.conversation) return;
+    if (ratingCard && ratingCard.isConnected) {
+      ratingCard.querySelector(".star").focus();
+      return;
+    }
+    let rating = 0;
+    const stars = [1, 2, 3, 4, 5].map((n) => el("button", {
+      class: "star", type: "button", text: "★", "aria-label": `${n} out of 5`, "aria-pressed": "false",
+      "data-rating": String(n), onclick: () => pick(n),
+    }));
+    const comment = el("textarea", { rows: "2", maxlength: String(FEEDBACK_MAX_CHARS), "aria-label": "Comment (optional)",
+      placeholder: "Comment (optional)" });
+    const sendRating = el("button", { class: "small primary", type: "submit", text: "Send rating", disabled: true });
+    const later = el("button", { class: "small", type: "button", text: "Not now", onclick: () => close() });
+    const problem = el("span", { class: "feedback-status", role: "alert" });
+    const starGroup = el("div", { class: "stars", role: "group", "aria-label": "Rating from 1 (poor) to 5 (excellent)" }, stars);
+    starGroup.addEventListener("keydown", (event) => {
+      const index = stars.indexOf(shadow.activeElement);
+      if (index === -1) return;
+      const step = { ArrowRight: 1, ArrowUp: 1, ArrowLeft: -1, ArrowDown: -1 }[event.key];
+      if (!step) return;
+      event.preventDefault();
+      stars[Math.min(4, Math.max(0, index + step))].focus();
+    });
+    const form = el("form", { class: "rating", "aria-label": "Rate this conversation", onsubmit: (event) => { event.preventDefault(); submit(); } }, [
+      el("p", { text: "How would you rate this conversation?" }), starGroup, comment,
+      el("div", { class: "actions" }, [sendRating, later]), problem,
+    ]);
+    const card = el("div", { class: "rating-card" }, [form]);
+    ratingCard = card;
+    messages.append(card);
+    scrollToEnd();
+    stars[0].focus();
+
+    function pick(n) {
+      rating = n;
+      stars.forEach((star, i) => {
+        star.classList.toggle("on", i < n);
+        star.setAttribute("aria-pressed", String(i === n - 1));
+      });
+      sendRating.disabled = false;
+    }
+
+    async function submit() {
+      if (!rating) return;
+      sendRating.disabled = true;
+      problem.textContent = "";
+      try {
+        const body = comment.value.trim() ? { rating, comment: comment.value.trim() } : { rating };
+        const { ok } = await api(`conversations/${encodeURIComponent(state.conversation.id)}/rating/`, { method: "POST", body });
+        if (!ok) throw new Error("rating refused");
+      } catch (error) {
+        problem.textContent = "Could not send your rating. Please try again.";
+        sendRating.disabled = false;
+        return;
+      }
+      const sent = rating;
+      close();
+      addNote(`Thanks for rating this conversation ${sent} out of 5.`);
+    }
+
+    function close() {
+      rating = 0;
+      comment.value = "";
+      card.remove();
+      if (ratingCard === card) ratingCard = null;
+      input.focus();
+    }
+  }
+
   // --- start ---------------------------------------------------------------------------------------
 
   async function start() {
     document.body.append(host);
+    rateButton.hidden = !state.conversation;
     if (!state.conversation) {
       greet();
       return;

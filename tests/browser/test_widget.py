@@ -2,8 +2,7 @@
 the real app: daphne serving ``config.asgi`` over the test database, the real embedding model, the
 real GGUF model, the demo knowledge base ingested for real.
 
-Skipped with a reason when Chromium is missing, unless ``REQUIRE_BROWSER=1`` (CI), which makes that
-a failure. Chromium is found at ``CHROMIUM_PATH`` (default ``/usr/bin/chromium``).
+The fixtures (Chromium, the demo knowledge base, the live server, ``browse``) are in ``conftest.py``.
 
 Each test drives the browser with Playwright's async API inside ``asyncio.run`` and checks the
 database after it returns: the sync API would keep an event loop on the test's thread, where Django
@@ -12,193 +11,18 @@ refuses database calls.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from chat.models import Conversation
 from knowledge.models import Chunk
-
-ROOT = Path(__file__).resolve().parents[2]
-DEMO_KNOWLEDGE_BASE = ROOT / "demo" / "knowledge_base"
-CHROMIUM_PATH = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
-ANSWER_TIMEOUT_MS = 180_000
-XSS = "<img src=x onerror=alert(1)>"
+from tests.browser.pages import LAST_ANSWER_DONE, SHADOW, XSS, ask, open_widget, stored_conversation
 
 # ``django_db`` makes pytest-django create the test database (the live server's); each test runs in a
 # transaction of its own that is rolled back, while the module's knowledge base is committed.
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
-
-# JavaScript run in the page: the widget's shadow root, and whether its last answer has finished.
-SHADOW = "document.querySelector('supportbot-widget').shadowRoot"
-LAST_ANSWER_DONE = f"""() => {{
-  const answers = {SHADOW}.querySelectorAll('.msg.assistant');
-  return answers.length > 0 && !answers[answers.length - 1].hasAttribute('aria-busy');
-}}"""
-
-
-# --- fixtures --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def chromium_path() -> str:
-    """Debian's Chromium, or a skip (a failure with ``REQUIRE_BROWSER=1``)."""
-    problem = None
-    if not Path(CHROMIUM_PATH).exists():
-        problem = f"Chromium not found at {CHROMIUM_PATH} (apt-get install chromium, or set CHROMIUM_PATH)"
-    else:
-        try:
-            import playwright.async_api  # noqa: F401
-        except ImportError:
-            problem = "the playwright Python package is not installed"
-    if problem:
-        if os.environ.get("REQUIRE_BROWSER") == "1":
-            pytest.fail(problem + "; REQUIRE_BROWSER=1 makes this a failure")
-        pytest.skip(problem)
-    return CHROMIUM_PATH
-
-
-@pytest.fixture(scope="module")
-def demo_knowledge_base(chromium_path, django_db_setup, django_db_blocker):
-    """The demo knowledge base ingested (parsed, chunked, embedded) and committed to the test database,
-    where the live server reads it. Afterwards everything the module's tests stored is removed."""
-    from django.db import connection
-
-    from chat.models import ModelVersion
-    from knowledge import services
-    from knowledge.models import Source
-
-    with django_db_blocker.unblock():
-        # never write to (or clean up) a development database
-        assert connection.settings_dict["NAME"] == connection.settings_dict["TEST"]["NAME"]
-        result = services.sources_register_paths([DEMO_KNOWLEDGE_BASE], enqueue=False)
-        for source in result.queued:
-            assert services.document_ingest(source.pk).status == "ingested"
-    try:
-        yield
-    finally:
-        with django_db_blocker.unblock():
-            Conversation.objects.all().delete()
-            Source.objects.all().delete()
-            ModelVersion.objects.all().delete()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def live_server_url(demo_knowledge_base, tmp_path_factory) -> str:
-    """daphne serving the project (HTTP, websockets, static files) on the test database, in a
-    subprocess (``tests.browser.asgi_app``); its log is shown if it fails to start."""
-    from django.db import connection
-
-    database = connection.settings_dict["NAME"]
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("live-server") / "daphne.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tests.browser.asgi_app:application"],
-            cwd=ROOT, env={**os.environ, "LIVE_SERVER_DATABASE_NAME": database}, stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the live server did not start:\n{log_path.read_text(errors='replace')}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
-class PageWatch:
-    """What a page did besides rendering: dialogs opened (``alert``), uncaught errors, websocket frames
-    received (parsed JSON) and every URL requested."""
-
-    def __init__(self, page):
-        self.dialogs: list[str] = []
-        self.errors: list[str] = []
-        self.frames: list[dict] = []
-        self.requests: list[str] = []
-        page.on("dialog", self._dialog)
-        page.on("pageerror", lambda error: self.errors.append(str(error)))
-        page.on("request", lambda request: self.requests.append(request.url))
-        page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: self.frames.append(json.loads(payload))))
-
-    async def _dialog(self, dialog) -> None:
-        self.dialogs.append(dialog.message)
-        await dialog.dismiss()
-
-    def frame_types(self) -> list[str]:
-        return [frame["type"] for frame in self.frames]
-
-
-@pytest.fixture
-def browse(chromium_path, live_server_url):
-    """``browse(scenario)`` opens the demo page in a fresh headless Chromium (empty localStorage) and
-    returns ``await scenario(page, watch)``; the browser is closed afterwards."""
-
-    async def session(scenario):
-        from playwright.async_api import async_playwright
-
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
-            try:
-                page = await browser.new_page(viewport={"width": 1100, "height": 760})
-                watch = PageWatch(page)
-                await page.goto(live_server_url + "/")
-                return await scenario(page, watch)
-            finally:
-                await browser.close()
-
-    return lambda scenario: asyncio.run(session(scenario))
-
-
-async def open_widget(page):
-    await page.get_by_role("button", name="Open Tidewater Help chat").click()
-    return page.get_by_role("dialog", name="Tidewater Help chat")
-
-
-async def ask(page, question: str) -> None:
-    """Type ``question`` into the widget, send it with Enter, and wait for the answer to finish."""
-    box = page.get_by_role("textbox", name="Your question")
-    await box.fill(question)
-    await box.press("Enter")
-    await page.wait_for_function(LAST_ANSWER_DONE, timeout=ANSWER_TIMEOUT_MS)
-
-
-async def stored_conversation(page) -> dict:
-    """The widget's saved ``{"id", "token"}``."""
-    return await page.evaluate(
-        "() => JSON.parse(Object.entries(localStorage).find(([key]) => key.startsWith('supportbot:'))[1])"
-    )
 
 
 # --- tests -----------------------------------------------------------------------------------------
@@ -465,3 +289,120 @@ def test_a_dropped_socket_reconnects_and_the_next_question_goes_through(browse):
     # the transcript reloaded from the server on reconnect (the scripted socket stored nothing), then
     # the second answer streamed in
     assert answers == ["Back online."]
+
+
+# --- customer feedback: thumbs on answers, the conversation's rating ----------------------------------
+
+
+def test_thumbs_down_with_a_comment_is_stored_for_that_answer_using_the_keyboard_only(browse):
+    from chat.models import AnswerFeedback
+
+    comment = f"Wrong country list {XSS}"
+
+    async def scenario(page, watch):
+        # given an answered question
+        await open_widget(page)
+        await ask(page, "Do you ship internationally?")
+        answer = page.locator("supportbot-widget .msg.assistant").last
+        # when the customer tabs to "Not helpful" and presses Enter, types a comment and presses Enter
+        down = answer.get_by_role("button", name="Not helpful")
+        await down.focus()
+        await page.keyboard.press("Enter")
+        box = answer.get_by_role("textbox", name="Tell us more (optional)")
+        await box.wait_for()
+        focused_after_thumb = await page.evaluate(f"() => {SHADOW}.activeElement.getAttribute('aria-label')")
+        await page.keyboard.type(comment)
+        await page.keyboard.press("Enter")
+        await answer.locator(".feedback-status", has_text="Thanks for your feedback.").wait_for()
+        return {
+            "message id": next(f["message_id"] for f in watch.frames if f["type"] == "chat.done"),
+            "conversation": (await stored_conversation(page))["id"],
+            "focused after thumb": focused_after_thumb,
+            "pressed": {name: await answer.get_by_role("button", name=name, exact=True).get_attribute("aria-pressed")
+                        for name in ("Helpful", "Not helpful")},
+            "comment boxes left": await answer.locator("textarea").count(),
+            "focused after sending": await page.evaluate(f"() => {SHADOW}.activeElement.getAttribute('aria-label')"),
+            "feedback posts": [url for url in watch.requests if url.endswith("/feedback/")],
+            "images": await page.evaluate(f"() => {SHADOW}.querySelectorAll('img').length"),
+            "dialogs": watch.dialogs,
+            "errors": watch.errors,
+        }
+
+    result = browse(scenario)
+
+    # then the thumb was sent at once and the comment with it afterwards; the box is gone and the
+    # focus back on the pressed thumb
+    message_id, conversation = result.pop("message id"), result.pop("conversation")
+    url = f"/api/conversations/{conversation}/messages/{message_id}/feedback/"
+    assert [u.split("127.0.0.1", 1)[1].split("/", 1)[1] for u in result.pop("feedback posts")] == [url[1:], url[1:]]
+    assert result == {
+        "focused after thumb": "Tell us more (optional)",
+        "pressed": {"Helpful": "false", "Not helpful": "true"},
+        "comment boxes left": 0,
+        "focused after sending": "Not helpful",
+        "images": 0,
+        "dialogs": [],
+        "errors": [],
+    }
+    # and the database holds exactly that feedback on that answer
+    assert list(AnswerFeedback.objects.values_list("message_id", "message__conversation_id", "value", "comment")) == [
+        (message_id, Conversation.objects.get(pk=conversation).pk, "down", comment)]
+
+
+def test_a_resolved_conversation_offers_the_rating_which_is_sent_with_the_keyboard(browse):
+    from chat.models import ConversationRating
+
+    async def scenario(page, watch):
+        # given a scripted socket: one answer, then an agent resolves the conversation
+        def serve(ws):
+            def on_message(message):
+                ws.send(json.dumps({"type": "chat.token", "text": "Ships in 3 days."}))
+                ws.send(json.dumps({"type": "chat.citations", "citations": []}))
+                ws.send(json.dumps({"type": "chat.done", "message_id": None, "abstained": False, "timings": {},
+                                    "text": "Ships in 3 days."}))
+                ws.send(json.dumps({"type": "chat.status", "status": "resolved", "message": "resolved"}))
+
+            ws.on_message(on_message)
+
+        await page.route_web_socket("**/ws/chat/**", serve)
+        await open_widget(page)
+        rate_hidden_before = await page.get_by_role("button", name="Rate this conversation").is_hidden()
+        await ask(page, "How long does shipping take?")
+        # when the rating card appears by itself, and the customer picks 4 with the arrow keys, Enter,
+        # then Tab to the comment, types it, and sends
+        card = page.get_by_role("form", name="Rate this conversation")
+        await card.wait_for()
+        focused = await page.evaluate(f"() => {SHADOW}.activeElement.getAttribute('aria-label')")
+        for _ in range(3):
+            await page.keyboard.press("ArrowRight")
+        await page.keyboard.press("Enter")
+        pressed = [await card.get_by_role("button", name=f"{n} out of 5").get_attribute("aria-pressed") for n in range(1, 6)]
+        for _ in range(2):  # star 5, then the comment
+            await page.keyboard.press("Tab")
+        await page.keyboard.type("Quick and friendly")
+        await card.get_by_role("button", name="Send rating").click()
+        await page.locator("supportbot-widget .note", has_text="Thanks for rating this conversation 4 out of 5.").wait_for()
+        return {
+            "conversation": (await stored_conversation(page))["id"],
+            "rate button hidden before": rate_hidden_before,
+            "rate button visible after": await page.get_by_role("button", name="Rate this conversation").is_visible(),
+            "focused when offered": focused,
+            "pressed": pressed,
+            "cards left": await page.locator("supportbot-widget .rating-card").count(),
+            "errors": watch.errors,
+        }
+
+    result = browse(scenario)
+
+    # then the rating was offered with the focus on the first star, sent, and the card cleared away
+    conversation = result.pop("conversation")
+    assert result == {
+        "rate button hidden before": True,
+        "rate button visible after": True,
+        "focused when offered": "1 out of 5",
+        "pressed": ["false", "false", "false", "true", "false"],
+        "cards left": 0,
+        "errors": [],
+    }
+    assert list(ConversationRating.objects.values_list("conversation_id", "rating", "comment")) == [
+        (Conversation.objects.get(pk=conversation).pk, 4, "Quick and friendly")]

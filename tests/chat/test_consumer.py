@@ -359,7 +359,8 @@ def test_a_failing_answer_service_becomes_chat_error_and_the_socket_stays_open(m
         assert await socket.receive_json_from(timeout=5) == {
             "type": "chat.error", "code": "internal", "message": "something went wrong while answering; please try again"}
         await socket.send_json_to({"type": "chat.handoff"})
-        assert await socket.receive_json_from(timeout=5) == {"type": "chat.status", "status": "needs_human"}
+        assert await socket.receive_json_from(timeout=5) == {
+            "type": "chat.status", "status": "needs_human", "message": "We've asked a person to join the conversation."}
         await socket.disconnect()
 
     run(scenario)
@@ -375,7 +376,10 @@ def test_handoff_frame_marks_the_conversation_as_needing_a_human():
         socket = communicator(conversation)
         await socket.connect()
         await socket.send_json_to({"type": "chat.handoff"})
-        assert await socket.receive_json_from(timeout=5) == {"type": "chat.status", "status": "needs_human"}
+        # the service's chat.status reaches this socket through the conversation's group
+        assert await socket.receive_json_from(timeout=5) == {
+            "type": "chat.status", "status": "needs_human", "message": "We've asked a person to join the conversation."}
+        assert await socket.receive_nothing(timeout=0.5)
         await socket.disconnect()
 
     run(scenario)

@@ -84,6 +84,29 @@ def test_agents_and_staff_see_every_page(conversation, who, request):
         assert client.get(path).status_code == 200, path
 
 
+def test_an_agent_who_is_not_staff_signs_in_on_the_login_page_and_lands_on_the_inbox(agent):
+    # given an agent (Agents group, not staff) who opens the dashboard anonymously
+    client = Client(enforce_csrf_checks=True)
+    redirect = client.get("/dashboard/")
+    assert (redirect.status_code, redirect["Location"]) == (302, "/accounts/login/?next=/dashboard/")
+    page = client.get(redirect["Location"])
+    assert page.status_code == 200
+    token = page.context["csrf_token"]
+    # when they sign in with a wrong password, then they stay on the page, told why
+    wrong = client.post("/accounts/login/", {"username": "alice", "password": "nope", "next": "/dashboard/",
+                                             "csrfmiddlewaretoken": token})
+    assert wrong.status_code == 200 and "Your username and password didn't match." in wrong.content.decode()
+    # when they sign in with their password, then they land on the inbox
+    signed_in = client.post("/accounts/login/", {"username": "alice", "password": "pw-alice", "next": "/dashboard/",
+                                                 "csrfmiddlewaretoken": token})
+    assert (signed_in.status_code, signed_in["Location"]) == (302, "/dashboard/")
+    assert client.get("/dashboard/").status_code == 200
+    # and signing out ends the session
+    inbox = client.get("/dashboard/")
+    assert client.post("/accounts/logout/", {"csrfmiddlewaretoken": inbox.context["csrf_token"]}).status_code == 302
+    assert client.get("/dashboard/").status_code == 302
+
+
 # --- the agent websocket ------------------------------------------------------------------------
 
 

@@ -137,3 +137,30 @@ def test_analytics_page_numbers(client, conversation):
     assert '<dd id="stat-thumbs-down">100% (1 of 1)</dd>' in html
     assert "<dd id=\"stat-ttft\">340 ms / 340 ms (1 answers)</dd>" in html
     assert "<svg" in html
+
+
+def test_the_conversation_page_shows_the_actions_flash_note_not_the_transcript_as_notes(client, conversation):
+    # when an agent takes the conversation over (the view redirects back to the conversation)
+    page = client.post(f"/dashboard/conversations/{conversation.pk}/take/", follow=True).content.decode()
+    # then the flash list holds exactly the action's note (the transcript's messages stay in the transcript)
+    flash = page.split('<ul class="flash">', 1)[1].split("</ul>", 1)[0]
+    assert flash == '<li class="success">You have taken this conversation.</li>'
+    assert page.count("How long do refunds take?") == 1
+
+
+def test_xss_in_a_corrected_question_is_rendered_as_text_in_the_correction_pages(client, conversation, agent2):
+    # given a customer question carrying markup, its answer, and a correction of that answer
+    from tuning.services import correction_create
+
+    Message.objects.create(conversation=conversation, role="user", text=XSS)
+    answer = Message.objects.create(conversation=conversation, role="assistant", text="Sorry?")
+    correction_create(answer.pk, author=agent2, corrected_answer=f"Fixed {XSS}", reason="tone")
+    # when the correction form and the review queue are rendered
+    pages = [client.get(f"/dashboard/corrections/answers/{answer.pk}/").content.decode(),
+             client.get("/dashboard/corrections/").content.decode()]
+    # then the question (and the corrected answer in the queue) appear escaped, never as markup
+    escaped = "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;"
+    assert escaped in pages[0]
+    assert f"Fixed {escaped}" in pages[1]
+    for html in pages:
+        assert "<script>alert" not in html and "<img src=x" not in html
