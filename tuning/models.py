@@ -39,7 +39,9 @@ class Correction(models.Model):
         REJECTED = "rejected", "Rejected"
 
     message = models.ForeignKey("chat.Message", on_delete=models.CASCADE, related_name="corrections")
-    author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="corrections")
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="corrections"
+    )
     reason = models.CharField(max_length=40, choices=Reason.choices)
     corrected_answer = models.TextField()
     original_answer = models.TextField()
@@ -55,6 +57,13 @@ class Correction(models.Model):
     review_note = models.TextField(blank=True)
     stale = models.BooleanField(default=False, db_index=True)
     stale_reason = models.TextField(blank=True)
+    # Built by ``manage.py seed_training_data`` from a question file with reference passages (no agent
+    # wrote or reviewed it); a seeded correction is approved without an author or reviewer.
+    seeded = models.BooleanField(default=False, db_index=True)
+    # Seeded corrections: the question's id in its file (unique, so seeding twice adds nothing) and its
+    # dialogue (the held-out split keeps a dialogue's turns together).
+    seed_key = models.CharField(max_length=200, blank=True)
+    seed_group = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -63,11 +72,157 @@ class Correction(models.Model):
             CheckConstraint(condition=~Q(reviewer=F("author")), name="correction_reviewer_not_author"),
             CheckConstraint(
                 condition=Q(status="pending", reviewer__isnull=True)
-                | (Q(status__in=["approved", "rejected"]) & Q(reviewer__isnull=False)),
+                | (Q(status__in=["approved", "rejected"]) & Q(reviewer__isnull=False))
+                | Q(seeded=True, status="approved", reviewer__isnull=True),
                 name="correction_reviewed_iff_reviewer",
             ),
+            CheckConstraint(condition=Q(author__isnull=False) | Q(seeded=True), name="correction_author_unless_seeded"),
+            models.UniqueConstraint(fields=["seed_key"], condition=~Q(seed_key=""), name="correction_unique_seed_key"),
             CheckConstraint(condition=~Q(corrected_answer=""), name="correction_answer_not_empty"),
         ]
 
     def __str__(self) -> str:
         return f"correction {self.pk} of message {self.message_id} ({self.status})"
+
+
+class TrainingDataset(models.Model):
+    """An immutable, versioned snapshot of training examples built from approved corrections.
+
+    ``version`` counts up from 1. ``recipe`` records how the examples were built (RAFT parameters,
+    see ``tuning.datasets``): ``{"method": "raft", "sources_per_prompt", "gold_share", "holdout_share",
+    "seed", "source_max_chars", "abstain_answer", ...}``. ``sha256`` is the digest of the examples'
+    records in order (``TrainingExample.record``), so two snapshots with the same content are
+    recognisable. Rows are written once by ``tuning.datasets.dataset_snapshot_create`` and never
+    updated (the admin shows them read-only).
+    """
+
+    version = models.PositiveIntegerField(unique=True)
+    recipe = models.JSONField(default=dict)
+    sha256 = models.CharField(max_length=64)
+    train_count = models.PositiveIntegerField(default=0)
+    heldout_count = models.PositiveIntegerField(default=0)
+    corrections_count = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-version"]
+
+    def __str__(self) -> str:
+        return f"dataset v{self.version} ({self.train_count} train / {self.heldout_count} held out)"
+
+
+class TrainingExample(models.Model):
+    """One example of a dataset snapshot: a chat record ``{"messages": [{"role", "content"}...],
+    "metadata": {...}}`` whose last message is the assistant answer to learn.
+
+    ``split`` is ``train`` or ``heldout`` (held-out corrections are never trained on: the split is a
+    fixed function of the correction id, see ``tuning.datasets.correction_split``). ``has_gold``:
+    the prompt's sources include a chunk that supports the answer (RAFT's "oracle" examples); without
+    it the target is the abstention answer. ``gold_numbers`` are the 1-based source numbers of the
+    supporting chunks in the prompt.
+    """
+
+    class Split(models.TextChoices):
+        TRAIN = "train", "Train"
+        HELDOUT = "heldout", "Held out"
+
+    dataset = models.ForeignKey(TrainingDataset, on_delete=models.CASCADE, related_name="examples")
+    correction = models.ForeignKey(Correction, null=True, on_delete=models.SET_NULL, related_name="examples")
+    split = models.CharField(max_length=10, choices=Split.choices, db_index=True)
+    has_gold = models.BooleanField(default=True)
+    gold_numbers = models.JSONField(default=list, blank=True)
+    record = models.JSONField()
+
+    class Meta:
+        ordering = ["dataset", "id"]
+
+
+class FineTuneRun(models.Model):
+    """One LoRA fine-tune of the base model on a dataset snapshot, its export, parity check,
+    evaluation and gate decision.
+
+    Status moves ``queued`` → ``training`` → ``exporting`` → ``evaluating`` → ``succeeded`` (a
+    candidate, promoted or not: ``decision``) or ``failed`` (``error`` says why); ``promoted`` once
+    its model version was made active. ``progress`` is 0..1 within the current stage.
+    ``hyperparameters`` are ``tuning.training.LoraHyperparameters`` as a dict; ``loss_curve``
+    ``[{"step", "epoch", "loss"}]``; ``parity`` the llama-cpp vs peft parity report; ``decision``
+    ``{"promote": bool, "reason": str, ...}``. At most one run is in progress at a time (a database
+    constraint), so a re-queued or scheduled run cannot train twice.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        TRAINING = "training", "Training"
+        EXPORTING = "exporting", "Exporting"
+        EVALUATING = "evaluating", "Evaluating"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        PROMOTED = "promoted", "Promoted"
+
+    IN_PROGRESS = ("queued", "training", "exporting", "evaluating")
+
+    dataset = models.ForeignKey(TrainingDataset, on_delete=models.PROTECT, related_name="runs")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    trigger = models.CharField(max_length=20, default="manual")  # manual | schedule | command
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="fine_tune_runs"
+    )
+    base_model_path = models.CharField(max_length=1000)
+    base_model_sha256 = models.CharField(max_length=64)
+    hyperparameters = models.JSONField(default=dict)
+    progress = models.FloatField(default=0.0)
+    loss_curve = models.JSONField(default=list, blank=True)
+    adapter_path = models.CharField(max_length=1000, blank=True)
+    adapter_sha256 = models.CharField(max_length=64, blank=True)
+    parity = models.JSONField(default=dict, blank=True)
+    decision = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    model_version = models.ForeignKey(
+        "chat.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="fine_tune_runs"
+    )
+    train_examples = models.PositiveIntegerField(default=0)
+    peak_rss_mb = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    duration_s = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                models.Value(True), condition=Q(status__in=["queued", "training", "exporting", "evaluating"]),
+                name="finetunerun_one_in_progress",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"fine-tune run {self.pk} ({self.status})"
+
+
+class ModelEvaluation(models.Model):
+    """An evaluation of model versions on a dataset's held-out examples through the serving path.
+
+    ``arms`` is ``{arm_name: {"version_id", "retrieval": bool, metrics...}}`` with the metrics of
+    ``tuning.evaluation`` (token-F1, citation validity/precision, abstention accuracy, TTFT, tokens/s);
+    ``rows`` the per-question answers; ``report_html`` a self-contained HTML report with charts.
+    """
+
+    class Status(models.TextChoices):
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    run = models.ForeignKey(FineTuneRun, null=True, blank=True, on_delete=models.CASCADE, related_name="evaluations")
+    dataset = models.ForeignKey(TrainingDataset, on_delete=models.PROTECT, related_name="evaluations")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.RUNNING)
+    arms = models.JSONField(default=dict, blank=True)
+    rows = models.JSONField(default=list, blank=True)
+    report_html = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
