@@ -212,6 +212,43 @@ CITATION_MIN_COVERAGE = env.float("CITATION_MIN_COVERAGE", default=0.7)
 # answers 98% of first turns (96% of all turns) and declines every unrelated question.
 ABSTAIN_MAX_DISTANCE = env.float("ABSTAIN_MAX_DISTANCE", default=0.62)
 
+# --- Tuning loop (LoRA fine-tunes on approved corrections; see tuning/ and README "Tuning") ------
+# Dataset snapshots (RAFT recipe, tuning.datasets): probability an example keeps its gold sources
+# (RAFT's P), share of correction groups held out for evaluation (never trained on), and the seed.
+TUNING_GOLD_SHARE = env.float("TUNING_GOLD_SHARE", default=0.8)
+TUNING_HOLDOUT_SHARE = env.float("TUNING_HOLDOUT_SHARE", default=0.2)
+TUNING_SEED = env.int("TUNING_SEED", default=0)
+# LoRA hyper-parameters (tuning.training.LoraHyperparameters); empty values keep its defaults.
+TUNING_LORA_R = env.int("TUNING_LORA_R", default=16)
+TUNING_LORA_ALPHA = env.float("TUNING_LORA_ALPHA", default=32.0)
+TUNING_LORA_DROPOUT = env.float("TUNING_LORA_DROPOUT", default=0.05)
+TUNING_LEARNING_RATE = env.float("TUNING_LEARNING_RATE", default=2e-4)
+TUNING_EPOCHS = env.int("TUNING_EPOCHS", default=2)
+TUNING_BATCH_SIZE = env.int("TUNING_BATCH_SIZE", default=4)
+TUNING_MAX_SEQ_TOKENS = env.int("TUNING_MAX_SEQ_TOKENS", default=768)
+# Where adapters and run files go.
+TUNING_DIR = env.path("TUNING_DIR", default=str(embedded.data_dir() / "tuning"))
+# The scheduled fine-tune starts a run when at least this many approved corrections are new since the
+# last dataset snapshot (checked every TUNING_SCHEDULE_S seconds; the entry is editable in the admin).
+TUNING_MIN_NEW_CORRECTIONS = env.int("TUNING_MIN_NEW_CORRECTIONS", default=50)
+TUNING_SCHEDULE_S = env.float("TUNING_SCHEDULE_S", default=3600.0)
+CELERY_BEAT_SCHEDULE["tuning.fine_tune_scheduled"] = {"task": "tuning.fine_tune_scheduled", "schedule": TUNING_SCHEDULE_S}
+# Fine-tunes and evaluations run for minutes: they go to their own queue, consumed by the Procfile's
+# "tuner" worker (or a GPU machine's worker: `celery -A config worker -Q tuning`), so ingestion is
+# never stuck behind a training run.
+TUNING_QUEUE = env("TUNING_QUEUE", default="tuning")
+CELERY_TASK_ROUTES = {name: {"queue": TUNING_QUEUE} for name in ("tuning.fine_tune_run", "tuning.evaluate_model")}
+# Evaluation gate: at most this many held-out questions per arm; the candidate (+ retrieval) is
+# promoted when its token-F1 beats the active model's by more than TUNING_GATE_MIN_F1_GAIN and its
+# citation validity and abstention accuracy drop by no more than the tolerances (absolute, 0..1).
+TUNING_EVAL_MAX_QUESTIONS = env.int("TUNING_EVAL_MAX_QUESTIONS", default=60)
+TUNING_GATE_MIN_F1_GAIN = env.float("TUNING_GATE_MIN_F1_GAIN", default=0.0)
+TUNING_GATE_CITATION_TOLERANCE = env.float("TUNING_GATE_CITATION_TOLERANCE", default=0.05)
+TUNING_GATE_ABSTENTION_TOLERANCE = env.float("TUNING_GATE_ABSTENTION_TOLERANCE", default=0.05)
+# A run whose worker has not reported for this long (s) is taken as killed: it is marked failed and
+# a new run may start.
+TUNING_RUN_STALE_S = env.float("TUNING_RUN_STALE_S", default=900.0)
+
 # --- Widget -------------------------------------------------------------------------------------
 # Origins (scheme://host[:port]) of the sites allowed to embed the chat widget: its HTTP API answers
 # them with CORS headers and its websocket accepts their Origin. Empty: the site's own host only

@@ -16,6 +16,7 @@ urlpatterns = [
     path("api/", include("chat.feedback_urls")),
     path("dashboard/", include("chat.dashboard.urls")),
     path("dashboard/corrections/", include("tuning.urls")),
+    path("dashboard/fine-tunes/", include("tuning.run_urls")),
 ]
 
 handler404 = "chat.views.not_found"

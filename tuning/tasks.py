@@ -21,3 +21,35 @@ def flag_stale_corrections() -> int:
     concurrently (each flag is a conditional update)."""
     return services.corrections_flag_stale()
 
+
+@shared_task(name="tuning.fine_tune_run", acks_late=True)
+def fine_tune_run(run_id: int) -> str:
+    """Execute fine-tune run ``run_id`` (``tuning.fine_tuning.fine_tune_run_execute``): train,
+    export, check parity, evaluate, gate, promote. Safe to deliver twice (only a queued run is
+    claimed). Returns the run's final status."""
+    from tuning.fine_tuning import fine_tune_run_execute
+
+    return fine_tune_run_execute(run_id).status
+
+
+@shared_task(name="tuning.fine_tune_scheduled")
+def fine_tune_scheduled() -> int | None:
+    """Periodic check (``CELERY_BEAT_SCHEDULE``, editable in the admin's periodic tasks): start a
+    run when enough new approved corrections exist (``fine_tune_scheduled_check``). Returns the id
+    of the run started, or ``None``."""
+    from tuning.fine_tuning import fine_tune_scheduled_check
+
+    run = fine_tune_scheduled_check()
+    return run.pk if run else None
+
+
+@shared_task(name="tuning.evaluate_model")
+def evaluate_model(dataset_id: int, candidate_version_id: int) -> int:
+    """Evaluate model version ``candidate_version_id`` against the base and the active version on
+    dataset ``dataset_id``'s held-out split (``tuning.evaluation.evaluation_run``). Returns the id
+    of the stored ``ModelEvaluation``."""
+    from chat.models import ModelVersion
+    from tuning.evaluation import evaluation_run
+    from tuning.models import TrainingDataset
+
+    return evaluation_run(TrainingDataset.objects.get(pk=dataset_id), ModelVersion.objects.get(pk=candidate_version_id)).pk

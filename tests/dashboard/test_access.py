@@ -34,6 +34,9 @@ def dashboard_urls(conversation, message_id) -> list[tuple[str, str]]:
         ("get", f"/dashboard/corrections/answers/{message_id}/"),
         ("post", f"/dashboard/corrections/answers/{message_id}/"),
         ("post", "/dashboard/corrections/1/review/"),
+        ("get", "/dashboard/fine-tunes/"),
+        ("post", "/dashboard/fine-tunes/start/"),
+        ("post", "/dashboard/fine-tunes/versions/1/activate/"),
     ]
 
 

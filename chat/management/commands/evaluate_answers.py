@@ -25,9 +25,7 @@ Metrics (answered = not abstained; all questions are answerable from their gold 
 from __future__ import annotations
 
 import collections
-import re
 import statistics
-import string
 import time
 from pathlib import Path
 
@@ -35,32 +33,10 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from chat import services
-from chat.citations import MARKER
+from chat.answer_metrics import token_f1
 from chat.models import Conversation, Message
 from knowledge.evaluation import RankedPassage, load_questions, passage_hit, percentile
 from knowledge.models import Chunk
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def answer_tokens(text: str) -> list[str]:
-    """SQuAD v1.1 normalisation (lower case, no punctuation, no articles), split on whitespace."""
-    text = MARKER.sub(" ", text).lower().translate(_PUNCTUATION)
-    return _ARTICLES.sub(" ", text).split()
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """Token-level F1 of ``prediction`` against ``reference`` (SQuAD v1.1 evaluation script)."""
-    predicted, gold = answer_tokens(prediction), answer_tokens(reference)
-    if not predicted or not gold:
-        return float(predicted == gold)
-    common = sum((collections.Counter(predicted) & collections.Counter(gold)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(predicted), common / len(gold)
-    return 2 * precision * recall / (precision + recall)
-
 
 class Command(BaseCommand):
     help = "Evaluate the answer pipeline (abstention, citations, token-F1, TTFT, tokens/s) on gold questions."

@@ -1,0 +1,97 @@
+"""Dashboard pages of the tuning loop: runs and versions for agents; "fine-tune now" and serving
+another version for admins (staff) only; the stored report is escaped and served sandboxed."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+from chat.models import ModelVersion
+from tuning import services
+from tuning.models import FineTuneRun, ModelEvaluation, TrainingDataset
+from tuning.reports import evaluation_report_html
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def versions(tmp_path):
+    base_file, adapter_file = tmp_path / "base.gguf", tmp_path / "adapter.gguf"
+    base_file.write_bytes(b"GGUF base")
+    adapter_file.write_bytes(b"GGUF adapter")
+    base = ModelVersion.objects.create(name="base", base_model_path=str(base_file), base_model_sha256="a" * 64, is_active=True)
+    tuned = ModelVersion.objects.create(name="run-1", base_model_path=str(base_file), base_model_sha256="a" * 64,
+                                        adapter_path=str(adapter_file), adapter_sha256="b" * 64)
+    return base, tuned
+
+
+def client_for(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_agents_see_runs_and_versions_but_cannot_start_or_switch(agent, versions):
+    base, tuned = versions
+    client = client_for(agent)
+    page = client.get("/dashboard/fine-tunes/")
+    assert page.status_code == 200 and b"run-1" in page.content and b"Fine-tune now" not in page.content
+    assert client.post("/dashboard/fine-tunes/start/").status_code == 403
+    assert client.post(f"/dashboard/fine-tunes/versions/{tuned.pk}/activate/").status_code == 403
+    assert FineTuneRun.objects.count() == 0 and ModelVersion.objects.get(is_active=True) == base
+
+
+def test_staff_switch_the_served_version_in_one_click(staff, versions):
+    base, tuned = versions
+    client = client_for(staff)
+    response = client.post(f"/dashboard/fine-tunes/versions/{tuned.pk}/activate/", follow=True)
+    assert b"Now serving run-1." in response.content
+    assert ModelVersion.objects.get(is_active=True) == tuned
+    client.post(f"/dashboard/fine-tunes/versions/{base.pk}/activate/")
+    assert ModelVersion.objects.get(is_active=True) == base
+
+
+def test_a_version_whose_files_are_gone_is_not_served(staff, versions):
+    base, tuned = versions
+    ModelVersion.objects.filter(pk=tuned.pk).update(adapter_path="/nonexistent/adapter.gguf")
+    response = client_for(staff).post(f"/dashboard/fine-tunes/versions/{tuned.pk}/activate/", follow=True)
+    assert b"cannot serve it: model file not found: /nonexistent/adapter.gguf" in response.content
+    assert ModelVersion.objects.get(is_active=True) == base
+
+
+def test_fine_tune_now_without_approved_corrections_explains_and_queues_nothing(staff, versions):
+    response = client_for(staff).post("/dashboard/fine-tunes/start/", follow=True)
+    assert b"no approved corrections" in response.content
+    assert FineTuneRun.objects.count() == 0 and TrainingDataset.objects.count() == 0
+
+
+def test_fine_tune_now_queues_a_run_on_a_new_snapshot(staff, agent, agent2, conversation, knowledge, versions, settings):
+    settings.TUNING_HOLDOUT_SHARE = 0.0
+    answer = conversation.messages.filter(role="assistant").order_by("-id").first()
+    correction = services.correction_create(answer.pk, author=agent, corrected_answer="Five business days [1].",
+                                            reason="wrong_fact", supporting_chunk_ids=[knowledge["refunds"].pk])
+    services.correction_review(correction.pk, reviewer=agent2, approve=True)
+    response = client_for(staff).post("/dashboard/fine-tunes/start/", follow=True)
+    run = FineTuneRun.objects.get()
+    assert (run.status, run.trigger, run.requested_by, run.dataset.version, run.train_examples) == ("queued", "manual", staff, 1, 1)
+    assert response.redirect_chain[-1][0] == f"/dashboard/fine-tunes/{run.pk}/"
+    assert b"Fine-tune run" in response.content and b"Queued" in response.content
+    # a second click while it is in progress is refused
+    again = client_for(staff).post("/dashboard/fine-tunes/start/", follow=True)
+    assert b"already in progress" in again.content and FineTuneRun.objects.count() == 1
+
+
+def test_report_escapes_model_text_and_is_served_sandboxed(agent, versions, conversation, knowledge, agent2):
+    base, tuned = versions
+    dataset = TrainingDataset.objects.create(version=1, sha256="c" * 64, recipe={"method": "raft"})
+    arms = {name: {"version": "v", "questions": 1, "answerable": 1, "unanswerable": 0, "token_f1": 0.5, "markers": 0}
+            for name in ("base+retrieval", "candidate", "candidate+retrieval", "active+retrieval")}
+    evaluation = ModelEvaluation.objects.create(dataset=dataset, status="succeeded", arms=arms, rows=[
+        {"arm": "candidate", "example_id": 1, "question": "<img src=x onerror=alert(1)>", "reference": "ok",
+         "text": "<script>alert(2)</script>", "f1": 0.0, "declined": False}])
+    evaluation.report_html = evaluation_report_html(evaluation)
+    evaluation.save()
+    assert "<script>alert(2)" not in evaluation.report_html and "&lt;script&gt;alert(2)" in evaluation.report_html
+    assert "<img src=x" not in evaluation.report_html
+    response = client_for(agent).get(f"/dashboard/fine-tunes/evaluations/{evaluation.pk}/report/")
+    assert response.status_code == 200 and "sandbox" in response["Content-Security-Policy"]
