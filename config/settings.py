@@ -237,7 +237,7 @@ CELERY_BEAT_SCHEDULE["tuning.fine_tune_scheduled"] = {"task": "tuning.fine_tune_
 # "tuner" worker (or a GPU machine's worker: `celery -A config worker -Q tuning`), so ingestion is
 # never stuck behind a training run.
 TUNING_QUEUE = env("TUNING_QUEUE", default="tuning")
-CELERY_TASK_ROUTES = {name: {"queue": TUNING_QUEUE} for name in ("tuning.fine_tune_run", "tuning.evaluate_model")}
+CELERY_TASK_ROUTES = ("config.celery.route_task",)
 # Evaluation gate: at most this many held-out questions per arm; the candidate (+ retrieval) is
 # promoted when its token-F1 beats the active model's by more than TUNING_GATE_MIN_F1_GAIN and its
 # citation validity and abstention accuracy drop by no more than the tolerances (absolute, 0..1).

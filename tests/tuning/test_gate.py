@@ -74,3 +74,4 @@ def test_is_abstention():
     assert is_abstention("I couldn't find this in our help articles, would you like a person?", False)
     assert not is_abstention("Refunds take five business days [1].", False)
     assert is_abstention("anything", True)
+

@@ -133,22 +133,18 @@ def test_seeding_builds_approved_corrections_with_real_retrieval(seeded):
     assert Correction.objects.count() == before
 
 
-def test_whole_loop_trains_exports_checks_evaluates_promotes_and_serves(seeded, celery_worker_real):
+def test_whole_loop_trains_exports_checks_evaluates_promotes_and_serves(seeded, loop_settings, celery_worker_real):
     base = model_version_active()
     assert base.adapter_path == "" and base.base_model_path == settings.LLM_MODEL_PATH
     # when a run is started (as the "fine-tune now" button does) and a real worker executes it (the
     # tuning queue routed to the test worker's private queue)
     from config.celery import app
 
-    routes = app.conf.task_routes
-    app.conf.task_routes = {"tuning.fine_tune_run": {"queue": app.conf.task_default_queue}}
-    try:
-        run = fine_tune_run_start(trigger="manual")
-        deadline = timezone.now() + timedelta(minutes=10)
-        while FineTuneRun.objects.get(pk=run.pk).status in FineTuneRun.IN_PROGRESS and timezone.now() < deadline:
-            time.sleep(1)
-    finally:
-        app.conf.task_routes = routes
+    loop_settings.TUNING_QUEUE = app.conf.task_default_queue
+    run = fine_tune_run_start(trigger="manual")
+    deadline = timezone.now() + timedelta(minutes=10)
+    while FineTuneRun.objects.get(pk=run.pk).status in FineTuneRun.IN_PROGRESS and timezone.now() < deadline:
+        time.sleep(1)
     dataset = run.dataset
     assert (dataset.version, dataset.train_count + dataset.heldout_count) == (1, 14)
     assert dataset.train_count > 0 and dataset.heldout_count > 0
