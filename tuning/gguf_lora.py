@@ -124,7 +124,8 @@ def lora_adapter_export(
     ``tuning.training``). ``alpha``: the LoRA alpha written to ``adapter.lora.alpha``; default the peft
     config's ``lora_alpha``. Tensors are float32 (an adapter of rank 16 on SmolLM2-135M's attention
     projections is 7.4 MB). The file is written to a temporary name next to ``output_path`` and
-    renamed, so a crash never leaves a half-written adapter at ``output_path``.
+    renamed, so a failure never leaves a half-written adapter at ``output_path`` (the temporary file
+    is removed; an existing file at ``output_path`` is replaced only on success).
 
     ``_permute_qk`` (testing only): ``False`` skips the rotary row permutation of q/k ``lora_b``,
     reproducing the silent half-working adapter the parity check must catch.
@@ -190,7 +191,10 @@ def lora_adapter_export(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-    finally:
         writer.close()
-    partial.replace(output_path)
+        partial.replace(output_path)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
     return output_path

@@ -1,7 +1,7 @@
 """LoRA fine-tuning of the base GGUF model with transformers + peft (the ML core of a fine-tune run).
 
-Plain Python, no Django: the Celery task (``tuning.tasks``) calls these with paths and records and
-stores the results. Runs in worker processes only; serving never imports this module.
+Plain Python, no Django: the fine-tune run (``tuning.fine_tuning``, run by a Celery task) calls
+these with paths and records and stores the results. Runs in worker processes only; serving never imports this module.
 
 - ``load_base_model``: transformers loads the GGUF and dequantizes its weights to float32 (its GGUF
   loader also undoes llama.cpp's rotary row permutation of the q and k projections).
@@ -46,14 +46,19 @@ class TrainingStopped(Exception):
 
 @dataclass(frozen=True)
 class LoraHyperparameters:
-    """LoRA fine-tune settings; the defaults suit SmolLM2-135M-Instruct on a few hundred RAFT examples.
+    """LoRA fine-tune settings. The defaults are starting points for SmolLM2-135M-Instruct on a few
+    hundred RAFT examples (common LoRA values; measured only on short runs, see below).
 
     - ``r``: LoRA rank; ``alpha``: LoRA alpha (the update is scaled by ``alpha / r``, peft's and
       llama.cpp's convention); ``dropout``: dropout on the LoRA input (peft's ``lora_dropout``).
-    - ``target_modules``: Hugging Face projection names to adapt; attention only by default
-      (``ATTENTION_PROJECTIONS``); add ``MLP_PROJECTIONS`` for more capacity (measured on
-      SmolLM2-135M: see the README's fine-tune section). Never ``lm_head`` or ``embed_tokens``: the base
-      ties them, and llama.cpp cannot apply an adapter to a tied output layer.
+    - ``target_modules``: Hugging Face projection names to adapt; by default every linear projection
+      of the decoder blocks (``ATTENTION_PROJECTIONS + MLP_PROJECTIONS``, as QLoRA recommends:
+      Dettmers et al., 2023). Measured on SmolLM2-135M, 8 Doc2Dial examples x 3 epochs at learning
+      rate 1e-3 (``benchmarks/fine_tune_parity.py``): answer log-likelihood in llama.cpp on 8
+      held-out questions -1.515 (base) -> -0.630 nats/token with attention only, -0.474 with the MLP
+      too, for 2.8 instead of 2.0 s per example pass, 2.4 instead of 2.0 GB peak RSS and a 19.6
+      instead of 7.4 MB adapter. Never ``lm_head`` or ``embed_tokens``: the base ties them, and
+      llama.cpp's converter refuses an adapter on a tied output layer.
     - ``learning_rate``: AdamW peak learning rate, linear warm-up over ``warmup_ratio`` of the steps,
       then linear decay to 0; ``weight_decay``: AdamW weight decay; ``max_grad_norm``: gradient
       clipping (L2 norm).
@@ -70,7 +75,7 @@ class LoraHyperparameters:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = ATTENTION_PROJECTIONS
+    target_modules: tuple[str, ...] = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from tuning.gguf_lora import AdapterExportError, lora_adapter_export, rope_permute_rows
-from tuning.training import MLP_PROJECTIONS
 
-HEADS, KV_HEADS, HIDDEN, KV_DIM, RANK = 4, 2, 64, 32, 8
+HEADS, KV_HEADS, HIDDEN, KV_DIM, FFN, RANK = 4, 2, 64, 32, 128, 8
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
@@ -44,7 +43,7 @@ def read_adapter(path):
 
 def test_export_writes_the_adapter_kv_fields_and_base_tensor_names_with_llama_cpp_shapes(tiny_gguf, tiny_tensors,
                                                                                         tiny_trained, tmp_path):
-    # Given a LoRA (rank 8, alpha 16) trained on the attention projections of the tiny model
+    # Given a LoRA (rank 8, alpha 16) trained on all projections of the tiny model (the default)
     # When it is exported
     path = lora_adapter_export(tiny_trained.peft_model, tiny_gguf, tmp_path / "adapter.gguf", alpha=16.0)
 
@@ -58,8 +57,10 @@ def test_export_writes_the_adapter_kv_fields_and_base_tensor_names_with_llama_cp
     # ggml shapes lora_a [in, r] and lora_b [r, out]
     expected = {}
     for block in range(2):
-        for name, out in (("attn_q", HIDDEN), ("attn_k", KV_DIM), ("attn_v", KV_DIM), ("attn_output", HIDDEN)):
-            expected[f"blk.{block}.{name}.weight.lora_a"] = (HIDDEN, RANK)
+        for name, in_features, out in (("attn_q", HIDDEN, HIDDEN), ("attn_k", HIDDEN, KV_DIM), ("attn_v", HIDDEN, KV_DIM),
+                                       ("attn_output", HIDDEN, HIDDEN), ("ffn_gate", HIDDEN, FFN), ("ffn_up", HIDDEN, FFN),
+                                       ("ffn_down", FFN, HIDDEN)):
+            expected[f"blk.{block}.{name}.weight.lora_a"] = (in_features, RANK)
             expected[f"blk.{block}.{name}.weight.lora_b"] = (RANK, out)
     assert {name: shape for name, (shape, _, _) in tensors.items()} == expected
     assert {kind for _, kind, _ in tensors.values()} == {gguf.GGMLQuantizationType.F32}
@@ -73,7 +74,9 @@ def test_export_copies_peft_matrices_and_permutes_only_the_q_and_k_lora_b_rows(t
 
     # Then every lora_a is peft's lora_A as is, v/o lora_b are peft's lora_B as is, and q/k lora_b
     # rows are permuted like the base GGUF's q (4 heads) and k (2 kv heads)
-    for base_name, (a, b) in lora_weights(tiny_trained.peft_model).items():
+    weights = lora_weights(tiny_trained.peft_model)
+    assert len(weights) == 14  # 7 projections x 2 blocks
+    for base_name, (a, b) in weights.items():
         assert np.array_equal(tensors[base_name + ".lora_a"][2], a)
         written_b = tensors[base_name + ".lora_b"][2]
         if ".attn_q." in base_name:
@@ -117,25 +120,24 @@ def test_export_without_the_permutation_differs_only_in_q_and_k_lora_b(tiny_gguf
     assert differing == [f"blk.{b}.{n}.weight.lora_b" for b in range(2) for n in ("attn_k", "attn_q")]
 
 
-def test_export_names_mlp_projections_like_the_base(tiny_gguf, tiny_base, tmp_path):
-    # Given a LoRA on the MLP projections too (random B, so nothing is trained)
+def test_export_writes_only_the_adapted_projections(tiny_gguf, tiny_base, tmp_path):
+    # Given a LoRA on q and the MLP down projection only (random B, so nothing is trained)
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     model = get_peft_model(copy.deepcopy(tiny_base[0]), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", *MLP_PROJECTIONS], init_lora_weights=False, task_type="CAUSAL_LM"))
+        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
 
     # When exported
-    _, tensors = read_adapter(lora_adapter_export(model, tiny_gguf, tmp_path / "mlp.gguf"))
+    fields, tensors = read_adapter(lora_adapter_export(model, tiny_gguf, tmp_path / "subset.gguf"))
 
-    # Then the MLP tensors carry the base's ffn names and shapes (ffn_down: in 128, out 64)
-    shapes = {name: shape for name, (shape, _, _) in tensors.items() if name.startswith("blk.1.")}
-    assert shapes == {
-        "blk.1.attn_q.weight.lora_a": (64, 4), "blk.1.attn_q.weight.lora_b": (4, 64),
-        "blk.1.ffn_gate.weight.lora_a": (64, 4), "blk.1.ffn_gate.weight.lora_b": (4, 128),
-        "blk.1.ffn_up.weight.lora_a": (64, 4), "blk.1.ffn_up.weight.lora_b": (4, 128),
-        "blk.1.ffn_down.weight.lora_a": (128, 4), "blk.1.ffn_down.weight.lora_b": (4, 64),
+    # Then only those tensors are written, with the base's names and shapes (ffn_down: in 128, out 64)
+    assert {name: shape for name, (shape, _, _) in tensors.items()} == {
+        f"blk.{block}.{name}": shape for block in range(2) for name, shape in (
+            ("attn_q.weight.lora_a", (64, 4)), ("attn_q.weight.lora_b", (4, 64)),
+            ("ffn_down.weight.lora_a", (128, 4)), ("ffn_down.weight.lora_b", (4, 64)))
     }
+    assert fields["adapter.lora.alpha"] == 8.0
 
 
 def test_exported_adapter_loads_in_llama_cpp_and_changes_its_logits(tiny_gguf, tiny_base, tiny_trained, tmp_path):
@@ -177,3 +179,20 @@ def test_export_needs_the_base_file(tiny_trained, tmp_path):
     with pytest.raises(FileNotFoundError):
         lora_adapter_export(tiny_trained.peft_model, tmp_path / "missing.gguf", tmp_path / "adapter.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_leaves_the_previous_adapter_and_no_partial_file(tiny_gguf, tiny_trained, tmp_path, monkeypatch):
+    # Given an adapter already at the output path and a disk that fails while writing tensors
+    previous = tmp_path / "adapter.gguf"
+    previous.write_bytes(b"previous adapter")
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+
+    # When the export runs, then it raises and the previous adapter is untouched
+    with pytest.raises(OSError, match="No space left"):
+        lora_adapter_export(tiny_trained.peft_model, tiny_gguf, previous)
+    assert previous.read_bytes() == b"previous adapter"
+    assert list(tmp_path.iterdir()) == [previous]

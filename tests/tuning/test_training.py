@@ -10,6 +10,7 @@ import torch
 from tuning.training import (
     ATTENTION_PROJECTIONS,
     IGNORE_INDEX,
+    MLP_PROJECTIONS,
     LoraHyperparameters,
     TrainingStopped,
     encode_chat_record,
@@ -123,12 +124,13 @@ def test_lora_train_lowers_the_loss_reports_progress_and_trains_only_lora(tiny_b
     assert result.tokens == sum(len(item.input_ids) for item in encoded)
     assert result.answer_tokens == sum(item.answer_tokens for item in encoded)
     assert result.duration_s > 0
-    # and only the LoRA matrices of the attention projections trained: base weights, the tied
-    # embeddings and the output layer are unchanged
+    # and only the LoRA matrices of the projections trained (all of them by default): base weights,
+    # the tied embeddings and the output layer are unchanged
     peft_model = result.peft_model
     trained = {name for name, p in peft_model.named_parameters() if p.requires_grad}
     assert trained and all(".lora_A." in name or ".lora_B." in name for name in trained)
-    assert {name.split(".lora_")[0].rsplit(".", 1)[1] for name in trained} == set(ATTENTION_PROJECTIONS)
+    assert {name.split(".lora_")[0].rsplit(".", 1)[1] for name in trained} == set(ATTENTION_PROJECTIONS + MLP_PROJECTIONS)
+    assert len(trained) == 2 * 7 * 2  # A and B x 7 projections x 2 blocks
     base_after = {name.replace("base_model.model.", "", 1).replace(".base_layer", ""): p
                   for name, p in peft_model.named_parameters() if ".lora_" not in name}
     assert base_after.keys() == frozen_before.keys()

@@ -53,7 +53,8 @@ def write_tiny_llama_gguf(
     ``output.weight`` tensor), like SmolLM2. Weights are drawn from a seeded normal distribution
     scaled so next-token distributions are peaked rather than nearly uniform (top-1 comparisons
     between runtimes are then meaningful). With SmolLM2's vocabulary and ``hidden=64`` the file is
-    about 14 MB, written in well under a second.
+    about 15 MB, written in ~3 s (most of it ``GGUFReader`` parsing the tokenizer fields); loading it
+    in transformers takes ~15 s for the same reason, so share it across tests (session fixtures).
 
     Raises ``ValueError`` for inconsistent sizes.
     """
