@@ -16,7 +16,8 @@ MARKER = re.compile(r"\[\s*(\d{1,3}(?:\s*,\s*\d{1,3})*)\s*\]")
 _MAX_MARKER_CHARS = 16
 
 
-def _marker_numbers(marker_body: str) -> list[int]:
+def marker_numbers(marker_body: str) -> list[int]:
+    """The numbers of one marker's body (``"1, 3"`` -> ``[1, 3]``; ``MARKER``'s group 1)."""
     return [int(part) for part in re.split(r"\s*,\s*", marker_body.strip())]
 
 
@@ -25,7 +26,7 @@ def clean_markers(text: str, source_count: int) -> str:
     (a marker left with none is removed, together with one space before it)."""
 
     def replace(match: re.Match) -> str:
-        valid = [n for n in _marker_numbers(match.group(1)) if 1 <= n <= source_count]
+        valid = [n for n in marker_numbers(match.group(1)) if 1 <= n <= source_count]
         return "".join(f"[{n}]" for n in dict.fromkeys(valid))
 
     cleaned = MARKER.sub(replace, text)
@@ -37,7 +38,7 @@ def parse_citations(text: str, source_count: int) -> list[int]:
     keeping only numbers in ``1..source_count``."""
     numbers: list[int] = []
     for match in MARKER.finditer(text):
-        numbers.extend(n for n in _marker_numbers(match.group(1)) if 1 <= n <= source_count)
+        numbers.extend(n for n in marker_numbers(match.group(1)) if 1 <= n <= source_count)
     return list(dict.fromkeys(numbers))
 
 
@@ -96,7 +97,7 @@ class CitationFilter:
 def count_markers(text: str, source_count: int) -> dict:
     """``{"total": int, "valid": int}``: source numbers written in markers of ``text`` (a marker
     ``[1, 4]`` counts two) and how many of them are in ``1..source_count``."""
-    numbers = [n for match in MARKER.finditer(text) for n in _marker_numbers(match.group(1))]
+    numbers = [n for match in MARKER.finditer(text) for n in marker_numbers(match.group(1))]
     return {"total": len(numbers), "valid": sum(1 <= n <= source_count for n in numbers)}
 
 

@@ -208,7 +208,9 @@ def should_abstain(chunks: list[RetrievedChunk], *, max_distance: float | None =
     return best is None or best > limit
 
 
-def _retrieval_trace(chunks: list[RetrievedChunk]) -> list[dict]:
+def retrieval_trace(chunks: list[RetrievedChunk]) -> list[dict]:
+    """The stored retrieval trace of ``chunks``: ``[{"chunk_id", "source_id", "score", "vector_distance",
+    "text_rank"}]`` (RRF score, cosine distance 0..2, rounded to 6 places)."""
     return [
         {"chunk_id": c.chunk_id, "source_id": c.source_id, "score": round(c.score, 6),
          "vector_distance": None if c.vector_distance is None else round(c.vector_distance, 6),
@@ -291,7 +293,7 @@ def answer_compose(
         started = time.perf_counter()
         chunks = chunk_search(retrieval_query(question, list(history)), k=settings.RETRIEVAL_K, collection=collection)
         retrieval_ms = _ms(time.perf_counter() - started)
-    trace = _retrieval_trace(chunks)
+    trace = retrieval_trace(chunks)
 
     def abstention() -> Iterator[AnswerEvent]:
         yield AnswerEvent("chat.token", {"text": ABSTAIN_MESSAGE})

@@ -38,7 +38,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Max
 
-from chat.citations import MARKER
+from chat.citations import MARKER, marker_numbers
 from chat.prompts import grounded_messages
 from chat.services import ABSTAIN_MESSAGE
 from tuning.models import Correction, TrainingDataset, TrainingExample
@@ -103,8 +103,8 @@ def _renumber(answer: str, old_ids: list[int], new_ids: list[int], gold_ids: lis
     position = {chunk_id: n for n, chunk_id in enumerate(new_ids, start=1)}
 
     def replace(match: re.Match) -> str:
-        numbers = [int(part) for part in re.split(r"\s*,\s*", match.group(1).strip())]
-        kept = [position[old_ids[n - 1]] for n in numbers if 1 <= n <= len(old_ids) and old_ids[n - 1] in position]
+        kept = [position[old_ids[n - 1]] for n in marker_numbers(match.group(1))
+                if 1 <= n <= len(old_ids) and old_ids[n - 1] in position]
         return "".join(f"[{n}]" for n in dict.fromkeys(kept))
 
     text = " ".join(MARKER.sub(replace, answer).split())

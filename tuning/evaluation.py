@@ -37,7 +37,7 @@ from django.utils import timezone
 from chat import engine as engine_module
 from chat.answer_metrics import token_f1
 from chat.models import ModelVersion
-from chat.services import ABSTAIN_MESSAGE, answer_compose, model_version_active
+from chat.services import ABSTAIN_MESSAGE, answer_compose, model_version_active, model_version_register
 from knowledge.evaluation import percentile
 from tuning.models import ModelEvaluation, TrainingDataset, TrainingExample
 
@@ -166,8 +166,6 @@ def arm_metrics(rows: list[dict]) -> dict:
 def base_version_for(version: ModelVersion) -> ModelVersion:
     """The registered version serving ``version``'s base GGUF without an adapter (registered now
     when missing)."""
-    from chat.services import model_version_register
-
     existing = ModelVersion.objects.filter(base_model_path=version.base_model_path, adapter_path="").order_by("id").first()
     if existing is not None:
         return existing

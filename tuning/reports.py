@@ -86,6 +86,7 @@ def evaluation_report_html(evaluation, *, run=None) -> str:
                                                        "answers": []})
         entry["answers"].append({"arm": row["arm"], "text": row["text"], "f1": row["f1"], "declined": row["declined"]})
     return render_to_string("tuning/report.html", {
-        "evaluation": evaluation, "run": run, "arms": arms, "metric_keys": [m[0] for m in METRICS],
+        "evaluation": evaluation, "run": run, "arms": arms,
+        "metric_rows": [(key, [data.get(key) for data in arms.values()]) for key, _, _ in METRICS],
         "charts": charts, "loss_chart": loss, "examples": list(examples.values())[:30],
     })

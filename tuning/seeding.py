@@ -23,7 +23,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from chat.models import Conversation, Message
-from chat.services import ABSTAIN_MESSAGE
+from chat.services import ABSTAIN_MESSAGE, retrieval_trace
 from knowledge.evaluation import GoldQuestion
 from knowledge.models import Chunk, Source
 from knowledge.selectors import chunk_search, retrieval_query
@@ -41,6 +41,11 @@ class SeedReport:
     created: int = 0
     existing: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
+
+
+def dialogue_of(question: GoldQuestion) -> str:
+    """The dialogue a question belongs to: its qid up to the last ``_`` (Doc2Dial's ``<dial_id>_<turn>``)."""
+    return question.qid.rsplit("_", 1)[0]
 
 
 def _sources_by_relative_path(collection: str, root: Path) -> dict[str, int]:
@@ -70,8 +75,7 @@ def _seed_one(*, key: str, group: str, question: str, history: list[dict], colle
         ] + [Message(conversation=conversation, role=Message.Role.USER, text=question)])
         message = Message.objects.create(
             conversation=conversation, role=Message.Role.ASSISTANT, text="",
-            retrieval=[{"chunk_id": c.chunk_id, "source_id": c.source_id, "score": round(c.score, 6),
-                        "vector_distance": c.vector_distance, "text_rank": c.text_rank} for c in retrieved],
+            retrieval=retrieval_trace(retrieved),
         )
         return Correction.objects.create(
             message=message, author=None, reason=reason, corrected_answer=answer, original_answer="",
@@ -121,7 +125,7 @@ def training_data_seed(
         if not gold:
             report.skipped[question.qid] = "no chunk overlaps the gold span"
             continue
-        group = question.qid.rsplit("_", 1)[0]
+        group = dialogue_of(question)
         _seed_one(key=key, group=group, question=question.question, history=list(question.history),
                   collection=collection, answer=answer, reason=Correction.Reason.WRONG_FACT, supporting=gold)
         report.created += 1

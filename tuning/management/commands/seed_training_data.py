@@ -12,7 +12,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from knowledge.evaluation import load_questions
-from tuning.seeding import training_data_seed
+from tuning.seeding import dialogue_of, training_data_seed
 
 
 class Command(BaseCommand):
@@ -41,9 +41,8 @@ class Command(BaseCommand):
                 first, last = (int(x) for x in dialogues.split(":"))
             except ValueError:
                 raise CommandError("--dialogues takes I:J, e.g. 0:40") from None
-            order = list(dict.fromkeys(q.qid.rsplit("_", 1)[0] for q in gold))[first:last]
-            wanted = set(order)
-            gold = [q for q in gold if q.qid.rsplit("_", 1)[0] in wanted]
+            wanted = set(list(dict.fromkeys(dialogue_of(q) for q in gold))[first:last])
+            gold = [q for q in gold if dialogue_of(q) in wanted]
         gold = gold[:limit] if limit else gold
         extra = []
         if unanswerable:
