@@ -37,6 +37,14 @@ class GoldQuestion:
     answer_start: int
     answer_end: int
     reference_answer: str = ""
+    dialogue: str = ""
+
+    @property
+    def split(self) -> str:
+        """``"tune"`` or ``"heldout"``: a fixed half of the dialogues (SHA-256 of the dialogue id, or of
+        the question id without one), so thresholds chosen on one half are reported on the other and
+        no dialogue is in both."""
+        return dialogue_split(self.dialogue or self.qid)
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ def load_questions(path: str | Path, *, limit: int | None = None) -> list[GoldQu
                         answer_start=int(row["answer_start"]),
                         answer_end=int(row["answer_end"]),
                         reference_answer=row.get("reference_answer", ""),
+                        dialogue=str(row.get("dial_id", "")),
                     )
                 )
             except KeyError as error:
@@ -75,6 +84,13 @@ def load_questions(path: str | Path, *, limit: int | None = None) -> list[GoldQu
             if limit and len(questions) >= limit:
                 break
     return questions
+
+
+def dialogue_split(dialogue: str) -> str:
+    """``"tune"`` for dialogues whose SHA-256 starts with an even byte, else ``"heldout"``."""
+    import hashlib
+
+    return "tune" if hashlib.sha256(dialogue.encode()).digest()[0] % 2 == 0 else "heldout"
 
 
 def passage_hit(passage: RankedPassage, question: GoldQuestion) -> bool:

@@ -66,6 +66,87 @@ def retrieval_query(question: str, history: Sequence[dict] = (), *, max_user_tur
     return "\n".join(part for part in parts if part)
 
 
+# Words that point back at something said earlier ("how do I renew it?", "what about my spouse?").
+_ANAPHORA = re.compile(
+    r"(?i)\b(it|its|this|that one|these|those|they|them|their|he|she|him|his|her|same|such|else|instead|either)\b"
+    r"|^\s*(and|also|so|ok(ay)?|what about|how about|what if|and if|then|but)\b"
+)
+_FUNCTION_WORDS = frozenset(
+    "a an and are as at be but by can could do does for from how i if in is it me my of on or should so than the "
+    "then there to was what when where which who why will with would you your yes no ok okay please thanks thank "
+    "hi hello about get need want".split()
+)
+
+
+def is_follow_up(question: str, *, min_terms: int = 2) -> bool:
+    """Whether ``question`` leans on the conversation to be understood: it refers back (a pronoun such
+    as "it" or "they", or opens with "and", "what about", "what if"...) or has fewer than
+    ``min_terms`` content words. Such questions are retrieved together with their history."""
+    terms = [t for t in _TERM.findall(question.lower()) if t not in _FUNCTION_WORDS and len(t) > 1]
+    return len(terms) < min_terms or bool(_ANAPHORA.search(question))
+
+
+@dataclass(frozen=True)
+class ConversationalRetrieval:
+    """The outcome of ``conversation_search``: ``chunks`` (best first), ``query`` (the text they were
+    retrieved with), ``follow_up`` (``None`` when the question was retrieved on its own words, else why
+    its history was used: ``"refers back"`` or ``"weak on its own"``), ``question_distance`` (the
+    closest chunk's cosine distance, 0..2, for the question's own words; ``None`` if nothing), and
+    ``distance`` (the same for ``chunks``)."""
+
+    chunks: list[RetrievedChunk]
+    query: str
+    follow_up: str | None
+    question_distance: float | None
+    distance: float | None
+
+
+def _closest(chunks: Sequence[RetrievedChunk]) -> float | None:
+    distances = [c.vector_distance for c in chunks if c.vector_distance is not None]
+    return min(distances) if distances else None
+
+
+def conversation_search(
+    question: str, history: Sequence[dict] = (), *, k: int = 5, collection: str | None = None,
+    mode: str = "hybrid", weak_distance: float | None = None, lean_max_distance: float | None = None,
+) -> ConversationalRetrieval:
+    """Retrieval that follows a conversation without being captured by it.
+
+    The question is retrieved on its own words and, when there is ``history`` (``[{"role", "text"}]``,
+    oldest first), also with it (``retrieval_query``; both queries embedded in one batch). The
+    history's results are used when the question refers back (``is_follow_up``), or when its own
+    retrieval is weak (closest chunk farther than ``weak_distance``, default ``ABSTAIN_MAX_DISTANCE``)
+    but not hopeless (within ``lean_max_distance``, default ``FOLLOW_UP_MAX_DISTANCE``) and the
+    history's retrieval is not weak. Otherwise the question's own results are used, so a new topic is
+    not answered from the previous topic's sources, and an off-topic question keeps its own (far)
+    distance for the caller's abstention check. Returns ``ConversationalRetrieval``; raises
+    ``ValueError`` like ``chunk_search``.
+    """
+    weak = settings.ABSTAIN_MAX_DISTANCE if weak_distance is None else weak_distance
+    lean = settings.FOLLOW_UP_MAX_DISTANCE if lean_max_distance is None else lean_max_distance
+    question = question.strip()
+    if not question:
+        return ConversationalRetrieval([], "", None, None, None)
+    query = retrieval_query(question, history)
+    texts = [question] if query == question else [question, query]
+    vectors = embedding_module.get_embedding_model().encode(texts)
+    own = chunk_search(question, k=k, collection=collection, query_embedding=vectors[0], mode=mode)
+    own_distance = _closest(own)
+    if query == question:
+        return ConversationalRetrieval(own, question, None, own_distance, own_distance)
+    with_history = chunk_search(query, k=k, collection=collection, query_embedding=vectors[1], mode=mode)
+    history_distance = _closest(with_history)
+    reason = None
+    if is_follow_up(question):
+        reason = "refers back"
+    elif (own_distance is None or own_distance > weak) and own_distance is not None and own_distance <= lean \
+            and history_distance is not None and history_distance <= weak:
+        reason = "weak on its own"
+    if reason:
+        return ConversationalRetrieval(with_history, query, reason, own_distance, history_distance)
+    return ConversationalRetrieval(own, question, None, own_distance, own_distance)
+
+
 def _tsquery_text(query: str) -> str:
     """An OR ``to_tsquery`` expression of the query's words (quoted, so no operator can be injected)."""
     terms = dict.fromkeys(term.lower() for term in _TERM.findall(query))

@@ -20,7 +20,7 @@ from knowledge.evaluation import (
     score_rankings,
 )
 from knowledge.models import Chunk
-from knowledge.selectors import chunk_search, retrieval_query
+from knowledge.selectors import chunk_search, conversation_search, retrieval_query
 
 
 class Command(BaseCommand):
@@ -35,8 +35,12 @@ class Command(BaseCommand):
         parser.add_argument("--modes", default="hybrid", help="comma-separated: hybrid,vector,text")
         parser.add_argument("--turns", choices=["first", "all", "both"], default="both",
                             help="first turns only, all turns (with history), or both tables")
+        parser.add_argument("--history", default="adaptive",
+                            help="comma-separated ways to use a question's history: adaptive (the pipeline's "
+                                 "conversation_search: history only for follow-ups), always (question + earlier "
+                                 "questions), never (the question alone); one column each")
 
-    def handle(self, *args, questions, docs_root, collection, limit, modes, turns, **options):
+    def handle(self, *args, questions, docs_root, collection, limit, modes, turns, history, **options):
         path = Path(questions)
         if not path.exists():
             raise CommandError(f"no such file: {questions}")
@@ -68,19 +72,33 @@ class Command(BaseCommand):
 
         bm25 = BM25Baseline(passages)
 
-        def hybrid_retriever(mode):
+        def query_of(question, use):
+            if use == "never":
+                return question.question
+            if use == "adaptive":
+                return conversation_search(question.question, question.history, k=1, collection=collection).query
+            return retrieval_query(question.question, question.history)
+
+        def hybrid_retriever(mode, use):
             def retrieve(question):
-                results = chunk_search(
-                    retrieval_query(question.question, question.history), k=10, collection=collection, mode=mode
-                )
+                if use == "adaptive":
+                    results = conversation_search(question.question, question.history, k=10,
+                                                  collection=collection, mode=mode).chunks
+                else:
+                    results = chunk_search(query_of(question, use), k=10, collection=collection, mode=mode)
                 return [RankedPassage(relative.get(r.source_uri, r.source_uri), r.start, r.end) for r in results]
             return retrieve
 
-        def bm25_retrieve(question):
-            return bm25.search(retrieval_query(question.question, question.history), 10)
-
-        systems = {f"{mode}": hybrid_retriever(mode) for mode in modes.split(",")}
-        systems["BM25 baseline"] = bm25_retrieve
+        uses = history.split(",")
+        unknown = set(uses) - {"adaptive", "always", "never"}
+        if unknown:
+            raise CommandError(f"unknown --history {sorted(unknown)}")
+        systems = {}
+        for use in uses:
+            for mode in modes.split(","):
+                systems[mode if len(uses) == 1 else f"{mode}, history {use}"] = hybrid_retriever(mode, use)
+        # BM25 reads the same query as the first hybrid column.
+        systems["BM25 baseline"] = lambda question: bm25.search(query_of(question, uses[0]), 10)
         chunk_search("warm up the embedding model", k=1, collection=collection)
         subsets = []
         if turns in ("first", "both"):
