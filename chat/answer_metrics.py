@@ -33,3 +33,12 @@ def token_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(predicted), common / len(gold)
     return 2 * precision * recall / (precision + recall)
+
+
+def invented_facts(answer: str, sources: list[str]) -> list[str]:
+    """Hard facts of ``answer`` (links, e-mail addresses, phone numbers, numbers and quantities,
+    months, codes; ``chat.grounding.hard_facts``) that none of ``sources`` contains, as readable
+    strings such as ``"link example.com"`` or ``"number 6"``; ``[]`` when every fact is present."""
+    from chat.grounding import hard_facts, merge_facts
+
+    return hard_facts(answer).missing_from(merge_facts([hard_facts(text) for text in sources]))

@@ -92,10 +92,15 @@ class Message(models.Model):
     For assistant messages: ``abstained`` is true when the bot declined to answer (weak retrieval);
     ``citations`` is ``[{"n", "chunk_id", "source_id", "source_title", "start", "end", "method"}]``
     (``n`` the 1-based source number the answer cited as ``[n]``, ``start``/``end`` character offsets
-    into the source text, ``method`` ``"model"`` when the model wrote the marker or ``"overlap"`` when
-    the pipeline attributed the answer to the source it copied from); ``retrieval`` the retrieval trace ``[{"chunk_id", "source_id", "score",
+    into the source text, ``method`` ``"model"`` when the model wrote the marker and the check confirmed it, ``"check"``
+    when the groundedness check cited the source that supports the sentence, ``"extractive"`` for a
+    quoted source sentence); ``retrieval`` the retrieval trace ``[{"chunk_id", "source_id", "score",
     "vector_distance", "text_rank"}]`` (RRF score, cosine distance 0..2); ``timings``
-    ``{"retrieval_ms", "ttft_ms", "generation_ms", "tokens", "tokens_per_s"}``.
+    ``{"retrieval_ms", "ttft_ms", "first_text_ms", "generation_ms", "tokens", "tokens_per_s"}``;
+    ``grounding`` the groundedness check's record: ``{"method": "generated"|"extractive"|"declined",
+    "reason", "query", "follow_up", "question_distance", "removed": int, "sentences": [{"text",
+    "shown", "reason", "source", "coverage", "similarity"}]}`` (every sentence the model wrote, and
+    why each removed one was removed; ``chat.services.ComposedAnswer``).
     """
 
     class Role(models.TextChoices):
@@ -111,6 +116,7 @@ class Message(models.Model):
     citations = models.JSONField(default=list, blank=True)
     retrieval = models.JSONField(default=list, blank=True)
     timings = models.JSONField(default=dict, blank=True)
+    grounding = models.JSONField(default=dict, blank=True)
     model_version = models.ForeignKey(
         ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="messages"
     )

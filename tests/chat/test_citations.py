@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chat.citations import CitationFilter, attribute, clean_markers, count_markers, parse_citations
+from chat.citations import CitationFilter, clean_markers, count_markers, parse_citations
 
 
 def stream(pieces, source_count=3):
@@ -42,16 +42,3 @@ def test_the_stream_filter_holds_an_open_bracket_until_it_resolves():
     assert citation_filter.feed("Renew online [") == "Renew online"
     assert citation_filter.feed("2") == ""
     assert citation_filter.feed("] today") == " [2] today"
-
-
-def test_attribute_cites_the_source_holding_most_of_each_sentence():
-    sources = ["Renew your registration online with your plate number.",
-               "If your insurance lapses the DMV suspends the registration."]
-    answer = "If your insurance lapses, the DMV suspends your registration. Renew it online with your plate number."
-    assert attribute(answer, sources, min_coverage=0.7) == [2, 1]
-
-
-def test_attribute_cites_nothing_for_unsupported_or_short_sentences():
-    sources = ["Renew your registration online with your plate number."]
-    assert attribute("Pizza with basil and tomatoes tastes great.", sources, min_coverage=0.7) == []
-    assert attribute("Renew online.", sources, min_coverage=0.7) == []  # fewer than 4 content words

@@ -1,0 +1,172 @@
+"""The groundedness check (``chat.grounding``): hard facts, sentence support, what the question asks
+for, the streaming gate and the extractive fallback. The real sentence-embedding model measures
+similarity; no database or language model is needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from chat.grounding import (
+    GroundingCheck,
+    SentenceGate,
+    Thresholds,
+    answer_type,
+    extractive_answer,
+    hard_facts,
+    has_answer_type,
+    split_sentences,
+)
+
+RETURNS = ("You can return unused items in their original packaging within 60 days of delivery for a full "
+           "refund. Trail Points members have 90 days. Returns by mail are free for exchanges; for refunds we "
+           "deduct 5.95 dollars for the label.")
+SHIPPING = ("Standard shipping is free on orders of 75 dollars or more. Below that, standard shipping costs 6.95 "
+            "dollars. We ship to Canada, the United Kingdom and the European Union.")
+WARRANTY = "Email warranty@tidewater.example with your order number and photos of the defect."
+THRESHOLDS = Thresholds(min_coverage=0.6, min_similarity=0.5, min_relevance=0.3, min_words=2)
+
+
+@pytest.fixture
+def check(embedding_model):
+    def make(question: str, sources=(RETURNS, SHIPPING, WARRANTY), titles=("Returns", "Shipping", "Warranty")):
+        return GroundingCheck(question, list(sources), titles=list(titles), thresholds=THRESHOLDS,
+                              encode=embedding_model.encode)
+    return make
+
+
+def test_hard_facts_are_normalised_so_the_same_fact_matches_however_it_is_written():
+    facts = hard_facts("Call (800) 772-1213 or see https://www.SSA.gov/forms/. It costs $5.95, takes three business "
+                       "days and weighs 1,600 g; e-mail help@ssa.gov about SKU TW-TENT-2P by June 5.")
+    assert facts.urls == {"ssa.gov/forms"}
+    assert facts.emails == {"help@ssa.gov"}
+    assert facts.phones == {"8007721213"}
+    assert facts.codes == {"TW-TENT-2P"}
+    assert facts.months == {"june"}
+    assert facts.numbers == {"5.95", "3", "1600", "5"}
+    assert facts.quantities == {("5.95", "dollar"), ("3", "day"), ("1600", "g")}
+    assert hard_facts("5.95 dollars").quantities == hard_facts("$5.95").quantities
+    # "may" the verb is not a month; citation markers are not numbers
+    assert hard_facts("You may return it [2].").months == frozenset()
+    assert hard_facts("You may return it [2].").numbers == frozenset()
+
+
+@pytest.mark.parametrize("sentence, reason", [
+    ("The answer is: 6 months.", "not in the sources: number 6"),
+    ("You have 60 months to return unused items [1].", "not in the sources: quantity 60 month"),
+    ("See www.amazon.com/returns for the return window.", "not in the sources: link amazon.com/returns"),
+    ("Write to returns@tidewater.example about your refund [1].", "not in the sources: e-mail returns@tidewater.example"),
+    ("Call 555-201-0199 to start a return.", "not in the sources: phone 5552010199"),
+])
+def test_a_sentence_with_a_fact_the_sources_lack_is_removed(check, sentence, reason):
+    verdict = check("How long do I have to return a tent?").check(sentence)
+    assert (verdict.shown, verdict.reason) == (False, reason)
+
+
+def test_a_supported_sentence_is_shown_with_the_marker_the_model_wrote(check):
+    verdict = check("How long do I have to return a tent?").check(
+        "You can return unused items within 60 days of delivery [1].")
+    assert (verdict.shown, verdict.source, verdict.recited) == (True, 1, False)
+    assert verdict.text == "You can return unused items within 60 days of delivery [1]."
+    assert verdict.coverage == 1.0 and verdict.similarity > 0.8
+
+
+def test_a_sentence_cited_to_the_wrong_source_or_to_none_is_cited_to_the_source_that_supports_it(check):
+    c = check("Do you ship to Canada?")
+    wrong = c.check("We ship to Canada, the United Kingdom and the European Union [1].")
+    assert (wrong.shown, wrong.source, wrong.recited) == (True, 2, True)
+    assert wrong.text == "We ship to Canada, the United Kingdom and the European Union [2]."
+    uncited = c.check("We ship to Canada and the United Kingdom.")
+    assert (uncited.shown, uncited.text) == (True, "We ship to Canada and the United Kingdom [2].")
+
+
+@pytest.mark.parametrize("sentence, reason_start", [
+    ("Paris is the capital of France [1].", "not supported by the sources"),
+    ("Our tents are the best on the market and everyone loves them.", "not supported by the sources"),
+    ("How long do I have to return a tent?", "a question, not an answer"),
+    ("You have to return a tent.", "restates the question"),
+    ("[1]", "too short to check"),
+    ("Yes.", "too short to check"),
+])
+def test_unsupported_off_topic_and_empty_sentences_are_removed(check, sentence, reason_start):
+    verdict = check("How long do I have to return a tent?").check(sentence)
+    assert verdict.shown is False
+    assert verdict.reason.startswith(reason_start)
+
+
+@pytest.mark.parametrize("question, kind", [
+    ("How much do you deduct for a return label?", "amount"),
+    ("How long do I have to return a tent?", "duration"),
+    ("How many points do I need for a reward?", "count"),
+    ("When are the stores open on Sunday?", "time"),
+    ("What is the e-mail address for warranty claims?", "contact"),
+    ("Do you ship to Canada?", None),
+])
+def test_answer_type_names_what_the_question_asks_for(question, kind):
+    assert answer_type(question) == kind
+
+
+def test_has_answer_type_requires_what_was_asked_for():
+    assert has_answer_type("We deduct 5.95 dollars.", "amount")
+    assert has_answer_type("Exchanges by mail are free.", "amount")
+    assert not has_answer_type("You can return unused items in their packaging.", "amount")
+    assert not has_answer_type("Fill in form 1040 for your refund.", "amount")
+    assert has_answer_type("Within 60 days of delivery.", "duration")
+    assert not has_answer_type("Within 60 dollars.", "duration")
+    assert not has_answer_type("Email us with your order number.", "contact")
+    assert has_answer_type("Email warranty@tidewater.example.", "contact")
+
+
+def test_a_supported_answer_beside_the_question_is_not_addressing_it(check):
+    c = check("How much do you deduct for a return label?")
+    # supported, but it gives a duration where an amount was asked for (a bare number is no amount either)
+    assert c.addresses("Trail Points members get form 90 [1].")[0] is False
+    assert c.addresses("Trail Points members have 90 days [1].") == (False, "does not give what the question asks for (amount)")
+    assert c.addresses("For refunds we deduct 5.95 dollars for the label [1].") == (True, None)
+
+
+def test_the_gate_streams_whole_checked_sentences_and_drops_the_invented_ones(check):
+    gate = SentenceGate(check("How long do I have to return a tent?"))
+    pieces = ["You", " can", " return", " unused", " items", " within", " 60", " days", ".", " [", "1", "]",
+              " Visit", " www.tents", "-deals.com", " for", " more", ".", " Trail", " Points", " members",
+              " have", " 90", " days", "."]
+    shown = [gate.feed(piece) for piece in pieces]
+    shown.append(gate.finish())
+    # nothing is shown before a sentence is complete (including its marker), then whole sentences
+    assert shown[:12] == [""] * 12
+    assert "".join(shown) == "You can return unused items within 60 days. [1] Trail Points members have 90 days [1]."
+    assert [(v.shown, v.reason) for v in gate.verdicts] == [
+        (True, None), (False, "not in the sources: link tents-deals.com"), (True, None)]
+    assert gate.reason is None
+
+
+def test_the_gate_holds_supported_sentences_until_the_answer_addresses_the_question(check):
+    gate = SentenceGate(check("How much do you deduct for a return label?"))
+    assert gate.feed("Trail Points members have 90 days [1]. ") == ""
+    assert gate.feed("For refunds we deduct 5.95 dollars for the label [1].") == ""
+    assert gate.finish() == "Trail Points members have 90 days [1]. For refunds we deduct 5.95 dollars for the label [1]."
+
+
+def test_the_gate_shows_nothing_when_the_supported_text_never_addresses_the_question(check):
+    gate = SentenceGate(check("How much do you deduct for a return label?"))
+    assert gate.feed("Trail Points members have 90 days [1].") + gate.finish() == ""
+    assert gate.reason == "does not give what the question asks for (amount)"
+    assert [v.shown for v in gate.verdicts] == [False]
+    assert gate.verdicts[0].reason == gate.reason
+
+
+def test_the_extractive_answer_quotes_the_source_sentence_that_answers_and_cites_it(check):
+    quote = extractive_answer(check("How much do you deduct for a return label?"))
+    assert quote.text == '"Returns by mail are free for exchanges; for refunds we deduct 5.95 dollars for the label." [1]'
+    assert quote.source == 1
+
+
+def test_the_extractive_answer_declines_when_no_source_sentence_is_close_enough(check):
+    assert extractive_answer(check("What is the capital of France?")) is None
+    # a near miss: the sources talk about shipping to Canada but give no price for it, and the
+    # amount-bearing sentences are about other things
+    assert extractive_answer(check("How much is shipping to Canada?"), min_relevance=0.75) is None
+
+
+def test_split_sentences_keeps_markers_with_their_sentence_and_numbers_whole():
+    assert split_sentences("It costs 5.95 dollars. [1] Exchanges are free [2]. Ask us!") == [
+        "It costs 5.95 dollars. [1]", "Exchanges are free [2].", "Ask us!"]
