@@ -19,12 +19,24 @@ Metrics (answered = not abstained; all questions are answerable from their gold 
 - token-F1 against ``reference_answer`` (SQuAD v1.1's normalisation: lower case, punctuation and
   articles removed; Rajpurkar et al. 2016), citation markers stripped; over answered questions, and
   over all with abstentions scored 0;
-- TTFT p50/p95 (question received to first token, ms) and decode tokens/s, over answered questions.
+- TTFT p50/p95 (question received to the model's first token, ms), time to first shown text p50/p95
+  (after the groundedness check) and decode tokens/s, over answered questions;
+- the groundedness check: the method mix (generated / extractive / declined), sentences the model
+  wrote and the share shown, and invented facts in shown answers (links, e-mails, phone numbers,
+  numbers, months or codes absent from the prompt's sources, ``chat.answer_metrics.invented_facts``);
+- an extractive baseline computed in the same run on the same retrieval: the sentence of the prompt's
+  sources closest to the question by the product's embedding model, always answering;
+- with ``--unanswerable FILE`` (JSON lines with ``question``: on-topic questions no page answers,
+  e.g. ``benchmarks/data/near_miss_doc2dial.jsonl``), the share of them declined.
+
+``--split tune|heldout`` keeps one fixed half of the dialogues (``GoldQuestion.split``): thresholds are
+chosen on ``tune`` and reported on ``heldout``.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import statistics
 import time
 from pathlib import Path
@@ -33,7 +45,9 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from chat import services
-from chat.answer_metrics import token_f1
+from chat.answer_metrics import invented_facts, token_f1
+from chat.grounding import GroundingCheck, extractive_answer
+from chat.prompts import source_excerpt, without_markers
 from chat.models import Conversation, Message
 from knowledge.evaluation import RankedPassage, load_questions, passage_hit, percentile
 from knowledge.models import Chunk
@@ -50,8 +64,13 @@ class Command(BaseCommand):
         parser.add_argument("--first-turns", action="store_true", help="only questions without history")
         parser.add_argument("--keep", action="store_true", help="keep the evaluation conversations")
         parser.add_argument("--show", type=int, default=0, help="print the first N answers")
+        parser.add_argument("--split", choices=["tune", "heldout", "all"], default="all",
+                            help="one fixed half of the dialogues (tune: where thresholds were chosen)")
+        parser.add_argument("--unanswerable", default=None,
+                            help="JSON lines of on-topic questions no page answers: report the share declined")
 
-    def handle(self, *args, questions, docs_root, collection, limit, first_turns, keep, show, **options):
+    def handle(self, *args, questions, docs_root, collection, limit, first_turns, keep, show, split, unanswerable,
+               **options):
         path = Path(questions)
         if not path.exists():
             raise CommandError(f"no such file: {questions}")
@@ -59,6 +78,8 @@ class Command(BaseCommand):
         gold = load_questions(path)
         if first_turns:
             gold = [q for q in gold if q.is_first_turn]
+        if split != "all":
+            gold = [q for q in gold if q.split == split]
         gold = gold[:limit] if limit else gold
         if not gold:
             raise CommandError("no questions")
@@ -74,6 +95,7 @@ class Command(BaseCommand):
             return relative[uri]
 
         rows = []
+        near_miss: list[dict] = []
         made: list = []
         started = time.perf_counter()
         try:
@@ -92,9 +114,16 @@ class Command(BaseCommand):
                 message = Message.objects.get(pk=final.data["message_id"])
                 chunk_ids = [c["chunk_id"] for c in message.citations]
                 prompt_ids = [r["chunk_id"] for r in message.retrieval[: settings.LLM_PROMPT_SOURCES]]
-                spans = {c.pk: (file_of(c.source.uri), c.start, c.end)
-                         for c in Chunk.objects.select_related("source").only("start", "end", "source__uri")
-                         .filter(pk__in=chunk_ids + prompt_ids)}
+                loaded = Chunk.objects.select_related("source").only(
+                    "start", "end", "text", "source__uri", "source__title").in_bulk(chunk_ids + prompt_ids)
+                spans = {pk: (file_of(c.source.uri), c.start, c.end) for pk, c in loaded.items()}
+                prompt = [loaded[pk] for pk in prompt_ids if pk in loaded]
+                texts = [f"{without_markers(c.source.title)}. {source_excerpt(c, settings.LLM_SOURCE_MAX_CHARS)}"
+                         for c in prompt]
+                baseline = extractive_answer(GroundingCheck(
+                    question.question, [source_excerpt(c, settings.LLM_SOURCE_MAX_CHARS) for c in prompt],
+                    titles=[without_markers(c.source.title) for c in prompt]), min_relevance=-1.0, require_type=False)
+                grounding = message.grounding or {}
 
                 def hit(chunk_id):
                     return chunk_id in spans and passage_hit(RankedPassage(*spans[chunk_id]), question)
@@ -111,6 +140,11 @@ class Command(BaseCommand):
                                                    if hit(c["chunk_id"])),
                     "gold_in_prompt": any(hit(c) for c in prompt_ids),
                     "f1": 0.0 if message.abstained else token_f1(message.text, question.reference_answer),
+                    "baseline_f1": token_f1(baseline.text, question.reference_answer) if baseline else 0.0,
+                    "method": grounding.get("method", "declined" if message.abstained else "generated"),
+                    "sentences": len(grounding.get("sentences", [])),
+                    "shown_sentences": sum(bool(v.get("shown")) for v in grounding.get("sentences", [])),
+                    "invented": [] if message.abstained else invented_facts(message.text, texts),
                     "timings": message.timings,
                 })
                 if index <= show:
@@ -119,11 +153,28 @@ class Command(BaseCommand):
                                       f"F1 {rows[-1]['f1']:.2f}, gold in prompt {rows[-1]['gold_in_prompt']}")
                 if index % 10 == 0:
                     self.stderr.write(f"{index}/{len(gold)} questions ({time.perf_counter() - started:.0f} s)")
+            for index, line in enumerate(open(unanswerable, encoding="utf-8") if unanswerable else (), start=1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                conversation = services.conversation_start(collection=collection, origin="evaluate_answers")
+                made.append(conversation.pk)
+                final = list(services.answer_stream(conversation.pk, row["question"]))[-1]
+                if final.type != "chat.done":
+                    raise CommandError(f"unanswerable {row.get('qid')}: {final.type} {final.data}")
+                near_miss.append({"question": row["question"], "abstained": final.data["abstained"],
+                                  "text": final.data["text"]})
+                if index <= show:
+                    self.stdout.write(f"\n[near miss] {row['question']}\n-> {final.data['text']}")
         finally:
             if not keep:
                 Conversation.objects.filter(pk__in=made).delete()
 
         self.stdout.write("\n" + self.table(rows) + "\n")
+        if near_miss:
+            declined = sum(r["abstained"] for r in near_miss)
+            self.stdout.write(f"\nunanswerable questions declined: {declined} of {len(near_miss)} "
+                              f"({declined / len(near_miss):.3f})\n")
 
     @staticmethod
     def table(rows: list[dict]) -> str:
@@ -153,7 +204,8 @@ class Command(BaseCommand):
         row("answers with a valid citation", lambda g: ratio(sum(r["cited"] > 0 for r in answered(g)), len(answered(g))))
         row("citation precision (cited chunks on the gold span)",
             lambda g: f"{ratio(sum(r['cited_hits'] for r in g), sum(r['cited'] for r in g))} ({sum(r['cited'] for r in g)} cited)")
-        for method, label in (("model", "written by the model"), ("overlap", "attributed by overlap")):
+        for method, label in (("model", "written by the model"), ("check", "placed by the check"),
+                              ("extractive", "of quoted sentences")):
             row(f"  citations {label}: precision",
                 lambda g, m=method: f"{ratio(sum(r['hits_by'][m] for r in g), sum(r['cited_by'][m] for r in g))} "
                                     f"({sum(r['cited_by'][m] for r in g)} cited)")
@@ -162,8 +214,20 @@ class Command(BaseCommand):
         row("token-F1 vs reference (answered)",
             lambda g: f"{statistics.fmean([r['f1'] for r in answered(g)]):.3f}" if answered(g) else "–")
         row("token-F1 vs reference (all, abstained = 0)", lambda g: f"{statistics.fmean([r['f1'] for r in g]):.3f}")
+        row("extractive baseline token-F1 (same retrieval, always answers)",
+            lambda g: f"{statistics.fmean([r['baseline_f1'] for r in g]):.3f}")
+        row("token-F1 ratio to the extractive baseline",
+            lambda g: ratio(statistics.fmean([r['f1'] for r in g]), statistics.fmean([r['baseline_f1'] for r in g])))
+        row("method: generated / extractive / declined",
+            lambda g: " / ".join(str(sum(r["method"] == m for r in g)) for m in ("generated", "extractive", "declined")))
+        row("sentences written by the model, share shown",
+            lambda g: f"{sum(r['sentences'] for r in g)} ({ratio(sum(r['shown_sentences'] for r in g), sum(r['sentences'] for r in g))})")
+        row("invented facts in shown answers (links, e-mails, numbers...)", lambda g: str(sum(len(r["invented"]) for r in g)))
         row("TTFT p50 (ms)", lambda g: f"{percentile([r['timings']['ttft_ms'] for r in answered(g)], 50):.0f}")
         row("TTFT p95 (ms)", lambda g: f"{percentile([r['timings']['ttft_ms'] for r in answered(g)], 95):.0f}")
+        row("time to first shown text p50 / p95 (ms)",
+            lambda g: f"{percentile([r['timings'].get('first_text_ms', r['timings']['ttft_ms']) for r in answered(g)], 50):.0f} / "
+                      f"{percentile([r['timings'].get('first_text_ms', r['timings']['ttft_ms']) for r in answered(g)], 95):.0f}")
         row("retrieval p50 (ms)", lambda g: f"{percentile([r['timings']['retrieval_ms'] for r in g], 50):.0f}")
         row("tokens per answer (mean)",
             lambda g: f"{statistics.fmean([r['timings']['tokens'] for r in answered(g)]):.1f}" if answered(g) else "–")
