@@ -7,8 +7,8 @@ turns and follow-ups with their history) from both halves of the dialogues (``Go
 ``tune`` and ``heldout``), near-miss questions (on-topic, not answered by any page:
 ``benchmarks/data/near_miss_doc2dial.jsonl``) and unrelated ones (``unrelated_questions.txt``).
 
-Step 2 (fast): the raw answers are replayed through ``SentenceGate`` + the extractive fallback for a
-grid of thresholds, and each configuration is scored per split: answerable questions answered,
+Step 2 (fast): the raw answers are replayed through the pipeline's policy (``replay``: quote first,
+else the model's text through ``SentenceGate``, else a quote, else decline) for a grid of thresholds, and each configuration is scored per split: answerable questions answered,
 token-F1 of the shown answer (declined = 0) beside the extractive baseline of the same retrieval (the
 source sentence closest to the question, always answering), near-miss and unrelated questions
 declined, invented facts in shown answers, the method mix and the share of sentences shown.
@@ -91,6 +91,7 @@ def collect(args, cached: list[dict]) -> list[dict]:
             "kind": kind, "split": split, "qid": q.qid if kind == "answerable" else q["qid"], "question": question,
             "first_turn": kind != "answerable" or q.is_first_turn,
             "reference": q.reference_answer if kind == "answerable" else "",
+            "topic": composed.grounding.get("query") if composed.grounding.get("follow_up") else None,
             "declined_by_retrieval": composed.abstained, "raw": "" if composed.abstained else composed.text,
             "ttft_ms": composed.timings.get("ttft_ms"),
             "sources": [{"title": without_markers(c.source_title), "excerpt": source_excerpt(c, settings.LLM_SOURCE_MAX_CHARS),
@@ -122,23 +123,31 @@ class CachedEncoder:
         return np.stack([self.cache[t] for t in texts])
 
 
-def replay(record: dict, thresholds: Thresholds, extractive_min: float, encode) -> dict:
-    """The checked outcome of one record under ``thresholds``."""
-    if record["declined_by_retrieval"]:
+def replay(record: dict, thresholds: Thresholds, extractive_min: float, quote_min: float, encode) -> dict:
+    """The outcome of one record under the pipeline's policy (``chat.services.answer_compose``): quote a
+    source sentence within ``quote_min`` of the question at once; else the model's checked text; else
+    a quote within ``extractive_min``; else decline."""
+    if record["declined_by_retrieval"] or not record["sources"]:
         return {"method": "declined", "text": "", "sentences": 0, "shown": 0, "baseline": ""}
     excerpts = [s["excerpt"] for s in record["sources"]]
     check = GroundingCheck(record["question"], excerpts, titles=[s["title"] for s in record["sources"]],
-                           thresholds=thresholds, encode=encode)
-    gate = SentenceGate(check)
-    text = gate.feed(record["raw"]) + gate.finish()
-    method = "generated"
-    if not text.strip():
-        quote = extractive_answer(check, min_relevance=extractive_min)
-        method, text = ("extractive", quote.text) if quote else ("declined", "")
-    baseline = extractive_answer(check, min_relevance=-1.0, require_type=False)
-    return {"method": method, "text": text, "sentences": len(gate.verdicts),
-            "shown": sum(v.shown for v in gate.verdicts), "baseline": baseline.text if baseline else "",
-            "invented": invented_facts(text, [f"{s['title']}. {s['excerpt']}" for s in record["sources"]])}
+                           topic=record.get("topic"), thresholds=thresholds, encode=encode)
+    baseline = extractive_answer(check, min_relevance=-1.0, require_type=False, lexical_weight=0.0)
+    outcome = {"sentences": 0, "shown": 0, "baseline": baseline.text if baseline else ""}
+    quote = extractive_answer(check, min_relevance=quote_min)
+    if quote is not None:
+        outcome.update(method="extractive", text=quote.text)
+    else:
+        gate = SentenceGate(check)
+        text = gate.feed(record["raw"]) + gate.finish()
+        outcome.update(sentences=len(gate.verdicts), shown=sum(v.shown for v in gate.verdicts))
+        if text.strip():
+            outcome.update(method="generated", text=text)
+        else:
+            quote = extractive_answer(check, min_relevance=extractive_min)
+            outcome.update(method="extractive" if quote else "declined", text=quote.text if quote else "")
+    outcome["invented"] = invented_facts(outcome["text"], [f"{s['title']}. {s['excerpt']}" for s in record["sources"]])
+    return outcome
 
 
 def score(records: list[dict], outcomes: list[dict]) -> dict:
@@ -180,6 +189,7 @@ def main() -> None:
     parser.add_argument("--similarity", default="0.4,0.5,0.6")
     parser.add_argument("--relevance", default="0.2,0.3,0.4")
     parser.add_argument("--extractive", default="0.3,0.4,0.5")
+    parser.add_argument("--quote", default="0.5,0.6,0.7,2", help="ANSWER_QUOTE_MIN_RELEVANCE values (2: never quote first)")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--collect-only", action="store_true", help="only step 1")
     args = parser.parse_args()
@@ -192,20 +202,20 @@ def main() -> None:
         return
     encode = CachedEncoder()
     grid = list(itertools.product(*(map(float, getattr(args, name).split(","))
-                                    for name in ("coverage", "similarity", "relevance", "extractive"))))
+                                    for name in ("coverage", "similarity", "relevance", "extractive", "quote"))))
     rows = []
-    for coverage, similarity, relevance, extractive in grid:
+    for coverage, similarity, relevance, extractive, quote in grid:
         thresholds = Thresholds(min_coverage=coverage, min_similarity=similarity, min_relevance=relevance,
                                 min_words=settings.GROUNDING_MIN_WORDS)
-        outcomes = [replay(r, thresholds, extractive, encode) for r in records]
+        outcomes = [replay(r, thresholds, extractive, quote, encode) for r in records]
         by_split = {split: score([r for r in records if r["split"] == split],
                                  [o for r, o in zip(records, outcomes) if r["split"] == split])
                     for split in ("tune", "heldout")}
-        rows.append(((coverage, similarity, relevance, extractive), by_split))
-    header = ("| coverage | similarity | relevance | extractive | answered | F1 (declined 0) | F1 answered | extractive "
+        rows.append(((coverage, similarity, relevance, extractive, quote), by_split))
+    header = ("| coverage | similarity | relevance | extractive | quote first | answered | F1 (declined 0) | F1 answered | extractive "
               "baseline F1 | raw model F1 | near-miss declined | unrelated declined | generated / extractive | "
               "sentences shown | invented facts shown (raw) |")
-    rule = "|" + "---:|" * 14
+    rule = "|" + "---:|" * 15
     for split in ("tune", "heldout"):
         print(f"\n### {split} split ({rows[0][1][split]['n']} answerable, {rows[0][1][split]['near_n']} near-miss)\n")
         print(header)
@@ -213,7 +223,7 @@ def main() -> None:
         ordered = sorted(rows, key=lambda row: -(row[1]["tune"]["f1"] + 0.5 * row[1]["tune"]["near_declined"]))
         for config, by_split in ordered[: args.top]:
             m = by_split[split]
-            print(f"| {config[0]} | {config[1]} | {config[2]} | {config[3]} | {m['answered']:.3f} | {m['f1']:.3f} | "
+            print(f"| {config[0]} | {config[1]} | {config[2]} | {config[3]} | {config[4]} | {m['answered']:.3f} | {m['f1']:.3f} | "
                   f"{m['f1_answered']:.3f} | {m['baseline_f1']:.3f} | {m['raw_f1']:.3f} | {m['near_declined']:.3f} | "
                   f"{m['unrelated_declined']:.3f} | {m['generated']:.2f} / {m['extractive']:.2f} | {m['shown_share']:.3f} | "
                   f"{m['invented']} ({m['raw_invented']}) |")

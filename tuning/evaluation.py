@@ -96,6 +96,8 @@ def arm_answers(version: ModelVersion, questions: list[HeldOutQuestion], *, retr
                 engine: engine_module.Engine | None = None) -> list[dict]:
     """Answer every question with ``version`` through ``answer_compose`` on a dedicated engine
     (loaded here and shut down after, unless ``engine`` is given), with or without ``retrieval``.
+    The model always writes the answer (``quote_first=False``: a quoted source sentence would make
+    every arm the same); with retrieval its text passes the serving path's groundedness check.
 
     Returns one row per question: ``{"example_id", "text", "abstained", "declined", "f1",
     "markers", "cited", "cited_on_gold", "ttft_ms", "tokens_per_s", "error"}``.
@@ -109,7 +111,7 @@ def arm_answers(version: ModelVersion, questions: list[HeldOutQuestion], *, retr
         for question in questions:
             composed, error = None, ""
             for event in answer_compose(question.question, history=question.history, collection=question.collection,
-                                        version=version, engine=engine, retrieval=retrieval):
+                                        version=version, engine=engine, retrieval=retrieval, quote_first=False):
                 if event.type == "answer.composed":
                     composed = event.data["answer"]
                 elif event.type in ("chat.error", "chat.busy"):

@@ -2,7 +2,7 @@
 the tuning loop can run end to end on a fresh install before agents have corrected anything.
 
 For each question (Doc2Dial's format, ``knowledge.evaluation.load_questions``): retrieval runs as in
-serving (``retrieval_query`` with the question's history, ``RETRIEVAL_K`` chunks of ``collection``);
+serving (``conversation_search``: the history only for follow-ups, ``RETRIEVAL_K`` chunks of ``collection``);
 the supporting chunks are the chunks of the gold page overlapping the gold span
 ``[answer_start, answer_end)``; the corrected answer is the reference answer. A conversation holding
 the history, the question and an empty assistant answer carrying the real retrieval trace is stored
@@ -26,7 +26,7 @@ from chat.models import Conversation, Message
 from chat.services import ABSTAIN_MESSAGE, retrieval_trace
 from knowledge.evaluation import GoldQuestion
 from knowledge.models import Chunk, Source
-from knowledge.selectors import chunk_search, retrieval_query
+from knowledge.selectors import conversation_search
 from tuning.models import Correction
 from tuning.services import chunk_snapshot
 
@@ -60,7 +60,7 @@ def _sources_by_relative_path(collection: str, root: Path) -> dict[str, int]:
 
 def _seed_one(*, key: str, group: str, question: str, history: list[dict], collection: str, answer: str,
               reason: str, supporting: list[Chunk]) -> Correction:
-    retrieved = chunk_search(retrieval_query(question, history), k=settings.RETRIEVAL_K, collection=collection)
+    retrieved = conversation_search(question, history, k=settings.RETRIEVAL_K, collection=collection).chunks
     shown_ids = [c.chunk_id for c in retrieved[: settings.LLM_PROMPT_SOURCES]]
     shown = Chunk.objects.select_related("source").defer("embedding", "search_vector", "source__text").in_bulk(shown_ids)
     now = timezone.now()
