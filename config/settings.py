@@ -210,10 +210,10 @@ LLM_SOURCE_MAX_CHARS = env.int("LLM_SOURCE_MAX_CHARS", default=600)
 # question; a quoted source sentence replaces an answer that failed only when it reaches
 # EXTRACTIVE_MIN_RELEVANCE (else the bot declines). Chosen with benchmarks/grounding_thresholds.py.
 GROUNDING_MIN_COVERAGE = env.float("GROUNDING_MIN_COVERAGE", default=0.6)
-GROUNDING_MIN_SIMILARITY = env.float("GROUNDING_MIN_SIMILARITY", default=0.5)
+GROUNDING_MIN_SIMILARITY = env.float("GROUNDING_MIN_SIMILARITY", default=0.6)
 GROUNDING_MIN_RELEVANCE = env.float("GROUNDING_MIN_RELEVANCE", default=0.3)
 GROUNDING_MIN_WORDS = env.int("GROUNDING_MIN_WORDS", default=2)
-EXTRACTIVE_MIN_RELEVANCE = env.float("EXTRACTIVE_MIN_RELEVANCE", default=0.3)
+EXTRACTIVE_MIN_RELEVANCE = env.float("EXTRACTIVE_MIN_RELEVANCE", default=0.4)
 # A source sentence at least this close to the question (cosine similarity), holding what it asks for,
 # is quoted at once without asking the model (> 1 always asks the model first). On held-out Doc2Dial
 # questions the 135M model's checked wording scored below quoting (README, "Groundedness check").

@@ -229,3 +229,19 @@ def test_retrieval_query_appends_the_latest_earlier_user_turns_after_the_questio
     assert retrieval_query(" What about my spouse? ", history) == (
         "What about my spouse?\nIt was last year\nI was injured at work")
     assert retrieval_query("What about my spouse?") == "What about my spouse?"
+
+
+@pytest.mark.parametrize("question, follow_up", [
+    ("What about my spouse?", True),
+    ("How do I renew it?", True),
+    ("And for a motorcycle?", True),
+    ("Yes, I have the form.", True),
+    ("ok", True),
+    ("What is the capital of France?", False),
+    ("How do I renew my driver license online?", False),
+    ("Do you ship to Canada?", False),
+])
+def test_is_follow_up_spots_questions_that_lean_on_the_conversation(question, follow_up):
+    from knowledge.selectors import is_follow_up
+
+    assert is_follow_up(question) is follow_up
