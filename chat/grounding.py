@@ -368,6 +368,11 @@ def source_sentences(text: str) -> list[str]:
     return out
 
 
+# The prompt lists sources as "[n] <title>: <excerpt>"; a sentence starting with a marker is the model
+# copying that layout ("[1] Shipping policy: ..."), not answering.
+_LAYOUT_COPY = re.compile(r"^\s*\[\s*\d{1,3}\s*\]")
+
+
 class GroundingCheck:
     """Checks an answer's sentences against the prompt's sources (see the module docstring).
 
@@ -389,17 +394,20 @@ class GroundingCheck:
             encode = get_embedding_model().encode
         self.encode = encode
         split = [source_sentences(text) or [text] for text in sources]
+        titles = list(titles) + [""] * (len(sources) - len(titles))
+        # Sentences are embedded alone: with their source's title before them (a contextual header)
+        # token-F1 on Doc2Dial fell from 0.219 / 0.264 to 0.206 / 0.245 (tune / held-out halves).
         flat = [s for sentences in split for s in sentences]
         vectors = encode([(topic or self.question).strip(), *flat])
         self.question_vector = vectors[0]
         self.sources: list[SourceView] = []
         offset = 1
-        titles = list(titles) + [""] * (len(sources) - len(titles))
         for title, text, sentences in zip(titles, sources, split):
             self.sources.append(SourceView(text, sentences, vectors[offset:offset + len(sentences)],
                                            frozenset(stems(f"{title} {text}")), hard_facts(f"{title}. {text}")))
             offset += len(sentences)
         self.available = merge_facts([s.facts for s in self.sources])
+        self.titles = [t.strip() for t in titles if t]
         self.question_stems = set(stems(self.question))
         self.kind = answer_type(self.question)
 
@@ -420,6 +428,9 @@ class GroundingCheck:
             return Verdict(sentence, sentence, False, "too short to check")
         if not set(stemmed) - self.question_stems:
             return Verdict(sentence, sentence, False, "restates the question")
+        if _LAYOUT_COPY.match(sentence) or any(title and body.lower().startswith(title.lower() + ":")
+                                                for title in self.titles):
+            return Verdict(sentence, sentence, False, "copies the list of sources, not an answer")
         missing = hard_facts(body).missing_from(self.available)
         if missing:
             return Verdict(sentence, sentence, False, "not in the sources: " + ", ".join(missing[:4]))
