@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Count, Exists, IntegerField, OuterRef, Q, QuerySet, Subquery, Sum
 from django.db.models.expressions import RawSQL
+from django.db.models.fields.json import KT
+from django.db.models.functions import Cast, Coalesce
 
 from chat.models import AnswerFeedback, Conversation, Message
 from knowledge.models import Chunk
@@ -24,6 +26,8 @@ INBOX_FILTERS = {
     "thumbs_down": "Thumbs down",
     "weak_retrieval": "Weak retrieval",
     "unreviewed": "Unreviewed",
+    "removed_sentences": "Removed sentences",
+    "quoted": "Quoted from a source",
 }
 
 # How the dashboard names ``Message.grounding["method"]``.
@@ -52,15 +56,26 @@ def weak_retrieval_messages() -> QuerySet[Message]:
     )
 
 
+def removed_sentence_messages() -> QuerySet[Message]:
+    """Assistant answers from which the groundedness check removed at least one sentence
+    (``grounding["removed"] > 0``; answers from before the check have ``grounding == {}`` and are not
+    counted). Whatever was finally shown (generated, quoted or declined), the model wrote something
+    the customer never saw, which is what a reviewer looks at."""
+    return Message.objects.filter(role=Message.Role.ASSISTANT, grounding__removed__gt=0)
+
+
 def inbox_list(*, filters: list[str] | tuple[str, ...] = (), query: str = "", limit: int = 100) -> QuerySet[Conversation]:
     """Conversations for the inbox, newest activity (``updated_at``) first, at most ``limit``.
 
     ``filters`` (all must hold; unknown names are ignored): ``needs_human`` (status), ``abstained``
     (an abstained answer), ``thumbs_down`` (an answer the customer rated down), ``weak_retrieval``
-    (see ``weak_retrieval_messages``), ``unreviewed`` (never marked reviewed). ``query`` matches,
-    case-insensitively, any message text or the start of the conversation id. Each row is annotated
-    with ``message_count``, ``abstained_count``, ``thumbs_down_count``, ``first_question`` and
-    ``last_text``.
+    (see ``weak_retrieval_messages``), ``unreviewed`` (never marked reviewed), ``removed_sentences``
+    (an answer from which the groundedness check removed at least one sentence, see
+    ``removed_sentence_messages``), ``quoted`` (an answer quoted from a source, ``grounding["method"]``
+    ``"extractive"``). ``query`` matches, case-insensitively, any message text or the start of the
+    conversation id. Each row is annotated with ``message_count``, ``abstained_count``,
+    ``thumbs_down_count``, ``removed_count`` (sentences the check removed, over all answers; 0 when
+    none), ``first_question`` and ``last_text``. One SQL query (filters are ``EXISTS`` subqueries).
     """
     conversations = Conversation.objects.select_related("assigned_agent")
     own = Message.objects.filter(conversation=OuterRef("pk"))
@@ -75,6 +90,10 @@ def inbox_list(*, filters: list[str] | tuple[str, ...] = (), query: str = "", li
         conversations = conversations.filter(Exists(weak_retrieval_messages().filter(conversation=OuterRef("pk"))))
     if "unreviewed" in filters:
         conversations = conversations.filter(reviewed_at__isnull=True)
+    if "removed_sentences" in filters:
+        conversations = conversations.filter(Exists(removed_sentence_messages().filter(conversation=OuterRef("pk"))))
+    if "quoted" in filters:
+        conversations = conversations.filter(Exists(own.filter(role=Message.Role.ASSISTANT, grounding__method="extractive")))
     query = (query or "").strip()
     if query:
         conversations = conversations.filter(
@@ -83,12 +102,17 @@ def inbox_list(*, filters: list[str] | tuple[str, ...] = (), query: str = "", li
         )
     first_question = own.filter(role=Message.Role.USER).order_by("created_at", "id").values("text")[:1]
     last_text = own.exclude(role=Message.Role.SYSTEM).order_by("-created_at", "-id").values("text")[:1]
+    removed = (
+        removed_sentence_messages().filter(conversation=OuterRef("pk")).order_by().values("conversation")
+        .annotate(total=Sum(Cast(KT("grounding__removed"), IntegerField()))).values("total")
+    )
     return conversations.annotate(
         message_count=Count("messages", filter=~Q(messages__role=Message.Role.SYSTEM), distinct=True),
         abstained_count=Count("messages", filter=Q(messages__abstained=True), distinct=True),
         thumbs_down_count=Count("messages__feedback", filter=Q(messages__feedback__value="down"), distinct=True),
         first_question=Subquery(first_question),
         last_text=Subquery(last_text),
+        removed_count=Coalesce(Subquery(removed), 0),
     ).order_by("-updated_at", "-created_at")[:limit]
 
 

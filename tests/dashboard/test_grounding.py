@@ -1,6 +1,6 @@
 """The groundedness check in the agent dashboard: each answer's method and reason, how its question
-was retrieved, every sentence the check removed (marked as never shown to the customer), and
-escaping of model output."""
+was retrieved, every sentence the check removed (marked as never shown to the customer), the
+"Removed sentences" and "Quoted from a source" inbox filters, and escaping of model output."""
 
 from __future__ import annotations
 
@@ -66,6 +66,65 @@ def follow_up_answer(conversation, knowledge) -> Message:
                    {"chunk_id": knowledge["express"].pk, "source_id": knowledge["express"].source_id, "score": 0.02,
                     "vector_distance": 0.4, "text_rank": None}],
     )
+
+
+def test_removed_sentences_and_quoted_filters_keep_exactly_their_conversations(conversation, django_assert_num_queries):
+    # given: the scripted conversation (an answer from before the check, grounding {}), and
+    kept = Conversation.objects.create()  # a generated answer with nothing removed
+    answered(kept, "How long do refunds take?", "Five days [1].",
+             grounding("generated", [sentence("Five days [1].", shown=True, source=1, coverage=1.0, similarity=0.9)]))
+    quoted = Conversation.objects.create()  # the model's two sentences removed, a source sentence quoted
+    answered(quoted, "Do you ship to Canada?", "We ship to Canada and the US. [1]",
+             grounding("extractive", [sentence("See example.com.", shown=False, reason="not in the sources: example.com"),
+                                      sentence("Yes.", shown=False, reason="too short to check")],
+                       reason="no sentence passed the check", relevance=0.71))
+    quoted_first = Conversation.objects.create()  # quoted at once, the model never asked: nothing removed
+    answered(quoted_first, "Is express shipping available?", "Express shipping costs 15 dollars. [1]",
+             grounding("extractive", [], reason="a source sentence answers the question", relevance=0.8))
+    declined = Conversation.objects.create()  # declined for weak retrieval: nothing written, nothing removed
+    answered(declined, "What is the capital of France?", "I couldn't find this.",
+             grounding("declined", [], reason="weak retrieval"), abstained=True)
+    twice = Conversation.objects.create()  # two answers with removed sentences: 1 + 2 removed
+    answered(twice, "Refunds?", "Five days [1].",
+             grounding("generated", [sentence("Five days [1].", shown=True, source=1),
+                                     sentence("Call 555-0100.", shown=False, reason="not in the sources: 555-0100")]))
+    answered(twice, "And returns?", "I couldn't find this.",
+             grounding("declined", [sentence("Maybe.", shown=False, reason="too short to check"),
+                                    sentence("Ask us.", shown=False, reason="too short to check")],
+                       reason="no sentence passed the check"), abstained=True)
+
+    def ids(**kwargs):
+        return [c.pk for c in agent_selectors.inbox_list(**kwargs)]
+
+    # when/then: each filter keeps exactly its conversations, newest activity first
+    assert ids(filters=["removed_sentences"]) == [twice.pk, quoted.pk]
+    assert ids(filters=["quoted"]) == [quoted_first.pk, quoted.pk]
+    assert ids(filters=["removed_sentences", "quoted"]) == [quoted.pk]
+    assert ids(filters=["removed_sentences", "abstained"]) == [twice.pk]
+    # and every row counts the sentences removed over all its answers, 0 when none (or no record)
+    assert {c.pk: c.removed_count for c in agent_selectors.inbox_list()} == {
+        conversation.pk: 0, kept.pk: 0, quoted.pk: 2, quoted_first.pk: 0, declined.pk: 0, twice.pk: 3}
+    # and the whole filtered list, with its counts, is one query
+    with django_assert_num_queries(1):
+        list(agent_selectors.inbox_list(filters=["removed_sentences", "quoted"]))
+
+
+def test_inbox_page_offers_the_filters_and_flags_removed_sentences(client, follow_up_answer, conversation):
+    # given the follow-up answer (2 sentences removed) and a conversation without any
+    other = Conversation.objects.create()
+    answered(other, "Hi", "Hello!", grounding("generated", [sentence("Hello!", shown=True, source=1)]))
+    # when the inbox is filtered on removed sentences
+    html = client.get("/dashboard/?filter=removed_sentences").content.decode()
+    # then the filter is offered (and checked), and only the conversation with removals is listed, flagged
+    assert '<input type="checkbox" name="filter" value="removed_sentences" checked> Removed sentences' in html
+    assert '<input type="checkbox" name="filter" value="quoted" > Quoted from a source' in html
+    assert f'data-conversation-id="{conversation.pk}"' in html
+    assert f'data-conversation-id="{other.pk}"' not in html
+    assert '<span class="flag">removed sentences ×2</span>' in html
+    # and without the filter the other conversation is listed, with no such flag
+    unfiltered = client.get("/dashboard/inbox/list/").content.decode()
+    assert f'data-conversation-id="{other.pk}"' in unfiltered
+    assert unfiltered.count("removed sentences ×") == 1
 
 
 def test_conversation_detail_builds_the_grounding_display_data(follow_up_answer, conversation):
