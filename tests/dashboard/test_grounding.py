@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from django.test import Client
 
-from chat import agent_selectors
+from chat import agent_selectors, analytics
 from chat.agent_selectors import GroundingDetail
 from chat.models import Conversation, Message
 
@@ -218,3 +218,37 @@ def test_model_output_in_removed_sentences_is_rendered_as_text(client, conversat
         assert html.count(XSS_ESCAPED) == 4
         assert "<script>alert" not in html
         assert "<img src=x" not in html
+
+
+def test_grounding_summary_counts_methods_and_removed_sentences(conversation):
+    # given: the scripted conversation's two answers from before the check (not counted), and four
+    # checked answers: generated with 1 removed, generated clean, quoted with 2 removed, declined
+    other = Conversation.objects.create()
+    answered(other, "a?", "A [1].", grounding("generated", [sentence("A [1].", shown=True, source=1),
+                                                            sentence("B 5 km.", shown=False, reason="not in the sources: 5 km")]))
+    answered(other, "b?", "C [1].", grounding("generated", [sentence("C [1].", shown=True, source=1)]))
+    answered(other, "c?", "D. [1]", grounding("extractive", [sentence("E.", shown=False, reason="too short to check"),
+                                                             sentence("F?", shown=False, reason="a question, not an answer")]))
+    answered(other, "d?", "I couldn't find this.", grounding("declined", [], reason="weak retrieval"), abstained=True)
+    # when/then
+    assert analytics.grounding_summary() == {"checked": 4, "generated": 2, "extractive": 1, "declined": 1,
+                                             "with_removed": 2, "removed_sentences": 3, "removed_percent": 50}
+
+
+def test_grounding_summary_without_checked_answers(conversation):
+    # given only answers from before the check; when/then nothing is counted and there is no percentage
+    assert analytics.grounding_summary() == {"checked": 0, "generated": 0, "extractive": 0, "declined": 0,
+                                             "with_removed": 0, "removed_sentences": 0, "removed_percent": None}
+
+
+def test_analytics_page_shows_the_method_mix_and_links_removed_sentences_to_the_inbox(client, follow_up_answer):
+    # given the follow-up answer (generated, 2 of 3 sentences removed) and a quoted answer (no abstention,
+    # so the page needs no embedding model for content gaps)
+    answered(follow_up_answer.conversation, "Express?", "Express shipping costs 15 dollars. [1]",
+             grounding("extractive", [], reason="a source sentence answers the question", relevance=0.8))
+    # when the analytics page renders
+    html = client.get("/dashboard/analytics/").content.decode()
+    # then
+    assert '<dd id="stat-methods">generated 1 · quoted from a source 1 · declined 0</dd>' in html
+    assert ('<dd id="stat-removed"><a href="/dashboard/?filter=removed_sentences">50% (1 of 2)</a>, '
+            "2 sentences never shown</dd>") in html
