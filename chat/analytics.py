@@ -1,5 +1,6 @@
-"""Analytics reads for the dashboard: volumes, outcomes, feedback, time to first token, and the
-content gaps (the questions the knowledge base could not answer, grouped by similarity).
+"""Analytics reads for the dashboard: volumes, outcomes, feedback, time to first token, the
+groundedness check's method mix and removed sentences, and the content gaps (the questions the
+knowledge base could not answer, grouped by similarity).
 
 Content-gap grouping is greedy leader clustering on the real sentence embeddings
 (``knowledge.embedding.get_embedding_model``, unit vectors, so a dot product is the cosine
@@ -14,8 +15,9 @@ from datetime import timedelta
 
 import numpy as np
 from django.db import connection
-from django.db.models import Count, Exists, OuterRef, Q
-from django.db.models.functions import TruncDate
+from django.db.models import Count, Exists, IntegerField, OuterRef, Q, Sum
+from django.db.models.fields.json import KT
+from django.db.models.functions import Cast, Coalesce, TruncDate
 from django.utils import timezone
 
 from chat.models import AnswerFeedback, Conversation, Message
@@ -84,6 +86,25 @@ def feedback_summary() -> dict:
     counts = dict(AnswerFeedback.objects.values("value").annotate(n=Count("id")).values_list("value", "n"))
     up, down = counts.get("up", 0), counts.get("down", 0)
     return {"up": up, "down": down, "thumbs_down_rate": down / (up + down) if up + down else None}
+
+
+def grounding_summary() -> dict:
+    """The groundedness check over the assistant answers that carry its record (answers from before
+    the check, ``grounding == {}``, are not counted): ``{"checked": int, "generated": int,
+    "extractive": int, "declined": int, "with_removed": int (answers from which the check removed at
+    least one sentence), "removed_sentences": int (sentences removed in all), "removed_percent": int
+    | None (with_removed / checked, rounded percent; None when nothing was checked)}``. One query."""
+    method = "grounding__method"
+    row = Message.objects.filter(role=Message.Role.ASSISTANT, grounding__has_key="method").aggregate(
+        checked=Count("id"),
+        generated=Count("id", filter=Q(**{method: "generated"})),
+        extractive=Count("id", filter=Q(**{method: "extractive"})),
+        declined=Count("id", filter=Q(**{method: "declined"})),
+        with_removed=Count("id", filter=Q(grounding__removed__gt=0)),
+        removed_sentences=Coalesce(Sum(Cast(KT("grounding__removed"), IntegerField())), 0),
+    )
+    row["removed_percent"] = round(100 * row["with_removed"] / row["checked"]) if row["checked"] else None
+    return row
 
 
 def ttft_percentiles() -> dict:

@@ -102,7 +102,8 @@ def send_message(request: HttpRequest, conversation_id: UUID) -> HttpResponse:
 
 @agent_required
 def analytics_page(request: HttpRequest) -> HttpResponse:
-    """``/dashboard/analytics/``: volumes, outcomes, feedback, TTFT percentiles and content gaps."""
+    """``/dashboard/analytics/``: volumes, outcomes, feedback, TTFT percentiles, the groundedness
+    check's method mix and removed sentences, and content gaps."""
     per_day = analytics.conversations_per_day(days=30)
     outcomes = analytics.answer_outcomes()
     return render(request, "dashboard/analytics.html", {
@@ -114,6 +115,7 @@ def analytics_page(request: HttpRequest) -> HttpResponse:
             ("Handed off", outcomes["handed_off"]), ("Resolved without agent", outcomes["resolved_without_agent"]),
         ]),
         "feedback": analytics.feedback_summary(),
+        "grounding": analytics.grounding_summary(),
         "ttft": analytics.ttft_percentiles(),
         "gaps": analytics.content_gaps(),
     })
