@@ -1,8 +1,15 @@
 """Django settings, read from the environment with django-environ.
 
 Every setting that differs between machines is an environment variable (optionally from a ``.env``
-file at the project root). Without ``DATABASE_URL`` / ``REDIS_URL`` the embedded servers of
-``config.embedded`` are started and used.
+file at the project root).
+
+Production fails closed: unless ``DEBUG`` or ``EMBEDDED_SERVICES`` is true, a missing
+``SECRET_KEY``, ``DATABASE_URL``, ``REDIS_URL`` or ``ALLOWED_HOSTS`` raises ``ImproperlyConfigured``
+naming the variable, so a production host never starts a private embedded database by accident.
+``EMBEDDED_SERVICES=1`` (set by ``dev.py run``, ``dev.py test`` and ``tests.settings``) is the explicit
+development mode: without ``DATABASE_URL`` / ``REDIS_URL`` the embedded servers of
+``config.embedded`` are started and used, and ``SECRET_KEY`` / ``ALLOWED_HOSTS`` fall back to fixed
+development values.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import importlib.util
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 from config import embedded
 
@@ -20,11 +28,46 @@ env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DEBUG = env.bool("DEBUG", default=False)
-SECRET_KEY = env(
-    "SECRET_KEY", default="dev-only-insecure-secret-key-set-SECRET_KEY-in-production"
-)
-ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
+# Development and tests: embedded servers and development defaults instead of failing closed.
+EMBEDDED_SERVICES = env.bool("EMBEDDED_SERVICES", default=False)
+DEVELOPMENT = DEBUG or EMBEDDED_SERVICES
+
+
+def _required(name: str, development_default: str) -> str:
+    """The environment variable ``name``; in development mode ``development_default`` when it is
+    unset or empty. Raises ``ImproperlyConfigured`` naming the variable otherwise."""
+    value = env.str(name, default="")
+    if value:
+        return value
+    if DEVELOPMENT:
+        return development_default
+    raise ImproperlyConfigured(
+        f"{name} is not set. Production (DEBUG off) needs {name}; see the README's \"Production deployment\" "
+        "section. For development and tests set EMBEDDED_SERVICES=1 (dev.py run and dev.py test do)."
+    )
+
+
+SECRET_KEY = _required("SECRET_KEY", "dev-only-insecure-secret-key-set-SECRET_KEY-in-production")
+ALLOWED_HOSTS = [
+    host.strip() for host in _required("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",") if host.strip()
+]
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+# --- HTTPS (``manage.py check --deploy`` is clean with the README's production environment) -------
+# Behind a TLS-terminating proxy: "HTTP_X_FORWARDED_PROTO,https" (the header the proxy sets, and the
+# value meaning HTTPS). Only set it when the proxy always sets (or strips) that header.
+SECURE_PROXY_SSL_HEADER = env.tuple("SECURE_PROXY_SSL_HEADER", default=None)
+# In production (not DEVELOPMENT) HTTP is redirected to HTTPS and cookies are HTTPS-only by default.
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=not DEVELOPMENT)
+# Load balancers probe these over plain HTTP.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=not DEVELOPMENT)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=not DEVELOPMENT)
+# HTTP Strict Transport Security, in seconds (0 = off). Opt-in: once browsers saw it, the site cannot
+# go back to plain HTTP for that long. The README's production environment sets a year.
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
 
 INSTALLED_APPS = [
     "daphne",
@@ -72,9 +115,9 @@ TEMPLATES = [
 
 # --- Database: Postgres with pgvector ------------------------------------------------------------
 DATABASE_NAME = env("DATABASE_NAME", default="supportbot")
-if env("DATABASE_URL", default=""):
+if _required("DATABASE_URL", ""):
     DATABASES = {"default": env.db("DATABASE_URL")}
-else:
+else:  # development mode only (see the module docstring)
     DATABASES = {"default": embedded.postgres_settings(DATABASE_NAME)}
 DATABASES["default"].setdefault("TEST", {})
 # A distinct test database name lets several test runs share one server.
@@ -82,7 +125,7 @@ DATABASES["default"]["TEST"]["NAME"] = env("TEST_DATABASE_NAME", default=f"test_
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: Channels layer and Celery broker -------------------------------------------------------
-REDIS_URL = env("REDIS_URL", default="") or embedded.redis_url()
+REDIS_URL = _required("REDIS_URL", "") or embedded.redis_url()
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
