@@ -87,6 +87,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # whitenoise, plus the widget script's cache lifetime and CORS headers (chat.widget_static).
+    "chat.widget_static.StaticFilesMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -170,6 +172,26 @@ USE_TZ = True
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = env.path("STATIC_ROOT", default=str(BASE_DIR / "staticfiles"))
+# Static files are served by the web process itself (whitenoise's middleware, under ASGI too).
+# Production: `manage.py collectstatic` writes compressed files with content-hashed names to
+# STATIC_ROOT; templates link the hashed names, which are cached for ten years ("immutable").
+# Development and tests (DEBUG or EMBEDDED_SERVICES): files are served straight from the app and
+# project folders (whitenoise's finders) under their plain names, so no collectstatic is needed; the
+# manifest storage would refuse to render a page without collectstatic's manifest once DEBUG is off,
+# which is how the tests run.
+WHITENOISE_USE_FINDERS = env.bool("WHITENOISE_USE_FINDERS", default=DEVELOPMENT)
+WHITENOISE_AUTOREFRESH = DEBUG
+# CORS on static files only for the widget script and the widget's origins (chat.widget_static),
+# instead of whitenoise's default "Access-Control-Allow-Origin: *" on every file.
+WHITENOISE_ALLOW_ALL_ORIGINS = False
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if WHITENOISE_USE_FINDERS
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
 MEDIA_ROOT = env.path("MEDIA_ROOT", default=str(embedded.data_dir() / "media"))
 MEDIA_URL = "/media/"
 DATA_UPLOAD_MAX_NUMBER_FILES = 1000
@@ -297,6 +319,10 @@ TUNING_RUN_STALE_S = env.float("TUNING_RUN_STALE_S", default=900.0)
 # them with CORS headers and its websocket accepts their Origin. Empty: the site's own host only
 # (ALLOWED_HOSTS); "*" allows any site. Example: WIDGET_ALLOWED_ORIGINS=https://shop.example.com
 WIDGET_ALLOWED_ORIGINS = env.list("WIDGET_ALLOWED_ORIGINS", default=[])
+# Browser cache lifetime of the widget script under its plain name (/static/widget/widget.js, the URL
+# other sites paste into their pages), in seconds. Its hashed name ({% static %}) is cached for ten
+# years; the plain name must stay short enough for a new release to reach the embedding sites.
+WIDGET_SCRIPT_MAX_AGE_S = env.int("WIDGET_SCRIPT_MAX_AGE_S", default=3600)
 # Longest customer message accepted over the websocket, in characters.
 WIDGET_MESSAGE_MAX_CHARS = env.int("WIDGET_MESSAGE_MAX_CHARS", default=2000)
 # Source text shown before and after a cited passage in the widget's passage panel, in characters.
