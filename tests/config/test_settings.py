@@ -29,11 +29,13 @@ DEVELOPMENT_VARIABLES = ("EMBEDDED_SERVICES", "DEBUG", *PRODUCTION_VARIABLES, "C
 
 
 def database_url() -> str:
-    """The test run's database as a ``DATABASE_URL`` (the embedded server's host is a socket folder,
-    percent-encoded in the URL's host part)."""
+    """The test run's database as a ``DATABASE_URL``. The embedded server's host is a socket folder,
+    which django-environ reads from the path: ``postgres://user:password@:port//socket/folder/name``."""
     db = connection.settings_dict
-    host = quote(db["HOST"], safe="") if db["HOST"].startswith("/") else db["HOST"]
-    return f"postgres://{db['USER']}:{quote(db['PASSWORD'] or '', safe='')}@{host}:{db['PORT']}/{db['NAME']}"
+    credentials = f"{db['USER']}:{quote(db['PASSWORD'] or '', safe='')}"
+    if db["HOST"].startswith("/"):
+        return f"postgres://{credentials}@:{db['PORT']}/{db['HOST']}/{db['NAME']}"
+    return f"postgres://{credentials}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
 
 
 def production_environment() -> dict[str, str]:
