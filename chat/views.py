@@ -33,7 +33,8 @@ from chat.selectors import conversation_get
 from chat.transcripts import cited_passage_get, transcript_get
 
 TOKEN_HEADER = "X-Conversation-Token"
-_COLLECTION = re.compile(r"^[\w.-]{1,100}$")
+# Matched with fullmatch: "$" would also match before a trailing newline ("abc\n" was accepted).
+_COLLECTION = re.compile(r"[\w.-]{1,100}")
 _PREFLIGHT_MAX_AGE_S = 600
 
 
@@ -101,7 +102,7 @@ def conversation_create(request: HttpRequest) -> JsonResponse:
         if not isinstance(body, dict):
             return _error("the body must be a JSON object", 400)
         collection = body.get("collection", collection)
-        if not isinstance(collection, str) or not _COLLECTION.match(collection):
+        if not isinstance(collection, str) or not _COLLECTION.fullmatch(collection):
             return _error("collection must be 1 to 100 letters, digits, '_', '.' or '-'", 400)
     origin = request.headers.get("Origin", "")[:300]
     conversation = services.conversation_start(collection=collection, origin=origin)

@@ -13,14 +13,30 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.generic.websocket import AsyncWebsocketConsumer  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.urls import re_path  # noqa: E402
 
 from chat.dashboard.routing import websocket_urlpatterns as dashboard_websocket_urlpatterns  # noqa: E402
 from chat.routing import websocket_urlpatterns as chat_websocket_urlpatterns  # noqa: E402
 
+# Close code of a websocket handshake to a path no route serves (HTTP's 404 in the 4000-4999 range).
+CLOSE_NOT_FOUND = 4404
+
+
+class UnknownPathConsumer(AsyncWebsocketConsumer):
+    """Any websocket path no other route matches: the handshake is refused with close code
+    ``CLOSE_NOT_FOUND`` (Channels' ``URLRouter`` would raise ``ValueError``: a 500 and a traceback in
+    the log for every probe)."""
+
+    async def connect(self) -> None:
+        await self.close(code=CLOSE_NOT_FOUND)
+
+
 websocket_urlpatterns: list = [
     *chat_websocket_urlpatterns,
     *dashboard_websocket_urlpatterns,
+    re_path(r"", UnknownPathConsumer.as_asgi()),  # last: matches every path
 ]
 
 application = ProtocolTypeRouter(

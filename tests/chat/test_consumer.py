@@ -131,13 +131,17 @@ def test_an_unknown_conversation_is_refused_with_4403():
     run(scenario)
 
 
-def test_a_path_without_a_conversation_uuid_is_not_routed():
+@pytest.mark.parametrize("path", ["/ws/chat/not-a-uuid/?token=x", "/ws/nothing-here/", "/", "/ws/agent/extra/"])
+def test_a_path_no_route_serves_is_refused_with_4404(path):
     async def scenario():
-        socket = WebsocketCommunicator(application, "/ws/chat/not-a-uuid/?token=x", headers=SAME_SITE)
-        with pytest.raises(ValueError, match="No route found"):
-            await socket.connect()
+        # given a websocket path that no route serves (a malformed id, an unknown path)
+        socket = WebsocketCommunicator(application, path, headers=SAME_SITE)
+        # when the handshake is attempted
+        # then it is refused with 4404 (not a ValueError from the router, which was a 500)
+        assert await socket.connect() == (False, 4404)
 
     run(scenario)
+    assert Conversation.objects.count() == 0
 
 
 def test_an_origin_not_allowed_is_refused(settings):
@@ -209,6 +213,16 @@ BAD_FRAMES = [
                  {"code": "too_long", "message": "the message is longer than 2000 characters"}, id="oversized"),
     pytest.param("x" * 20_000, {"code": "too_long", "message": "the message is longer than 2000 characters"},
                  id="oversized-frame"),
+    pytest.param(json.dumps({"type": "chat.message", "text": "refund\u0000 policy"}),
+                 {"code": "invalid_characters",
+                  "message": "the message contains characters that cannot be stored (NUL or an unpaired surrogate)"},
+                 id="nul-byte"),
+    pytest.param('{"type": "chat.message", "text": "refund \\ud800 policy"}',
+                 {"code": "invalid_characters",
+                  "message": "the message contains characters that cannot be stored (NUL or an unpaired surrogate)"},
+                 id="lone-surrogate"),
+    pytest.param(json.dumps({"type": "chat.message", "text": "\u200b\u200b \ufeff\u200d"}),
+                 {"code": "empty", "message": "the message is empty"}, id="only-zero-width-spaces"),
 ]
 
 

@@ -141,6 +141,9 @@ def test_preflight_from_another_origin_is_refused(client, settings):
         ("[1, 2]", "the body must be a JSON object"),
         (json.dumps({"collection": "../etc"}), "collection must be 1 to 100 letters, digits, '_', '.' or '-'"),
         (json.dumps({"collection": 7}), "collection must be 1 to 100 letters, digits, '_', '.' or '-'"),
+        # "$" in a pattern also matches before a final newline: "abc\n" used to be accepted and stored
+        (json.dumps({"collection": "abc\n"}), "collection must be 1 to 100 letters, digits, '_', '.' or '-'"),
+        (json.dumps({"collection": "abc\u0000"}), "collection must be 1 to 100 letters, digits, '_', '.' or '-'"),
     ],
 )
 def test_create_with_a_malformed_body_is_a_400_and_creates_nothing(client, body, error):

@@ -1,0 +1,143 @@
+"""Readiness of this process to answer customers: the checks behind ``/readyz`` (``chat.health_views``).
+
+``readiness_checks()`` runs every check and returns ``{name: CheckResult}`` for
+
+- ``database``: a ``SELECT 1`` on the default database;
+- ``redis``: a ``PING`` to ``REDIS_URL`` (the Channels layer and the Celery broker);
+- ``model``: the GGUF file(s) of the model version the engine would serve (the active
+  ``ModelVersion``, or ``LLM_MODEL_PATH`` when none is active yet) exist, are readable and start with
+  the GGUF magic and a known format version; ``loaded`` tells whether this process's engine already
+  serves that pair (information, not a condition: the engine loads it on the first answer);
+- ``embedding``: the sentence-embedding model is loaded (loading it on the first call, ~2 s), and its
+  vectors have ``EMBEDDING_DIM`` dimensions.
+
+Checks only read: nothing is written (unlike ``chat.services.model_version_active``, which creates
+the default version).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from django.conf import settings
+from django.db import connection
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+# GGUF format versions llama.cpp reads (version 1 was dropped in 2023).
+GGUF_VERSIONS = frozenset({2, 3})
+REDIS_TIMEOUT_S = 2.0
+
+
+class NotReady(Exception):
+    """A check failed; the message says why (shown in ``/readyz``)."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check: ``ok``, the ``error`` when not ok, and ``details`` (JSON-serialisable) when ok."""
+
+    ok: bool
+    error: str = ""
+    details: dict = field(default_factory=dict)
+
+    def as_json(self) -> dict:
+        return {"ok": self.ok, "error": self.error} if not self.ok else {"ok": True, **self.details}
+
+
+def database_check() -> dict:
+    """``SELECT 1`` on the default database; raises ``DatabaseError`` when it is unreachable."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+    return {"vendor": connection.vendor}
+
+
+def redis_check() -> dict:
+    """``PING`` to ``REDIS_URL`` with a ``REDIS_TIMEOUT_S`` connect/read timeout; raises redis-py's
+    ``ConnectionError``/``TimeoutError`` when it does not answer."""
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=REDIS_TIMEOUT_S,
+                                  socket_timeout=REDIS_TIMEOUT_S)
+    try:
+        client.ping()
+    finally:
+        client.close()
+    return {}
+
+
+def gguf_file_check(path: str) -> None:
+    """Raise ``NotReady`` unless ``path`` is a readable file starting with the GGUF magic and a
+    version in ``GGUF_VERSIONS`` (uint32, little-endian, right after the magic)."""
+    if not path:
+        raise NotReady("no model path configured (LLM_MODEL_PATH)")
+    file = Path(path)
+    if not file.is_file():
+        raise NotReady(f"model file not found: {path}")
+    try:
+        with open(file, "rb") as handle:
+            header = handle.read(8)
+    except OSError as error:
+        raise NotReady(f"model file not readable: {path}: {error.strerror}") from error
+    if len(header) < 8 or header[:4] != GGUF_MAGIC:
+        raise NotReady(f"not a GGUF file: {path}")
+    version = struct.unpack("<I", header[4:])[0]
+    if version not in GGUF_VERSIONS:
+        raise NotReady(f"unsupported GGUF version {version}: {path}")
+
+
+def model_check() -> dict:
+    """The GGUF files of the active model version (or ``LLM_MODEL_PATH`` when none is active) pass
+    ``gguf_file_check``. Returns ``{"version", "base_model_path", "adapter_path", "loaded"}``
+    (``version`` is ``None`` for the not-yet-registered default). Raises ``NotReady`` or
+    ``DatabaseError``."""
+    from chat.engine import ModelKey, get_engine
+    from chat.models import ModelVersion
+
+    active = ModelVersion.objects.filter(is_active=True).first()
+    key = ModelKey(active.base_model_path, active.adapter_path) if active else ModelKey(settings.LLM_MODEL_PATH)
+    gguf_file_check(key.base_model_path)
+    if key.adapter_path:
+        gguf_file_check(key.adapter_path)
+    return {"version": active.name if active else None, "base_model_path": key.base_model_path,
+            "adapter_path": key.adapter_path, "loaded": get_engine().current_key == key}
+
+
+def embedding_check() -> dict:
+    """The process's embedding model (``knowledge.embedding.get_embedding_model``, loaded now if it
+    is not yet) embeds a word into ``EMBEDDING_DIM`` dimensions. Raises whatever loading raises, or
+    ``NotReady`` on a wrong dimension."""
+    from knowledge.embedding import get_embedding_model, model_id
+
+    vectors = get_embedding_model().encode(["ready"])
+    if vectors.shape != (1, settings.EMBEDDING_DIM):
+        raise NotReady(f"embedding model made vectors of shape {vectors.shape}, expected (1, {settings.EMBEDDING_DIM})")
+    return {"model": model_id()}
+
+
+CHECKS: dict[str, Callable[[], dict]] = {
+    "database": database_check,
+    "redis": redis_check,
+    "model": model_check,
+    "embedding": embedding_check,
+}
+
+
+def readiness_checks() -> dict[str, CheckResult]:
+    """Run every check of ``CHECKS`` (all of them, even after a failure) and return their results by
+    name. A check that raises fails with the exception's message; failures are logged at WARNING."""
+    results = {}
+    for name, check in CHECKS.items():
+        try:
+            results[name] = CheckResult(ok=True, details=check())
+        except Exception as error:  # any failure of a dependency is "not ready", never a 500
+            message = str(error) or type(error).__name__
+            logger.warning("readiness check %s failed: %s", name, message)
+            results[name] = CheckResult(ok=False, error=message)
+    return results
