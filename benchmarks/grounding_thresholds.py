@@ -40,7 +40,7 @@ django.setup()
 from django.conf import settings  # noqa: E402
 
 from chat import services  # noqa: E402
-from chat.answer_metrics import invented_facts, token_f1  # noqa: E402
+from chat.answer_metrics import closest_sentence_baseline, invented_facts, token_f1  # noqa: E402
 from chat.grounding import GroundingCheck, SentenceGate, Thresholds, extractive_answer  # noqa: E402
 from chat.prompts import source_excerpt, without_markers  # noqa: E402
 from knowledge.embedding import get_embedding_model  # noqa: E402
@@ -132,8 +132,7 @@ def replay(record: dict, thresholds: Thresholds, extractive_min: float, quote_mi
     excerpts = [s["excerpt"] for s in record["sources"]]
     check = GroundingCheck(record["question"], excerpts, titles=[s["title"] for s in record["sources"]],
                            topic=record.get("topic"), thresholds=thresholds, encode=encode)
-    baseline = extractive_answer(check, min_relevance=-1.0, require_type=False, lexical_weight=0.0)
-    outcome = {"sentences": 0, "shown": 0, "baseline": baseline.text if baseline else ""}
+    outcome = {"sentences": 0, "shown": 0, "baseline": closest_sentence_baseline(check)}
     quote = extractive_answer(check, min_relevance=quote_min)
     if quote is not None:
         outcome.update(method="extractive", text=quote.text)

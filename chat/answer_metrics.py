@@ -42,3 +42,19 @@ def invented_facts(answer: str, sources: list[str]) -> list[str]:
     from chat.grounding import hard_facts, merge_facts
 
     return hard_facts(answer).missing_from(merge_facts([hard_facts(text) for text in sources]))
+
+
+def closest_sentence_baseline(check) -> str:
+    """The extractive baseline answers are compared with (issue 9): the sentence of the check's
+    sources (``chat.grounding.GroundingCheck``: the prompt's top retrieved chunks) closest to the
+    question by the product's embedding model, with no threshold, type or other filter; ``""``
+    without sources."""
+    best, best_score = "", None
+    for source in check.sources:
+        if not len(source.vectors):
+            continue
+        scores = source.vectors @ check.question_vector
+        for sentence, score in zip(source.sentences, scores):
+            if best_score is None or float(score) > best_score:
+                best, best_score = sentence.strip(), float(score)
+    return best

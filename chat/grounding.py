@@ -368,9 +368,9 @@ def source_sentences(text: str) -> list[str]:
     return out
 
 
-# The prompt lists sources as "[n] <title>: <excerpt>"; a sentence starting with a marker is the model
-# copying that layout ("[1] Shipping policy: ..."), not answering.
-_LAYOUT_COPY = re.compile(r"^\s*\[\s*\d{1,3}\s*\]")
+# The prompt lists sources as "[n] <title>: <excerpt>"; a sentence that starts with a marker or a list
+# number, or holds "<title>:", is the model copying that layout ("[1] Shipping policy: ..."), not answering.
+_LAYOUT_COPY = re.compile(r"^\s*(\[\s*\d{1,3}\s*\]|\d{1,2}\))")
 
 
 class GroundingCheck:
@@ -380,12 +380,15 @@ class GroundingCheck:
     order (the excerpts the model read); ``titles``: their titles (also read by the model: they count
     as support and as facts, but are never quoted); ``topic``: the text relevance is measured against
     (default the question; for a follow-up, the question with the earlier questions it refers to);
+    ``prompt_sources``: how many of ``sources`` (the first ones) the model read: the model's sentences
+    are checked against those only, while a quote may come from any (default all);
     ``encode``: the sentence-embedding function
     (``texts -> float32 (n, dim)`` unit vectors; default the product's model). Embeds the sources'
     sentences and the question once, at construction (one batch)."""
 
     def __init__(self, question: str, sources: Sequence[str], *, titles: Sequence[str] = (),
-                 topic: str | None = None, thresholds: Thresholds | None = None, encode: Encoder | None = None):
+                 topic: str | None = None, prompt_sources: int | None = None,
+                 thresholds: Thresholds | None = None, encode: Encoder | None = None):
         self.question = question.strip()
         self.thresholds = thresholds or Thresholds.from_settings()
         if encode is None:
@@ -406,7 +409,8 @@ class GroundingCheck:
             self.sources.append(SourceView(text, sentences, vectors[offset:offset + len(sentences)],
                                            frozenset(stems(f"{title} {text}")), hard_facts(f"{title}. {text}")))
             offset += len(sentences)
-        self.available = merge_facts([s.facts for s in self.sources])
+        self.prompt_sources = len(self.sources) if prompt_sources is None else min(prompt_sources, len(self.sources))
+        self.available = merge_facts([s.facts for s in self.sources[: self.prompt_sources]])
         self.titles = [t.strip() for t in titles if t]
         self.question_stems = set(stems(self.question))
         self.kind = answer_type(self.question)
@@ -428,18 +432,17 @@ class GroundingCheck:
             return Verdict(sentence, sentence, False, "too short to check")
         if not set(stemmed) - self.question_stems:
             return Verdict(sentence, sentence, False, "restates the question")
-        if _LAYOUT_COPY.match(sentence) or any(title and body.lower().startswith(title.lower() + ":")
-                                                for title in self.titles):
+        if _LAYOUT_COPY.match(sentence) or any(title.lower() + ":" in body.lower() for title in self.titles):
             return Verdict(sentence, sentence, False, "copies the list of sources, not an answer")
         missing = hard_facts(body).missing_from(self.available)
         if missing:
             return Verdict(sentence, sentence, False, "not in the sources: " + ", ".join(missing[:4]))
-        if not self.sources:
+        if not self.prompt_sources:
             return Verdict(sentence, sentence, False, "no sources")
         vector = self.encode([body])[0]
         cited = [n for m in MARKER.finditer(sentence) for n in marker_numbers(m.group(1))
-                 if 1 <= n <= len(self.sources)]
-        scores = {i + 1: self._support(stemmed, vector, i) for i in range(len(self.sources))}
+                 if 1 <= n <= self.prompt_sources]
+        scores = {i + 1: self._support(stemmed, vector, i) for i in range(self.prompt_sources)}
 
         def passes(n: int) -> bool:
             coverage, similarity = scores[n]
@@ -493,7 +496,8 @@ def extractive_answer(check: GroundingCheck, *, min_relevance: float | None = No
     ``EXTRACTIVE_LEXICAL_WEIGHT``) times the share of the question's content words (stems) it
     contains. Only sentences holding what the question asks for (``require_type``, see
     ``answer_type``) and reaching ``min_relevance`` cosine similarity (default the check's
-    ``min_relevance``) qualify; questions (an FAQ entry's own) never do. ``ExtractiveAnswer.text`` is
+    ``min_relevance``) qualify; questions (an FAQ entry's own), sentences cut short by the excerpt
+    ("…") and sentences that only repeat the question's words never do. ``ExtractiveAnswer.text`` is
     ``"<sentence>" [n]``. Quoting two adjacent sentences when they scored higher was measured and
     lowered token-F1 on Doc2Dial (README, "Groundedness check")."""
     if lexical_weight is None:
@@ -510,8 +514,9 @@ def extractive_answer(check: GroundingCheck, *, min_relevance: float | None = No
         for sentence, similarity in zip(source.sentences, similarities):
             sentence = sentence.strip()
             stemmed = set(stems(sentence))
-            if sentence.endswith("?") or len(stemmed) < check.thresholds.min_words or similarity < limit:
-                continue
+            if (sentence.endswith(("?", "…")) or len(stemmed) < check.thresholds.min_words or similarity < limit
+                    or stemmed <= asked):
+                continue  # a question, a sentence cut by the excerpt, too short, too far, or the question again
             if require_type and not has_answer_type(sentence, check.kind):
                 continue
             score = float(similarity) + lexical_weight * (len(asked & stemmed) / len(asked) if asked else 0.0)
@@ -549,8 +554,15 @@ class SentenceGate:
         self.addressed = False
         self.reason: str | None = None
 
-    def _judge(self, sentence: str) -> str:
-        verdict = self.check.check(sentence)
+    def _judge(self, sentence: str, *, last: bool = False) -> str:
+        body = MARKER.sub(" ", sentence).strip()
+        stemmed = set(stems(body))
+        if last and body and not body.endswith((".", "!", "?", ")", '"')):
+            verdict = Verdict(sentence, sentence, False, "unfinished (the answer was cut off)")
+        elif stemmed and any(stemmed <= set(stems(v.text)) for v in self.shown + self.held):
+            verdict = Verdict(sentence, sentence, False, "repeats an earlier sentence")
+        else:
+            verdict = self.check.check(sentence)
         self.verdicts.append(verdict)
         if not verdict.shown:
             return ""
@@ -587,7 +599,7 @@ class SentenceGate:
     def finish(self) -> str:
         """Check what is left in the buffer; returns the text that can still be shown."""
         sentence, self.buffer = self.buffer.strip(), ""
-        out = self._judge(sentence) if sentence else ""
+        out = self._judge(sentence, last=True) if sentence else ""
         if not self.addressed:
             removed = [v for v in self.verdicts if not v.shown]
             if self.held:

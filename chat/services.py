@@ -342,10 +342,13 @@ def answer_compose(
 
     sources = chunks[: settings.LLM_PROMPT_SOURCES]
     checking = retrieval and grounding
+    # A quoted sentence may come from any of the first EXTRACTIVE_SOURCES retrieved chunks (numbered
+    # after the prompt's); the model's sentences are checked against the prompt's sources only.
+    candidates = chunks[: max(settings.EXTRACTIVE_SOURCES, len(sources))]
     check = GroundingCheck(
-        question, [source_excerpt(c, settings.LLM_SOURCE_MAX_CHARS) for c in sources],
-        titles=[without_markers(c.source_title) for c in sources],
-        topic=found.query if found.follow_up else None,
+        question, [source_excerpt(c, settings.LLM_SOURCE_MAX_CHARS) for c in candidates],
+        titles=[without_markers(c.source_title) for c in candidates],
+        topic=found.query if found.follow_up else None, prompt_sources=len(sources),
     ) if checking else None
 
     def quoted(quote, *, reason: str | None = None, sentences: list[dict] = (), generation_stats=None,
@@ -355,8 +358,8 @@ def answer_compose(
         stats = generation_stats
         yield AnswerEvent("answer.composed", {"answer": ComposedAnswer(
             text=quote.text, abstained=False, method="extractive",
-            citations=[{**_citation(quote.source, sources[quote.source - 1]), "method": "extractive"}],
-            sources=sources, trace=trace,
+            citations=[{**_citation(quote.source, candidates[quote.source - 1]), "method": "extractive"}],
+            sources=candidates[: max(quote.source, len(sources))], trace=trace,
             grounding={**record, "method": "extractive", "reason": reason, "sentences": list(sentences),
                        "removed": sum(not v["shown"] for v in sentences), "relevance": round(quote.relevance, 3)},
             timings={"retrieval_ms": retrieval_ms, "ttft_ms": ttft if ttft is not None else shown_at,

@@ -313,6 +313,8 @@ ANSWER_QUOTE_MIN_RELEVANCE = env.float("ANSWER_QUOTE_MIN_RELEVANCE", default=0.6
 # The extractive answer ranks source sentences by cosine similarity to the question plus this weight
 # times the share of the question's content words they contain.
 EXTRACTIVE_LEXICAL_WEIGHT = env.float("EXTRACTIVE_LEXICAL_WEIGHT", default=0.3)
+# A quoted sentence may come from the first this many retrieved chunks (at least LLM_PROMPT_SOURCES).
+EXTRACTIVE_SOURCES = env.int("EXTRACTIVE_SOURCES", default=3)
 # Abstention: the bot declines (and offers a human) when the closest retrieved chunk is farther than
 # this cosine distance (0..2). Measured with benchmarks/abstention_threshold.py on Doc2Dial (README,
 # "Abstention"): answerable questions p50 0.35 / p95 0.56-0.60, unrelated questions >= 0.66; 0.62

@@ -162,7 +162,24 @@ def conversation_search(
         reason = "weak on its own"
     if reason:
         return ConversationalRetrieval(with_history, query, reason, own_distance, history_distance)
+    import os
+    if os.environ.get("X_FUSE") == "1" and own_distance is not None and own_distance <= weak:
+        fused = _rrf_fuse([own, with_history], k)
+        return ConversationalRetrieval(fused, query, "fused", own_distance, own_distance)
     return ConversationalRetrieval(own, question, None, own_distance, own_distance)
+
+
+def _rrf_fuse(rankings: Sequence[Sequence[RetrievedChunk]], k: int) -> list[RetrievedChunk]:
+    """The ``k`` best chunks of several rankings fused with reciprocal rank fusion (``RRF_K``); ties
+    keep the earlier ranking's order."""
+    scores: dict[int, float] = {}
+    first: dict[int, tuple[int, int, RetrievedChunk]] = {}
+    for which, ranking in enumerate(rankings):
+        for rank, chunk in enumerate(ranking, start=1):
+            scores[chunk.chunk_id] = scores.get(chunk.chunk_id, 0.0) + 1.0 / (settings.RRF_K + rank)
+            first.setdefault(chunk.chunk_id, (which, rank, chunk))
+    ordered = sorted(scores, key=lambda cid: (-scores[cid], first[cid][0], first[cid][1]))
+    return [first[cid][2] for cid in ordered[:k]]
 
 
 def _tsquery_text(query: str) -> str:

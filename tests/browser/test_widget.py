@@ -104,14 +104,16 @@ def test_a_question_streams_an_answer_whose_citation_opens_its_passage(browse):
 
     result = browse(scenario)
 
-    # then the answer arrived as several chat.token frames, and the bubble grew with them
+    # then the answer arrived as chat.token frames (checked sentences, or the quoted source sentence that
+    # answers: the FAQ holds one), and the bubble showed each as it came
     frames = result["frames"]
     assert [frame["type"] for frame in frames][-2:] == ["chat.citations", "chat.done"]
     tokens = [frame["text"] for frame in frames if frame["type"] == "chat.token"]
     answer = frames[-1]["text"]
-    assert len(tokens) >= 2 and "".join(tokens).strip() == answer
+    assert len(tokens) >= 1 and "".join(tokens).strip() == answer
+    assert "3 to 5 business days" in answer
     shown = [text for text in result["shown"] if text]
-    assert len(set(shown)) >= 2 and all(answer.startswith(text.strip()) for text in shown)
+    assert len(set(shown)) >= 1 and all(answer.startswith(text.strip()) for text in shown)
     assert result["bubble"] == answer
 
     # and its first citation opened the cited chunk, highlighted, under its source's title

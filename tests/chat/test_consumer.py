@@ -477,8 +477,12 @@ async def _ask(conversation: Conversation, question: str, *, timeout_s: float = 
 
 
 @pytest.mark.e2e
-def test_e2e_a_real_question_streams_tokens_and_cites_retrieved_chunks_of_its_page(doc2dial_pages, doc2dial_questions):
+def test_e2e_a_real_question_streams_tokens_and_cites_retrieved_chunks_of_its_page(
+    doc2dial_pages, doc2dial_questions, settings
+):
     from knowledge.models import Chunk, Source
+
+    settings.ANSWER_QUOTE_MIN_RELEVANCE = 2.0  # the model is asked (no source sentence is quoted first)
 
     # given a real customer question about one of the ingested pages
     gold_file = "docs/dmv/010_Escort_driver_certification_1_0.txt"
@@ -493,11 +497,13 @@ def test_e2e_a_real_question_streams_tokens_and_cites_retrieved_chunks_of_its_pa
     types = [frame["type"] for frame in frames]
     assert types[-2:] == ["chat.citations", "chat.done"], types
     tokens = [frame["text"] for frame in frames if frame["type"] == "chat.token"]
-    assert len(tokens) >= 5 and set(types[:-2]) == {"chat.token"}
+    assert len(tokens) >= 1 and set(types[:-2]) == {"chat.token"}
     done = frames[-1]
     assert done["abstained"] is False
+    # (checked text arrives a sentence at a time; a quote when nothing the model wrote passed)
+    assert done["method"] in ("generated", "extractive")
     assert "".join(tokens).strip() == done["text"]
-    assert done["timings"]["tokens"] >= len(tokens) and done["timings"]["ttft_ms"] > 0
+    assert done["timings"]["tokens"] >= 3 and done["timings"]["ttft_ms"] > 0
 
     # and every citation points at a retrieved chunk of the question's page, as stored
     citations = frames[-2]["citations"]

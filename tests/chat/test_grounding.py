@@ -170,3 +170,13 @@ def test_the_extractive_answer_declines_when_no_source_sentence_is_close_enough(
 def test_split_sentences_keeps_markers_with_their_sentence_and_numbers_whole():
     assert split_sentences("It costs 5.95 dollars. [1] Exchanges are free [2]. Ask us!") == [
         "It costs 5.95 dollars. [1]", "Exchanges are free [2].", "Ask us!"]
+
+
+@pytest.mark.parametrize("sentence", [
+    "[1] Returns: You can return unused items within 60 days of delivery.",
+    "2) Shipping: Standard shipping is free on orders of 75 dollars or more.",
+    "Ships to Canada: [2] Shipping: We ship to Canada, the United Kingdom and the European Union.",
+])
+def test_a_sentence_copying_the_prompts_source_list_is_removed(check, sentence):
+    verdict = check("Do you ship to Canada?").check(sentence)
+    assert (verdict.shown, verdict.reason) == (False, "copies the list of sources, not an answer")

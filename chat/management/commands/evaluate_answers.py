@@ -45,8 +45,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from chat import services
-from chat.answer_metrics import invented_facts, token_f1
-from chat.grounding import GroundingCheck, extractive_answer
+from chat.answer_metrics import closest_sentence_baseline, invented_facts, token_f1
+from chat.grounding import GroundingCheck
 from chat.prompts import source_excerpt, without_markers
 from chat.models import Conversation, Message
 from knowledge.evaluation import RankedPassage, load_questions, passage_hit, percentile
@@ -114,15 +114,18 @@ class Command(BaseCommand):
                 message = Message.objects.get(pk=final.data["message_id"])
                 chunk_ids = [c["chunk_id"] for c in message.citations]
                 prompt_ids = [r["chunk_id"] for r in message.retrieval[: settings.LLM_PROMPT_SOURCES]]
+                # a quote may come from the first EXTRACTIVE_SOURCES chunks: facts are checked against those
+                quotable_ids = [r["chunk_id"] for r in message.retrieval[
+                    : max(settings.LLM_PROMPT_SOURCES, settings.EXTRACTIVE_SOURCES)]]
                 loaded = Chunk.objects.select_related("source").only(
-                    "start", "end", "text", "source__uri", "source__title").in_bulk(chunk_ids + prompt_ids)
+                    "start", "end", "text", "source__uri", "source__title").in_bulk(chunk_ids + quotable_ids)
                 spans = {pk: (file_of(c.source.uri), c.start, c.end) for pk, c in loaded.items()}
                 prompt = [loaded[pk] for pk in prompt_ids if pk in loaded]
                 texts = [f"{without_markers(c.source.title)}. {source_excerpt(c, settings.LLM_SOURCE_MAX_CHARS)}"
-                         for c in prompt]
-                baseline = extractive_answer(GroundingCheck(
+                         for c in (loaded[pk] for pk in quotable_ids if pk in loaded)]
+                baseline = closest_sentence_baseline(GroundingCheck(
                     question.question, [source_excerpt(c, settings.LLM_SOURCE_MAX_CHARS) for c in prompt],
-                    titles=[without_markers(c.source.title) for c in prompt]), min_relevance=-1.0, require_type=False)
+                    titles=[without_markers(c.source.title) for c in prompt]))
                 grounding = message.grounding or {}
 
                 def hit(chunk_id):
@@ -140,7 +143,7 @@ class Command(BaseCommand):
                                                    if hit(c["chunk_id"])),
                     "gold_in_prompt": any(hit(c) for c in prompt_ids),
                     "f1": 0.0 if message.abstained else token_f1(message.text, question.reference_answer),
-                    "baseline_f1": token_f1(baseline.text, question.reference_answer) if baseline else 0.0,
+                    "baseline_f1": token_f1(baseline, question.reference_answer) if baseline else 0.0,
                     "method": grounding.get("method", "declined" if message.abstained else "generated"),
                     "sentences": len(grounding.get("sentences", [])),
                     "shown_sentences": sum(bool(v.get("shown")) for v in grounding.get("sentences", [])),
