@@ -231,6 +231,13 @@ class Command(BaseCommand):
         row("time to first shown text p50 / p95 (ms)",
             lambda g: f"{percentile([r['timings'].get('first_text_ms', r['timings']['ttft_ms']) for r in answered(g)], 50):.0f} / "
                       f"{percentile([r['timings'].get('first_text_ms', r['timings']['ttft_ms']) for r in answered(g)], 95):.0f}")
+        def generated(group):
+            return [r for r in group if r["method"] == "generated"]
+
+        row("what the check adds to first text, generated answers p50 / p95 (ms)",
+            lambda g: (f"{percentile([r['timings']['first_text_ms'] - r['timings']['ttft_ms'] for r in generated(g)], 50):.0f} / "
+                       f"{percentile([r['timings']['first_text_ms'] - r['timings']['ttft_ms'] for r in generated(g)], 95):.0f}")
+            if generated(g) else "–")
         row("retrieval p50 (ms)", lambda g: f"{percentile([r['timings']['retrieval_ms'] for r in g], 50):.0f}")
         row("tokens per answer (mean)",
             lambda g: f"{statistics.fmean([r['timings']['tokens'] for r in answered(g)]):.1f}" if answered(g) else "–")
