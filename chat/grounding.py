@@ -11,7 +11,8 @@ For each sentence the model writes (``GroundingCheck.check``):
    ``3 day``); a number stated with a unit must appear with that unit. Otherwise removed.
 3. **Support**: the sentence must be supported by the source it cites (or, when it cites none or
    the wrong one, by another prompt source, which it is then cited to): at least ``min_coverage`` of
-   its content words (Snowball-stemmed) appear in that source, and its embedding (the product's
+   its content words (Snowball-stemmed) appear in two adjacent sentences of that source (with its
+   title), and its embedding (the product's
    sentence-embedding model) has cosine similarity >= ``min_similarity`` with the source's closest
    sentence. Lexical coverage catches invented content the embedding finds "similar"; similarity
    catches word salad built from the source's words.
@@ -342,13 +343,15 @@ class Verdict:
 @dataclass
 class SourceView:
     """A prompt source as the check sees it: its text, sentences, their embeddings (unit vectors,
-    ``(len(sentences), dim)``), stems and hard facts."""
+    ``(len(sentences), dim)``), stems (of the whole source with its title, and per window of two
+    adjacent sentences with the title) and hard facts."""
 
     text: str
     sentences: list[str]
     vectors: np.ndarray
     stems: frozenset
     facts: Facts
+    windows: list[frozenset] = field(default_factory=list)
 
 
 def source_sentences(text: str) -> list[str]:
@@ -406,8 +409,13 @@ class GroundingCheck:
         self.sources: list[SourceView] = []
         offset = 1
         for title, text, sentences in zip(titles, sources, split):
+            title_stems = set(stems(title))
+            per_sentence = [set(stems(sentence)) for sentence in sentences]
+            windows = [frozenset(title_stems | per_sentence[i] | (per_sentence[i + 1] if i + 1 < len(sentences) else set()))
+                       for i in range(len(sentences))]
             self.sources.append(SourceView(text, sentences, vectors[offset:offset + len(sentences)],
-                                           frozenset(stems(f"{title} {text}")), hard_facts(f"{title}. {text}")))
+                                           frozenset(stems(f"{title} {text}")), hard_facts(f"{title}. {text}"),
+                                           windows))
             offset += len(sentences)
         self.prompt_sources = len(self.sources) if prompt_sources is None else min(prompt_sources, len(self.sources))
         self.available = merge_facts([s.facts for s in self.sources[: self.prompt_sources]])
@@ -417,7 +425,11 @@ class GroundingCheck:
 
     def _support(self, stemmed: list[str], vector: np.ndarray, index: int) -> tuple[float, float]:
         source = self.sources[index]
-        coverage = sum(s in source.stems for s in stemmed) / len(stemmed) if stemmed else 0.0
+        # Coverage by the best window of two adjacent sentences, not by the whole passage: a sentence
+        # that glues an invented clause onto a real one ("the card does not charge fees for ATM
+        # withdrawals, as it is a debit card...") takes its extra words from nowhere near.
+        windows = source.windows or [source.stems]
+        coverage = max(sum(s in window for s in stemmed) for window in windows) / len(stemmed) if stemmed else 0.0
         similarity = float(np.max(source.vectors @ vector)) if len(source.vectors) else 0.0
         return coverage, similarity
 

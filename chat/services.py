@@ -322,7 +322,7 @@ def answer_compose(
                   "question_distance": None if found.question_distance is None else round(found.question_distance, 6)}
     trace = retrieval_trace(chunks)
 
-    def declined(reason: str, **extra) -> Iterator[AnswerEvent]:
+    def declined(reason: str, *, version_used: ModelVersion | None = None, **extra) -> Iterator[AnswerEvent]:
         yield AnswerEvent("chat.token", {"text": ABSTAIN_MESSAGE})
         yield AnswerEvent("answer.composed", {"answer": ComposedAnswer(
             text=ABSTAIN_MESSAGE, abstained=True, method="declined", trace=trace,
@@ -330,6 +330,7 @@ def answer_compose(
             timings={"retrieval_ms": retrieval_ms, "ttft_ms": _ms(time.perf_counter() - received),
                      "first_text_ms": _ms(time.perf_counter() - received),
                      "generation_ms": 0.0, "tokens": 0, "tokens_per_s": 0.0},
+            version=version_used,
         )})
 
     if retrieval:
@@ -435,13 +436,13 @@ def answer_compose(
         quote = extractive_answer(check, min_relevance=settings.EXTRACTIVE_MIN_RELEVANCE)
         if quote is None:
             yield from declined(gate.reason or "the model's answer was empty", sentences=sentences,
-                                removed=sum(not v["shown"] for v in sentences))
+                                removed=sum(not v["shown"] for v in sentences), version_used=version)
             return
         yield from quoted(quote, reason=gate.reason, sentences=sentences, generation_stats=stats,
                           version_used=version, ttft=ttft_ms)
         return
     if not answer and not cancelled:
-        yield from declined("the model's answer was empty")
+        yield from declined("the model's answer was empty", version_used=version)
         return
 
     numbers = parse_citations(answer, len(sources))

@@ -301,7 +301,7 @@ LLM_SOURCE_MAX_CHARS = env.int("LLM_SOURCE_MAX_CHARS", default=600)
 # closest sentence; the shown answer must reach GROUNDING_MIN_RELEVANCE cosine similarity to the
 # question; a quoted source sentence replaces an answer that failed only when it reaches
 # EXTRACTIVE_MIN_RELEVANCE (else the bot declines). Chosen with benchmarks/grounding_thresholds.py.
-GROUNDING_MIN_COVERAGE = env.float("GROUNDING_MIN_COVERAGE", default=0.6)
+GROUNDING_MIN_COVERAGE = env.float("GROUNDING_MIN_COVERAGE", default=0.8)
 GROUNDING_MIN_SIMILARITY = env.float("GROUNDING_MIN_SIMILARITY", default=0.6)
 GROUNDING_MIN_RELEVANCE = env.float("GROUNDING_MIN_RELEVANCE", default=0.3)
 GROUNDING_MIN_WORDS = env.int("GROUNDING_MIN_WORDS", default=2)

@@ -166,7 +166,9 @@ def test_whole_loop_trains_exports_checks_evaluates_promotes_and_serves(seeded, 
     candidate = ModelVersion.objects.get(is_active=True)
     assert candidate == run.model_version and candidate.adapter_path == run.adapter_path
 
-    # and the chat pipeline now answers with the new version, without a restart
+    # and the chat pipeline now answers with the new version, without a restart (the model is asked:
+    # no source sentence is quoted before it)
+    loop_settings.ANSWER_QUOTE_MIN_RELEVANCE = 2.0
     conversation = conversation_start(collection=COLLECTION)
     events = list(answer_stream(conversation.pk, "How much is express shipping?"))
     assert events[-1].type == "chat.done"
