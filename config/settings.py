@@ -296,9 +296,9 @@ RETRIEVAL_K = env.int("RETRIEVAL_K", default=8)
 LLM_PROMPT_SOURCES = env.int("LLM_PROMPT_SOURCES", default=3)
 LLM_SOURCE_MAX_CHARS = env.int("LLM_SOURCE_MAX_CHARS", default=600)
 # The groundedness check between the model and the customer (chat.grounding; README, "Groundedness
-# check"): a sentence is shown only when its source holds >= GROUNDING_MIN_COVERAGE of its content
-# words (0..1) and its embedding is within GROUNDING_MIN_SIMILARITY cosine similarity of the source's
-# closest sentence; the shown answer must reach GROUNDING_MIN_RELEVANCE cosine similarity to the
+# check"): a sentence is shown only when two adjacent sentences of its source hold >=
+# GROUNDING_MIN_COVERAGE of its content words (0..1) and its embedding is within
+# GROUNDING_MIN_SIMILARITY cosine similarity of the source's closest sentence; the shown answer must reach GROUNDING_MIN_RELEVANCE cosine similarity to the
 # question; a quoted source sentence replaces an answer that failed only when it reaches
 # EXTRACTIVE_MIN_RELEVANCE (else the bot declines). Chosen with benchmarks/grounding_thresholds.py.
 GROUNDING_MIN_COVERAGE = env.float("GROUNDING_MIN_COVERAGE", default=0.8)
