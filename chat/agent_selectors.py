@@ -124,6 +124,7 @@ def _looks_like_uuid_prefix(query: str) -> bool:
 FOLLOW_UP_REASONS = {
     "refers back": "it refers back to the conversation",
     "weak on its own": "it retrieved weakly on its own",
+    "own words first": "it stands on its own: its own chunks lead and the history's follow",
 }
 
 

@@ -349,7 +349,7 @@ def answer_compose(
     check = GroundingCheck(
         question, [source_excerpt(c, settings.LLM_SOURCE_MAX_CHARS) for c in candidates],
         titles=[without_markers(c.source_title) for c in candidates],
-        topic=found.query if found.follow_up else None, prompt_sources=len(sources),
+        topic=found.query if found.reads_history else None, prompt_sources=len(sources),
     ) if checking else None
 
     def quoted(quote, *, reason: str | None = None, sentences: list[dict] = (), generation_stats=None,

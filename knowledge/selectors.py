@@ -88,19 +88,32 @@ def is_follow_up(question: str, *, min_terms: int = 2) -> bool:
     return len(terms) < min_terms or bool(_ANAPHORA.search(question))
 
 
+# ConversationalRetrieval.follow_up when a question that stands on its own was retrieved with its own
+# chunks first and its history's after them.
+OWN_WORDS_FIRST = "own words first"
+
+
 @dataclass(frozen=True)
 class ConversationalRetrieval:
     """The outcome of ``conversation_search``: ``chunks`` (best first), ``query`` (the text they were
     retrieved with), ``follow_up`` (``None`` when the question was retrieved on its own words, else why
     its history was used: ``"refers back"`` or ``"weak on its own"``), ``question_distance`` (the
     closest chunk's cosine distance, 0..2, for the question's own words; ``None`` if nothing), and
-    ``distance`` (the same for ``chunks``)."""
+    ``distance`` (the same for ``chunks``). ``follow_up`` is ``OWN_WORDS_FIRST`` when the question
+    stands on its own but the history's results were fused after its own (``chunks``; ``distance`` is
+    then the question's own)."""
 
     chunks: list[RetrievedChunk]
     query: str
     follow_up: str | None
     question_distance: float | None
     distance: float | None
+
+    @property
+    def reads_history(self) -> bool:
+        """Whether the question is read together with its history (it refers back, or was weak on its
+        own), so what answers it is judged against the question with its history."""
+        return self.follow_up is not None and self.follow_up != OWN_WORDS_FIRST
 
 
 def _closest(chunks: Sequence[RetrievedChunk]) -> float | None:
@@ -132,9 +145,11 @@ def conversation_search(
     history's results are used when the question refers back (``is_follow_up``), or when its own
     retrieval is weak (closest chunk farther than ``weak_distance``, default ``ABSTAIN_MAX_DISTANCE``)
     but not hopeless (within ``lean_max_distance``, default ``FOLLOW_UP_MAX_DISTANCE``), the
-    history's retrieval is not weak and its best chunks contain one of the question's content words. Otherwise the question's own results are used, so a new topic is
-    not answered from the previous topic's sources, and an off-topic question keeps its own (far)
-    distance for the caller's abstention check. Returns ``ConversationalRetrieval``; raises
+    history's retrieval is not weak and its best chunks contain one of the question's content words.
+    Otherwise the question leads on its own words: when they retrieve well its own results come first
+    and the history's are fused after them (``OWN_WORDS_FIRST``), so a new topic is answered from its
+    own sources; when they do not, only its own (far) results are returned, for the caller's
+    abstention check. Returns ``ConversationalRetrieval``; raises
     ``ValueError`` like ``chunk_search``.
     """
     weak = settings.ABSTAIN_MAX_DISTANCE if weak_distance is None else weak_distance
@@ -162,10 +177,13 @@ def conversation_search(
         reason = "weak on its own"
     if reason:
         return ConversationalRetrieval(with_history, query, reason, own_distance, history_distance)
-    import os
-    if os.environ.get("X_FUSE") == "1" and own_distance is not None and own_distance <= weak:
-        fused = _rrf_fuse([own, with_history], k)
-        return ConversationalRetrieval(fused, query, "fused", own_distance, own_distance)
+    if own_distance is not None and own_distance <= weak:
+        # On topic on its own words: its own chunks lead and the history's join them by RRF, so a
+        # follow-up that names no topic without referring back ("What documents do I need?") still
+        # finds its page (Doc2Dial all turns, 700 questions: document-hit@5 0.731 -> 0.766), while
+        # abstention keeps judging the question's own distance.
+        return ConversationalRetrieval(_rrf_fuse([own, with_history], k), query, OWN_WORDS_FIRST, own_distance,
+                                       own_distance)
     return ConversationalRetrieval(own, question, None, own_distance, own_distance)
 
 

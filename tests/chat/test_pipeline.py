@@ -587,3 +587,23 @@ def test_e2e_an_unrelated_question_abstains(doc2dial_pages, served_real_engine):
     assert answer.abstained is True
     assert answer.text == services.ABSTAIN_MESSAGE
     assert min(r["vector_distance"] for r in answer.retrieval) > settings.ABSTAIN_MAX_DISTANCE
+
+
+@pytest.mark.django_db
+def test_a_question_that_stands_on_its_own_leads_with_its_own_chunks_and_the_historys_follow(
+    fake_engine, retrieval, settings
+):
+    # given a conversation about renewals, and a new question that retrieves well on its own words
+    retrieval.results_for = lambda query: (
+        [chunk(2, distance=0.4), chunk(1, distance=0.45)] if "\n" in query else [chunk(3, distance=0.3)])
+    fake_engine.script(["You", " can", " renew", " a", " licence", " online", " [1]", "."])
+    conversation = services.conversation_start()
+    events_of(conversation, "How do I renew my licence?")
+    events_of(conversation, "Which road test documents do I bring?")
+    # then its own chunk is source 1, the history's follow, and abstention read its own distance
+    prompt = fake_engine.models[0].calls[-1][0]["content"]
+    assert prompt.index("[1] Page 3:") < prompt.index("[2] Page 2:") < prompt.index("[3] Page 1:")
+    answer = conversation.messages.filter(role="assistant").last()
+    assert answer.grounding["follow_up"] == "own words first"
+    assert answer.grounding["question_distance"] == 0.3
+    assert [r["chunk_id"] for r in answer.retrieval] == [103, 102, 101]
