@@ -495,7 +495,6 @@ class ExtractiveAnswer:
     text: str
     source: int
     relevance: float
-    sentence: str = ""
 
 
 def extractive_answer(check: GroundingCheck, *, min_relevance: float | None = None,
@@ -537,7 +536,7 @@ def extractive_answer(check: GroundingCheck, *, min_relevance: float | None = No
     if best is None:
         return None
     _, similarity, n, sentence = best
-    return ExtractiveAnswer(f'"{sentence}" [{n}]', n, similarity, sentence)
+    return ExtractiveAnswer(f'"{sentence}" [{n}]', n, similarity)
 
 
 # A complete sentence in a stream: end punctuation, optional markers, whitespace, then the next
@@ -553,7 +552,7 @@ class SentenceGate:
     arriving). Nothing is shown until the shown text addresses the question
     (``GroundingCheck.addresses``); sentences that passed before that are held, then released together.
     ``finish()`` checks the last sentence and returns what may still be shown; afterwards ``verdicts``
-    lists every sentence's ``Verdict``, ``shown_text`` what was shown, and ``reason`` why nothing was
+    lists every sentence's ``Verdict``, ``shown`` the shown ones, and ``reason`` why nothing was
     (``None`` when something was).
     """
 
@@ -625,11 +624,6 @@ class SentenceGate:
             else:
                 self.reason = "the model's answer was empty"
         return out
-
-    @property
-    def shown_text(self) -> str:
-        """The text shown so far."""
-        return " ".join(v.text for v in self.shown)
 
     def confirmed_sources(self) -> set[int]:
         """Sources the model itself cited in a shown sentence and the check confirmed."""
