@@ -238,14 +238,15 @@ def merge_facts(facts: Sequence[Facts]) -> Facts:
 
 # --- what the question asks for ------------------------------------------------------------------------
 
+# Checked in order: "how much does it weigh" asks for a measure, not an amount.
 _ASKS = (
     ("contact", re.compile(r"(?i)\b(phone|telephone|call|number to|e-?mail|website|web site|url|link|address)\b")),
+    ("measure", re.compile(r"(?i)\b(how (heavy|big|large|tall|wide|warm)|weigh|weight|size of|dimensions|"
+                           r"capacity|rating|rated)\b")),
     ("amount", re.compile(r"(?i)\b(how much|cost|costs|price|prices|fee|fees|charge|charges|deduct|pay for|"
                           r"refund amount|rate for)\b")),
     ("duration", re.compile(r"(?i)\bhow (long|many (days|weeks|months|years|hours|minutes))\b|\bwithin how\b")),
     ("count", re.compile(r"(?i)\bhow many\b")),
-    ("measure", re.compile(r"(?i)\b(how (heavy|big|large|tall|wide|warm)|weigh|weight|size of|dimensions|"
-                           r"capacity|rating|rated)\b")),
     ("time", re.compile(r"(?i)\b(when|what time|which days?|what days?|opening hours|hours)\b")),
 )
 _DURATION_UNITS = frozenset("second minute hour day week month year".split())

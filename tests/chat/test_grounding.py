@@ -100,6 +100,7 @@ def test_unsupported_off_topic_and_empty_sentences_are_removed(check, sentence, 
     ("When are the stores open on Sunday?", "time"),
     ("What is the e-mail address for warranty claims?", "contact"),
     ("Do you ship to Canada?", None),
+    ("How much does the Driftwood 2 tent weigh?", "measure"),
 ])
 def test_answer_type_names_what_the_question_asks_for(question, kind):
     assert answer_type(question) == kind
