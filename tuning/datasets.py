@@ -14,7 +14,8 @@ prompts. Here:
   (to memorise the domain), which for a support bot would teach guessing;
 - the target is the corrected answer with its ``[n]`` citation markers renumbered to where its
   chunks sit in the new prompt (a marker naming a chunk not in the prompt is dropped; an answer
-  without markers gets the gold sources' numbers appended), so the model learns to cite the gold;
+  without markers gets each gold source's number after the sentences whose words that source holds,
+  ``place_markers``), so the model learns to cite the gold where its evidence is;
 - the prompt is exactly the serving prompt (``chat.prompts.grounded_messages``: sources, question,
   instruction in one user message); earlier turns are not in it, as in serving, where they only
   shape the retrieval query (they are kept in the record's metadata).
@@ -57,16 +58,19 @@ class RaftRecipe:
     ``gold_share``: probability 0..1 that an example keeps its gold chunks (RAFT's P; the paper's
     best is 0.8 for most data sets); ``holdout_share``: share 0..1 of correction groups held out;
     ``seed``: seeds the gold/no-gold draw and the source order; ``source_max_chars``: excerpt length
-    per source (``LLM_SOURCE_MAX_CHARS``); ``abstain_answer``: the target without gold.
+    per source (``LLM_SOURCE_MAX_CHARS``); ``abstain_answer``: the target without gold;
+    ``max_train_examples``: keep only the first N training examples (oldest corrections first;
+    ``None`` keeps all; the held-out split is unaffected), for learning curves.
     """
 
     method: str = "raft"
     sources_per_prompt: int = 3
-    gold_share: float = 0.8
+    gold_share: float = 1.0
     holdout_share: float = 0.2
     seed: int = 0
     source_max_chars: int = 600
     abstain_answer: str = ABSTAIN_MESSAGE
+    max_train_examples: int | None = None
 
     @classmethod
     def from_settings(cls, **overrides) -> "RaftRecipe":
@@ -97,9 +101,45 @@ def correction_split(correction: Correction, holdout_share: float) -> str:
     return TrainingExample.Split.HELDOUT if int(digest[:12], 16) / 16**12 < holdout_share else TrainingExample.Split.TRAIN
 
 
-def _renumber(answer: str, old_ids: list[int], new_ids: list[int], gold_ids: list[int]) -> str:
+def _with_marker(sentence: str, marks: str) -> str:
+    """``sentence`` with ``marks`` (``"[2]"``) before its final punctuation (``"Yes [2]."``)."""
+    if sentence.endswith((".", "!", "?")):
+        return f"{sentence[:-1]} {marks}{sentence[-1]}"
+    return f"{sentence} {marks}"
+
+
+def place_markers(text: str, gold: list[tuple[int, str]], *, min_coverage: float = 0.5) -> str:
+    """``text`` (no markers) with the gold sources' markers placed where their evidence is.
+
+    ``gold`` is ``[(number, chunk_text)]``. Each sentence is marked with the gold source covering
+    the largest share of its content-word stems (``chat.grounding.stems``) when that share is at least
+    ``min_coverage``; when no sentence reaches it, the sentence sharing the most stems with any gold
+    source gets every gold number (a target always cites its evidence once). Returns ``text``
+    unchanged when ``gold`` is empty.
+    """
+    from chat.grounding import split_sentences, stems
+
+    sentences = split_sentences(text)
+    if not gold or not sentences:
+        return text
+    gold_stems = [(number, set(stems(chunk_text))) for number, chunk_text in gold]
+    marked, best = [], (0, -1)
+    for index, sentence in enumerate(sentences):
+        words = set(stems(sentence))
+        overlaps = [(len(words & g) / len(words) if words else 0.0, len(words & g), number) for number, g in gold_stems]
+        coverage, shared, number = max(overlaps)
+        best = max(best, (shared, index))
+        marked.append(_with_marker(sentence, f"[{number}]") if coverage >= min_coverage else sentence)
+    if all(m == s for m, s in zip(marked, sentences)):
+        index = best[1] if best[0] > 0 else len(sentences) - 1
+        marked[index] = _with_marker(sentences[index], "".join(f"[{n}]" for n, _ in gold))
+    return " ".join(marked)
+
+
+def _renumber(answer: str, old_ids: list[int], new_ids: list[int], gold: list[dict]) -> str:
     """``answer`` with ``[n]`` (n into ``old_ids``) rewritten to positions in ``new_ids``; markers
-    naming chunks not in ``new_ids`` dropped; gold numbers appended when none remain."""
+    naming chunks not in ``new_ids`` dropped; when none remain, the gold sources' markers placed
+    after the sentences their text supports (``place_markers``)."""
     position = {chunk_id: n for n, chunk_id in enumerate(new_ids, start=1)}
 
     def replace(match: re.Match) -> str:
@@ -110,9 +150,8 @@ def _renumber(answer: str, old_ids: list[int], new_ids: list[int], gold_ids: lis
     text = " ".join(MARKER.sub(replace, answer).split())
     text = re.sub(r"\s+([.,;:!?])", r"\1", text)
     if not MARKER.search(text):
-        marks = "".join(f"[{position[c]}]" for c in gold_ids if c in position)
-        if marks:
-            text = (text[:-1] + f" {marks}" + text[-1]) if text.endswith((".", "!", "?")) else f"{text} {marks}"
+        text = place_markers(text, [(position[g["chunk_id"]], g.get("text", "")) for g in gold
+                                    if g["chunk_id"] in position])
     return text
 
 
@@ -135,7 +174,7 @@ def raft_example(correction: Correction, recipe: RaftRecipe, *, heldout: bool = 
     old_ids = [s["chunk_id"] for s in correction_sources(correction)]
     has_gold = bool(gold) and keep_gold
     if has_gold:
-        answer = _renumber(correction.corrected_answer, old_ids, new_ids, gold_ids)
+        answer = _renumber(correction.corrected_answer, old_ids, new_ids, gold)
     elif gold:  # gold left out on purpose: the sources do not hold the answer
         answer = recipe.abstain_answer
     else:  # the agent's answer needs no source (e.g. "should have handed off"): kept as written
@@ -177,6 +216,9 @@ def dataset_snapshot_create(recipe: RaftRecipe | None = None) -> TrainingDataset
     for correction in corrections:
         split = correction_split(correction, recipe.holdout_share)
         built.append((correction, split, raft_example(correction, recipe, heldout=split == TrainingExample.Split.HELDOUT)))
+    if recipe.max_train_examples is not None:
+        kept = {id(b) for b in [b for b in built if b[1] == TrainingExample.Split.TRAIN][: recipe.max_train_examples]}
+        built = [b for b in built if b[1] != TrainingExample.Split.TRAIN or id(b) in kept]
     train = [b for b in built if b[1] == TrainingExample.Split.TRAIN]
     if not train:
         raise DatasetError(f"all {len(built)} approved corrections fall in the held-out share; approve more")

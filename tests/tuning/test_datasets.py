@@ -13,7 +13,7 @@ from knowledge.models import Source
 from tests.dashboard.conftest import make_source
 from tuning import services
 from tuning.datasets import (
-    DatasetError, RaftRecipe, _renumber, correction_split, dataset_records, dataset_snapshot_create, raft_example,
+    DatasetError, RaftRecipe, _renumber, place_markers, correction_split, dataset_records, dataset_snapshot_create, raft_example,
 )
 from tuning.models import Correction, TrainingDataset, TrainingExample
 
@@ -36,12 +36,25 @@ def another_conversation(knowledge, question):
     return conversation
 
 
-def test_renumber_maps_markers_to_the_new_order_and_appends_gold_when_none_left():
+def test_renumber_maps_markers_to_the_new_order_and_places_gold_when_none_left():
     # old sources: [1]=10, [2]=20, [3]=30; new prompt order: 30, 10
-    assert _renumber("A [1] and B [3].", [10, 20, 30], [30, 10], [10]) == "A [2] and B [1]."
-    assert _renumber("Only [2], [1, 3].", [10, 20, 30], [30, 10], [10]) == "Only, [2][1]."
-    assert _renumber("No marker here.", [10, 20, 30], [30, 10], [10]) == "No marker here [2]."
-    assert _renumber("Gone [2]", [10, 20, 30], [30, 10], [10]) == "Gone [2]"
+    gold = [{"chunk_id": 10, "text": "Refunds reach your card within five business days."}]
+    assert _renumber("A [1] and B [3].", [10, 20, 30], [30, 10], gold) == "A [2] and B [1]."
+    assert _renumber("Only [2], [1, 3].", [10, 20, 30], [30, 10], gold) == "Only, [2][1]."
+    assert _renumber("No marker here.", [10, 20, 30], [30, 10], gold) == "No marker here [2]."
+    assert _renumber("Gone [2]", [10, 20, 30], [30, 10], gold) == "Gone [2]"
+
+
+def test_place_markers_cites_each_gold_after_the_sentence_its_text_supports():
+    gold = [(1, "Express shipping is free on orders over 50 dollars."),
+            (3, "Refunds reach your card within five business days.")]
+    text = "Thanks for asking. Refunds reach your card within five business days. Express shipping is free over 50 dollars."
+    assert place_markers(text, gold) == ("Thanks for asking. Refunds reach your card within five business days [3]. "
+                                         "Express shipping is free over 50 dollars [1].")
+    # no sentence mostly made of a gold's words: the one sharing most words carries every gold number
+    assert place_markers("Hello there. Your card gets the money back soon.", gold) == (
+        "Hello there. Your card gets the money back soon [1][3].")
+    assert place_markers("Nothing to cite.", []) == "Nothing to cite."
 
 
 def test_oracle_example_is_the_serving_prompt_with_gold_and_real_distractors(conversation, knowledge, agent, agent2):
