@@ -241,6 +241,9 @@ class Command(BaseCommand):
         row("retrieval p50 (ms)", lambda g: f"{percentile([r['timings']['retrieval_ms'] for r in g], 50):.0f}")
         row("tokens per answer (mean)",
             lambda g: f"{statistics.fmean([r['timings']['tokens'] for r in answered(g)]):.1f}" if answered(g) else "–")
-        row("tokens/s (decode, p50)",
-            lambda g: f"{percentile([r['timings']['tokens_per_s'] for r in answered(g)], 50):.1f}")
+        def decoded(group):  # quoted-first answers never ran the model: their 0 tokens/s is no rate
+            return [r for r in answered(group) if r["timings"].get("tokens")]
+
+        row("tokens/s (decode, p50, answers the model wrote)",
+            lambda g: f"{percentile([r['timings']['tokens_per_s'] for r in decoded(g)], 50):.1f}" if decoded(g) else "–")
         return "\n".join(lines)
