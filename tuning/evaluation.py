@@ -279,3 +279,37 @@ def gate_decide(arms: dict[str, dict], tolerances: GateTolerances | None = None)
             "reason": f"token-F1 {candidate['token_f1']} vs {active['token_f1']} ({f1_gain:+.4f}), citation validity "
                       f"{validity_change:+.4f}, abstention accuracy "
                       f"{'n/a' if abstention_change is None else f'{abstention_change:+.4f}'}{note}"}
+
+
+def extractive_rows(questions: list[HeldOutQuestion]) -> list[dict]:
+    """The no-model baseline every arm must beat, computed in the same run: for each question,
+    retrieval as served (``knowledge.selectors.conversation_search`` with its history, the prompt's
+    first ``LLM_PROMPT_SOURCES`` chunks cut to ``LLM_SOURCE_MAX_CHARS``) and, as the answer, the
+    source sentence closest to the question by the embedding model
+    (``chat.answer_metrics.closest_sentence_baseline``: no threshold, so it never declines), cited to
+    the chunk it came from.
+
+    Returns rows shaped like ``arm_answers``' (``ttft_ms``/``tokens_per_s`` are ``None``: no model).
+    """
+    from chat.answer_metrics import closest_sentence_baseline
+    from chat.grounding import GroundingCheck
+    from chat.prompts import source_excerpt, without_markers
+    from knowledge.selectors import conversation_search
+
+    rows = []
+    for question in questions:
+        chunks = conversation_search(question.question, question.history, k=settings.RETRIEVAL_K,
+                                     collection=question.collection).chunks[: settings.LLM_PROMPT_SOURCES]
+        check = GroundingCheck(question.question, [source_excerpt(c, settings.LLM_SOURCE_MAX_CHARS) for c in chunks],
+                               titles=[without_markers(c.source_title) for c in chunks])
+        text = closest_sentence_baseline(check)
+        cited = [c for c, source in zip(chunks, check.sources) if text and text in (s.strip() for s in source.sentences)][:1]
+        on_gold = [c for c in cited if _on_gold({"source_id": c.source_id, "start": c.start, "end": c.end}, question.gold)]
+        rows.append({
+            "example_id": question.example_id, "text": text, "abstained": False, "declined": False,
+            "answerable": question.answerable,
+            "f1": round(token_f1(text, question.reference), 4) if question.answerable else 0.0,
+            "markers": {"total": len(cited), "valid": len(cited)}, "cited": len(cited), "cited_on_gold": len(on_gold),
+            "ttft_ms": None, "tokens_per_s": None, "error": "",
+        })
+    return rows
