@@ -70,9 +70,10 @@ def cited_passage_get(conversation: Conversation, chunk_id: int, *, context_char
     Only a chunk that an assistant message of this conversation cited is returned, so a token grants
     no access to the rest of the knowledge base. ``context_chars`` (default
     ``WIDGET_PASSAGE_CONTEXT_CHARS``) is the most source text shown on each side, in characters, cut at
-    word boundaries. Returns ``{"title": str, "before": str, "passage": str, "after": str}`` where
-    ``before + passage + after`` is a contiguous slice of the source text and ``passage`` is exactly
-    the cited chunk (``source.text[chunk.start:chunk.end]``); ``None`` when the chunk was not cited
+    word boundaries. Returns ``{"title": str, "url": str, "before": str, "passage": str, "after": str}``
+    where ``before + passage + after`` is a contiguous slice of the source text, ``passage`` is exactly
+    the cited chunk (``source.text[chunk.start:chunk.end]``) and ``url`` is the web page the source
+    came from (``""`` for files, whose location is never shown); ``None`` when the chunk was not cited
     here, or no longer exists (its source was re-ingested or deleted since).
     """
     if context_chars is None:
@@ -86,13 +87,14 @@ def cited_passage_get(conversation: Conversation, chunk_id: int, *, context_char
     if chunk is None:
         return None
     # Never the URI: for files it is a path on the server.
-    title, text = chunk.source.title or "Source", chunk.source.text
+    title, text, url = chunk.source.title or "Source", chunk.source.text, chunk.source.public_url
     if text[chunk.start : chunk.end] != chunk.text:  # defensive: a chunk always mirrors its source's text
-        return {"title": title, "before": "", "passage": chunk.text, "after": ""}
+        return {"title": title, "url": url, "before": "", "passage": chunk.text, "after": ""}
     before_start = _snap_start(text, max(0, chunk.start - context_chars), chunk.start)
     after_end = _snap_end(text, min(len(text), chunk.end + context_chars), chunk.end)
     return {
         "title": title,
+        "url": url,
         "before": text[before_start : chunk.start],
         "passage": chunk.text,
         "after": text[chunk.end : after_end],

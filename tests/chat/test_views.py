@@ -262,7 +262,7 @@ def test_passage_at_the_start_and_end_of_a_source_has_empty_context(client):
 
     response = client.get(f"/api/conversations/{conversation.pk}/passages/{chunk.pk}/", **auth(conversation))
 
-    assert response.json() == {"title": "Returns policy", "before": "", "passage": "Only sentence.", "after": ""}
+    assert response.json() == {"title": "Returns policy", "url": "", "before": "", "passage": "Only sentence.", "after": ""}
 
 
 def test_passage_not_cited_in_this_conversation_is_404(client):
