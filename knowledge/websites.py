@@ -137,6 +137,10 @@ def website_sync_queue(website: Website) -> WebsiteSync:
 # --- syncing --------------------------------------------------------------------------------------
 
 
+class SyncCancelled(Exception):
+    """The run's row (or its website) was deleted while it ran; the sync stops."""
+
+
 def website_sync(website_id: int, sync_id: int | None = None, *, fetcher: crawler.Fetcher | None = None) -> WebsiteSync | None:
     """Sync website ``website_id`` now; returns its report, ``None`` if the website is gone.
 
@@ -144,7 +148,7 @@ def website_sync(website_id: int, sync_id: int | None = None, *, fetcher: crawle
     schedule). Safe to run twice: a run that is not queued is returned as it is, and a website with
     another run in progress (updated within ``WEBSITE_SYNC_STALE_S``) gets this run marked failed
     with that reason. A failure to read the start page or the sitemap fails the run and removes
-    nothing. ``fetcher`` is for tests (default: a ``crawler.Fetcher`` of the website's site).
+    nothing. A website (or run) deleted while it syncs stops the run and returns ``None``. ``fetcher`` is for tests (default: a ``crawler.Fetcher`` of the website's site).
     Side effects: sources created, re-ingested and deleted; the run's row updated after each page.
     """
     run = _run_start(website_id, sync_id)
@@ -159,6 +163,9 @@ def website_sync(website_id: int, sync_id: int | None = None, *, fetcher: crawle
         finally:
             if own_fetcher:
                 fetcher.close()
+    except SyncCancelled as error:
+        logger.info("website %s: %s", website_id, error)
+        return None
     except crawler.FetchError as error:
         _run_finish(run, WebsiteSync.Status.FAILED, str(error))
     except Exception as error:
@@ -199,7 +206,8 @@ def _run_start(website_id: int, sync_id: int | None) -> WebsiteSync | None:
 
 def _run_finish(run: WebsiteSync, status: str, error: str = "") -> None:
     run.status, run.error, run.finished_at, run.current_url = status, error, timezone.now(), ""
-    run.save()
+    WebsiteSync.objects.filter(pk=run.pk).update(
+        status=status, error=error, finished_at=run.finished_at, current_url="", updated_at=run.finished_at)
 
 
 @dataclass
@@ -239,8 +247,22 @@ class _Sync:
         run.done += 1
         run.total = max(run.total, run.done + self.pending_total)
         run.current_url = url
-        run.save()
+        self.save_progress(outcome, "pages", "done", "total", "current_url")
         logger.info("website %s: %s %s %s", self.website.pk, outcome, url, reason)
+
+    def pending(self, count: int) -> None:
+        """``count`` pages are waiting to be handled (the report's total grows to include them)."""
+        self.pending_total = count
+        if self.report.done + count > self.report.total:
+            self.report.total = self.report.done + count
+            self.save_progress("total")
+
+    def save_progress(self, *fields: str) -> None:
+        """Write ``fields`` of the run; raises ``SyncCancelled`` if the run (or its website) was deleted."""
+        run = self.report
+        values = {name: getattr(run, name) for name in fields}
+        if not WebsiteSync.objects.filter(pk=run.pk).update(**values, updated_at=timezone.now()):
+            raise SyncCancelled(f"sync #{run.pk} was deleted while it ran")
 
     def full(self) -> bool:
         return len(self.kept) >= self.website.page_limit
@@ -270,9 +292,10 @@ class _Sync:
                         link, self.include, self.exclude):
                     queued.add(link)
                     queue.append((link, depth + 1))
+            self.pending(len(queue))
         # Known pages the crawl did not reach this time: still on the site unless they say otherwise.
         rest = [uri for uri in self.known if uri not in self.kept and uri not in self.requested]
-        self.pending_total = len(rest)
+        self.pending(len(rest))
         for uri in rest:
             self.pending_total -= 1
             source = self.known[uri]
@@ -293,6 +316,7 @@ class _Sync:
                 self.record(url, "skipped", "the sitemap lists a page of another site")
             elif crawler.path_allowed(url, self.include, self.exclude):
                 wanted.append(url)
+        self.pending(len(wanted))
         for index, url in enumerate(wanted):
             self.pending_total = len(wanted) - index - 1
             if self.full():

@@ -249,6 +249,7 @@ def test_passage_returns_the_cited_chunk_with_surrounding_text_cut_at_words(clie
     assert response.status_code == 200
     assert response.json() == {
         "title": "Returns policy",
+        "url": "",
         "before": "any item. ",
         "passage": "Refunds take five business days.",
         "after": " Exchanges",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -12,13 +13,15 @@ from urllib.parse import urlsplit
 @dataclass
 class Route:
     """What one path answers: ``status``, ``body``, ``content_type`` and extra ``headers``; with
-    ``etag``, a request whose If-None-Match names it gets a 304."""
+    ``etag``, a request whose If-None-Match names it gets a 304; ``before()`` runs before the answer
+    (a test holds a page back with it)."""
 
     status: int = 200
     body: bytes = b""
     content_type: str = "text/html; charset=utf-8"
     headers: dict[str, str] = field(default_factory=dict)
     etag: str = ""
+    before: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class Site:
                 route = site.routes.get(self.path) or site.routes.get(urlsplit(self.path).path)
                 if route is None:
                     route = Route(status=404, body=b"<html><body><p>Not found</p></body></html>")
+                if route.before is not None:
+                    route.before()
                 if route.etag and self.headers.get("If-None-Match") == route.etag:
                     self.send_response(304)
                     self.send_header("ETag", route.etag)
