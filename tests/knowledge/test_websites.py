@@ -506,3 +506,47 @@ def test_cited_passage_of_a_page_carries_its_url_and_a_file_none(site):
                            citations=[{"n": 1, "chunk_id": chunk.pk}])
     passage = cited_passage_get(conversation, chunk.pk)
     assert passage["url"] == site.url("/") and passage["passage"] == chunk.text
+
+
+# --- a realistic crawl: Doc2Dial's help pages served as HTML ----------------------------------------
+
+
+def test_doc2dial_pages_served_as_html_are_crawled_and_answer_their_questions(site, doc2dial_dir, doc2dial_questions):
+    # given the first 12 DMV pages of Doc2Dial served as HTML (headings and paragraphs as the text
+    # parser reads the .txt files), linked from an index page that the path patterns leave out
+    import html
+
+    from knowledge.parsers import parse_file
+    from knowledge.selectors import chunk_search
+
+    documents = [json.loads(line) for line in (doc2dial_dir / "documents.jsonl").read_text().splitlines() if line]
+    dmv = [d for d in documents if d["domain"] == "dmv"][:12]
+    url_of = {}
+    for doc in dmv:
+        path = f"/dmv/{Path(doc['file']).stem}.html"
+        url_of[doc["file"]] = site.url(path)
+        parsed = parse_file("page.txt", (doc2dial_dir / doc["file"]).read_bytes())
+        body = "".join(
+            f"<h{b.level + 1}>{html.escape(parsed.text[b.start:b.end])}</h{b.level + 1}>" if b.kind == "heading"
+            else f"<p>{html.escape(parsed.text[b.start:b.end])}</p>" for b in parsed.blocks)
+        site.page(path, html_page(html.escape(doc["title"]), body, links=["/"]))
+    site.page("/", html_page("DMV help", "<h1>DMV help pages</h1>", links=[f"/dmv/{Path(d['file']).stem}.html" for d in dmv]))
+    # when the site is crawled into its own collection
+    run = sync(site.url("/"), collection="doc2dial-web", include=["/dmv/*"], max_depth=1)
+    # then every page is a ready source titled as the page, whose text is the page's text
+    assert counts(run) == {"new": 12, "changed": 0, "unchanged": 0, "removed": 0, "failed": 0, "skipped": 1}
+    by_url = {s.uri: s for s in Source.objects.filter(collection="doc2dial-web")}
+    assert sorted(by_url) == sorted(url_of.values())
+    for doc in dmv:
+        source = by_url[url_of[doc["file"]]]
+        assert (source.status, source.title) == ("ready", doc["title"])
+        expected = parse_file("page.txt", (doc2dial_dir / doc["file"]).read_bytes()).text
+        assert " ".join(source.text.split()) == " ".join(expected.split())
+    # and the first-turn questions about these pages find their page's URL among the first 5 chunks
+    file_of = {url: file for file, url in url_of.items()}
+    questions = [q for q in doc2dial_questions if q["is_first_turn"] and q["gold_file"] in url_of]
+    hits = sum(
+        q["gold_file"] in {file_of[c.source_uri] for c in chunk_search(q["question"], k=5, collection="doc2dial-web")}
+        for q in questions
+    )
+    assert (hits, len(questions)) == (11, 11)
