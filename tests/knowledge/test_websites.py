@@ -155,12 +155,13 @@ def test_redirect_loop_500_huge_and_non_html_pages_are_reported_and_the_rest_is_
     # given a site with a redirect loop, a server error, a page over the size limit, an image, a PDF
     # and a page that redirects within the site
     settings.WEBSITE_MAX_PAGE_BYTES = 4000
-    links = ["/loop-a", "/broken", "/huge", "/logo.png", "/care.pdf", "/old-returns", "/returns"]
+    links = ["/loop-a", "/broken", "/huge", "/huge-unannounced", "/logo.png", "/care.pdf", "/old-returns", "/returns"]
     site.page("/", html_page("Home", "<p>Welcome to the help centre.</p>", links=links))
     site.redirect("/loop-a", "/loop-b")
     site.redirect("/loop-b", "/loop-a")
     site.page("/broken", "<p>Internal error</p>", status=500)
     site.page("/huge", html_page("Huge", "<p>" + "word " * 2000 + "</p>"))
+    site.page("/huge-unannounced", html_page("Huge", "<p>" + "word " * 2000 + "</p>"), send_length=False)
     site.file("/logo.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 100, "image/png")
     site.file("/care.pdf", pdf_bytes(CARE_PDF_PAGES), "application/pdf")
     site.redirect("/old-returns", "/returns")
@@ -175,12 +176,14 @@ def test_redirect_loop_500_huge_and_non_html_pages_are_reported_and_the_rest_is_
         ("failed", "/broken", f"HTTP 500 from {site.url('/broken')}"),
         ("failed", "/huge", f"the page is larger than the {4000 / 1048576:g} MB limit (WEBSITE_MAX_PAGE_BYTES): "
                             f"{site.url('/huge')}"),
+        ("failed", "/huge-unannounced", f"the page is larger than the {4000 / 1048576:g} MB limit "
+                                        f"(WEBSITE_MAX_PAGE_BYTES): {site.url('/huge-unannounced')}"),
         ("skipped", "/logo.png", "not a page the parsers read (content type image/png)"),
         ("new", "/care.pdf", ""),
         ("new", "/returns", ""),
         ("skipped", "/returns", f"same page as {site.url('/returns')} (canonical URL)"),
     ]
-    assert counts(run) == {"new": 3, "changed": 0, "unchanged": 0, "removed": 0, "failed": 3, "skipped": 2}
+    assert counts(run) == {"new": 3, "changed": 0, "unchanged": 0, "removed": 0, "failed": 4, "skipped": 2}
     assert sorted(pages()) == ["/", "/care.pdf", "/returns"]
     assert pages()["/care.pdf"].title == "Care instructions"
     assert run.status == "finished"
@@ -263,14 +266,16 @@ def test_unreadable_sitemap_fails_the_run_and_removes_nothing(site):
 
 def test_resync_reingests_changed_pages_removes_gone_ones_and_skips_unchanged(site):
     # given a synced site of four pages with ETags
-    links = ["/same", "/changes", "/gone", "/flaky"]
+    links = ["/same", "/dated", "/changes", "/gone", "/flaky"]
     site.page("/", html_page("Home", "<p>Welcome to the help centre.</p>", links=links))
     site.page("/same", html_page("Same", "<p>Opening hours are nine to five.</p>"), etag='"s1"')
+    site.page("/dated", html_page("Dated", "<p>Tents come with a repair kit.</p>"),
+              last_modified="Tue, 01 Dec 2026 01:00:00 GMT")
     site.page("/changes", html_page("Changes", "<p>Returns are accepted within 30 days.</p>"), etag='"c1"')
     site.page("/gone", html_page("Gone", "<p>The winter sale ends in March.</p>"), etag='"g1"')
     site.page("/flaky", html_page("Flaky", "<p>Gift cards never expire.</p>"), etag='"f1"')
     first = sync(site.url("/"), max_depth=1)
-    assert first.new == 5
+    assert first.new == 6
     same_before, flaky_before = serving_snapshot(pages()["/same"].pk), serving_snapshot(pages()["/flaky"].pk)
     # when one page changes, one disappears (410), one fails (500), and the site is synced again
     site.page("/changes", html_page("Changes", "<p>Returns are accepted within 60 days.</p>"), etag='"c2"')
@@ -282,11 +287,12 @@ def test_resync_reingests_changed_pages_removes_gone_ones_and_skips_unchanged(si
     assert outcomes(run) == [
         ("unchanged", "/", "same content"),
         ("unchanged", "/same", "not modified (HTTP 304)"),
+        ("unchanged", "/dated", "not modified (HTTP 304)"),
         ("changed", "/changes", ""),
         ("removed", "/gone", "HTTP 410"),
         ("failed", "/flaky", f"HTTP 500 from {site.url('/flaky')}; the serving version, if any, is kept"),
     ]
-    assert counts(run) == {"new": 0, "changed": 1, "unchanged": 2, "removed": 1, "failed": 1, "skipped": 0}
+    assert counts(run) == {"new": 0, "changed": 1, "unchanged": 3, "removed": 1, "failed": 1, "skipped": 0}
     # and the changed page serves its new text, the gone page and its chunks are deleted
     assert "60 days" in pages()["/changes"].text and "30 days" not in pages()["/changes"].text
     assert all("60 days" in c.text for c in Chunk.objects.filter(source=pages()["/changes"]))
@@ -294,9 +300,11 @@ def test_resync_reingests_changed_pages_removes_gone_ones_and_skips_unchanged(si
     # and the unchanged and the failing pages still serve exactly as before
     assert serving_snapshot(pages()["/same"].pk) == same_before
     assert serving_snapshot(pages()["/flaky"].pk) == flaky_before
-    # and the leaves were asked conditionally with their ETags
+    # and the leaves were asked conditionally with their ETags or Last-Modified dates
     sent = {r.path: r.headers.get("if-none-match") for r in site.requests}
     assert (sent["/same"], sent["/changes"], sent["/gone"], sent["/flaky"]) == ('"s1"', '"c1"', '"g1"', '"f1"')
+    assert [r.headers.get("if-modified-since") for r in site.requests if r.path == "/dated"] == [
+        "Tue, 01 Dec 2026 01:00:00 GMT"]
     assert Website.objects.get().last_synced_at is not None
 
 
@@ -465,6 +473,34 @@ def test_admin_refuses_a_non_http_url_with_a_clear_error(admin_client):
     assert response.status_code == 200
     assert not Website.objects.exists()
     assert "Enter a valid URL." in response.content.decode() or "only http and https" in response.content.decode()
+
+
+def test_admin_sync_now_queues_a_run_per_website(admin_client, site, django_capture_on_commit_callbacks):
+    website = websites.website_register(site.url("/"))
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = admin_client.post(reverse("admin:knowledge_website_changelist"),
+                                     {"action": "sync_now", "_selected_action": [website.pk]})
+    assert response.status_code == 302 and len(callbacks) == 1
+    assert list(WebsiteSync.objects.values_list("website_id", "status")) == [(website.pk, "queued")]
+
+
+def test_deleting_a_website_deletes_its_pages_reports_and_schedule_and_nothing_else(admin_client, site):
+    # given a synced website and an uploaded file in the same collection
+    from knowledge import services
+
+    site.page("/", html_page("Home", "<p>Welcome to the help centre.</p>"))
+    run = sync(site.url("/"))
+    upload = services.source_upload(filename="notes.md", data=b"# Notes\n\nKeep receipts.\n")
+    services.document_ingest(upload.pk)
+    schedule_id = Website.objects.get().schedule_id
+    # when the website is deleted in the admin
+    response = admin_client.post(reverse("admin:knowledge_website_delete", args=[run.website_id]), {"post": "yes"})
+    # then its page, chunks, reports and periodic task are gone; the upload is untouched
+    assert response.status_code == 302
+    assert (Website.objects.count(), WebsiteSync.objects.count()) == (0, 0)
+    assert list(Source.objects.values_list("uri", flat=True)) == ["upload:notes.md"]
+    assert not PeriodicTask.objects.filter(pk=schedule_id).exists()
+    assert Chunk.objects.exclude(source=upload).count() == 0
 
 
 def test_admin_report_lists_every_page_with_its_outcome_and_reason(admin_client, site):

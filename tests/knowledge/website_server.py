@@ -13,7 +13,8 @@ from urllib.parse import urlsplit
 @dataclass
 class Route:
     """What one path answers: ``status``, ``body``, ``content_type`` and extra ``headers``; with
-    ``etag``, a request whose If-None-Match names it gets a 304; ``before()`` runs before the answer
+    ``etag`` (``last_modified``), a request whose If-None-Match (If-Modified-Since) names it gets a
+    304; without ``send_length`` the body ends when the connection closes; ``before()`` runs before the answer
     (a test holds a page back with it)."""
 
     status: int = 200
@@ -21,6 +22,8 @@ class Route:
     content_type: str = "text/html; charset=utf-8"
     headers: dict[str, str] = field(default_factory=dict)
     etag: str = ""
+    last_modified: str = ""
+    send_length: bool = True
     before: Callable[[], None] | None = None
 
 
@@ -48,16 +51,19 @@ class Site:
                     route = Route(status=404, body=b"<html><body><p>Not found</p></body></html>")
                 if route.before is not None:
                     route.before()
-                if route.etag and self.headers.get("If-None-Match") == route.etag:
+                if (route.etag and self.headers.get("If-None-Match") == route.etag) or (
+                        route.last_modified and self.headers.get("If-Modified-Since") == route.last_modified):
                     self.send_response(304)
-                    self.send_header("ETag", route.etag)
                     self.end_headers()
                     return
                 self.send_response(route.status)
                 self.send_header("Content-Type", route.content_type)
-                self.send_header("Content-Length", str(len(route.body)))
+                if route.send_length:
+                    self.send_header("Content-Length", str(len(route.body)))
                 if route.etag:
                     self.send_header("ETag", route.etag)
+                if route.last_modified:
+                    self.send_header("Last-Modified", route.last_modified)
                 for name, value in route.headers.items():
                     self.send_header(name, value)
                 self.end_headers()
@@ -83,9 +89,9 @@ class Site:
         """The absolute URL of ``path`` on this site."""
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def page(self, path: str, html: str, *, etag: str = "", **kwargs) -> None:
-        """Serve ``html`` (UTF-8) at ``path``."""
-        self.routes[path] = Route(body=html.encode(), etag=etag, **kwargs)
+    def page(self, path: str, html: str, **kwargs) -> None:
+        """Serve ``html`` (UTF-8) at ``path`` (``kwargs``: ``Route``'s fields)."""
+        self.routes[path] = Route(body=html.encode(), **kwargs)
 
     def file(self, path: str, body: bytes, content_type: str, **kwargs) -> None:
         """Serve ``body`` as ``content_type`` at ``path``."""
