@@ -125,6 +125,8 @@
       border-bottom: 1px solid #dde4e7; }
     .passage-head h3 { margin: 0; font-size: 15px; flex: 1; }
     .page-link { font-size: 13px; color: #0f5c6e; white-space: nowrap; }
+    .notice { margin: 0 0 10px; padding: 8px 10px; background: #fff4d6; border-radius: 6px; color: #5c4400;
+      white-space: normal; }
     .back { border: 1px solid #0f5c6e; background: #fff; color: #0f5c6e; border-radius: 8px;
       padding: 3px 10px; font-size: 13px; }
     .passage-body { padding: 14px; overflow-y: auto; white-space: pre-wrap; overflow-wrap: anywhere;
@@ -357,6 +359,13 @@
         passageLink.hidden = false;
       }
       passageBody.textContent = "";
+      if (data.status === "changed" || data.status === "removed") {
+        // The source was re-ingested without the cited text, or deleted: say so, and show the page
+        // as it is now (its link is in the header when it is a web page).
+        passageBody.append(el("p", { class: "notice", role: "status", text: data.notice || "This page has changed." }));
+        if (data.after) passageBody.append(document.createTextNode(`${data.after}…`));
+        return;
+      }
       if (data.before) passageBody.append(document.createTextNode(`…${data.before}`));
       passageBody.append(el("mark", { text: data.passage || "" }));
       if (data.after) passageBody.append(document.createTextNode(`${data.after}…`));

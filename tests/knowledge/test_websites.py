@@ -544,6 +544,36 @@ def test_cited_passage_of_a_page_carries_its_url_and_a_file_none(site):
     assert passage["url"] == site.url("/") and passage["passage"] == chunk.text
 
 
+def test_citations_survive_a_resync_that_changes_the_page(site, settings):
+    # given a customer's answer citing two passages of a synced page
+    from chat.models import Conversation, Message
+    from chat.transcripts import CHANGED_NOTICE, cited_passage_get
+
+    settings.WIDGET_PASSAGE_CONTEXT_CHARS = 20
+    site.page("/", html_page("Returns", "<h2>Window</h2><p>Returns are accepted within 30 days.</p>"
+                                        "<h2>Labels</h2><p>Return labels cost $5.95.</p>"))
+    first = sync(site.url("/"))
+    window, labels = Chunk.objects.order_by("ordinal")
+    conversation = Conversation.objects.create()
+    Message.objects.create(conversation=conversation, role="assistant", text="Yes [1][2]", citations=[
+        {"n": 1, "chunk_id": window.pk, "source_id": window.source_id, "source_title": "Returns"},
+        {"n": 2, "chunk_id": labels.pk, "source_id": labels.source_id, "source_title": "Returns"}])
+    # when the page gains a section before them, one passage changes, and the site is synced again
+    site.page("/", html_page("Returns", "<h2>Exchanges</h2><p>Exchanges are free.</p>"
+                                        "<h2>Window</h2><p>Returns are accepted within 30 days.</p>"
+                                        "<h2>Labels</h2><p>Return labels are free.</p>"))
+    assert websites.website_sync(first.website_id).changed == 1
+    # then the unchanged passage opens where it now is, and the changed one says so with the page's link
+    now = cited_passage_get(conversation, window.pk)
+    source = Source.objects.get()
+    assert (now["status"], now["passage"]) == ("current", "Returns are accepted within 30 days.")
+    assert source.text.index(now["passage"]) == Chunk.objects.get(pk=window.pk).start != window.start
+    changed = cited_passage_get(conversation, labels.pk)
+    assert (changed["status"], changed["notice"], changed["url"], changed["passage"]) == (
+        "changed", CHANGED_NOTICE, site.url("/"), "")
+    assert changed["after"] == "Exchanges\n\nExchanges are free.\n\nWindow"  # 40 characters at most, at a word
+
+
 # --- a realistic crawl: Doc2Dial's help pages served as HTML ----------------------------------------
 
 
