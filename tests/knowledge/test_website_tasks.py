@@ -97,3 +97,16 @@ def test_queued_sync_runs_in_the_worker_with_live_progress_and_is_safe_to_run_tw
     sync_website.delay(website.pk)
     third = finished.wait_for(3)[2]
     assert third["sync_id"] != run.pk and (third["status"], third["unchanged"]) == ("finished", 2)
+
+
+def test_ingest_command_queues_the_sync_and_waits_for_the_worker(finished, site):
+    import io
+
+    from django.core.management import call_command
+
+    site.page("/", html_page("Home", "<p>Welcome to the help centre.</p>", links=["/a"]))
+    site.page("/a", html_page("A", "<p>Returns are accepted within 30 days.</p>"))
+    out = io.StringIO()
+    call_command("ingest", site.url("/"), "--timeout", "120", stdout=out, stderr=io.StringIO())
+    assert "finished: 2 new, 0 changed, 0 unchanged, 0 removed, 0 failed, 0 skipped" in out.getvalue()
+    assert finished.wait_for(1)[0]["new"] == 2

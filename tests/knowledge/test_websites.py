@@ -151,6 +151,23 @@ def test_robots_txt_disallowed_pages_are_never_fetched(site):
     assert ("skipped", "/private/staff", f"robots.txt disallows {site.url('/private/staff')}") in outcomes(run)
 
 
+def test_a_robots_txt_that_answers_5xx_means_nothing_may_be_fetched(site):
+    # given a site whose robots.txt fails with 503 (RFC 9309: assume everything is disallowed)
+    site.page("/robots.txt", "<p>maintenance</p>", status=503)
+    site.page("/", html_page("Home", "<p>Welcome to the help centre.</p>"))
+    run = sync(site.url("/"))
+    assert (run.status, run.error) == ("failed", f"the start page cannot be fetched: robots.txt disallows {site.url('/')}")
+    assert site.paths_requested() == ["/robots.txt"]
+
+
+def test_a_page_in_another_charset_declared_by_http_is_read_as_such(site):
+    site.page("/", html_page("Home", "<p>Welcome to the help centre.</p>", links=["/menu.txt"]))
+    site.file("/menu.txt", "Café menu\n\nCrème brûlée is served daily.\n".encode("iso-8859-1"),
+              "text/plain; charset=ISO-8859-1")
+    sync(site.url("/"))
+    assert pages()["/menu.txt"].text == "Café menu\n\nCrème brûlée is served daily.\n"
+
+
 def test_redirect_loop_500_huge_and_non_html_pages_are_reported_and_the_rest_is_ingested(site, settings):
     # given a site with a redirect loop, a server error, a page over the size limit, an image, a PDF
     # and a page that redirects within the site
