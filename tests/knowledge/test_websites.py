@@ -382,6 +382,14 @@ def test_address_guard_allows_only_the_configured_networks():
     assert (guard.refusal("127.0.0.1"), guard.refusal("127.0.0.2")) == ("", "loopback address 127.0.0.2")
 
 
+def test_a_malformed_allowed_network_is_a_system_check_error(settings):
+    from knowledge.checks import website_allowed_networks_valid
+
+    settings.WEBSITE_ALLOWED_NETWORKS = ["10.0.5.0/24", "intranet"]
+    assert [(e.id, e.msg) for e in website_allowed_networks_valid()] == [
+        ("knowledge.E002", "WEBSITE_ALLOWED_NETWORKS: 'intranet' does not appear to be an IPv4 or IPv6 network")]
+
+
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/a", "gopher://x/", "javascript:alert(1)",
                                  "/relative/path", "http:///no-host"])
 def test_non_http_urls_are_refused_before_anything_is_saved(url):
