@@ -164,7 +164,7 @@ class ProductAdmin(admin.ModelAdmin):
 
 
 class WebsiteForm(forms.ModelForm):
-    url = forms.URLField(label="URL", max_length=2000, assume_scheme="https",
+    url = forms.URLField(label="URL", max_length=2000, assume_scheme="https", widget=forms.URLInput(attrs={"size": 80}),
                          help_text="Start page, or the sitemap's URL.")
 
     class Meta:

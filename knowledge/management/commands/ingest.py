@@ -122,10 +122,16 @@ class Command(BaseCommand):
         self._sync_summary(run)
 
     def _wait_sync(self, sync_id, timeout):
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        warned = False
         with tqdm(desc="syncing", unit="page") as bar:
             while True:
                 run = WebsiteSync.objects.get(pk=sync_id)
+                if not warned and run.status == WebsiteSync.Status.QUEUED and time.monotonic() - started > 30:
+                    self.stderr.write("the sync has not started after 30 s: is a Celery worker running? "
+                                      "(python dev.py run starts one; or use --sync)")
+                    warned = True
                 bar.total, bar.n = run.total or None, run.done
                 bar.set_postfix_str(run.current_url[-60:])
                 bar.refresh()
