@@ -4,7 +4,8 @@ A sync (``website_sync``) finds the website's pages (a crawl from the start page
 list), fetches each through ``knowledge.crawler.Fetcher`` and makes each kept page a source of kind
 ``page`` whose ``uri`` is its canonical URL. Page bytes go through the same ingestion as uploaded files
 (``services.document_ingest`` from a pending file): a changed page's chunks are swapped in one
-transaction, a page whose bytes hash to the serving version is left alone, a page that cannot be
+transaction, a page whose bytes hash to the serving version, or whose title and extracted text are
+the serving version's (only its menu, scripts or other markup changed), is left alone, a page that cannot be
 parsed is marked failed and its serving version stays. Pages gone from the site (404/410, no longer in
 the sitemap, now disallowed by robots.txt or by the website's patterns, over its page limit) are
 deleted. A page is kept once: under its canonical URL (``<link rel="canonical">`` within the site,
@@ -32,8 +33,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from knowledge import crawler, services
+from knowledge import embedding as embedding_module
 from knowledge.models import DEFAULT_COLLECTION, Source, Website, WebsiteSync
-from knowledge.parsers import ParseError, parse_file
+from knowledge.parsers import ParsedDocument, ParseError, parse_file
 
 logger = logging.getLogger(__name__)
 
@@ -412,28 +414,37 @@ class _Sync:
             self.record(uri, "failed", "the URL is longer than 2000 characters")
             return visit
         digest = hashlib.sha256(body).hexdigest()
-        text_digest = _text_digest(filename, body) or digest
+        document = _parse_or_none(filename, body)
+        text_digest = _sha256(document.text) if document is not None else digest
         same = self.text_hashes.get(text_digest)
         if same and same != uri:
             self.record(uri, "skipped", f"same content as {same}")
             return visit
-        visit.kept = self.ingest(uri, body, filename, digest, response)
+        visit.kept = self.ingest(uri, body, filename, digest, response, document)
         if visit.kept:
             self.text_hashes.setdefault(text_digest, uri)
         return visit
 
-    def ingest(self, uri: str, body: bytes, filename: str, digest: str, response: crawler.Response) -> bool:
+    def ingest(self, uri: str, body: bytes, filename: str, digest: str, response: crawler.Response,
+               document: ParsedDocument | None) -> bool:
+        """Keep the page ``uri``: unchanged when its bytes hash to the serving version's, or when its
+        title and extracted text are the serving version's (only markup outside the main content
+        changed: a menu item, a script, a token), else ingested from a pending file like an upload."""
         website = self.website
         existing = Source.objects.filter(collection=website.collection, uri=uri).first()
         if existing is not None and existing.website_id != website.pk:
             self.record(uri, "skipped", "already a source of this collection from elsewhere")
             return False
         validators = {"http_etag": response.etag[:500], "http_last_modified": response.last_modified[:100]}
-        if (existing is not None and existing.status == Source.Status.READY and existing.content_hash == digest
-                and existing.chunk_count > 0):
+        serving = (existing is not None and existing.status == Source.Status.READY and existing.chunk_count > 0
+                   and not existing.chunks.exclude(embedding_model=embedding_module.model_id()).exists())
+        same_text = document is not None and serving and (existing.title, existing.text) == (
+            document.title[:500], document.text)
+        if serving and (existing.content_hash == digest or same_text):
             Source.objects.filter(pk=existing.pk).update(**validators)
             self.kept.add(uri)
-            self.record(uri, "unchanged", "same content")
+            self.record(uri, "unchanged", "same content" if existing.content_hash == digest else
+                        "same text (only the page's markup changed)")
             return True
         with transaction.atomic():
             source = existing or Source.objects.create(
@@ -465,13 +476,13 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _text_digest(filename: str, body: bytes) -> str:
-    """SHA-256 of the text the parsers extract from ``body`` (``""`` if it cannot be parsed: the
-    ingestion then reports why)."""
+def _parse_or_none(filename: str, body: bytes) -> ParsedDocument | None:
+    """What the parsers extract from ``body``, or ``None`` if they cannot (the ingestion then
+    reports why)."""
     try:
-        return _sha256(parse_file(filename, body).text)
+        return parse_file(filename, body)
     except ParseError:
-        return ""
+        return None
 
 
 def _as_utf8(response: crawler.Response) -> bytes:

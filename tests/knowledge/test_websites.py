@@ -335,8 +335,29 @@ def test_a_page_404_removes_it_and_one_no_longer_linked_is_kept_while_it_exists(
     del site.routes["/a"]
     run = websites.website_sync(first.website_id)
     # then /a is removed (404) and /b, still served, is checked and kept
-    assert outcomes(run) == [("changed", "/", ""), ("removed", "/a", "HTTP 404"), ("unchanged", "/b", "same content")]
+    assert outcomes(run) == [("unchanged", "/", "same text (only the page's markup changed)"),
+                             ("removed", "/a", "HTTP 404"), ("unchanged", "/b", "same content")]
     assert sorted(pages()) == ["/", "/b"]
+
+
+def test_a_page_whose_markup_changes_but_not_its_text_is_not_reingested(site):
+    # given a synced page, then its menu, a script and a token outside the main content change
+    site.page("/", html_page("Returns", "<p>Returns are accepted within 30 days.</p>"))
+    first = sync(site.url("/"))
+    source = Source.objects.get()
+    before = serving_snapshot(source.pk)
+    site.page("/", html_page("Returns", "<p>Returns are accepted within 30 days.</p>", links=["/new-menu-item"],
+                             head="<script>var csrf='f00d';</script>"))
+    site.page("/new-menu-item", html_page("New", "<p>New page.</p>"))
+    run = websites.website_sync(first.website_id)
+    # then the page is unchanged (no re-embedding) and serves exactly as before
+    assert outcomes(run)[0] == ("unchanged", "/", "same text (only the page's markup changed)")
+    assert serving_snapshot(source.pk) == before
+    # and when its title changes, it is re-ingested
+    site.page("/", html_page("Returns and refunds", "<p>Returns are accepted within 30 days.</p>"))
+    run = websites.website_sync(first.website_id)
+    assert outcomes(run)[0] == ("changed", "/", "")
+    assert Source.objects.get(pk=source.pk).title == "Returns and refunds"
 
 
 def test_pages_with_the_same_canonical_url_or_content_are_kept_once(site):
