@@ -9,7 +9,7 @@ the endpoints are CSRF-exempt. Every error is a JSON ``{"error": str}``.
 |---|---|
 | ``POST /api/conversations/`` | start a conversation: ``{"id", "token"}`` (201) |
 | ``GET /api/conversations/<id>/messages/`` | its transcript (``chat.transcripts.transcript_get``) |
-| ``GET /api/conversations/<id>/passages/<chunk_id>/`` | a cited passage: ``{"title", "before", "passage", "after"}`` |
+| ``GET /api/conversations/<id>/passages/<chunk_id>/`` | a cited passage: ``{"status", "notice", "title", "url", "before", "passage", "after"}`` |
 | ``POST /api/conversations/<id>/handoff/`` | ask for a human: ``{"id", "status"}`` |
 """
 
@@ -120,14 +120,15 @@ def conversation_messages(request: HttpRequest, conversation_id: UUID) -> JsonRe
 
 @widget_api("GET")
 def cited_passage(request: HttpRequest, conversation_id: UUID, chunk_id: int) -> JsonResponse:
-    """A passage cited in the conversation (``chat.transcripts.cited_passage_get``); 403 without the
-    token, 404 when the conversation never cited that chunk or it no longer exists."""
+    """A passage cited in the conversation (``chat.transcripts.cited_passage_get``: the passage now, or
+    a "changed" / "removed" view once its source was re-ingested or deleted); 403 without the token,
+    404 only when the conversation never cited that chunk."""
     conversation = _conversation_for(request, conversation_id)
     if conversation is None:
         return _error(_FORBIDDEN, 403)
     passage = cited_passage_get(conversation, chunk_id)
     if passage is None:
-        return _error("this passage was not cited in the conversation or is no longer available", 404)
+        return _error("this passage was not cited in the conversation", 404)
     return JsonResponse(passage)
 
 

@@ -230,6 +230,28 @@ RRF_K = env.int("RRF_K", default=60)
 # At 100k chunks recall@10 against an exact scan was 0.924 at 100, 0.942 at 200 (+2.5 ms), 0.962 at
 # 400 (+8 ms) (benchmarks/retrieval_latency.py).
 HNSW_EF_SEARCH = env.int("HNSW_EF_SEARCH", default=200)
+# Website sources (knowledge.crawler, knowledge.websites). The User-Agent every request sends; its
+# first word is the token robots.txt groups are matched against.
+WEBSITE_USER_AGENT = env(
+    "WEBSITE_USER_AGENT", default="TidewaterSupportBot/0.1 (knowledge-base sync of a self-hosted support assistant)"
+)
+# Least time between two requests to one host, in seconds (a robots.txt Crawl-delay above it wins,
+# up to WEBSITE_MAX_CRAWL_DELAY_S).
+WEBSITE_REQUEST_INTERVAL_S = env.float("WEBSITE_REQUEST_INTERVAL_S", default=1.0)
+WEBSITE_MAX_CRAWL_DELAY_S = env.float("WEBSITE_MAX_CRAWL_DELAY_S", default=30.0)
+# Connect/read timeout of one request, in seconds; redirects followed per page at most.
+WEBSITE_TIMEOUT_S = env.float("WEBSITE_TIMEOUT_S", default=20.0)
+WEBSITE_MAX_REDIRECTS = env.int("WEBSITE_MAX_REDIRECTS", default=10)
+# A page (after decompression) larger than this is not ingested (reported failed), in bytes.
+WEBSITE_MAX_PAGE_BYTES = env.int("WEBSITE_MAX_PAGE_BYTES", default=5 * 1024 * 1024)
+# Server-side request forgery guard: a website URL (and every redirect) whose host resolves to a
+# loopback, private, link-local or otherwise non-public address is refused, unless the address is in
+# one of these networks (CIDR, e.g. "10.0.5.0/24" for an intranet help centre; the tests allow
+# "127.0.0.1/32").
+WEBSITE_ALLOWED_NETWORKS = env.list("WEBSITE_ALLOWED_NETWORKS", default=[])
+# A sync of a website whose progress has not moved for this long is taken as dead (its worker was
+# killed), so a new sync may start, in seconds.
+WEBSITE_SYNC_STALE_S = env.float("WEBSITE_SYNC_STALE_S", default=1800.0)
 
 # Logs go to stderr, one line per record with time, level and logger name: "text" (human readable)
 # or "json" (one JSON object per line for log shippers, python-json-logger: keys time (ISO 8601,

@@ -1,4 +1,5 @@
-"""Admin for the knowledge base: sources with ingestion status, multi-file upload, products."""
+"""Admin for the knowledge base: sources with ingestion status, multi-file upload, products, and
+websites with their sync reports (live while a sync runs)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from django.contrib import admin, messages
 from django.http import HttpRequest, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
-from knowledge import services
-from knowledge.models import DEFAULT_COLLECTION, Chunk, Product, Source
+from knowledge import crawler, services, websites
+from knowledge.models import DEFAULT_COLLECTION, Chunk, Product, Source, Website, WebsiteSync
 from knowledge.parsers import SUPPORTED_EXTENSIONS
 
 
@@ -64,10 +65,10 @@ class ChunkInline(admin.TabularInline):
 @admin.register(Source)
 class SourceAdmin(admin.ModelAdmin):
     list_display = ("__str__", "collection", "kind", "status_badge", "progress", "chunk_count", "error_short", "updated_at")
-    list_filter = ("status", "kind", "collection")
+    list_filter = ("status", "kind", "collection", "website")
     search_fields = ("title", "uri")
-    readonly_fields = ("uri", "kind", "content_hash", "status", "error", "progress", "chunk_count",
-                       "created_at", "updated_at", "ingested_at", "pending_file")
+    readonly_fields = ("uri", "page_link", "website", "kind", "content_hash", "status", "error", "progress",
+                       "chunk_count", "created_at", "updated_at", "ingested_at", "pending_file")
     fields = ("collection", "title", *readonly_fields)
     inlines = [ChunkInline]
     actions = ["reingest"]
@@ -80,7 +81,7 @@ class SourceAdmin(admin.ModelAdmin):
         ]
 
     def has_add_permission(self, request):
-        return False  # sources are added by upload or `manage.py ingest`
+        return False  # sources are added by upload, `manage.py ingest` or a website's sync
 
     def upload_view(self, request: HttpRequest):
         """Multi-file upload: each file becomes (or replaces) a source and is queued for ingestion."""
@@ -102,6 +103,11 @@ class SourceAdmin(admin.ModelAdmin):
             status__in=[Source.Status.QUEUED, Source.Status.PARSING, Source.Status.EMBEDDING]
         ).exists()
         return super().changelist_view(request, {**(extra_context or {}), "ingestion_busy": busy})
+
+    @admin.display(description="page")
+    def page_link(self, source: Source) -> str:
+        url = source.public_url
+        return format_html('<a href="{}" rel="noopener noreferrer" target="_blank">{}</a>', url, url) if url else "—"
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, source: Source) -> str:
@@ -152,3 +158,144 @@ class ProductAdmin(admin.ModelAdmin):
     def delete_queryset(self, request, queryset):
         for product in queryset:
             services.product_delete(product)
+
+
+# --- websites -------------------------------------------------------------------------------------
+
+
+class WebsiteForm(forms.ModelForm):
+    url = forms.URLField(label="URL", max_length=2000, assume_scheme="https", widget=forms.URLInput(attrs={"size": 80}),
+                         help_text="Start page, or the sitemap's URL.")
+
+    class Meta:
+        model = Website
+        fields = ("url", "mode", "collection", "include_patterns", "exclude_patterns", "page_limit", "max_depth",
+                  "resync_hours")
+        widgets = {"include_patterns": forms.Textarea(attrs={"rows": 3}),
+                   "exclude_patterns": forms.Textarea(attrs={"rows": 3})}
+
+    def clean_url(self):
+        try:
+            return websites.website_clean_url(self.cleaned_data["url"])
+        except crawler.AddressRefused as error:
+            raise forms.ValidationError(str(error)) from None
+
+
+class WebsiteSyncInline(admin.TabularInline):
+    model = WebsiteSync
+    fields = ("sync_link", "status", "new", "changed", "unchanged", "removed", "failed", "skipped", "progress",
+              "created_at", "finished_at")
+    readonly_fields = fields
+    extra = 0
+    max_num = 0
+    can_delete = False
+    ordering = ("-created_at",)
+    verbose_name_plural = "sync reports (newest first)"
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).defer("pages")
+
+    @admin.display(description="report")
+    def sync_link(self, run: WebsiteSync) -> str:
+        return format_html('<a href="{}">#{}</a>', reverse("admin:knowledge_websitesync_change", args=[run.pk]), run.pk)
+
+    @admin.display(description="pages handled")
+    def progress(self, run: WebsiteSync) -> str:
+        return f"{run.done} / {run.total}"
+
+
+@admin.register(Website)
+class WebsiteAdmin(admin.ModelAdmin):
+    """Websites: adding one queues its first sync; "Sync now" queues another; the re-sync period is
+    ``resync_hours`` (also editable, or pausable, in Periodic tasks)."""
+
+    form = WebsiteForm
+    list_display = ("url", "collection", "mode", "page_count", "last_sync", "resync_hours", "last_synced_at")
+    list_filter = ("collection", "mode")
+    search_fields = ("url",)
+    readonly_fields = ("schedule", "last_synced_at", "created_at")
+    inlines = [WebsiteSyncInline]
+    actions = ["sync_now"]
+
+    def get_inline_instances(self, request, obj=None):
+        return super().get_inline_instances(request, obj) if obj is not None else []
+
+    @admin.display(description="pages")
+    def page_count(self, website: Website) -> str:
+        url = reverse("admin:knowledge_source_changelist") + f"?website__id__exact={website.pk}"
+        return format_html('<a href="{}">{}</a>', url, website.pages.count())
+
+    @admin.display(description="last sync")
+    def last_sync(self, website: Website) -> str:
+        run = website.syncs.defer("pages").order_by("-created_at").first()
+        if run is None:
+            return "—"
+        link = reverse("admin:knowledge_websitesync_change", args=[run.pk])
+        return format_html('<a href="{}">{}</a> {}', link, run.get_status_display(), _counts(run))
+
+    def save_model(self, request, obj, form, change):
+        websites.website_save(obj, sync=not change)
+        if not change:
+            self.message_user(request, "The first sync is queued; its report shows progress live.", messages.SUCCESS)
+
+    @admin.action(description="Sync selected websites now")
+    def sync_now(self, request, queryset):
+        runs = [websites.website_sync_queue(website) for website in queryset]
+        self.message_user(request, f"{len(runs)} sync(s) queued; each report (below the website) shows "
+                          "progress live.", messages.SUCCESS)
+
+    def delete_model(self, request, obj):
+        websites.website_delete(obj)
+
+    def delete_queryset(self, request, queryset):
+        for website in queryset:
+            websites.website_delete(website)
+
+
+def _counts(run: WebsiteSync) -> str:
+    return (f"{run.new} new, {run.changed} changed, {run.unchanged} unchanged, {run.removed} removed, "
+            f"{run.failed} failed, {run.skipped} skipped")
+
+
+@admin.register(WebsiteSync)
+class WebsiteSyncAdmin(admin.ModelAdmin):
+    """Sync reports, read-only; a running sync's page refreshes itself every 2 seconds."""
+
+    list_display = ("__str__", "status", "new", "changed", "unchanged", "removed", "failed", "skipped",
+                    "progress", "created_at", "finished_at")
+    list_filter = ("status", "website")
+    fields = ("website", "status", "error", "summary", "progress", "current_url", "created_at", "started_at",
+              "finished_at", "report")
+    readonly_fields = fields
+    change_form_template = "admin/knowledge/websitesync/change_form.html"
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("website")
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="pages handled")
+    def progress(self, run: WebsiteSync) -> str:
+        return f"{run.done} / {run.total}"
+
+    @admin.display(description="counts")
+    def summary(self, run: WebsiteSync) -> str:
+        return _counts(run)
+
+    @admin.display(description="pages")
+    def report(self, run: WebsiteSync) -> str:
+        rows = format_html_join(
+            "", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ((page.get("outcome", ""), page.get("url", ""), page.get("reason", "")) for page in run.pages),
+        )
+        return format_html("<table><thead><tr><th>outcome</th><th>URL</th><th>reason</th></tr></thead>"
+                           "<tbody>{}</tbody></table>", rows)
+
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        run = WebsiteSync.objects.filter(pk=object_id).only("status").first() if str(object_id).isdigit() else None
+        running = run is not None and run.status in (WebsiteSync.Status.QUEUED, WebsiteSync.Status.RUNNING)
+        return super().changeform_view(request, object_id, form_url, {**(extra_context or {}), "sync_busy": running})

@@ -1,9 +1,28 @@
-"""System checks: warn when stored chunks were embedded by another model than the configured one."""
+"""System checks: warn when stored chunks were embedded by another model than the configured one;
+refuse a malformed ``WEBSITE_ALLOWED_NETWORKS``."""
 
 from __future__ import annotations
 
-from django.core.checks import Warning, register
+from django.core.checks import Error, Warning, register
 from django.db import DatabaseError
+
+
+@register("knowledge")
+def website_allowed_networks_valid(app_configs=None, **kwargs):
+    """``knowledge.E002`` for an entry of ``WEBSITE_ALLOWED_NETWORKS`` that is not a CIDR network
+    (website syncs would fail on it)."""
+    import ipaddress
+
+    from django.conf import settings
+
+    errors = []
+    for entry in settings.WEBSITE_ALLOWED_NETWORKS:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError as error:
+            errors.append(Error(f"WEBSITE_ALLOWED_NETWORKS: {error}",
+                                hint="comma-separated networks such as 10.0.5.0/24", id="knowledge.E002"))
+    return errors
 
 
 @register("knowledge", deploy=False, databases=["default"])

@@ -1,6 +1,7 @@
 """Knowledge-base data: sources, their chunks (with embeddings and full-text vectors) and products.
 
-A ``Source`` is one document (an uploaded or ingested file, or a product entry). Its extracted
+A ``Source`` is one document (an uploaded or ingested file, a product entry, or a page of a
+``Website``). Its extracted
 ``text`` is what chunk offsets and citations point into. The chunks of a source are replaced in one
 transaction together with ``text`` and ``content_hash``, so readers always see one consistent version.
 """
@@ -28,6 +29,7 @@ class Source(models.Model):
         FILE = "file", "File"
         FAQ = "faq", "FAQ sheet"
         PRODUCT = "product", "Product"
+        PAGE = "page", "Web page"
 
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
@@ -37,7 +39,7 @@ class Source(models.Model):
         FAILED = "failed", "Failed"
 
     collection = models.CharField(max_length=100, default=DEFAULT_COLLECTION, db_index=True)
-    uri = models.CharField(max_length=500, help_text="Path, upload name or product:<sku>.")
+    uri = models.CharField(max_length=2000, help_text="Path, upload name, product:<sku> or a page's canonical URL.")
     kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.FILE)
     title = models.CharField(max_length=500, blank=True)
     # The raw bytes waiting to be ingested (uploads and products); files ingested from a path on
@@ -54,16 +56,119 @@ class Source(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     ingested_at = models.DateTimeField(null=True, blank=True)
+    # Pages of a website (kind "page"): the website that found them, and the HTTP validators of the
+    # serving version, sent back as If-None-Match / If-Modified-Since on the next sync.
+    website = models.ForeignKey("Website", null=True, blank=True, on_delete=models.CASCADE, related_name="pages")
+    http_etag = models.CharField(max_length=500, blank=True)
+    http_last_modified = models.CharField(max_length=100, blank=True)
 
     class Meta:
         constraints = [
             UniqueConstraint(fields=["collection", "uri"], name="source_unique_uri_per_collection"),
+            CheckConstraint(
+                condition=Q(kind="page", website__isnull=False) | (~Q(kind="page") & Q(website__isnull=True)),
+                name="source_page_has_website",
+            ),
             CheckConstraint(condition=Q(progress__lte=100), name="source_progress_percent"),
         ]
         ordering = ["collection", "uri"]
 
     def __str__(self) -> str:
         return self.title or self.uri
+
+    @property
+    def public_url(self) -> str:
+        """The link a customer may open for this source: a page's URL, else ``""`` (a file's ``uri``
+        is a path on the server and is never shown)."""
+        return self.uri if self.kind == self.Kind.PAGE else ""
+
+
+class Website(models.Model):
+    """A website whose pages are sources of ``collection``, found from ``url`` and kept in sync.
+
+    ``mode`` says what ``url`` is: the page a crawl starts from (links followed up to ``max_depth``
+    hops), or a sitemap (its pages, nested sitemaps followed). Only pages of the URL's own site are
+    taken (same host, or the host with / without ``www.``); ``include_patterns`` /
+    ``exclude_patterns`` are shell-style globs (``fnmatch``) matched against a page's path with its
+    query (``/help/*``), one per line. ``resync_hours`` (0 = never) is the period of the
+    django-celery-beat task in ``schedule``, which ``knowledge.websites.website_save`` keeps in step.
+    """
+
+    class Mode(models.TextChoices):
+        CRAWL = "crawl", "Crawl from a start page"
+        SITEMAP = "sitemap", "Pages of a sitemap"
+
+    collection = models.CharField(max_length=100, default=DEFAULT_COLLECTION, db_index=True)
+    url = models.URLField("URL", max_length=2000, help_text="Start page, or the sitemap's URL.")
+    mode = models.CharField(max_length=20, choices=Mode.choices, default=Mode.CRAWL)
+    include_patterns = models.TextField(
+        blank=True, help_text="One glob per line on the page's path, e.g. /help/*. Empty: every page of the site."
+    )
+    exclude_patterns = models.TextField(blank=True, help_text="One glob per line, e.g. /help/archive/*.")
+    page_limit = models.PositiveIntegerField(default=500, help_text="Most pages kept from this website.")
+    max_depth = models.PositiveSmallIntegerField(
+        default=3, help_text="Crawl: most links followed from the start page (0 = the start page only)."
+    )
+    resync_hours = models.PositiveIntegerField(
+        "re-sync every (hours)", default=24, help_text="0 = only when asked."
+    )
+    schedule = models.OneToOneField(
+        "django_celery_beat.PeriodicTask", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    last_synced_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            UniqueConstraint(fields=["collection", "url"], name="website_unique_url_per_collection"),
+            CheckConstraint(condition=Q(page_limit__gte=1), name="website_page_limit_positive"),
+        ]
+        ordering = ["collection", "url"]
+
+    def __str__(self) -> str:
+        return self.url
+
+
+class WebsiteSync(models.Model):
+    """One sync run of a website and its report.
+
+    The counters are pages by outcome; ``pages`` lists every page the run looked at as
+    ``{"url": str, "outcome": "new"|"changed"|"unchanged"|"removed"|"failed"|"skipped", "reason": str}``
+    in the order they were handled. ``done`` / ``total`` (pages handled / found so far) and
+    ``current_url`` are updated after each page, so other connections see progress live.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        FINISHED = "finished", "Finished"
+        FAILED = "failed", "Failed"
+
+    website = models.ForeignKey(Website, on_delete=models.CASCADE, related_name="syncs")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
+    error = models.TextField(blank=True, help_text="Why the whole run failed (nothing was removed then).")
+    new = models.PositiveIntegerField(default=0)
+    changed = models.PositiveIntegerField(default=0)
+    unchanged = models.PositiveIntegerField(default=0)
+    removed = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    skipped = models.PositiveIntegerField(default=0)
+    done = models.PositiveIntegerField(default=0)
+    total = models.PositiveIntegerField(default=0)
+    current_url = models.CharField(max_length=2000, blank=True)
+    pages = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "website sync"
+
+    def __str__(self) -> str:
+        return f"sync #{self.pk} of {self.website}"
 
 
 class Chunk(models.Model):

@@ -369,10 +369,21 @@ def _embed_with_progress(model, texts: list[str], report: Callable[[int], None])
 
 
 def _swap_chunks(source: Source, chunks: list[Chunk], *, title: str) -> None:
-    """Replace ``source``'s chunks with ``chunks`` (caller holds the transaction and the row lock)."""
+    """Replace ``source``'s chunks with ``chunks`` (caller holds the transaction and the row lock).
+
+    A new chunk whose text equals an old chunk's takes over that chunk's id (first come, first
+    served among repeats), with its new offsets: citations, retrieval traces and corrections that
+    name the id keep pointing at the same passage after a re-ingestion, wherever it now sits in the
+    text. Chunks whose text changed get new ids; the old ones are deleted.
+    """
+    old_ids: dict[str, list[int]] = {}
+    for pk, text in source.chunks.order_by("ordinal").values_list("pk", "text"):
+        old_ids.setdefault(text, []).append(pk)
     source.chunks.all().delete()
     for chunk in chunks:
         chunk.source_id = source.pk
+        reusable = old_ids.get(chunk.text)
+        chunk.pk = reusable.pop(0) if reusable else None
     Chunk.objects.bulk_create(chunks, batch_size=500)
     update_search_vectors(source.pk, title)
 

@@ -27,3 +27,16 @@ def reembed(collection: str | None = None, everything: bool = False) -> dict:
     """Re-embed chunks of another embedding model (see ``services.reembed``)."""
     result = services.reembed(collection=collection, everything=everything)
     return {"sources": result.sources, "chunks": result.chunks}
+
+
+@shared_task(name="knowledge.sync_website", acks_late=True)
+def sync_website(website_id: int, sync_id: int | None = None) -> dict:
+    """Sync website ``website_id`` (see ``websites.website_sync``): the queued run ``sync_id``, or a
+    new run (the beat schedule passes only the website). Safe to run twice; returns the run's counts."""
+    from knowledge import websites
+
+    run = websites.website_sync(website_id, sync_id)
+    if run is None:
+        return {"website_id": website_id, "status": "missing"}
+    return {"website_id": website_id, "sync_id": run.pk, "status": run.status, "error": run.error,
+            **{k: getattr(run, k) for k in ("new", "changed", "unchanged", "removed", "failed", "skipped")}}

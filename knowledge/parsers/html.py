@@ -1,6 +1,8 @@
 """HTML parser (BeautifulSoup): visible text of headings, paragraphs, list items, table rows and
-definition lists. Scripts, styles, templates, forms and navigation chrome are removed first, so
-their contents never reach the knowledge base."""
+definition lists. Scripts, styles, templates, forms and navigation chrome (``<nav>``, ``<footer>``,
+``role="navigation"``) are removed first, so their contents never reach the knowledge base; a page
+with one ``<main>`` element (or ``role="main"``, as web pages mark their main content) is read from
+it alone, leaving out site headers and sidebars."""
 
 from __future__ import annotations
 
@@ -29,8 +31,11 @@ def parse(data: bytes, filename: str) -> ParsedDocument:
     had_scripts = bool(soup.find_all("script"))
     for tag in soup.find_all(_DROP):
         tag.decompose()
+    for tag in soup.find_all(attrs={"role": "navigation"}):
+        tag.decompose()
     builder = TextBuilder(title)
-    body = soup.body or soup
+    mains = soup.find_all("main") or soup.find_all(attrs={"role": "main"})
+    body = mains[0] if len(mains) == 1 else (soup.body or soup)
     for element in body.find_all(list(_BLOCKS)):
         # A table row is one block ("cell | cell"); it contains td/th blocks, so it is handled
         # before the leaf rule below, and what is inside a row contributes through the row.

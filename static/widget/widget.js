@@ -124,6 +124,9 @@
     .passage-head { display: flex; align-items: center; gap: 8px; padding: 10px 14px;
       border-bottom: 1px solid #dde4e7; }
     .passage-head h3 { margin: 0; font-size: 15px; flex: 1; }
+    .page-link { font-size: 13px; color: #0f5c6e; white-space: nowrap; }
+    .notice { margin: 0 0 10px; padding: 8px 10px; background: #fff4d6; border-radius: 6px; color: #5c4400;
+      white-space: normal; }
     .back { border: 1px solid #0f5c6e; background: #fff; color: #0f5c6e; border-radius: 8px;
       padding: 3px 10px; font-size: 13px; }
     .passage-body { padding: 14px; overflow-y: auto; white-space: pre-wrap; overflow-wrap: anywhere;
@@ -217,9 +220,12 @@
   const passageTitle = el("h3", { id: "supportbot-passage-title" });
   const passageBody = el("div", { class: "passage-body", tabindex: "0" });
   const passageBack = el("button", { class: "back", type: "button", text: "Back to chat", onclick: () => closePassage() });
+  // The web page a cited passage came from (website sources only), opened in a new tab.
+  const passageLink = el("a", { class: "page-link", target: "_blank", rel: "noopener noreferrer", text: "Open the page ↗" });
+  passageLink.hidden = true;
   const passage = el("section", {
     class: "passage", role: "region", "aria-labelledby": "supportbot-passage-title", hidden: true,
-  }, [el("div", { class: "passage-head" }, [passageTitle, passageBack]), passageBody]);
+  }, [el("div", { class: "passage-head" }, [passageTitle, passageLink, passageBack]), passageBody]);
 
   const panel = el("section", {
     class: "panel", id: "supportbot-panel", role: "dialog", "aria-label": `${TITLE} chat`, hidden: true,
@@ -337,6 +343,7 @@
     passageOpener = shadow.activeElement;
     passageTitle.textContent = citation.source_title || citation.title || "Source";
     passageBody.textContent = "Loading the passage…";
+    passageLink.hidden = true;
     passage.hidden = false;
     passageBack.focus();
     const { id, token } = state.conversation || {};
@@ -347,7 +354,18 @@
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       const data = await response.json();
       passageTitle.textContent = data.title || "Source";
+      if (/^https?:\/\//i.test(data.url || "")) {
+        passageLink.href = data.url;
+        passageLink.hidden = false;
+      }
       passageBody.textContent = "";
+      if (data.status === "changed" || data.status === "removed") {
+        // The source was re-ingested without the cited text, or deleted: say so, and show the page
+        // as it is now (its link is in the header when it is a web page).
+        passageBody.append(el("p", { class: "notice", role: "status", text: data.notice || "This page has changed." }));
+        if (data.after) passageBody.append(document.createTextNode(`${data.after}…`));
+        return;
+      }
       if (data.before) passageBody.append(document.createTextNode(`…${data.before}`));
       passageBody.append(el("mark", { text: data.passage || "" }));
       if (data.after) passageBody.append(document.createTextNode(`${data.after}…`));

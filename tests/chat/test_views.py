@@ -248,7 +248,10 @@ def test_passage_returns_the_cited_chunk_with_surrounding_text_cut_at_words(clie
     # then the passage is the chunk exactly, with at most 12 characters each side, whole words only
     assert response.status_code == 200
     assert response.json() == {
+        "status": "current",
+        "notice": "",
         "title": "Returns policy",
+        "url": "",
         "before": "any item. ",
         "passage": "Refunds take five business days.",
         "after": " Exchanges",
@@ -262,7 +265,8 @@ def test_passage_at_the_start_and_end_of_a_source_has_empty_context(client):
 
     response = client.get(f"/api/conversations/{conversation.pk}/passages/{chunk.pk}/", **auth(conversation))
 
-    assert response.json() == {"title": "Returns policy", "before": "", "passage": "Only sentence.", "after": ""}
+    assert response.json() == {"status": "current", "notice": "", "title": "Returns policy", "url": "", "before": "",
+                               "passage": "Only sentence.", "after": ""}
 
 
 def test_passage_not_cited_in_this_conversation_is_404(client):
@@ -275,10 +279,11 @@ def test_passage_not_cited_in_this_conversation_is_404(client):
     response = client.get(f"/api/conversations/{conversation.pk}/passages/{chunk.pk}/", **auth(conversation))
 
     assert response.status_code == 404
-    assert response.json() == {"error": "this passage was not cited in the conversation or is no longer available"}
+    assert response.json() == {"error": "this passage was not cited in the conversation"}
 
 
-def test_passage_of_a_deleted_chunk_is_404(client):
+def test_passage_of_a_deleted_source_is_a_removed_view_not_a_404(client):
+    # given a cited chunk whose source was deleted since
     conversation = conversation_start()
     chunk = make_chunk()
     cite(conversation, chunk)
@@ -287,7 +292,34 @@ def test_passage_of_a_deleted_chunk_is_404(client):
 
     response = client.get(f"/api/conversations/{conversation.pk}/passages/{chunk_id}/", **auth(conversation))
 
-    assert response.status_code == 404
+    # then the customer is told the page was removed, under the title the citation recorded
+    assert response.status_code == 200
+    assert response.json() == {"status": "removed", "notice": "This page has been removed since this answer was written.",
+                               "title": "Returns policy", "url": "", "before": "", "passage": "", "after": ""}
+
+
+def test_passage_whose_text_changed_on_reingestion_shows_the_page_as_it_is_now(client, settings):
+    # given a cited chunk of a web page whose source was re-ingested with other text (new chunk ids)
+    settings.WIDGET_PASSAGE_CONTEXT_CHARS = 20
+    conversation = conversation_start()
+    chunk = make_chunk()
+    cite(conversation, chunk)
+    chunk_id, source = chunk.pk, chunk.source
+    chunk.delete()
+    Source.objects.filter(pk=source.pk).update(
+        text="Returns are accepted within 60 days of delivery, unused.", title="Returns (new)")
+
+    response = client.get(f"/api/conversations/{conversation.pk}/passages/{chunk_id}/", **auth(conversation))
+
+    # then the view says the page changed and shows the start of its current text (40 characters at
+    # most, cut at a word)
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "changed",
+        "notice": "This page has changed since this answer was written; the passage it cited is no longer on it.",
+        "title": "Returns (new)", "url": "", "before": "", "passage": "",
+        "after": "Returns are accepted within 60 days of",
+    }
 
 
 def test_passage_with_another_conversations_token_is_403(client):

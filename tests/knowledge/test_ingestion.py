@@ -151,17 +151,38 @@ def test_unchanged_bytes_are_skipped_and_chunks_are_untouched(kb_folder):
     assert Source.objects.get().status == "ready"
 
 
-def test_force_reingests_unchanged_bytes_with_new_chunk_rows(kb_folder):
+def test_force_reingests_unchanged_bytes_keeping_each_passages_chunk_id(kb_folder):
     (kb_folder / "returns.md").write_text(RETURNS_MD)
     ingest_paths([kb_folder])
     source = Source.objects.get()
-    old_ids = set(Chunk.objects.values_list("pk", flat=True))
+    old_ids = list(Chunk.objects.order_by("ordinal").values_list("pk", flat=True))
     # when ingestion is forced
     result = services.document_ingest(source.pk, force=True)
-    # then the same chunks are written again as new rows
+    # then the same chunks are written again, each under the id its passage had (citations survive)
     assert result == services.IngestResult(source.pk, "ingested", 3)
     assert chunk_rows(source.pk) == EXPECTED_CHUNKS["returns.md"][1]
-    assert old_ids.isdisjoint(Chunk.objects.values_list("pk", flat=True))
+    assert list(Chunk.objects.order_by("ordinal").values_list("pk", flat=True)) == old_ids
+
+
+def test_reingesting_a_changed_file_keeps_the_ids_of_unchanged_passages_at_their_new_offsets(kb_folder):
+    # given a serving page of three sections
+    path = kb_folder / "guide.md"
+    path.write_text("# Guide\n\n## Sizes\n\nJackets run small.\n\n## Care\n\nWash cold.\n\n## Repairs\n\nSend it in.\n")
+    ingest_paths([kb_folder])
+    before = {c.text: (c.pk, c.start) for c in Chunk.objects.all()}
+    # when a section is inserted before the others and one section's text changes
+    path.write_text("# Guide\n\n## Colours\n\nRed and blue.\n\n## Sizes\n\nJackets run small.\n\n"
+                    "## Care\n\nWash cold, hang dry.\n\n## Repairs\n\nSend it in.\n")
+    ingest_paths([kb_folder])
+    # then the unchanged passages keep their ids at their new offsets, the changed and new ones are new rows
+    source = Source.objects.get()
+    after = {c.text: (c.pk, c.start) for c in Chunk.objects.all()}
+    assert sorted(after) == ["Jackets run small.", "Red and blue.", "Send it in.", "Wash cold, hang dry."]
+    for text in ("Jackets run small.", "Send it in."):
+        assert after[text][0] == before[text][0]
+        assert after[text][1] == source.text.index(text) != before[text][1]
+    assert {after["Red and blue."][0], after["Wash cold, hang dry."][0]}.isdisjoint(pk for pk, _ in before.values())
+    assert not Chunk.objects.filter(pk=before["Wash cold."][0]).exists()
 
 
 def test_changed_file_replaces_its_chunks_text_and_hash(kb_folder):

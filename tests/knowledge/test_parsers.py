@@ -101,6 +101,24 @@ def test_html_keeps_visible_text_and_drops_scripts_styles_and_chrome():
         assert hidden not in document.text
 
 
+def test_html_page_with_one_main_element_is_read_from_it_alone():
+    # given a web page with a site header, a role="navigation" menu, a sidebar and its main content
+    page = (b"<html><head><title>Returns | Store</title></head><body>"
+            b"<header><p>Store logo and search</p></header>"
+            b"<div role='navigation'><ul><li>Home</li><li>Shop</li></ul></div>"
+            b"<aside><p>Sale: 20% off tents</p></aside>"
+            b"<main><h1>Returns</h1><p>Return any item within 30 days.</p></main>"
+            b"<footer>Copyright</footer></body></html>")
+    # when it is parsed
+    document = parse_file("returns.html", page)
+    # then only the main content is text
+    assert (document.title, document.text) == ("Returns | Store", "Returns\n\nReturn any item within 30 days.")
+    # and a page with two <main> elements (invalid, but seen) is read whole, without the menu
+    two = page.replace(b"<aside>", b"<main>").replace(b"</aside>", b"</main>")
+    assert parse_file("returns.html", two).text == (
+        "Store logo and search\n\nSale: 20% off tents\n\nReturns\n\nReturn any item within 30 days.")
+
+
 def test_html_with_only_scripts_fails_with_a_reason():
     # given a page rendered entirely by JavaScript
     # when it is parsed, then it is refused with the reason

@@ -1,5 +1,6 @@
-"""``manage.py ingest PATH... [--collection NAME]``: queue files and folders for ingestion and show
-progress until every source is ready or failed."""
+"""``manage.py ingest PATH_OR_URL... [--collection NAME]``: queue files and folders for ingestion
+and show progress until every source is ready or failed; an ``http(s)://`` argument registers (or
+updates) a website source and syncs it, printing its report."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import time
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from knowledge import services
-from knowledge.models import DEFAULT_COLLECTION, Source
+from knowledge import crawler, services, websites
+from knowledge.models import DEFAULT_COLLECTION, Source, Website, WebsiteSync
 
 _DONE = {Source.Status.READY, Source.Status.FAILED}
 
@@ -18,7 +19,7 @@ class Command(BaseCommand):
     help = "Ingest files and folders (.md .txt .html .pdf .docx, .csv FAQ sheets) into the knowledge base."
 
     def add_arguments(self, parser):
-        parser.add_argument("paths", nargs="+", help="files or folders (walked recursively)")
+        parser.add_argument("paths", nargs="+", help="files or folders (walked recursively), or website URLs")
         parser.add_argument("--collection", default=DEFAULT_COLLECTION)
         parser.add_argument("--prune", action="store_true",
                             help="delete sources under the given folders whose files are gone")
@@ -28,8 +29,23 @@ class Command(BaseCommand):
                             help="re-parse and re-embed even files whose content is unchanged")
         parser.add_argument("--no-wait", action="store_true", help="queue and return at once")
         parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
+        site = parser.add_argument_group("websites (http(s):// arguments)")
+        site.add_argument("--sitemap", action="store_true",
+                          help="the URL is a sitemap (default for URLs ending in .xml); else a crawl starts there")
+        site.add_argument("--include", action="append", default=None, metavar="GLOB",
+                          help="keep only pages whose path matches (repeatable), e.g. '/help/*'")
+        site.add_argument("--exclude", action="append", default=None, metavar="GLOB", help="skip these paths (repeatable)")
+        site.add_argument("--page-limit", type=int, default=None, help="most pages kept (default 500)")
+        site.add_argument("--depth", type=int, default=None, help="crawl: most links followed from the start page (default 3)")
+        site.add_argument("--resync-hours", type=int, default=None, help="re-sync period in hours, 0 = never (default 24)")
 
     def handle(self, *args, paths, collection, prune, sync, force, no_wait, timeout, **options):
+        urls = [p for p in paths if p.lower().startswith(("http://", "https://"))]
+        paths = [p for p in paths if p not in urls]
+        for url in urls:
+            self._website(url, collection=collection, sync=sync, no_wait=no_wait, timeout=timeout, **options)
+        if not paths:
+            return
         try:
             result = services.sources_register_paths(
                 paths, collection=collection, prune=prune, enqueue=not sync, force=force
@@ -78,3 +94,61 @@ class Command(BaseCommand):
         self.stdout.write(self.style.SUCCESS(f"{ready.count()} ready ({chunks} chunks), {failed.count()} failed"))
         for source in failed:
             self.stdout.write(self.style.ERROR(f"  failed: {source.uri}: {source.error}"))
+
+    def _website(self, url, *, collection, sync, no_wait, timeout, sitemap, include, exclude, page_limit, depth,
+                 resync_hours, **options):
+        if page_limit is not None and page_limit < 1:
+            raise CommandError("--page-limit must be at least 1")
+        if depth is not None and depth < 0:
+            raise CommandError("--depth cannot be negative")
+        if resync_hours is not None and resync_hours < 0:
+            raise CommandError("--resync-hours cannot be negative")
+        try:
+            website = websites.website_register(
+                url, collection=collection, mode=Website.Mode.SITEMAP if sitemap else None, include=include,
+                exclude=exclude, page_limit=page_limit, max_depth=depth, resync_hours=resync_hours,
+            )
+        except crawler.AddressRefused as error:
+            raise CommandError(str(error)) from None
+        self.stdout.write(f"website {website.url} ({website.get_mode_display().lower()}, collection {collection!r})")
+        if sync:
+            run = websites.website_sync(website.pk)
+        else:
+            run = websites.website_sync_queue(website)
+            if no_wait:
+                self.stdout.write(f"sync #{run.pk} queued")
+                return
+            run = self._wait_sync(run.pk, timeout)
+        self._sync_summary(run)
+
+    def _wait_sync(self, sync_id, timeout):
+        started = time.monotonic()
+        deadline = started + timeout
+        warned = False
+        with tqdm(desc="syncing", unit="page") as bar:
+            while True:
+                run = WebsiteSync.objects.get(pk=sync_id)
+                if not warned and run.status == WebsiteSync.Status.QUEUED and time.monotonic() - started > 30:
+                    self.stderr.write("the sync has not started after 30 s: is a Celery worker running? "
+                                      "(python dev.py run starts one; or use --sync)")
+                    warned = True
+                bar.total, bar.n = run.total or None, run.done
+                bar.set_postfix_str(run.current_url[-60:])
+                bar.refresh()
+                if run.status in (WebsiteSync.Status.FINISHED, WebsiteSync.Status.FAILED):
+                    return run
+                if time.monotonic() > deadline:
+                    raise CommandError(f"timed out after {timeout:g} s; the sync continues in the worker")
+                time.sleep(0.5)
+
+    def _sync_summary(self, run):
+        style = self.style.SUCCESS if run.status == WebsiteSync.Status.FINISHED else self.style.ERROR
+        self.stdout.write(style(
+            f"sync #{run.pk} {run.status}: {run.new} new, {run.changed} changed, {run.unchanged} unchanged, "
+            f"{run.removed} removed, {run.failed} failed, {run.skipped} skipped"
+        ))
+        if run.error:
+            self.stdout.write(self.style.ERROR(f"  {run.error}"))
+        for page in run.pages:
+            if page["outcome"] in ("failed", "removed", "skipped"):
+                self.stdout.write(f"  {page['outcome']}: {page['url']}: {page['reason']}")
