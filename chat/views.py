@@ -7,7 +7,7 @@ the endpoints are CSRF-exempt. Every error is a JSON ``{"error": str}``.
 
 | method and path | what |
 |---|---|
-| ``POST /api/conversations/`` | start a conversation: ``{"id", "token"}`` (201) |
+| ``POST /api/conversations/`` | start a conversation: ``{"id", "token"}`` (201); 429 with ``Retry-After`` past the rate limits |
 | ``GET /api/conversations/<id>/messages/`` | its transcript (``chat.transcripts.transcript_get``) |
 | ``GET /api/conversations/<id>/passages/<chunk_id>/`` | a cited passage: ``{"title", "before", "passage", "after"}`` |
 | ``POST /api/conversations/<id>/handoff/`` | ask for a human: ``{"id", "status"}`` |
@@ -26,7 +26,7 @@ from django.utils.cache import patch_vary_headers
 from django.views.decorators.csrf import csrf_exempt
 from django.views.defaults import page_not_found
 
-from chat import services
+from chat import rate_limits, services
 from chat.models import Conversation
 from chat.origins import origin_allowed
 from chat.selectors import conversation_get
@@ -66,6 +66,8 @@ def widget_api(*methods: str):
                 response = view(request, *args, **kwargs)
             if origin and origin_allowed(origin):
                 response["Access-Control-Allow-Origin"] = origin
+                if response.has_header("Retry-After"):
+                    response["Access-Control-Expose-Headers"] = "Retry-After"
             patch_vary_headers(response, ["Origin"])
             return response
 
@@ -88,11 +90,22 @@ def _conversation_for(request: HttpRequest, conversation_id: UUID) -> Conversati
 _FORBIDDEN = "unknown conversation or wrong token"
 
 
+RATE_LIMITED_MESSAGE = "Too many new conversations from here; please try again in a moment."
+
+
+def rate_limited_response(limited: rate_limits.RateLimited) -> JsonResponse:
+    """429 ``{"error", "retry_after_s"}`` with the ``Retry-After`` header (whole seconds)."""
+    response = JsonResponse({"error": RATE_LIMITED_MESSAGE, "retry_after_s": round(limited.retry_after_s, 1)}, status=429)
+    response["Retry-After"] = limited.retry_after_header
+    return response
+
+
 @widget_api("POST")
 def conversation_create(request: HttpRequest) -> JsonResponse:
     """Start a conversation. Body (optional, ``application/json``): ``{"collection": str}`` (letters,
     digits, ``_.-``; default ``"default"``). Returns 201 ``{"id": str, "token": str}``; 400 on a
-    malformed JSON body."""
+    malformed JSON body; 429 (``rate_limited_response``) past the client IP's or the origin's limit
+    (``chat.rate_limits.conversation_start_check``)."""
     collection = "default"
     if request.content_type == "application/json" and request.body:
         try:
@@ -105,6 +118,10 @@ def conversation_create(request: HttpRequest) -> JsonResponse:
         if not isinstance(collection, str) or not _COLLECTION.fullmatch(collection):
             return _error("collection must be 1 to 100 letters, digits, '_', '.' or '-'", 400)
     origin = request.headers.get("Origin", "")[:300]
+    try:
+        rate_limits.conversation_start_check(client_ip=request.META.get("REMOTE_ADDR"), origin=origin)
+    except rate_limits.RateLimited as limited:
+        return rate_limited_response(limited)
     conversation = services.conversation_start(collection=collection, origin=origin)
     return JsonResponse({"id": str(conversation.pk), "token": conversation.token}, status=201)
 

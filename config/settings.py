@@ -372,6 +372,29 @@ WIDGET_ALLOWED_ORIGINS = env.list("WIDGET_ALLOWED_ORIGINS", default=[])
 # other sites paste into their pages), in seconds. Its hashed name ({% static %}) is cached for ten
 # years; the plain name must stay short enough for a new release to reach the embedding sites.
 WIDGET_SCRIPT_MAX_AGE_S = env.int("WIDGET_SCRIPT_MAX_AGE_S", default=3600)
+# Rate limits (chat.rate_limits), in the ``limits`` library's notation ("N/second|minute|hour|day",
+# several separated by ";"; empty turns one off), counted in Redis across all web processes: new
+# conversations per client IP and per embedding site (Origin), questions per conversation. A refused
+# conversation gets HTTP 429 with Retry-After; a refused question the websocket frame chat.rate_limited.
+RATE_LIMIT_CONVERSATIONS_PER_IP = env("RATE_LIMIT_CONVERSATIONS_PER_IP", default="5/minute;30/hour")
+RATE_LIMIT_CONVERSATIONS_PER_ORIGIN = env("RATE_LIMIT_CONVERSATIONS_PER_ORIGIN", default="120/minute")
+RATE_LIMIT_QUESTIONS_PER_CONVERSATION = env("RATE_LIMIT_QUESTIONS_PER_CONVERSATION", default="10/minute")
+
+
+def _check_rate_limits() -> None:
+    from limits import parse_many
+
+    for name in ("RATE_LIMIT_CONVERSATIONS_PER_IP", "RATE_LIMIT_CONVERSATIONS_PER_ORIGIN",
+                 "RATE_LIMIT_QUESTIONS_PER_CONVERSATION"):
+        value = globals()[name].strip()
+        try:
+            if value:
+                parse_many(value)
+        except ValueError:
+            raise ImproperlyConfigured(f'{name}={value!r} is not a rate limit like "10/minute" or "5/minute;30/hour"') from None
+
+
+_check_rate_limits()
 # Longest customer message accepted over the websocket, in characters.
 WIDGET_MESSAGE_MAX_CHARS = env.int("WIDGET_MESSAGE_MAX_CHARS", default=2000)
 # Source text shown before and after a cited passage in the widget's passage panel, in characters.

@@ -377,7 +377,12 @@
 
   async function ensureConversation() {
     if (state.conversation) return state.conversation;
-    const { ok, data } = await api("conversations/", { method: "POST", body: { collection: COLLECTION } });
+    const { ok, status, data } = await api("conversations/", { method: "POST", body: { collection: COLLECTION } });
+    if (status === 429) {
+      const error = new Error(data.error || "too many new conversations");
+      error.retryAfterS = Math.max(1, Math.ceil(Number(data.retry_after_s) || 60));
+      throw error;
+    }
     if (!ok) throw new Error(data.error || "could not start a conversation");
     saveConversation({ id: data.id, token: data.token });
     connect();
@@ -515,10 +520,14 @@
         notifyUnread();
         break;
       }
-      case "chat.busy": {
+      case "chat.busy":
+      case "chat.rate_limited": {
+        // Nothing was stored for the question: send it again after the server's delay.
         dropEmptyStreaming();
         const seconds = Math.max(1, Number(frame.retry_after_s) || 2);
-        setStatus(`The assistant is busy, retrying in ${Math.ceil(seconds)} s…`);
+        setStatus(frame.type === "chat.busy"
+          ? `The assistant is busy, retrying in ${Math.ceil(seconds)} s…`
+          : `You're sending questions quickly; yours goes in ${Math.ceil(seconds)} s…`);
         clearTimeout(state.busyTimer);
         const question = state.pendingQuestion;
         state.busyTimer = setTimeout(() => {
@@ -618,7 +627,9 @@
     } catch (error) {
       state.pendingQuestion = null;
       dropEmptyStreaming();
-      addNote("Sorry, the chat is unavailable right now. Please try again later.", { error: true });
+      addNote(error.retryAfterS
+        ? `Too many new chats from your network right now. Please try again in ${error.retryAfterS} s.`
+        : "Sorry, the chat is unavailable right now. Please try again later.", { error: true });
       return;
     }
     send({ type: "chat.message", text });
