@@ -1,4 +1,8 @@
-"""The customer's chat websocket (``/ws/chat/<conversation id>/?token=<token>``).
+"""The customer's chat websocket (``/ws/chat/<conversation id>/``).
+
+The handshake carries the conversation's token as a subprotocol, never in the URL
+(``chat.conversation_access``): the client offers ``["supportbot.chat", "supportbot.token.<token>"]``
+and the server accepts with ``supportbot.chat``.
 
 Frames in (JSON text):
 
@@ -16,7 +20,8 @@ resolve). A bad frame (not JSON, not an object, unknown type, empty, unstorable 
 question while an answer is streaming) gets ``chat.error`` ``{"message", "code"}`` and the socket stays open.
 
 The consumer is a thin interface: it authenticates in ``connect()`` (the token must match the
-conversation, else the handshake is closed with code 4403) and accepts last; the database is reached
+conversation, else the handshake is closed with code 4403; a ``?token=`` in the URL closes it with
+4400) and accepts last; the database is reached
 through ``database_sync_to_async``; the answer runs as one task per socket, cancelled (its cancel
 event set, then the task cancelled) when the socket closes.
 """
@@ -28,7 +33,6 @@ import json
 import logging
 import threading
 from contextlib import aclosing
-from urllib.parse import parse_qs
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
@@ -36,12 +40,19 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
 from chat import rate_limits, services, text_input
+from chat.conversation_access import (
+    ConversationAccessError,
+    TokenInUrl,
+    websocket_conversation,
+    websocket_subprotocol,
+)
 from chat.models import Conversation
-from chat.selectors import conversation_get
 
 logger = logging.getLogger(__name__)
 
 CLOSE_FORBIDDEN = 4403
+# A token in the handshake's URL (chat.conversation_access.TokenInUrl).
+CLOSE_TOKEN_IN_URL = 4400
 RATE_LIMITED_MESSAGE = "You're sending questions faster than we can answer; yours will go in a moment."
 # How long disconnect() lets a cancelled answer wind down (the service persists what it streamed)
 # before cancelling its task outright, in seconds.
@@ -67,20 +78,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def connect(self) -> None:
         conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]
-        query = parse_qs(self.scope.get("query_string", b"").decode("latin1"))
-        token = (query.get("token") or [""])[0]
-        if not token:
-            await self.close(code=CLOSE_FORBIDDEN)
-            return
         try:
-            self.conversation = await database_sync_to_async(conversation_get)(conversation_id, token=token)
-        except Conversation.DoesNotExist:
+            self.conversation = await database_sync_to_async(websocket_conversation)(self.scope, conversation_id)
+        except TokenInUrl:
+            await self.close(code=CLOSE_TOKEN_IN_URL)
+            return
+        except ConversationAccessError:
             await self.close(code=CLOSE_FORBIDDEN)
             return
         if self.channel_layer is not None:
             self.group_name = conversation_group(self.conversation.pk)
             await self.channel_layer.group_add(self.group_name, self.channel_name)
-        await self.accept()
+        await self.accept(subprotocol=websocket_subprotocol(self.scope))
 
     async def disconnect(self, code: int) -> None:
         if self.answer_cancel is not None:

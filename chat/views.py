@@ -2,8 +2,9 @@
 
 The widget runs on the company's pages, so the API answers the origins of ``WIDGET_ALLOWED_ORIGINS``
 (plus the site's own hosts) with CORS headers and refuses other origins. It uses no cookies: a
-conversation is authorised by its secret token (header ``X-Conversation-Token`` or ``?token=``), so
-the endpoints are CSRF-exempt. Every error is a JSON ``{"error": str}``.
+conversation is authorised by its secret token in the ``X-Conversation-Token`` header
+(``chat.conversation_access``; a ``?token=`` in the URL is refused with 400), so the endpoints are
+CSRF-exempt. Every error is a JSON ``{"error": str}``.
 
 | method and path | what |
 |---|---|
@@ -27,12 +28,11 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.defaults import page_not_found
 
 from chat import rate_limits, services
+from chat.conversation_access import TOKEN_HEADER, ConversationAccessError, request_conversation
 from chat.models import Conversation
 from chat.origins import origin_allowed
-from chat.selectors import conversation_get
 from chat.transcripts import cited_passage_get, transcript_get
 
-TOKEN_HEADER = "X-Conversation-Token"
 # Matched with fullmatch: "$" would also match before a trailing newline ("abc\n" was accepted).
 _COLLECTION = re.compile(r"[\w.-]{1,100}")
 _PREFLIGHT_MAX_AGE_S = 600
@@ -76,18 +76,20 @@ def widget_api(*methods: str):
     return decorate
 
 
-def _conversation_for(request: HttpRequest, conversation_id: UUID) -> Conversation | None:
-    """The conversation if the request carries its token, else ``None``."""
-    token = request.headers.get(TOKEN_HEADER) or request.GET.get("token")
-    if not token:
-        return None
-    try:
-        return conversation_get(conversation_id, token=token)
-    except Conversation.DoesNotExist:
-        return None
+def conversation_required(view):
+    """Decorate a widget API view taking ``conversation_id``: it receives the ``Conversation`` instead,
+    once ``chat.conversation_access.request_conversation`` accepted the request's token; otherwise
+    the request gets that check's error (400 for a token in the URL, 403 otherwise)."""
 
+    @wraps(view)
+    def wrapped(request: HttpRequest, conversation_id: UUID, *args, **kwargs) -> HttpResponse:
+        try:
+            conversation = request_conversation(request, conversation_id)
+        except ConversationAccessError as error:
+            return _error(str(error), error.status)
+        return view(request, conversation, *args, **kwargs)
 
-_FORBIDDEN = "unknown conversation or wrong token"
+    return wrapped
 
 
 RATE_LIMITED_MESSAGE = "Too many new conversations from here; please try again in a moment."
@@ -127,21 +129,17 @@ def conversation_create(request: HttpRequest) -> JsonResponse:
 
 
 @widget_api("GET")
-def conversation_messages(request: HttpRequest, conversation_id: UUID) -> JsonResponse:
+@conversation_required
+def conversation_messages(request: HttpRequest, conversation: Conversation) -> JsonResponse:
     """The transcript (``chat.transcripts.transcript_get``); 403 without the conversation's token."""
-    conversation = _conversation_for(request, conversation_id)
-    if conversation is None:
-        return _error(_FORBIDDEN, 403)
     return JsonResponse(transcript_get(conversation))
 
 
 @widget_api("GET")
-def cited_passage(request: HttpRequest, conversation_id: UUID, chunk_id: int) -> JsonResponse:
+@conversation_required
+def cited_passage(request: HttpRequest, conversation: Conversation, chunk_id: int) -> JsonResponse:
     """A passage cited in the conversation (``chat.transcripts.cited_passage_get``); 403 without the
     token, 404 when the conversation never cited that chunk or it no longer exists."""
-    conversation = _conversation_for(request, conversation_id)
-    if conversation is None:
-        return _error(_FORBIDDEN, 403)
     passage = cited_passage_get(conversation, chunk_id)
     if passage is None:
         return _error("this passage was not cited in the conversation or is no longer available", 404)
@@ -149,12 +147,10 @@ def cited_passage(request: HttpRequest, conversation_id: UUID, chunk_id: int) ->
 
 
 @widget_api("POST")
-def conversation_handoff(request: HttpRequest, conversation_id: UUID) -> JsonResponse:
+@conversation_required
+def conversation_handoff(request: HttpRequest, conversation: Conversation) -> JsonResponse:
     """Ask for a human agent (``chat.services.conversation_request_human``). Returns
     ``{"id": str, "status": str}``; 403 without the token."""
-    conversation = _conversation_for(request, conversation_id)
-    if conversation is None:
-        return _error(_FORBIDDEN, 403)
     conversation = services.conversation_request_human(conversation)
     return JsonResponse({"id": str(conversation.pk), "status": conversation.status})
 

@@ -8,8 +8,10 @@
  * (knowledge-base collection, default "default"), data-title (panel heading, default "Support").
  *
  * The widget renders in a shadow root (the host page's CSS cannot reach it), streams answers over a
- * websocket (/ws/chat/<id>/?token=...), shows numbered citations that open the cited passage, and
- * keeps the conversation id and token in localStorage so it survives a page reload. Everything that
+ * websocket (/ws/chat/<id>/), shows numbered citations that open the cited passage, and
+ * keeps the conversation id and token in localStorage so it survives a page reload. The token never
+ * goes in a URL: the HTTP API gets it in the X-Conversation-Token header, the websocket as the
+ * subprotocol "supportbot.token.<token>" beside "supportbot.chat" (the server selects the latter). Everything that
  * comes from the server or the user is rendered with textContent, never as HTML.
  *
  * Feedback: thumbs up/down (then an optional comment) under each answer, and a 1-5 rating of the
@@ -436,8 +438,8 @@
     if (!state.conversation || state.socket) return;
     clearTimeout(state.reconnectTimer);
     const { id, token } = state.conversation;
-    const url = `${SERVER.replace(/^http/, "ws")}/ws/chat/${encodeURIComponent(id)}/?token=${encodeURIComponent(token)}`;
-    const socket = new WebSocket(url);
+    const url = `${SERVER.replace(/^http/, "ws")}/ws/chat/${encodeURIComponent(id)}/`;
+    const socket = new WebSocket(url, ["supportbot.chat", `supportbot.token.${token}`]);
     state.socket = socket;
     socket.addEventListener("open", () => {
       state.socketOpen = true;

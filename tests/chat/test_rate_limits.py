@@ -18,6 +18,7 @@ from asgiref.sync import async_to_sync
 from channels.testing import WebsocketCommunicator
 
 from chat import rate_limits
+from chat.conversation_access import client_subprotocols
 from chat.models import Conversation
 from chat.services import AnswerEvent, conversation_start
 from config.asgi import application
@@ -146,7 +147,8 @@ def test_a_malformed_limit_setting_stops_start_up():
 
 
 def socket_for(conversation: Conversation) -> WebsocketCommunicator:
-    return WebsocketCommunicator(application, f"/ws/chat/{conversation.pk}/?token={conversation.token}", headers=SAME_SITE)
+    return WebsocketCommunicator(application, f"/ws/chat/{conversation.pk}/", headers=SAME_SITE,
+                                 subprotocols=client_subprotocols(conversation.token))
 
 
 @pytest.mark.django_db(transaction=True)

@@ -18,6 +18,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from chat import services
+from chat.conversation_access import client_subprotocols
 from chat.models import Conversation
 from config.asgi import application
 from tests.dashboard.test_access import session_headers
@@ -28,7 +29,8 @@ SAME_SITE = [(b"origin", b"http://testserver"), (b"host", b"testserver")]
 
 
 def customer_socket(conversation: Conversation) -> WebsocketCommunicator:
-    return WebsocketCommunicator(application, f"/ws/chat/{conversation.pk}/?token={conversation.token}", headers=SAME_SITE)
+    return WebsocketCommunicator(application, f"/ws/chat/{conversation.pk}/", headers=SAME_SITE,
+                                 subprotocols=client_subprotocols(conversation.token))
 
 
 def agent_socket(agent) -> WebsocketCommunicator:
