@@ -30,7 +30,7 @@ from django.views.defaults import page_not_found
 from chat import rate_limits, services
 from chat.conversation_access import TOKEN_HEADER, ConversationAccessError, request_conversation
 from chat.models import Conversation
-from chat.origins import origin_allowed
+from chat.origins import CollectionRefused, conversation_collection, origin_allowed
 from chat.transcripts import cited_passage_get, transcript_get
 
 # Matched with fullmatch: "$" would also match before a trailing newline ("abc\n" was accepted).
@@ -105,10 +105,12 @@ def rate_limited_response(limited: rate_limits.RateLimited) -> JsonResponse:
 @widget_api("POST")
 def conversation_create(request: HttpRequest) -> JsonResponse:
     """Start a conversation. Body (optional, ``application/json``): ``{"collection": str}`` (letters,
-    digits, ``_.-``; default ``"default"``). Returns 201 ``{"id": str, "token": str}``; 400 on a
-    malformed JSON body; 429 (``rate_limited_response``) past the client IP's or the origin's limit
+    digits, ``_.-``), checked against the collection of the request's origin
+    (``chat.origins.conversation_collection``: an admin's ``WidgetSite`` row, else ``"default"``),
+    which is the one used. Returns 201 ``{"id": str, "token": str}``; 400 on a malformed JSON body;
+    403 when the named collection is not the origin's; 429 (``rate_limited_response``) past the client IP's or the origin's limit
     (``chat.rate_limits.conversation_start_check``)."""
-    collection = "default"
+    requested = None
     if request.content_type == "application/json" and request.body:
         try:
             body = json.loads(request.body)
@@ -116,10 +118,14 @@ def conversation_create(request: HttpRequest) -> JsonResponse:
             return _error("the body must be JSON", 400)
         if not isinstance(body, dict):
             return _error("the body must be a JSON object", 400)
-        collection = body.get("collection", collection)
-        if not isinstance(collection, str) or not _COLLECTION.fullmatch(collection):
+        requested = body.get("collection")
+        if requested is not None and (not isinstance(requested, str) or not _COLLECTION.fullmatch(requested)):
             return _error("collection must be 1 to 100 letters, digits, '_', '.' or '-'", 400)
     origin = request.headers.get("Origin", "")[:300]
+    try:
+        collection = conversation_collection(origin=origin, requested=requested)
+    except CollectionRefused as refused:
+        return _error(str(refused), 403)
     try:
         rate_limits.conversation_start_check(client_ip=request.META.get("REMOTE_ADDR"), origin=origin)
     except rate_limits.RateLimited as limited:

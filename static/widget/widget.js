@@ -5,7 +5,9 @@
  *           data-server="https://support.example.com" defer></script>
  *
  * Optional attributes: data-server (default: where this script was loaded from), data-collection
- * (knowledge-base collection, default "default"), data-title (panel heading, default "Support").
+ * (the knowledge-base collection the page expects; the server answers from the collection an admin
+ * mapped to the page's origin, and refuses to start a conversation when the two differ), data-title
+ * (panel heading, default "Support").
  *
  * The widget renders in a shadow root (the host page's CSS cannot reach it), streams answers over a
  * websocket (/ws/chat/<id>/), shows numbered citations that open the cited passage, and
@@ -27,9 +29,9 @@
   window.__supportbotWidget = true;
 
   const SERVER = (script.dataset.server || new URL(script.src, location.href).origin).replace(/\/+$/, "");
-  const COLLECTION = script.dataset.collection || "default";
+  const COLLECTION = script.dataset.collection || ""; // "": the origin's collection, whatever it is
   const TITLE = script.dataset.title || "Support";
-  const STORAGE_KEY = `supportbot:${SERVER}:${COLLECTION}`;
+  const STORAGE_KEY = `supportbot:${SERVER}:${COLLECTION || "default"}`;
   const MAX_CHARS = 2000;
   const RECONNECT_MAX_MS = 30000;
 
@@ -379,7 +381,7 @@
 
   async function ensureConversation() {
     if (state.conversation) return state.conversation;
-    const { ok, status, data } = await api("conversations/", { method: "POST", body: { collection: COLLECTION } });
+    const { ok, status, data } = await api("conversations/", { method: "POST", body: COLLECTION ? { collection: COLLECTION } : {} });
     if (status === 429) {
       const error = new Error(data.error || "too many new conversations");
       error.retryAfterS = Math.max(1, Math.ceil(Number(data.retry_after_s) || 60));

@@ -11,7 +11,7 @@ import json
 import pytest
 from django.contrib.staticfiles import finders
 
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, WidgetSite
 from chat.services import HANDOFF_MESSAGE, conversation_start
 from knowledge.models import Chunk, Source
 
@@ -66,11 +66,12 @@ def test_create_returns_id_and_token_of_a_new_bot_conversation(client):
     assert len(conversation.token) == 43
 
 
-def test_create_accepts_a_collection_and_records_the_allowed_origin(client, settings):
-    # given a shop allowed to embed the widget
+def test_create_answers_from_the_collection_mapped_to_the_origin_and_records_it(client, settings):
+    # given a shop allowed to embed the widget, whose conversations answer from "tidewater"
     settings.WIDGET_ALLOWED_ORIGINS = [SHOP]
+    WidgetSite.objects.create(origin=SHOP, collection="tidewater")
 
-    # when the widget on the shop starts a conversation in the "tidewater" collection
+    # when the widget on the shop starts a conversation naming that collection
     response = client.post("/api/conversations/", data=json.dumps({"collection": "tidewater"}),
                            content_type="application/json", HTTP_ORIGIN=SHOP)
 
