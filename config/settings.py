@@ -156,6 +156,18 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("STALE_CORRECTIONS_CHECK_S", default=600.0),
     },
 }
+# Work whose worker died: sources stuck in parsing/embedding and fine-tune runs that stopped reporting
+# (TUNING_RUN_STALE_S) are swept this often, in seconds.
+STUCK_WORK_SWEEP_S = env.float("STUCK_WORK_SWEEP_S", default=300.0)
+for _task in ("knowledge.fail_stuck_sources", "tuning.fail_stale_runs"):
+    CELERY_BEAT_SCHEDULE[_task] = {"task": _task, "schedule": STUCK_WORK_SWEEP_S}
+# A source in parsing/embedding whose progress has not moved for this long (s) is failed with a
+# reason (knowledge.stuck_ingestions); ingestion reports progress at least every embedding batch.
+INGEST_STUCK_S = env.float("INGEST_STUCK_S", default=900.0)
+# An ingestion task whose worker process died is redelivered (acks_late + reject_on_worker_lost) at
+# most this many times in all; the next delivery fails the source instead (a file that kills its
+# worker every time must not loop for ever).
+INGEST_MAX_DELIVERIES = env.int("INGEST_MAX_DELIVERIES", default=3)
 
 # --- Auth, i18n, static and uploads ----------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
