@@ -156,10 +156,10 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("STALE_CORRECTIONS_CHECK_S", default=600.0),
     },
 }
-# Work whose worker died: sources stuck in parsing/embedding and fine-tune runs that stopped reporting
-# (TUNING_RUN_STALE_S) are swept this often, in seconds.
+# Work whose worker died: sources stuck in parsing/embedding, fine-tune runs that stopped reporting
+# (TUNING_RUN_STALE_S), and conversations that never got a message are swept this often, in seconds.
 STUCK_WORK_SWEEP_S = env.float("STUCK_WORK_SWEEP_S", default=300.0)
-for _task in ("knowledge.fail_stuck_sources", "tuning.fail_stale_runs"):
+for _task in ("knowledge.fail_stuck_sources", "tuning.fail_stale_runs", "chat.expire_empty_conversations"):
     CELERY_BEAT_SCHEDULE[_task] = {"task": _task, "schedule": STUCK_WORK_SWEEP_S}
 # A source in parsing/embedding whose progress has not moved for this long (s) is failed with a
 # reason (knowledge.stuck_ingestions); ingestion reports progress at least every embedding batch.
@@ -168,6 +168,8 @@ INGEST_STUCK_S = env.float("INGEST_STUCK_S", default=900.0)
 # most this many times in all; the next delivery fails the source instead (a file that kills its
 # worker every time must not loop for ever).
 INGEST_MAX_DELIVERIES = env.int("INGEST_MAX_DELIVERIES", default=3)
+# Conversations without any message are deleted once this old, in seconds (chat.retention).
+CONVERSATION_EMPTY_TTL_S = env.float("CONVERSATION_EMPTY_TTL_S", default=3600.0)
 
 # --- Auth, i18n, static and uploads ----------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
