@@ -108,8 +108,8 @@ def conversation_create(request: HttpRequest) -> JsonResponse:
     digits, ``_.-``), checked against the collection of the request's origin
     (``chat.origins.conversation_collection``: an admin's ``WidgetSite`` row, else ``"default"``),
     which is the one used. Returns 201 ``{"id": str, "token": str}``; 400 on a malformed JSON body;
-    403 when the named collection is not the origin's; 429 (``rate_limited_response``) past the client IP's or the origin's limit
-    (``chat.rate_limits.conversation_start_check``)."""
+    403 when the named collection is not the origin's; 429 (``rate_limited_response``) past the
+    client IP's or the origin's limit (``chat.rate_limits.conversation_start_check``)."""
     requested = None
     if request.content_type == "application/json" and request.body:
         try:
