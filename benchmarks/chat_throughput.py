@@ -7,7 +7,7 @@ sources) and run
 
 - bare: ``llama_cpp.Llama.create_chat_completion(stream=True)`` on a separately loaded copy of the
   active model (same settings), timing prompt evaluation (start to first token) and decode tokens/s;
-- pipeline: the question sent over the websocket (``/ws/chat/<id>/?token=...``, Channels'
+- pipeline: the question sent over the websocket (``/ws/chat/<id>/`` with the token as a subprotocol, Channels'
   ``WebsocketCommunicator`` on ``config.asgi.application``), timing TTFT at the client (frame sent to
   first ``chat.token`` frame) and the client-side token rate (the server's token count over first to
   last ``chat.token`` frame).
@@ -48,6 +48,7 @@ from channels.testing import WebsocketCommunicator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from chat import services  # noqa: E402
+from chat.conversation_access import client_subprotocols  # noqa: E402
 from chat.engine import load_llama, ModelKey  # noqa: E402
 from chat.models import Conversation  # noqa: E402
 from chat.prompts import grounded_messages  # noqa: E402
@@ -86,7 +87,8 @@ async def ask(question: str, collection: str) -> dict:
     Returns ``{"ttft_ms", "tokens", "client_tokens_per_s", "server", "busy", "error", "text"}``.
     """
     conversation = await sync_to_async(services.conversation_start)(collection=collection, origin="benchmark")
-    communicator = WebsocketCommunicator(application, f"/ws/chat/{conversation.pk}/?token={conversation.token}")
+    communicator = WebsocketCommunicator(application, f"/ws/chat/{conversation.pk}/",
+                                         subprotocols=client_subprotocols(conversation.token))
     connected, _ = await communicator.connect(timeout=30)
     result = {"busy": 0, "error": None, "ttft_ms": None, "tokens": 0, "client_tokens_per_s": 0.0, "text": ""}
     if not connected:

@@ -1,11 +1,14 @@
-"""Admin for conversations (read-only transcripts) and the model-version registry."""
+"""Admin for conversations (read-only transcripts), the model-version registry, and the sites that
+embed the widget with the collection each answers from."""
 
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin, messages
 
 from chat import services
-from chat.models import Conversation, Message, ModelVersion
+from chat.models import COLLECTION_PATTERN, Conversation, Message, ModelVersion, WidgetSite
+from chat.origins import origin_normalize
 
 
 @admin.register(ModelVersion)
@@ -42,3 +45,31 @@ class ConversationAdmin(admin.ModelAdmin):
     readonly_fields = ["id", "created_at", "updated_at"]
     exclude = ["token"]
     inlines = [MessageInline]
+
+
+class WidgetSiteForm(forms.ModelForm):
+    """Origins are stored as browsers send them (``chat.origins.origin_normalize``); a malformed
+    origin or collection name is a form error, not a database error."""
+
+    collection = forms.RegexField(regex=COLLECTION_PATTERN, max_length=100,
+                                  help_text="Letters, digits, '_', '.' or '-' (the collection of its sources).")
+
+    class Meta:
+        model = WidgetSite
+        fields = ["origin", "collection"]
+
+    def clean_origin(self) -> str:
+        try:
+            return origin_normalize(self.cleaned_data["origin"])
+        except ValueError as error:
+            raise forms.ValidationError(str(error)) from None
+
+
+@admin.register(WidgetSite)
+class WidgetSiteAdmin(admin.ModelAdmin):
+    """Which knowledge-base collection each embedding site's conversations answer from. The site must
+    also be allowed to embed the widget (``WIDGET_ALLOWED_ORIGINS``)."""
+
+    form = WidgetSiteForm
+    list_display = ["origin", "collection", "updated_at"]
+    search_fields = ["origin", "collection"]

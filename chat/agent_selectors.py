@@ -65,7 +65,8 @@ def removed_sentence_messages() -> QuerySet[Message]:
 
 
 def inbox_list(*, filters: list[str] | tuple[str, ...] = (), query: str = "", limit: int = 100) -> QuerySet[Conversation]:
-    """Conversations for the inbox, newest activity (``updated_at``) first, at most ``limit``.
+    """Conversations for the inbox, newest activity (``updated_at``) first, at most ``limit``; only
+    conversations with at least one message (a system note such as a handoff request counts).
 
     ``filters`` (all must hold; unknown names are ignored): ``needs_human`` (status), ``abstained``
     (an abstained answer), ``thumbs_down`` (an answer the customer rated down), ``weak_retrieval``
@@ -77,8 +78,10 @@ def inbox_list(*, filters: list[str] | tuple[str, ...] = (), query: str = "", li
     ``thumbs_down_count``, ``removed_count`` (sentences the check removed, over all answers; 0 when
     none), ``first_question`` and ``last_text``. One SQL query (filters are ``EXISTS`` subqueries).
     """
-    conversations = Conversation.objects.select_related("assigned_agent")
     own = Message.objects.filter(conversation=OuterRef("pk"))
+    # A conversation without any message (opened, never used; or a script starting them in a loop) is
+    # not listed; chat.retention deletes them.
+    conversations = Conversation.objects.select_related("assigned_agent").filter(Exists(own))
     if "needs_human" in filters:
         conversations = conversations.filter(status=Conversation.Status.NEEDS_HUMAN)
     if "abstained" in filters:

@@ -1,4 +1,8 @@
-"""The customer's chat websocket (``/ws/chat/<conversation id>/?token=<token>``).
+"""The customer's chat websocket (``/ws/chat/<conversation id>/``).
+
+The handshake carries the conversation's token as a subprotocol, never in the URL
+(``chat.conversation_access``): the client offers ``["supportbot.chat", "supportbot.token.<token>"]``
+and the server accepts with ``supportbot.chat``.
 
 Frames in (JSON text):
 
@@ -7,14 +11,17 @@ Frames in (JSON text):
 - ``{"type": "chat.handoff"}``: ask for a human (``chat.services.conversation_request_human``).
 
 Frames out: ``{"type": event.type, **event.data}`` for each answer event (``chat.token``,
-``chat.citations``, ``chat.done``, ``chat.busy``, ``chat.error``); and whatever the conversation's
+``chat.citations``, ``chat.done``, ``chat.busy``, ``chat.error``); ``chat.rate_limited``
+``{"retry_after_s", "message"}`` for a question past the conversation's rate limit (nothing stored;
+send it again after ``retry_after_s`` seconds); and whatever the conversation's
 channel-layer group (``conversation.<id>``) relays: ``chat.agent_message`` and ``chat.status``
 ``{"status", "message"}`` (after a handoff asked from any tab, a takeover, a hand-back or a
 resolve). A bad frame (not JSON, not an object, unknown type, empty, unstorable or too long text, a
 question while an answer is streaming) gets ``chat.error`` ``{"message", "code"}`` and the socket stays open.
 
 The consumer is a thin interface: it authenticates in ``connect()`` (the token must match the
-conversation, else the handshake is closed with code 4403) and accepts last; the database is reached
+conversation, else the handshake is closed with code 4403; a ``?token=`` in the URL closes it with
+4400) and accepts last; the database is reached
 through ``database_sync_to_async``; the answer runs as one task per socket, cancelled (its cancel
 event set, then the task cancelled) when the socket closes.
 """
@@ -26,19 +33,27 @@ import json
 import logging
 import threading
 from contextlib import aclosing
-from urllib.parse import parse_qs
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from chat import services, text_input
+from chat import rate_limits, services, text_input
+from chat.conversation_access import (
+    ConversationAccessError,
+    TokenInUrl,
+    websocket_conversation,
+    websocket_subprotocol,
+)
 from chat.models import Conversation
-from chat.selectors import conversation_get
 
 logger = logging.getLogger(__name__)
 
 CLOSE_FORBIDDEN = 4403
+# A token in the handshake's URL (chat.conversation_access.TokenInUrl).
+CLOSE_TOKEN_IN_URL = 4400
+RATE_LIMITED_MESSAGE = "You're sending questions faster than we can answer; yours will go in a moment."
 # How long disconnect() lets a cancelled answer wind down (the service persists what it streamed)
 # before cancelling its task outright, in seconds.
 CANCEL_GRACE_S = 2.0
@@ -58,23 +73,23 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     answer_cancel: threading.Event | None = None
     # True from a question until its answer stream ends.
     answering: bool = False
+    # The question last answered with chat.busy (stored nowhere; the widget sends it again).
+    busy_question: str | None = None
 
     async def connect(self) -> None:
         conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]
-        query = parse_qs(self.scope.get("query_string", b"").decode("latin1"))
-        token = (query.get("token") or [""])[0]
-        if not token:
-            await self.close(code=CLOSE_FORBIDDEN)
-            return
         try:
-            self.conversation = await database_sync_to_async(conversation_get)(conversation_id, token=token)
-        except Conversation.DoesNotExist:
+            self.conversation = await database_sync_to_async(websocket_conversation)(self.scope, conversation_id)
+        except TokenInUrl:
+            await self.close(code=CLOSE_TOKEN_IN_URL)
+            return
+        except ConversationAccessError:
             await self.close(code=CLOSE_FORBIDDEN)
             return
         if self.channel_layer is not None:
             self.group_name = conversation_group(self.conversation.pk)
             await self.channel_layer.group_add(self.group_name, self.channel_name)
-        await self.accept()
+        await self.accept(subprotocol=websocket_subprotocol(self.scope))
 
     async def disconnect(self, code: int) -> None:
         if self.answer_cancel is not None:
@@ -126,7 +141,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         """Validate a question and start streaming its answer (one answer at a time per socket).
         Refused with ``chat.error``: no visible character (``empty``; zero-width spaces count as
         none), a NUL or lone surrogate (``invalid_characters``, which the database cannot store),
-        too long, or an answer still streaming."""
+        too long, or an answer still streaming. Past ``RATE_LIMIT_QUESTIONS_PER_CONVERSATION``
+        (``chat.rate_limits.question_check``) it gets ``chat.rate_limited`` ``{"retry_after_s",
+        "message"}`` and nothing is stored; the same question sent again after ``chat.busy`` is not
+        counted twice."""
         if not isinstance(text, str) or text_input.is_blank(text):
             await self.send_error("the message is empty", "empty")
             return
@@ -140,6 +158,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.answering:
             await self.send_error("please wait for the current answer to finish", "answer_in_progress")
             return
+        if text != self.busy_question:  # a re-send after chat.busy (nothing was stored) is not counted again
+            try:
+                await sync_to_async(rate_limits.question_check, thread_sensitive=False)(self.conversation.pk)
+            except rate_limits.RateLimited as limited:
+                await self.send_json({"type": "chat.rate_limited", "retry_after_s": round(limited.retry_after_s, 1),
+                                      "message": RATE_LIMITED_MESSAGE})
+                return
+        self.busy_question = None
         self.answering = True
         self.answer_cancel = threading.Event()
         self.answer_task = asyncio.create_task(self.stream_answer(text, self.answer_cancel))
@@ -152,6 +178,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 async for event in events:
                     if cancel.is_set():
                         break
+                    if event.type == "chat.busy":
+                        self.busy_question = question
                     await self.send_json({"type": event.type, **event.data})
         except asyncio.CancelledError:
             raise

@@ -1,39 +1,26 @@
 """The widget's feedback API (included under ``/api/`` by ``config.urls`` via ``chat.feedback_urls``).
 
 Authorised like the rest of the widget API (``chat.views``): the conversation's secret token in the
-``X-Conversation-Token`` header (or ``?token=``); CORS for the widget's allowed origins; no cookies.
+``X-Conversation-Token`` header (``chat.conversation_access``; never in the URL); CORS for the
+widget's allowed origins; no cookies.
 
 | request | body (JSON) | response |
 |---|---|---|
 | ``POST /api/conversations/<id>/messages/<message id>/feedback/`` | ``{"value": "up"|"down", "comment"?: str}`` | 200 ``{"message_id", "value", "comment"}`` |
 | ``POST /api/conversations/<id>/rating/`` | ``{"rating": 1..5, "comment"?: str}`` | 200 ``{"rating", "comment"}`` |
 
-400 for a bad body (a comment holding a NUL or a lone surrogate included), 403 without the right token.
+400 for a bad body (a comment holding a NUL or a lone surrogate included) or a token in the URL, 403
+without the right token.
 """
 
 from __future__ import annotations
 
 import json
-from uuid import UUID
-
 from django.http import HttpRequest, JsonResponse
 
 from chat import feedback, text_input
 from chat.models import Conversation
-from chat.selectors import conversation_get
-from chat.views import TOKEN_HEADER, widget_api
-
-_FORBIDDEN = "unknown conversation or wrong token"
-
-
-def _authorised(request: HttpRequest, conversation_id: UUID) -> Conversation | None:
-    token = request.headers.get(TOKEN_HEADER) or request.GET.get("token")
-    if not token:
-        return None
-    try:
-        return conversation_get(conversation_id, token=token)
-    except Conversation.DoesNotExist:
-        return None
+from chat.views import conversation_required, widget_api
 
 
 def _body(request: HttpRequest) -> dict | None:
@@ -55,11 +42,9 @@ _UNSTORABLE_COMMENT = f"the comment {text_input.UNSTORABLE_REASON}"
 
 
 @widget_api("POST")
-def answer_feedback(request: HttpRequest, conversation_id: UUID, message_id: int) -> JsonResponse:
+@conversation_required
+def answer_feedback(request: HttpRequest, conversation: Conversation, message_id: int) -> JsonResponse:
     """Thumbs up/down on one answer (``chat.feedback.answer_feedback_set``)."""
-    conversation = _authorised(request, conversation_id)
-    if conversation is None:
-        return JsonResponse({"error": _FORBIDDEN}, status=403)
     body = _body(request)
     if body is None:
         return JsonResponse({"error": "the body must be a JSON object"}, status=400)
@@ -74,11 +59,9 @@ def answer_feedback(request: HttpRequest, conversation_id: UUID, message_id: int
 
 
 @widget_api("POST")
-def conversation_rating(request: HttpRequest, conversation_id: UUID) -> JsonResponse:
+@conversation_required
+def conversation_rating(request: HttpRequest, conversation: Conversation) -> JsonResponse:
     """The end-of-conversation rating (``chat.feedback.conversation_rate``)."""
-    conversation = _authorised(request, conversation_id)
-    if conversation is None:
-        return JsonResponse({"error": _FORBIDDEN}, status=403)
     body = _body(request)
     if body is None:
         return JsonResponse({"error": "the body must be a JSON object"}, status=400)

@@ -168,3 +168,32 @@ class ConversationRating(models.Model):
 
     def __str__(self) -> str:
         return f"{self.rating}/5 for {self.conversation_id}"
+
+
+# What ``WidgetSite.origin`` and ``collection`` may hold (also database constraints): a browser's
+# ``Origin`` (lower-case scheme and host, a port only when not the default) and a collection name.
+WIDGET_ORIGIN_PATTERN = r"^https?://([a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?$"
+COLLECTION_PATTERN = r"^[A-Za-z0-9_.-]{1,100}$"
+
+
+class WidgetSite(models.Model):
+    """A site that embeds the chat widget and the knowledge-base collection its conversations answer
+    from: the collection comes from the site's ``Origin`` (the browser sets it; a page cannot forge
+    it), not from the widget's ``data-collection`` attribute (``chat.origins.conversation_collection``).
+    ``origin`` is stored as browsers send it (``https://shop.example.com``, ``http://localhost:8000``);
+    the admin normalises what is typed (``chat.origins.origin_normalize``). Managed in the admin."""
+
+    origin = models.CharField(max_length=300, unique=True, help_text="scheme://host[:port], e.g. https://shop.example.com")
+    collection = models.CharField(max_length=100, help_text="The knowledge-base collection this site's widget answers from.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["origin"]
+        constraints = [
+            CheckConstraint(condition=Q(origin__regex=WIDGET_ORIGIN_PATTERN), name="widgetsite_origin_form"),
+            CheckConstraint(condition=Q(collection__regex=COLLECTION_PATTERN), name="widgetsite_collection_form"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.origin} -> {self.collection}"

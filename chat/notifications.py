@@ -38,7 +38,8 @@ def conversation_group(conversation_id) -> str:
 
 def inbox_event(conversation_id, kind: str) -> dict:
     """The agents' event: ``{"type": "inbox.changed", "conversation_id": str, "kind": kind}`` where
-    ``kind`` is one of ``conversation``, ``message``, ``status``, ``feedback``, ``correction``."""
+    ``kind`` is one of ``message``, ``status``, ``feedback``, ``correction`` (a new conversation is
+    announced by its first message)."""
     return {"type": "inbox.changed", "conversation_id": str(conversation_id), "kind": kind}
 
 

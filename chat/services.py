@@ -87,11 +87,9 @@ def conversation_start(*, collection: str = "default", origin: str = "") -> Conv
     """Create a conversation (status ``bot``) with a fresh secret token; ``collection`` is the
     knowledge-base collection its answers are retrieved from, ``origin`` the embedding site.
 
-    Side effect: once committed, every agent dashboard is told (``inbox.changed``, kind
-    ``conversation``), so the new conversation appears in the live inbox."""
-    conversation = Conversation.objects.create(collection=collection or "default", origin=origin[:300])
-    inbox_notify(conversation.pk, "conversation")
-    return conversation
+    The agents' dashboards are not told: the inbox lists a conversation from its first message
+    (which notifies them), so a script starting conversations in a loop wakes no inbox."""
+    return Conversation.objects.create(collection=collection or "default", origin=origin[:300])
 
 
 def conversation_request_human(conversation: Conversation) -> Conversation:

@@ -2,12 +2,13 @@
 
 The widget runs on the company's pages, so the API answers the origins of ``WIDGET_ALLOWED_ORIGINS``
 (plus the site's own hosts) with CORS headers and refuses other origins. It uses no cookies: a
-conversation is authorised by its secret token (header ``X-Conversation-Token`` or ``?token=``), so
-the endpoints are CSRF-exempt. Every error is a JSON ``{"error": str}``.
+conversation is authorised by its secret token in the ``X-Conversation-Token`` header
+(``chat.conversation_access``; a ``?token=`` in the URL is refused with 400), so the endpoints are
+CSRF-exempt. Every error is a JSON ``{"error": str}``.
 
 | method and path | what |
 |---|---|
-| ``POST /api/conversations/`` | start a conversation: ``{"id", "token"}`` (201) |
+| ``POST /api/conversations/`` | start a conversation: ``{"id", "token"}`` (201); 429 with ``Retry-After`` past the rate limits |
 | ``GET /api/conversations/<id>/messages/`` | its transcript (``chat.transcripts.transcript_get``) |
 | ``GET /api/conversations/<id>/passages/<chunk_id>/`` | a cited passage: ``{"status", "notice", "title", "url", "before", "passage", "after"}`` |
 | ``POST /api/conversations/<id>/handoff/`` | ask for a human: ``{"id", "status"}`` |
@@ -26,13 +27,12 @@ from django.utils.cache import patch_vary_headers
 from django.views.decorators.csrf import csrf_exempt
 from django.views.defaults import page_not_found
 
-from chat import services
+from chat import rate_limits, services
+from chat.conversation_access import TOKEN_HEADER, ConversationAccessError, request_conversation
 from chat.models import Conversation
-from chat.origins import origin_allowed
-from chat.selectors import conversation_get
+from chat.origins import CollectionRefused, conversation_collection, origin_allowed
 from chat.transcripts import cited_passage_get, transcript_get
 
-TOKEN_HEADER = "X-Conversation-Token"
 # Matched with fullmatch: "$" would also match before a trailing newline ("abc\n" was accepted).
 _COLLECTION = re.compile(r"[\w.-]{1,100}")
 _PREFLIGHT_MAX_AGE_S = 600
@@ -66,6 +66,8 @@ def widget_api(*methods: str):
                 response = view(request, *args, **kwargs)
             if origin and origin_allowed(origin):
                 response["Access-Control-Allow-Origin"] = origin
+                if response.has_header("Retry-After"):
+                    response["Access-Control-Expose-Headers"] = "Retry-After"
             patch_vary_headers(response, ["Origin"])
             return response
 
@@ -74,26 +76,41 @@ def widget_api(*methods: str):
     return decorate
 
 
-def _conversation_for(request: HttpRequest, conversation_id: UUID) -> Conversation | None:
-    """The conversation if the request carries its token, else ``None``."""
-    token = request.headers.get(TOKEN_HEADER) or request.GET.get("token")
-    if not token:
-        return None
-    try:
-        return conversation_get(conversation_id, token=token)
-    except Conversation.DoesNotExist:
-        return None
+def conversation_required(view):
+    """Decorate a widget API view taking ``conversation_id``: it receives the ``Conversation`` instead,
+    once ``chat.conversation_access.request_conversation`` accepted the request's token; otherwise
+    the request gets that check's error (400 for a token in the URL, 403 otherwise)."""
+
+    @wraps(view)
+    def wrapped(request: HttpRequest, conversation_id: UUID, *args, **kwargs) -> HttpResponse:
+        try:
+            conversation = request_conversation(request, conversation_id)
+        except ConversationAccessError as error:
+            return _error(str(error), error.status)
+        return view(request, conversation, *args, **kwargs)
+
+    return wrapped
 
 
-_FORBIDDEN = "unknown conversation or wrong token"
+RATE_LIMITED_MESSAGE = "Too many new conversations from here; please try again in a moment."
+
+
+def rate_limited_response(limited: rate_limits.RateLimited) -> JsonResponse:
+    """429 ``{"error", "retry_after_s"}`` with the ``Retry-After`` header (whole seconds)."""
+    response = JsonResponse({"error": RATE_LIMITED_MESSAGE, "retry_after_s": round(limited.retry_after_s, 1)}, status=429)
+    response["Retry-After"] = limited.retry_after_header
+    return response
 
 
 @widget_api("POST")
 def conversation_create(request: HttpRequest) -> JsonResponse:
     """Start a conversation. Body (optional, ``application/json``): ``{"collection": str}`` (letters,
-    digits, ``_.-``; default ``"default"``). Returns 201 ``{"id": str, "token": str}``; 400 on a
-    malformed JSON body."""
-    collection = "default"
+    digits, ``_.-``), checked against the collection of the request's origin
+    (``chat.origins.conversation_collection``: an admin's ``WidgetSite`` row, else ``"default"``),
+    which is the one used. Returns 201 ``{"id": str, "token": str}``; 400 on a malformed JSON body;
+    403 when the named collection is not the origin's; 429 (``rate_limited_response``) past the
+    client IP's or the origin's limit (``chat.rate_limits.conversation_start_check``)."""
+    requested = None
     if request.content_type == "application/json" and request.body:
         try:
             body = json.loads(request.body)
@@ -101,31 +118,35 @@ def conversation_create(request: HttpRequest) -> JsonResponse:
             return _error("the body must be JSON", 400)
         if not isinstance(body, dict):
             return _error("the body must be a JSON object", 400)
-        collection = body.get("collection", collection)
-        if not isinstance(collection, str) or not _COLLECTION.fullmatch(collection):
+        requested = body.get("collection")
+        if requested is not None and (not isinstance(requested, str) or not _COLLECTION.fullmatch(requested)):
             return _error("collection must be 1 to 100 letters, digits, '_', '.' or '-'", 400)
     origin = request.headers.get("Origin", "")[:300]
+    try:
+        collection = conversation_collection(origin=origin, requested=requested)
+    except CollectionRefused as refused:
+        return _error(str(refused), 403)
+    try:
+        rate_limits.conversation_start_check(client_ip=request.META.get("REMOTE_ADDR"), origin=origin)
+    except rate_limits.RateLimited as limited:
+        return rate_limited_response(limited)
     conversation = services.conversation_start(collection=collection, origin=origin)
     return JsonResponse({"id": str(conversation.pk), "token": conversation.token}, status=201)
 
 
 @widget_api("GET")
-def conversation_messages(request: HttpRequest, conversation_id: UUID) -> JsonResponse:
+@conversation_required
+def conversation_messages(request: HttpRequest, conversation: Conversation) -> JsonResponse:
     """The transcript (``chat.transcripts.transcript_get``); 403 without the conversation's token."""
-    conversation = _conversation_for(request, conversation_id)
-    if conversation is None:
-        return _error(_FORBIDDEN, 403)
     return JsonResponse(transcript_get(conversation))
 
 
 @widget_api("GET")
-def cited_passage(request: HttpRequest, conversation_id: UUID, chunk_id: int) -> JsonResponse:
+@conversation_required
+def cited_passage(request: HttpRequest, conversation: Conversation, chunk_id: int) -> JsonResponse:
     """A passage cited in the conversation (``chat.transcripts.cited_passage_get``: the passage now, or
     a "changed" / "removed" view once its source was re-ingested or deleted); 403 without the token,
     404 only when the conversation never cited that chunk."""
-    conversation = _conversation_for(request, conversation_id)
-    if conversation is None:
-        return _error(_FORBIDDEN, 403)
     passage = cited_passage_get(conversation, chunk_id)
     if passage is None:
         return _error("this passage was not cited in the conversation", 404)
@@ -133,12 +154,10 @@ def cited_passage(request: HttpRequest, conversation_id: UUID, chunk_id: int) ->
 
 
 @widget_api("POST")
-def conversation_handoff(request: HttpRequest, conversation_id: UUID) -> JsonResponse:
+@conversation_required
+def conversation_handoff(request: HttpRequest, conversation: Conversation) -> JsonResponse:
     """Ask for a human agent (``chat.services.conversation_request_human``). Returns
     ``{"id": str, "status": str}``; 403 without the token."""
-    conversation = _conversation_for(request, conversation_id)
-    if conversation is None:
-        return _error(_FORBIDDEN, 403)
     conversation = services.conversation_request_human(conversation)
     return JsonResponse({"id": str(conversation.pk), "status": conversation.status})
 

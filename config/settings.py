@@ -156,6 +156,20 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("STALE_CORRECTIONS_CHECK_S", default=600.0),
     },
 }
+# Work whose worker died: sources stuck in parsing/embedding, fine-tune runs that stopped reporting
+# (TUNING_RUN_STALE_S), and conversations that never got a message are swept this often, in seconds.
+STUCK_WORK_SWEEP_S = env.float("STUCK_WORK_SWEEP_S", default=300.0)
+for _task in ("knowledge.fail_stuck_sources", "tuning.fail_stale_runs", "chat.expire_empty_conversations"):
+    CELERY_BEAT_SCHEDULE[_task] = {"task": _task, "schedule": STUCK_WORK_SWEEP_S}
+# A source in parsing/embedding whose progress has not moved for this long (s) is failed with a
+# reason (knowledge.stuck_ingestions); ingestion reports progress at least every embedding batch.
+INGEST_STUCK_S = env.float("INGEST_STUCK_S", default=900.0)
+# An ingestion task whose worker process died is redelivered (acks_late + reject_on_worker_lost) at
+# most this many times in all; the next delivery fails the source instead (a file that kills its
+# worker every time must not loop for ever).
+INGEST_MAX_DELIVERIES = env.int("INGEST_MAX_DELIVERIES", default=3)
+# Conversations without any message are deleted once this old, in seconds (chat.retention).
+CONVERSATION_EMPTY_TTL_S = env.float("CONVERSATION_EMPTY_TTL_S", default=3600.0)
 
 # --- Auth, i18n, static and uploads ----------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
@@ -397,6 +411,29 @@ WIDGET_ALLOWED_ORIGINS = env.list("WIDGET_ALLOWED_ORIGINS", default=[])
 # other sites paste into their pages), in seconds. Its hashed name ({% static %}) is cached for ten
 # years; the plain name must stay short enough for a new release to reach the embedding sites.
 WIDGET_SCRIPT_MAX_AGE_S = env.int("WIDGET_SCRIPT_MAX_AGE_S", default=3600)
+# Rate limits (chat.rate_limits), in the ``limits`` library's notation ("N/second|minute|hour|day",
+# several separated by ";"; empty turns one off), counted in Redis across all web processes: new
+# conversations per client IP and per embedding site (Origin), questions per conversation. A refused
+# conversation gets HTTP 429 with Retry-After; a refused question the websocket frame chat.rate_limited.
+RATE_LIMIT_CONVERSATIONS_PER_IP = env("RATE_LIMIT_CONVERSATIONS_PER_IP", default="5/minute;30/hour")
+RATE_LIMIT_CONVERSATIONS_PER_ORIGIN = env("RATE_LIMIT_CONVERSATIONS_PER_ORIGIN", default="120/minute")
+RATE_LIMIT_QUESTIONS_PER_CONVERSATION = env("RATE_LIMIT_QUESTIONS_PER_CONVERSATION", default="10/minute")
+
+
+def _check_rate_limits() -> None:
+    from limits import parse_many
+
+    for name in ("RATE_LIMIT_CONVERSATIONS_PER_IP", "RATE_LIMIT_CONVERSATIONS_PER_ORIGIN",
+                 "RATE_LIMIT_QUESTIONS_PER_CONVERSATION"):
+        value = globals()[name].strip()
+        try:
+            if value:
+                parse_many(value)
+        except ValueError:
+            raise ImproperlyConfigured(f'{name}={value!r} is not a rate limit like "10/minute" or "5/minute;30/hour"') from None
+
+
+_check_rate_limits()
 # Longest customer message accepted over the websocket, in characters.
 WIDGET_MESSAGE_MAX_CHARS = env.int("WIDGET_MESSAGE_MAX_CHARS", default=2000)
 # Source text shown before and after a cited passage in the widget's passage panel, in characters.

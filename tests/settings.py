@@ -11,5 +11,10 @@ servers, ``manage.py`` commands) read the same development mode; a test that nee
 import os
 
 os.environ.setdefault("EMBEDDED_SERVICES", "1")
+# Every test (and live server) talks from 127.0.0.1 and starts many conversations a minute: the rate
+# limits are lifted here, and tests/chat/test_rate_limits.py sets the ones it checks.
+for _name in ("RATE_LIMIT_CONVERSATIONS_PER_IP", "RATE_LIMIT_CONVERSATIONS_PER_ORIGIN",
+              "RATE_LIMIT_QUESTIONS_PER_CONVERSATION"):
+    os.environ.setdefault(_name, "")
 
 from config.settings import *  # noqa: E402,F401,F403

@@ -22,6 +22,17 @@ def flag_stale_corrections() -> int:
     return services.corrections_flag_stale()
 
 
+@shared_task(name="tuning.fail_stale_runs")
+def fail_stale_runs() -> int:
+    """Periodic sweep (``CELERY_BEAT_SCHEDULE``, every ``STUCK_WORK_SWEEP_S``): mark failed, with the
+    reason, every in-progress fine-tune run whose worker stopped reporting for ``TUNING_RUN_STALE_S``
+    (``tuning.fine_tuning.runs_fail_stale``), so a killed tuner does not leave a run "training" until
+    the next start or hourly check. Returns how many; safe to run twice."""
+    from tuning.fine_tuning import runs_fail_stale
+
+    return runs_fail_stale()
+
+
 @shared_task(name="tuning.fine_tune_run", acks_late=True)
 def fine_tune_run(run_id: int) -> str:
     """Execute fine-tune run ``run_id`` (``tuning.fine_tuning.fine_tune_run_execute``): train,

@@ -5,11 +5,15 @@
  *           data-server="https://support.example.com" defer></script>
  *
  * Optional attributes: data-server (default: where this script was loaded from), data-collection
- * (knowledge-base collection, default "default"), data-title (panel heading, default "Support").
+ * (the knowledge-base collection the page expects; the server answers from the collection an admin
+ * mapped to the page's origin, and refuses to start a conversation when the two differ), data-title
+ * (panel heading, default "Support").
  *
  * The widget renders in a shadow root (the host page's CSS cannot reach it), streams answers over a
- * websocket (/ws/chat/<id>/?token=...), shows numbered citations that open the cited passage, and
- * keeps the conversation id and token in localStorage so it survives a page reload. Everything that
+ * websocket (/ws/chat/<id>/), shows numbered citations that open the cited passage, and
+ * keeps the conversation id and token in localStorage so it survives a page reload. The token never
+ * goes in a URL: the HTTP API gets it in the X-Conversation-Token header, the websocket as the
+ * subprotocol "supportbot.token.<token>" beside "supportbot.chat" (the server selects the latter). Everything that
  * comes from the server or the user is rendered with textContent, never as HTML.
  *
  * Feedback: thumbs up/down (then an optional comment) under each answer, and a 1-5 rating of the
@@ -25,9 +29,9 @@
   window.__supportbotWidget = true;
 
   const SERVER = (script.dataset.server || new URL(script.src, location.href).origin).replace(/\/+$/, "");
-  const COLLECTION = script.dataset.collection || "default";
+  const COLLECTION = script.dataset.collection || ""; // "": the origin's collection, whatever it is
   const TITLE = script.dataset.title || "Support";
-  const STORAGE_KEY = `supportbot:${SERVER}:${COLLECTION}`;
+  const STORAGE_KEY = `supportbot:${SERVER}:${COLLECTION || "default"}`;
   const MAX_CHARS = 2000;
   const RECONNECT_MAX_MS = 30000;
 
@@ -395,7 +399,12 @@
 
   async function ensureConversation() {
     if (state.conversation) return state.conversation;
-    const { ok, data } = await api("conversations/", { method: "POST", body: { collection: COLLECTION } });
+    const { ok, status, data } = await api("conversations/", { method: "POST", body: COLLECTION ? { collection: COLLECTION } : {} });
+    if (status === 429) {
+      const error = new Error(data.error || "too many new conversations");
+      error.retryAfterS = Math.max(1, Math.ceil(Number(data.retry_after_s) || 60));
+      throw error;
+    }
     if (!ok) throw new Error(data.error || "could not start a conversation");
     saveConversation({ id: data.id, token: data.token });
     connect();
@@ -449,8 +458,8 @@
     if (!state.conversation || state.socket) return;
     clearTimeout(state.reconnectTimer);
     const { id, token } = state.conversation;
-    const url = `${SERVER.replace(/^http/, "ws")}/ws/chat/${encodeURIComponent(id)}/?token=${encodeURIComponent(token)}`;
-    const socket = new WebSocket(url);
+    const url = `${SERVER.replace(/^http/, "ws")}/ws/chat/${encodeURIComponent(id)}/`;
+    const socket = new WebSocket(url, ["supportbot.chat", `supportbot.token.${token}`]);
     state.socket = socket;
     socket.addEventListener("open", () => {
       state.socketOpen = true;
@@ -533,10 +542,14 @@
         notifyUnread();
         break;
       }
-      case "chat.busy": {
+      case "chat.busy":
+      case "chat.rate_limited": {
+        // Nothing was stored for the question: send it again after the server's delay.
         dropEmptyStreaming();
         const seconds = Math.max(1, Number(frame.retry_after_s) || 2);
-        setStatus(`The assistant is busy, retrying in ${Math.ceil(seconds)} s…`);
+        setStatus(frame.type === "chat.busy"
+          ? `The assistant is busy, retrying in ${Math.ceil(seconds)} s…`
+          : `You're sending questions quickly; yours goes in ${Math.ceil(seconds)} s…`);
         clearTimeout(state.busyTimer);
         const question = state.pendingQuestion;
         state.busyTimer = setTimeout(() => {
@@ -636,7 +649,9 @@
     } catch (error) {
       state.pendingQuestion = null;
       dropEmptyStreaming();
-      addNote("Sorry, the chat is unavailable right now. Please try again later.", { error: true });
+      addNote(error.retryAfterS
+        ? `Too many new chats from your network right now. Please try again in ${error.retryAfterS} s.`
+        : "Sorry, the chat is unavailable right now. Please try again later.", { error: true });
       return;
     }
     send({ type: "chat.message", text });

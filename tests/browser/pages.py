@@ -23,7 +23,7 @@ LAST_ANSWER_DONE = f"""() => {{
 
 class PageWatch:
     """What a page did besides rendering: dialogs opened (``alert``), uncaught errors, websocket frames
-    received (parsed JSON) and every URL requested. A static file (``/static/...``) answered with an
+    received (parsed JSON) and every URL requested (websocket URLs included). A static file (``/static/...``) answered with an
     HTTP error or failing to load counts as an error too (``"static file <path>: ..."``), so a test
     asserting no errors fails on a missing asset of the production server."""
 
@@ -39,7 +39,11 @@ class PageWatch:
         # A 404 for a stylesheet or script is often reported only as a failed request (Chromium aborts
         # an HTML error page of the wrong type under "X-Content-Type-Options: nosniff").
         page.on("requestfailed", self._request_failed)
-        page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: self.frames.append(json.loads(payload))))
+        page.on("websocket", self._websocket)
+
+    def _websocket(self, ws) -> None:
+        self.requests.append(ws.url)
+        ws.on("framereceived", lambda payload: self.frames.append(json.loads(payload)))
 
     def _response(self, response) -> None:
         path = urlparse(response.url).path

@@ -20,6 +20,7 @@ import requests
 from django.db import connection
 
 from chat import agent_services, services
+from chat.conversation_access import client_subprotocols
 from chat.models import Conversation, Message
 from tests.browser.pages import CHROMIUM_ARGS
 from tests.dashboard.conftest import make_agent
@@ -32,9 +33,9 @@ _CSRF = re.compile(r'name="csrfmiddlewaretoken" value="([^"]+)"')
 
 # Run in the customer's page: open the conversation's socket, keep every frame in window.__frames, and
 # resolve once it is open (the consumer joins the conversation's group before it accepts).
-OPEN_SOCKET = """(url) => new Promise((resolve, reject) => {
+OPEN_SOCKET = """([url, protocols]) => new Promise((resolve, reject) => {
   window.__frames = [];
-  const socket = new WebSocket(url);
+  const socket = new WebSocket(url, protocols);
   socket.addEventListener("message", (event) => window.__frames.push(JSON.parse(event.data)));
   socket.addEventListener("open", () => resolve(true));
   socket.addEventListener("close", (event) => reject(new Error(`closed with code ${event.code}`)));
@@ -80,8 +81,8 @@ def test_an_agent_on_process_b_takes_over_and_replies_to_a_customer_socket_on_pr
                 # and the customer's socket open on process A, from a page of A
                 page = await browser.new_page()
                 await page.goto(a.url + "/")
-                socket_url = f"{a.url.replace('http', 'ws', 1)}/ws/chat/{conversation.pk}/?token={conversation.token}"
-                await page.evaluate(OPEN_SOCKET, socket_url)
+                socket_url = f"{a.url.replace('http', 'ws', 1)}/ws/chat/{conversation.pk}/"
+                await page.evaluate(OPEN_SOCKET, [socket_url, client_subprotocols(conversation.token)])
                 # when alice, on process B, takes the conversation over and replies
                 steps = await asyncio.to_thread(agent_takes_over_and_replies, b.url, conversation.pk,
                                                 username="alice", password="pw-alice", text=REPLY)

@@ -100,6 +100,8 @@ def test_a_question_streams_an_answer_whose_citation_opens_its_passage(browse):
         await region.get_by_role("button", name="Back to chat").click()
         result["passage hidden after back"] = await region.is_hidden()
         result["errors"] = watch.errors
+        result["requests"] = list(watch.requests)
+        result["stored"] = await stored_conversation(page)
         return result
 
     result = browse(scenario)
@@ -127,6 +129,11 @@ def test_a_question_streams_an_answer_whose_citation_opens_its_passage(browse):
     assert chunk.text in result["passage text"]
     assert result["passage hidden after back"] is True
     assert result["errors"] == []
+    # and the conversation's token appeared in no URL (HTTP API or websocket), while the socket that
+    # streamed the answer was the conversation's (the server refuses it without the token)
+    stored = result["stored"]
+    assert [url for url in result["requests"] if stored["token"] in url or "token=" in url] == []
+    assert any(url.endswith(f"/ws/chat/{stored['id']}/") for url in result["requests"])
 
 
 def test_a_message_with_markup_renders_as_text(browse):
@@ -256,6 +263,54 @@ def test_busy_shows_retrying_and_sends_the_question_again_after_retry_after_s(br
     assert result["answers"] == ["Ships in 3 to 5 days."]
     assert result["questions"] == ["How long does shipping take?"]
     assert result["status hidden after answer"] is True
+
+
+def test_rate_limited_shows_the_delay_and_sends_the_question_again_after_it(browse):
+    async def scenario(page, watch):
+        received: list[tuple[float, dict]] = []
+
+        def serve(ws):
+            def on_message(message):
+                frame = json.loads(message)
+                received.append((time.monotonic(), frame))
+                if len(received) == 1:  # past the conversation's questions-per-minute limit
+                    ws.send(json.dumps({"type": "chat.rate_limited", "retry_after_s": 1.2, "message": "slow down"}))
+                    return
+                ws.send(json.dumps({"type": "chat.token", "text": "Ships in 3 to 5 days."}))
+                ws.send(json.dumps({"type": "chat.citations", "citations": []}))
+                ws.send(json.dumps({"type": "chat.done", "message_id": 1, "abstained": False, "timings": {},
+                                    "text": "Ships in 3 to 5 days."}))
+
+            ws.on_message(on_message)
+
+        await page.route_web_socket("**/ws/chat/**", serve)
+        await open_widget(page)
+        box = page.get_by_role("textbox", name="Your question")
+        await box.fill("How long does shipping take?")
+        await box.press("Enter")
+        status = page.locator("supportbot-widget .status")
+        await status.filter(has_text="quickly").wait_for()
+        limited_text = await status.text_content()
+        await page.wait_for_function(LAST_ANSWER_DONE, timeout=30_000)
+        return {
+            "status": limited_text,
+            "frames sent": [frame for _, frame in received],
+            "answers": await page.locator("supportbot-widget .msg.assistant .body").all_text_contents(),
+            "questions": await page.locator("supportbot-widget .msg.user .body").all_text_contents(),
+            "errors": watch.errors,
+        }
+
+    result = browse(scenario)
+
+    # then the customer saw the delay, and the same question went once more, answered once
+    question = {"type": "chat.message", "text": "How long does shipping take?"}
+    assert result == {
+        "status": "You're sending questions quickly; yours goes in 2 s…",
+        "frames sent": [question, question],
+        "answers": ["Ships in 3 to 5 days."],
+        "questions": ["How long does shipping take?"],
+        "errors": [],
+    }
 
 
 def test_a_dropped_socket_reconnects_and_the_next_question_goes_through(browse):

@@ -17,6 +17,7 @@ from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
 from chat import consumers
+from chat.conversation_access import SUBPROTOCOL, client_subprotocols
 from chat.models import Conversation, Message
 from chat.services import AnswerEvent, conversation_start
 from config.asgi import application
@@ -32,8 +33,11 @@ def run(scenario, *args):
 
 
 def communicator(conversation: Conversation, *, token: str | None = None, headers=SAME_SITE) -> WebsocketCommunicator:
+    """A client of the conversation's socket offering ``token`` (default: the conversation's own) the
+    way the widget does, as a subprotocol (``""``: no token offered)."""
     token = conversation.token if token is None else token
-    return WebsocketCommunicator(application, f"/ws/chat/{conversation.pk}/?token={token}", headers=headers)
+    subprotocols = client_subprotocols(token) if token else [SUBPROTOCOL]
+    return WebsocketCommunicator(application, f"/ws/chat/{conversation.pk}/", headers=headers, subprotocols=subprotocols)
 
 
 class FakeAnswers:
@@ -90,13 +94,29 @@ def frames_of(events):
 # --- connecting ------------------------------------------------------------------------------------
 
 
-def test_the_conversations_own_token_connects():
+def test_the_conversations_own_token_connects_with_the_chat_subprotocol():
     conversation = conversation_start()
 
     async def scenario():
         socket = communicator(conversation)
-        connected, _ = await socket.connect()
-        assert connected is True
+        # then the handshake is accepted with "supportbot.chat", never echoing the token protocol
+        assert await socket.connect() == (True, "supportbot.chat")
+        await socket.disconnect()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("with_subprotocol", [False, True], ids=["query-only", "query-and-subprotocol"])
+def test_a_token_in_the_url_is_refused_with_4400(with_subprotocol):
+    # given a client that puts the conversation's token in the URL (even beside a good subprotocol)
+    conversation = conversation_start()
+    subprotocols = client_subprotocols(conversation.token) if with_subprotocol else None
+
+    async def scenario():
+        socket = WebsocketCommunicator(application, f"/ws/chat/{conversation.pk}/?token={conversation.token}",
+                                       headers=SAME_SITE, subprotocols=subprotocols)
+        # then the handshake is refused before it is accepted
+        assert await socket.connect() == (False, 4400)
         await socket.disconnect()
 
     run(scenario)

@@ -11,7 +11,7 @@ import json
 import pytest
 from django.contrib.staticfiles import finders
 
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, WidgetSite
 from chat.services import HANDOFF_MESSAGE, conversation_start
 from knowledge.models import Chunk, Source
 
@@ -66,11 +66,12 @@ def test_create_returns_id_and_token_of_a_new_bot_conversation(client):
     assert len(conversation.token) == 43
 
 
-def test_create_accepts_a_collection_and_records_the_allowed_origin(client, settings):
-    # given a shop allowed to embed the widget
+def test_create_answers_from_the_collection_mapped_to_the_origin_and_records_it(client, settings):
+    # given a shop allowed to embed the widget, whose conversations answer from "tidewater"
     settings.WIDGET_ALLOWED_ORIGINS = [SHOP]
+    WidgetSite.objects.create(origin=SHOP, collection="tidewater")
 
-    # when the widget on the shop starts a conversation in the "tidewater" collection
+    # when the widget on the shop starts a conversation naming that collection
     response = client.post("/api/conversations/", data=json.dumps({"collection": "tidewater"}),
                            content_type="application/json", HTTP_ORIGIN=SHOP)
 
@@ -194,13 +195,36 @@ def test_transcript_lists_customer_visible_messages_oldest_first(client):
     }
 
 
-def test_transcript_accepts_the_token_as_a_query_parameter(client):
+TOKEN_IN_URL = {"error": "conversation tokens are not accepted in URLs; send the X-Conversation-Token header"}
+
+
+@pytest.mark.parametrize("with_header", [False, True], ids=["query-only", "query-and-header"])
+def test_a_token_in_the_url_is_refused_on_every_conversation_endpoint(client, with_header):
+    # given a conversation with a question, an answer citing a chunk
     conversation = conversation_start()
+    chunk = make_chunk()
+    Message.objects.create(conversation=conversation, role="user", text="How long do refunds take?")
+    answer = cite(conversation, chunk)
+    base = f"/api/conversations/{conversation.pk}"
+    query = f"?token={conversation.token}"
+    headers = auth(conversation) if with_header else {}
+    body = {"content_type": "application/json"}
 
-    response = client.get(f"/api/conversations/{conversation.pk}/messages/?token={conversation.token}")
+    # when a client puts the token in the query string of each endpoint (even beside a good header)
+    responses = [
+        client.get(f"{base}/messages/{query}", **headers),
+        client.get(f"{base}/passages/{chunk.pk}/{query}", **headers),
+        client.post(f"{base}/handoff/{query}", **headers),
+        client.post(f"{base}/messages/{answer.pk}/feedback/{query}", data=json.dumps({"value": "up"}), **body, **headers),
+        client.post(f"{base}/rating/{query}", data=json.dumps({"rating": 5}), **body, **headers),
+    ]
 
-    assert response.status_code == 200
-    assert response.json() == {"id": str(conversation.pk), "status": "bot", "messages": []}
+    # then every one is refused with 400 and the reason, and nothing changed
+    assert [(response.status_code, response.json()) for response in responses] == [(400, TOKEN_IN_URL)] * 5
+    conversation.refresh_from_db()
+    assert conversation.status == "bot"
+    assert list(conversation.messages.values_list("role", flat=True)) == ["user", "assistant"]
+    assert not hasattr(answer, "feedback") and not Conversation.objects.filter(rating__isnull=False).exists()
 
 
 @pytest.mark.parametrize("token", ["", "wrong-token", "other"])
@@ -227,7 +251,7 @@ def test_transcript_of_an_unknown_conversation_is_403_like_a_wrong_token(client)
 
 
 def test_a_malformed_conversation_id_is_a_json_404(client):
-    response = client.get("/api/conversations/not-a-uuid/messages/?token=x")
+    response = client.get("/api/conversations/not-a-uuid/messages/", HTTP_X_CONVERSATION_TOKEN="x")
 
     assert response.status_code == 404
     assert response.json() == {"error": "not found"}

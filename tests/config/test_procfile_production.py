@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from chat.conversation_access import client_subprotocols
 from tests.config.test_settings import database_url
 from tests.live_server import free_port
 
@@ -86,8 +87,8 @@ def test_the_web_command_serves_http_static_files_and_websockets_with_several_wo
             conversation = json.loads(response.read())
         from websockets.sync.client import connect
 
-        with connect(f"ws://127.0.0.1:{port}/ws/chat/{conversation['id']}/?token={conversation['token']}",
-                     open_timeout=30) as socket:
+        with connect(f"ws://127.0.0.1:{port}/ws/chat/{conversation['id']}/",
+                     subprotocols=client_subprotocols(conversation["token"]), open_timeout=30) as socket:
             socket.send(json.dumps({"type": "chat.message", "text": "   "}))
             assert json.loads(socket.recv(timeout=30)) == {"type": "chat.error", "message": "the message is empty",
                                                           "code": "empty"}

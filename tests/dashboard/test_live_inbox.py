@@ -18,6 +18,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from chat import services
+from chat.conversation_access import client_subprotocols
 from chat.models import Conversation
 from config.asgi import application
 from tests.dashboard.test_access import session_headers
@@ -28,7 +29,8 @@ SAME_SITE = [(b"origin", b"http://testserver"), (b"host", b"testserver")]
 
 
 def customer_socket(conversation: Conversation) -> WebsocketCommunicator:
-    return WebsocketCommunicator(application, f"/ws/chat/{conversation.pk}/?token={conversation.token}", headers=SAME_SITE)
+    return WebsocketCommunicator(application, f"/ws/chat/{conversation.pk}/", headers=SAME_SITE,
+                                 subprotocols=client_subprotocols(conversation.token))
 
 
 def agent_socket(agent) -> WebsocketCommunicator:
@@ -56,7 +58,7 @@ async def nothing_more_about(socket: WebsocketCommunicator, conversation_ids: se
     return extra
 
 
-def test_a_conversation_started_over_http_appears_in_the_agents_inbox(agent):
+def test_a_conversation_started_over_http_wakes_no_inbox_until_its_first_message(agent):
     # given an agent's dashboard socket
     dashboard = agent_socket(agent)
     post = sync_to_async(Client().post)
@@ -65,18 +67,22 @@ def test_a_conversation_started_over_http_appears_in_the_agents_inbox(agent):
         assert (await dashboard.connect(timeout=5))[0]
         try:
             # when the widget starts a conversation over the HTTP API
-            response = await post("/api/conversations/", json.dumps({"collection": "help"}),
-                                  content_type="application/json", HTTP_ORIGIN="http://testserver")
+            response = await post("/api/conversations/", content_type="application/json",
+                                  HTTP_ORIGIN="http://testserver")
             started = response.json()["id"]
-            return response.status_code, started, await frames_about(dashboard, {started}, count=1)
+            # then the agents are not told (the inbox lists no conversation without a message)
+            quiet = await nothing_more_about(dashboard, {started})
+            # and when its first message is stored, they are
+            conversation = await sync_to_async(Conversation.objects.get)(pk=started)
+            await sync_to_async(services.conversation_request_human)(conversation)
+            return response.status_code, started, quiet, await frames_about(dashboard, {started}, count=1)
         finally:
             await dashboard.disconnect()
 
-    status, started, frames = async_to_sync(scenario)()
-    # then the agents are told about the new conversation
+    status, started, quiet, frames = async_to_sync(scenario)()
     assert status == 201
-    assert frames == [{"type": "inbox.changed", "conversation_id": started, "kind": "conversation"}]
-    assert Conversation.objects.get(pk=started).collection == "help"
+    assert quiet == []
+    assert frames == [{"type": "inbox.changed", "conversation_id": started, "kind": "status"}]
 
 
 def test_an_http_handoff_reaches_the_agents_and_every_open_tab(agent):

@@ -13,6 +13,7 @@ from django.test import Client
 
 from chat import agent_services
 from chat.agent_services import TakeoverError
+from chat.conversation_access import client_subprotocols
 from chat.models import Conversation, Message
 from chat.services import answer_stream
 from config.asgi import application
@@ -120,7 +121,7 @@ def test_two_agents_taking_at_the_same_moment_one_wins(conversation, agent, agen
 def test_agent_message_reaches_the_customers_socket_and_the_inbox_is_told(conversation, agent):
     # given the customer's widget socket and the agent's dashboard socket are open
     customer = WebsocketCommunicator(
-        application, f"/ws/chat/{conversation.pk}/?token={conversation.token}",
+        application, f"/ws/chat/{conversation.pk}/", subprotocols=client_subprotocols(conversation.token),
         headers=[(b"origin", b"http://testserver"), (b"host", b"testserver")],
     )
     dashboard = WebsocketCommunicator(application, "/ws/agent/", headers=session_headers(agent))
@@ -164,7 +165,7 @@ def test_a_customer_message_notifies_the_agents_group(conversation, agent):
     # given an agent holds the conversation and both sockets are open
     agent_services.conversation_take(conversation.pk, agent=agent)
     customer = WebsocketCommunicator(
-        application, f"/ws/chat/{conversation.pk}/?token={conversation.token}",
+        application, f"/ws/chat/{conversation.pk}/", subprotocols=client_subprotocols(conversation.token),
         headers=[(b"origin", b"http://testserver"), (b"host", b"testserver")],
     )
     dashboard = WebsocketCommunicator(application, "/ws/agent/", headers=session_headers(agent))

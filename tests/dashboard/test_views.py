@@ -104,9 +104,11 @@ def test_answer_feedback_and_rating_endpoints(conversation):
                        HTTP_X_CONVERSATION_TOKEN=conversation.token).status_code == 400
     assert list(AnswerFeedback.objects.values_list("message_id", "value", "comment")) == [(answer.pk, "down", "It is five days")]
     # end-of-conversation rating
-    rating_url = f"/api/conversations/{conversation.pk}/rating/?token={conversation.token}"
-    assert client.post(rating_url, json.dumps({"rating": 6}), content_type="application/json").status_code == 400
-    assert client.post(rating_url, json.dumps({"rating": 4, "comment": "ok"}), content_type="application/json").json() == {"rating": 4, "comment": "ok"}
+    rating_url = f"/api/conversations/{conversation.pk}/rating/"
+    assert client.post(rating_url, json.dumps({"rating": 6}), content_type="application/json",
+                       HTTP_X_CONVERSATION_TOKEN=conversation.token).status_code == 400
+    assert client.post(rating_url, json.dumps({"rating": 4, "comment": "ok"}), content_type="application/json",
+                       HTTP_X_CONVERSATION_TOKEN=conversation.token).json() == {"rating": 4, "comment": "ok"}
     assert list(ConversationRating.objects.values_list("rating", "comment")) == [(4, "ok")]
 
 
