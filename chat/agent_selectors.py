@@ -146,7 +146,9 @@ class GroundingDetail:
     "reason": str, "source": int|None (1-based prompt source it was checked against),
     "source_title": str, "coverage": float|None (0..1), "similarity": float|None (cosine)}]``
     (``source``, ``coverage`` and ``similarity`` are ``None`` when the sentence was removed before
-    it was compared with a source, e.g. a number not in the sources)."""
+    it was compared with a source, e.g. a number not in the sources). A curated answer (``method``
+    ``"curated"``) has ``curated_id``, ``curated_question`` and ``curated_distance`` (cosine 0..2
+    between the customer's question and the curated one); else they are ``None``."""
 
     method: str
     method_label: str
@@ -157,6 +159,9 @@ class GroundingDetail:
     question_distance: float | None
     sentence_count: int
     removed: list[dict] = field(default_factory=list)
+    curated_id: int | None = None
+    curated_question: str | None = None
+    curated_distance: float | None = None
 
 
 @dataclass
@@ -210,6 +215,8 @@ def grounding_detail(grounding: dict, retrieved: list[dict]) -> GroundingDetail 
         query=grounding.get("query") if grounding.get("follow_up") else None,
         question_distance=grounding.get("question_distance") if grounding.get("follow_up") else None,
         sentence_count=len(sentences), removed=removed,
+        curated_id=grounding.get("curated_id"), curated_question=grounding.get("curated_question"),
+        curated_distance=grounding.get("curated_distance"),
     )
 
 

@@ -326,8 +326,8 @@ def answer_compose(
     record: dict = {}
     if retrieval:
         started = time.perf_counter()
-        if curated and not (history and is_follow_up(question)):
-            match = curated_answer_match(question, collection=collection)
+        if curated:
+            match = curated_lookup(question, history=history, collection=collection)
             if match is not None:
                 yield from curated_reply(match, question=question, retrieval_ms=_ms(time.perf_counter() - started),
                                          received=received)
@@ -483,6 +483,19 @@ def answer_compose(
         timings=timings, citation_markers=count_markers("".join(raw), len(sources)),
         version=version, cancelled=cancelled,
     )})
+
+
+def curated_lookup(question: str, *, history=(), collection: str = "default",
+                   max_distance: float | None = None) -> CuratedMatch | None:
+    """The curated answer the pipeline serves for ``question``, or ``None``: only a question that
+    stands on its own (no ``history`` ``[{"role", "text"}]``, or it does not refer back,
+    ``knowledge.selectors.is_follow_up``) is matched, against the curated questions of
+    ``collection`` within ``max_distance`` (default ``CURATED_MATCH_MAX_DISTANCE``, cosine 0..2;
+    ``knowledge.selectors.curated_answer_match``). A follow-up such as "how do I renew it?" is never
+    matched: the same words meant something else in the conversation the curated question came from."""
+    if history and is_follow_up(question):
+        return None
+    return curated_answer_match(question, collection=collection, max_distance=max_distance)
 
 
 def curated_reply(match: CuratedMatch, *, question: str, retrieval_ms: float = 0.0, received: float | None = None

@@ -129,6 +129,11 @@ def test_an_approved_correction_is_retrievable_and_served_with_its_evidence_cite
     assert (message.grounding["method"], message.grounding["curated_id"], message.grounding["curated_question"]) == (
         "curated", curated.pk, QUESTION)
     assert 0 <= message.grounding["curated_distance"] <= 0.2
+    # and the agents' desk shows which curated answer was served
+    client = Client()
+    client.force_login(agent)
+    page = client.get(f"/dashboard/conversations/{message.conversation_id}/").content.decode()
+    assert "Curated answer (an approved correction)" in page and f"#curated-{curated.pk}" in page
     # and the widget may open the cited passage (it was cited in this conversation)
     response = Client().get(f"/api/conversations/{message.conversation_id}/passages/{kb['evidence'].pk}/",
                             {"token": message.conversation.token})
@@ -265,3 +270,15 @@ def test_editing_a_curated_answer_in_the_dashboard_re_embeds_it(kb, agent, agent
     # and a question close to the new wording is served the new answer
     events, message = ask("what's the return window for online orders")
     assert (events["chat.token"]["text"], message.grounding["curated_id"]) == ("Thirty days from delivery. [1]", curated.pk)
+
+
+def test_re_embedding_the_knowledge_base_embeds_a_curated_answer_from_its_question(kb, agent, agent2, embedding_model):
+    correction = approved(kb, agent, agent2)
+    chunk = Chunk.objects.get(source__kind="curated")
+    Chunk.objects.filter(pk=chunk.pk).update(embedding=[0.0] * 383 + [1.0])
+    # when every chunk is re-embedded (manage.py reembed --all)
+    knowledge_services.reembed(everything=True)
+    # then the curated chunk holds its question's vector again (not its answer's passage text)
+    chunk.refresh_from_db()
+    assert np.allclose(np.array(list(chunk.embedding), dtype=float), embedding_model.encode([QUESTION])[0], atol=1e-5)
+    assert curated_answer_match(QUESTION, collection="default").curated_id == correction.curated_answer_id
