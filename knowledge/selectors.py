@@ -399,6 +399,7 @@ def curated_answer_match(
             chunks.annotate(distance=CosineDistance("embedding", list(map(float, query_embedding))))
             .filter(distance__lte=limit).order_by("distance").values_list("source_id", "distance")[:candidates]
         )
+        nearest.sort(key=lambda row: row[1])  # an iterative index scan may return them slightly out of order
         entries = CuratedAnswer.objects.prefetch_related("evidence").in_bulk(
             [source_id for source_id, _ in nearest], field_name="source_id")
         for source_id, distance in nearest:
