@@ -161,10 +161,12 @@ def main() -> None:
               f"too (answer_compose(curated=False): retrieval, quote or the model, the check; token-F1, declined = 0):")
         print("| group | distance band | questions | curated answer F1 | pipeline without F1 | without: generated / quoted / declined |")
         print("|---|---|---:|---:|---:|---|")
-        for name in ("later turn of a corrected dialogue", "first turn of a held-out dialogue"):
+        for name in ("first turn of a held-out dialogue", "later turn of a corrected dialogue"):
             rows = [r for r in results[name] if r["distance"] is not None and r["distance"] <= bands[-1]]
             progress(f"baseline, {name}: {len(rows)} questions through the pipeline without curated answers")
-            for r in rows:
+            for done, r in enumerate(rows, start=1):
+                if done % 10 == 0:
+                    progress(f"  {done} of {len(rows)}")
                 composed = None
                 for event in answer_compose(r["question"], history=list(r["history"]), collection=args.collection,
                                             curated=False):
@@ -180,7 +182,7 @@ def main() -> None:
                                          for m in ("generated", "extractive", "declined"))
                     print(f"| {name} | ({max(low, 0):.2f}, {t:.2f}] | {len(band)} | "
                           f"{statistics.fmean(token_f1(r['text'], r['reference']) for r in band):.3f} | "
-                          f"{statistics.fmean(r['without_f1'] for r in band):.3f} | {methods} |")
+                          f"{statistics.fmean(r['without_f1'] for r in band):.3f} | {methods} |", flush=True)
                 low = t
 
 if __name__ == "__main__":

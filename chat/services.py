@@ -502,7 +502,8 @@ def curated_reply(match: CuratedMatch, *, question: str, retrieval_ms: float = 0
                   ) -> Iterator[AnswerEvent]:
     """The events of answering with curated answer ``match``: one ``chat.token`` (its answer followed
     by a marker ``[n]`` per evidence chunk) and ``answer.composed``, whose citations are the evidence
-    chunks (``"method": "curated"``), trace the evidence (cosine distance of the match on each), and
+    chunks (``"method": "curated"``), trace the evidence chunks (``vector_distance`` ``None``: they were
+    picked by an agent, not retrieved), and
     grounding ``{"method": "curated", "curated_id", "curated_question", "curated_distance" (cosine
     0..2 between ``question`` and the curated question), "query" (``question``), "follow_up": None,
     "question_distance": None, "sentences": [], "removed": 0, "reason"}``. The model is not asked."""
