@@ -5,7 +5,8 @@ Seeds approved corrections with ``tuning.seeding.training_data_seed`` (what ``ma
 seed_training_data`` runs; each becomes a curated answer through ``tuning.services.correction_curate``)
 from the first turns of the "tune" half of the dialogues (``GoldQuestion.split``), then asks, with the
 pipeline's own rule (``chat.services.curated_lookup``: only questions that stand on their own are
-matched, within a cosine distance of a curated question):
+matched: a conversation's first question, within a cosine distance of a curated question; with
+``--any-turn``, any question that does not refer back, the rule measured first):
 
 - the corrected questions again (exact repeats; sanity check);
 - hand-written paraphrases of 30 corrected questions (``benchmarks/data/doc2dial_paraphrases.jsonl``);
@@ -48,6 +49,7 @@ from django.conf import settings  # noqa: E402
 from chat.answer_metrics import token_f1  # noqa: E402
 from chat.services import answer_compose, curated_lookup, curated_reply  # noqa: E402
 from knowledge.evaluation import GoldQuestion, RankedPassage, load_questions, passage_hit, percentile  # noqa: E402
+from knowledge.selectors import curated_answer_match, is_follow_up  # noqa: E402
 from tuning.models import Correction  # noqa: E402
 from tuning.seeding import dialogue_of, training_data_seed  # noqa: E402
 
@@ -61,19 +63,28 @@ def relative(uri: str, root: Path) -> str:
         return uri
 
 
-def ask(text: str, history, collection: str, limit: float, gold: GoldQuestion | None, root: Path) -> dict:
-    """One lookup as the pipeline does it: ``{"distance", "text", "on_gold", "key", "ms"}`` (distance
-    ``None`` when nothing is within ``limit``)."""
+def ask(text: str, history, collection: str, limit: float, gold: GoldQuestion | None, root: Path,
+        any_turn: bool = False) -> dict:
+    """One lookup as the pipeline does it (``curated_lookup``: first questions only), or with
+    ``any_turn`` for every question that does not refer back (``is_follow_up``; the rule measured
+    before): ``{"distance", "text", "on_gold", "curated_id", "ms", "looked_up"}`` (distance ``None``
+    when nothing is within ``limit``)."""
     started = time.perf_counter()
-    match = curated_lookup(text, history=list(history), collection=collection, max_distance=limit)
+    if any_turn:
+        looked_up = not (history and is_follow_up(text))
+        match = curated_answer_match(text, collection=collection, max_distance=limit) if looked_up else None
+    else:
+        looked_up = not any(turn.get("role") == "user" for turn in history)
+        match = curated_lookup(text, history=list(history), collection=collection, max_distance=limit)
     ms = (time.perf_counter() - started) * 1000
     if match is None:
-        return {"distance": None, "text": "", "on_gold": False, "curated_id": None, "ms": ms}
+        return {"distance": None, "text": "", "on_gold": False, "curated_id": None, "ms": ms, "looked_up": looked_up}
     events = list(curated_reply(match, question=text))
     served = events[-1].data["answer"].text
     on_gold = gold is not None and any(
         passage_hit(RankedPassage(relative(c.source_uri, root), c.start, c.end), gold) for c in match.evidence)
-    return {"distance": match.distance, "text": served, "on_gold": on_gold, "curated_id": match.curated_id, "ms": ms}
+    return {"distance": match.distance, "text": served, "on_gold": on_gold, "curated_id": match.curated_id, "ms": ms,
+            "looked_up": looked_up}
 
 
 def main() -> None:
@@ -84,6 +95,9 @@ def main() -> None:
     parser.add_argument("--unrelated", default=str(PROJECT_ROOT / "benchmarks" / "data" / "unrelated_questions.txt"))
     parser.add_argument("--paraphrases", default=str(PROJECT_ROOT / "benchmarks" / "data" / "doc2dial_paraphrases.jsonl"))
     parser.add_argument("--thresholds", default=THRESHOLDS, help="cosine distances to sweep, comma-separated")
+    parser.add_argument("--any-turn", action="store_true",
+                        help="match every question that does not refer back, not only first questions (the rule "
+                             "measured before; shows why later turns are not matched)")
     parser.add_argument("--baseline-upto", type=float, default=0.0,
                         help="answer the questions served up to this distance without curated answers too (runs "
                              "the pipeline and the model; 0: off)")
@@ -132,7 +146,7 @@ def main() -> None:
     for name, items in groups.items():
         progress(f"{name}: {len(items)} questions")
         reach = 2.0 if name == "unrelated question" else limit  # how close the closest unrelated one comes
-        results[name] = [{**ask(text, history, args.collection, reach, gold, root), "reference": reference,
+        results[name] = [{**ask(text, history, args.collection, reach, gold, root, args.any_turn), "reference": reference,
                           "question": text, "history": history, "gold": gold}
                          for text, history, gold, reference in items]
 
@@ -149,7 +163,7 @@ def main() -> None:
     closest = sorted(r["distance"] for r in results["unrelated question"] if r["distance"] is not None)
     print(f"\nunrelated questions within {limit:.2f} of a curated question: {sum(d <= limit for d in closest)}; "
           f"closest distances: {', '.join(f'{d:.3f}' for d in closest[:3])}")
-    lookup_ms = [r["ms"] for rows in results.values() for r in rows]
+    lookup_ms = [r["ms"] for rows in results.values() for r in rows if r["looked_up"]]
     print(f"curated lookup (embedding + pgvector query) p50 / p95: {percentile(lookup_ms, 50):.1f} / "
           f"{percentile(lookup_ms, 95):.1f} ms over {len(lookup_ms)} questions")
 
