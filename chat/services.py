@@ -57,6 +57,7 @@ from chat.models import Conversation, Message, ModelVersion
 from chat.notifications import customer_notify, inbox_notify
 from chat.prompts import grounded_messages, source_excerpt, without_markers
 from chat.selectors import conversation_get, conversation_history
+from knowledge import embedding as embedding_module
 from knowledge.selectors import CuratedMatch, RetrievedChunk, conversation_search, curated_answer_match
 
 logger = logging.getLogger(__name__)
@@ -326,13 +327,16 @@ def answer_compose(
     record: dict = {}
     if retrieval:
         started = time.perf_counter()
+        # Embedded once: the curated lookup and retrieval both compare the question's own words.
+        question_vector = embedding_module.get_embedding_model().encode([question.strip()])[0]
         if curated:
-            match = curated_lookup(question, history=history, collection=collection)
+            match = curated_lookup(question, history=history, collection=collection, query_embedding=question_vector)
             if match is not None:
                 yield from curated_reply(match, question=question, retrieval_ms=_ms(time.perf_counter() - started),
                                          received=received)
                 return
-        found = conversation_search(question, list(history), k=settings.RETRIEVAL_K, collection=collection)
+        found = conversation_search(question, list(history), k=settings.RETRIEVAL_K, collection=collection,
+                                    question_embedding=question_vector)
         chunks = found.chunks
         retrieval_ms = _ms(time.perf_counter() - started)
         record = {"query": found.query, "follow_up": found.follow_up,
@@ -486,11 +490,12 @@ def answer_compose(
 
 
 def curated_lookup(question: str, *, history=(), collection: str = "default",
-                   max_distance: float | None = None) -> CuratedMatch | None:
+                   max_distance: float | None = None, query_embedding=None) -> CuratedMatch | None:
     """The curated answer the pipeline serves for ``question``, or ``None``: only the conversation's
     first customer question (``history`` ``[{"role", "text"}]`` holds no ``user`` turn) is matched,
     against the curated questions of ``collection`` within ``max_distance`` (default
     ``CURATED_MATCH_MAX_DISTANCE``, cosine 0..2; ``knowledge.selectors.curated_answer_match``).
+    ``query_embedding`` is the question's embedding when the caller has it.
 
     Measured on Doc2Dial (``benchmarks/curated_answers.py``, README "Curated answers"): later turns
     close to a corrected question, even ones that stand on their own, ask for more than it answered,
@@ -500,7 +505,8 @@ def curated_lookup(question: str, *, history=(), collection: str = "default",
     any other passage."""
     if any(turn.get("role") == "user" for turn in history):
         return None
-    return curated_answer_match(question, collection=collection, max_distance=max_distance)
+    return curated_answer_match(question, collection=collection, max_distance=max_distance,
+                                query_embedding=query_embedding)
 
 
 def curated_reply(match: CuratedMatch, *, question: str, retrieval_ms: float = 0.0, received: float | None = None

@@ -138,6 +138,7 @@ def _shares_terms(question: str, chunks: Sequence[RetrievedChunk]) -> bool:
 def conversation_search(
     question: str, history: Sequence[dict] = (), *, k: int = 5, collection: str | None = None,
     mode: str = "hybrid", weak_distance: float | None = None, lean_max_distance: float | None = None,
+    question_embedding: Sequence[float] | None = None,
 ) -> ConversationalRetrieval:
     """Retrieval that follows a conversation without being captured by it.
 
@@ -150,7 +151,8 @@ def conversation_search(
     Otherwise the question leads on its own words: when they retrieve well its own results come first
     and the history's are fused after them (``OWN_WORDS_FIRST``), so a new topic is answered from its
     own sources; when they do not, only its own (far) results are returned, for the caller's
-    abstention check. Returns ``ConversationalRetrieval``; raises
+    abstention check. ``question_embedding`` (unit vector of length ``EMBEDDING_DIM``) is the
+    question's own embedding when the caller already has it. Returns ``ConversationalRetrieval``; raises
     ``ValueError`` like ``chunk_search``.
     """
     weak = settings.ABSTAIN_MAX_DISTANCE if weak_distance is None else weak_distance
@@ -159,8 +161,13 @@ def conversation_search(
     if not question:
         return ConversationalRetrieval([], "", None, None, None)
     query = retrieval_query(question, history)
-    texts = [question] if query == question else [question, query]
-    vectors = embedding_module.get_embedding_model().encode(texts)
+    if question_embedding is not None:
+        vectors = [question_embedding]
+        if query != question:
+            vectors.append(embedding_module.get_embedding_model().encode([query])[0])
+    else:
+        texts = [question] if query == question else [question, query]
+        vectors = embedding_module.get_embedding_model().encode(texts)
     own = chunk_search(question, k=k, collection=collection, query_embedding=vectors[0], mode=mode)
     own_distance = _closest(own)
     if query == question:
