@@ -91,7 +91,7 @@ def feedback_summary() -> dict:
 def grounding_summary() -> dict:
     """The groundedness check over the assistant answers that carry its record (answers from before
     the check, ``grounding == {}``, are not counted): ``{"checked": int, "generated": int,
-    "extractive": int, "declined": int, "with_removed": int (answers from which the check removed at
+    "extractive": int, "curated": int (approved corrections served), "declined": int, "with_removed": int (answers from which the check removed at
     least one sentence), "removed_sentences": int (sentences removed in all), "removed_percent": int
     | None (with_removed / checked, rounded percent; None when nothing was checked)}``. One query."""
     method = "grounding__method"
@@ -99,6 +99,7 @@ def grounding_summary() -> dict:
         checked=Count("id"),
         generated=Count("id", filter=Q(**{method: "generated"})),
         extractive=Count("id", filter=Q(**{method: "extractive"})),
+        curated=Count("id", filter=Q(**{method: "curated"})),
         declined=Count("id", filter=Q(**{method: "declined"})),
         with_removed=Count("id", filter=Q(grounding__removed__gt=0)),
         removed_sentences=Coalesce(Sum(Cast(KT("grounding__removed"), IntegerField())), 0),

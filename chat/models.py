@@ -94,13 +94,14 @@ class Message(models.Model):
     (``n`` the 1-based source number the answer cited as ``[n]``, ``start``/``end`` character offsets
     into the source text, ``method`` ``"model"`` when the model wrote the marker and the check confirmed it, ``"check"``
     when the groundedness check cited the source that supports the sentence, ``"extractive"`` for a
-    quoted source sentence); ``retrieval`` the retrieval trace ``[{"chunk_id", "source_id", "score",
+    quoted source sentence, ``"curated"`` for the evidence of a curated answer); ``retrieval`` the retrieval trace ``[{"chunk_id", "source_id", "score",
     "vector_distance", "text_rank"}]`` (RRF score, cosine distance 0..2); ``timings``
     ``{"retrieval_ms", "ttft_ms", "first_text_ms", "generation_ms", "tokens", "tokens_per_s"}``;
-    ``grounding`` the groundedness check's record: ``{"method": "generated"|"extractive"|"declined",
+    ``grounding`` the groundedness check's record: ``{"method": "generated"|"extractive"|"curated"|"declined",
     "reason", "query", "follow_up", "question_distance", "removed": int, "sentences": [{"text",
     "shown", "reason", "source", "coverage", "similarity"}]}`` (every sentence the model wrote, and
-    why each removed one was removed; ``chat.services.ComposedAnswer``).
+    why each removed one was removed; a curated answer adds ``"curated_id"``, ``"curated_question"``
+    and ``"curated_distance"``; ``chat.services.ComposedAnswer``).
     """
 
     class Role(models.TextChoices):

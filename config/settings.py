@@ -361,6 +361,13 @@ ABSTAIN_MAX_DISTANCE = env.float("ABSTAIN_MAX_DISTANCE", default=0.62)
 # at most this (cosine, 0..2); farther, it is judged on its own words (off-topic questions after
 # on-topic ones are declined). Doc2Dial follow-ups vs unrelated questions: README, "Conversations".
 FOLLOW_UP_MAX_DISTANCE = env.float("FOLLOW_UP_MAX_DISTANCE", default=0.70)
+# A conversation's first question whose embedding is within this cosine distance (0..2) of a curated
+# answer's question (an approved correction) is answered with the curated answer, citing its evidence,
+# and nothing else is retrieved or generated. Chosen with benchmarks/curated_answers.py on Doc2Dial
+# (README, "Curated answers"): up to 0.25 every band of distance beat the pipeline's own answers on
+# other dialogues' first turns (token-F1), paraphrases were served 26 of 27, and no unrelated question
+# came within 0.40.
+CURATED_MATCH_MAX_DISTANCE = env.float("CURATED_MATCH_MAX_DISTANCE", default=0.25)
 
 # --- Tuning loop (LoRA fine-tunes on approved corrections; see tuning/ and README "Tuning") ------
 # Dataset snapshots (RAFT recipe, tuning.datasets): probability an example keeps its gold sources

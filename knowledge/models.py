@@ -1,7 +1,7 @@
 """Knowledge-base data: sources, their chunks (with embeddings and full-text vectors) and products.
 
-A ``Source`` is one document (an uploaded or ingested file, a product entry, or a page of a
-``Website``). Its extracted
+A ``Source`` is one document (an uploaded or ingested file, a product entry, a page of a
+``Website``, or a curated answer). Its extracted
 ``text`` is what chunk offsets and citations point into. The chunks of a source are replaced in one
 transaction together with ``text`` and ``content_hash``, so readers always see one consistent version.
 """
@@ -30,6 +30,7 @@ class Source(models.Model):
         FAQ = "faq", "FAQ sheet"
         PRODUCT = "product", "Product"
         PAGE = "page", "Web page"
+        CURATED = "curated", "Curated answer"
 
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
@@ -39,7 +40,8 @@ class Source(models.Model):
         FAILED = "failed", "Failed"
 
     collection = models.CharField(max_length=100, default=DEFAULT_COLLECTION, db_index=True)
-    uri = models.CharField(max_length=2000, help_text="Path, upload name, product:<sku> or a page's canonical URL.")
+    uri = models.CharField(max_length=2000, help_text="Path, upload name, product:<sku>, a page's canonical URL "
+                           "or curated:<key>.")
     kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.FILE)
     title = models.CharField(max_length=500, blank=True)
     # The raw bytes waiting to be ingested (uploads and products); files ingested from a path on
@@ -239,3 +241,60 @@ class Product(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.sku})"
+
+
+class CuratedAnswer(models.Model):
+    """An approved answer to a question, kept as a source of kind ``curated`` of its collection.
+
+    Its source holds one chunk: ``text`` the answer, the source's title the question, and the
+    embedding of the question alone (``knowledge.services.embedding_text``), so the vector leg of
+    ``chunk_search`` compares a new question with the curated question; the full-text leg reads the
+    question (weight A) and the answer (B). ``key`` is the writer's reference (e.g. ``correction:17``;
+    the knowledge base knows nothing of corrections). ``evidence`` are the passages that support the
+    answer (``CuratedEvidence``), cited when it is served.
+
+    ``retired_reason`` is set (and the chunk deleted, so it is neither served nor retrieved) when a
+    source of its evidence changed or was deleted; the writer removes the entry itself later (see
+    ``knowledge.services.curated_answer_delete``).
+    """
+
+    source = models.OneToOneField(Source, on_delete=models.CASCADE, related_name="curated")
+    key = models.CharField(max_length=200, unique=True)
+    question = models.TextField()
+    answer = models.TextField()
+    retired_reason = models.TextField(blank=True)
+    edited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            CheckConstraint(condition=~Q(question=""), name="curated_question_not_empty"),
+            CheckConstraint(condition=~Q(answer=""), name="curated_answer_not_empty"),
+        ]
+        ordering = ["-updated_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"curated answer {self.pk}: {self.question[:60]}"
+
+
+class CuratedEvidence(models.Model):
+    """One passage supporting a curated answer: ``source.text[start:end]`` as it was when the
+    answer was curated (``content_hash`` the source's hash then). The passage is cited by the chunk
+    of ``source`` with exactly this range; ``source`` is ``NULL`` once that source was deleted."""
+
+    curated = models.ForeignKey(CuratedAnswer, on_delete=models.CASCADE, related_name="evidence")
+    ordinal = models.PositiveSmallIntegerField()
+    source = models.ForeignKey(Source, null=True, on_delete=models.SET_NULL, related_name="curated_evidence")
+    start = models.PositiveIntegerField()
+    end = models.PositiveIntegerField()
+    content_hash = models.CharField(max_length=64)
+
+    class Meta:
+        constraints = [
+            UniqueConstraint(fields=["curated", "ordinal"], name="curated_evidence_unique_ordinal"),
+            CheckConstraint(condition=Q(end__gt=F("start")), name="curated_evidence_nonempty_range"),
+        ]
+        ordering = ["curated_id", "ordinal"]

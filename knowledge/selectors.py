@@ -1,4 +1,5 @@
-"""Knowledge-base reads: hybrid retrieval (``chunk_search``) and the retrieval query (``retrieval_query``).
+"""Knowledge-base reads: hybrid retrieval (``chunk_search``), the retrieval query (``retrieval_query``)
+and curated answers (``curated_answer_match``, ``curated_answer_list``).
 
 Hybrid retrieval runs two legs in one SQL statement and fuses their rankings with reciprocal rank
 fusion (RRF; Cormack, Clarke & Buettcher, "Reciprocal Rank Fusion outperforms Condorcet and
@@ -21,7 +22,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from knowledge import embedding as embedding_module
-from knowledge.models import Chunk
+from knowledge.models import Chunk, CuratedAnswer, Source
 
 _TERM = re.compile(r"[^\W_]+", re.UNICODE)
 
@@ -137,6 +138,7 @@ def _shares_terms(question: str, chunks: Sequence[RetrievedChunk]) -> bool:
 def conversation_search(
     question: str, history: Sequence[dict] = (), *, k: int = 5, collection: str | None = None,
     mode: str = "hybrid", weak_distance: float | None = None, lean_max_distance: float | None = None,
+    question_embedding: Sequence[float] | None = None,
 ) -> ConversationalRetrieval:
     """Retrieval that follows a conversation without being captured by it.
 
@@ -149,7 +151,8 @@ def conversation_search(
     Otherwise the question leads on its own words: when they retrieve well its own results come first
     and the history's are fused after them (``OWN_WORDS_FIRST``), so a new topic is answered from its
     own sources; when they do not, only its own (far) results are returned, for the caller's
-    abstention check. Returns ``ConversationalRetrieval``; raises
+    abstention check. ``question_embedding`` (unit vector of length ``EMBEDDING_DIM``) is the
+    question's own embedding when the caller already has it. Returns ``ConversationalRetrieval``; raises
     ``ValueError`` like ``chunk_search``.
     """
     weak = settings.ABSTAIN_MAX_DISTANCE if weak_distance is None else weak_distance
@@ -158,8 +161,13 @@ def conversation_search(
     if not question:
         return ConversationalRetrieval([], "", None, None, None)
     query = retrieval_query(question, history)
-    texts = [question] if query == question else [question, query]
-    vectors = embedding_module.get_embedding_model().encode(texts)
+    if question_embedding is not None:
+        vectors = [question_embedding]
+        if query != question:
+            vectors.append(embedding_module.get_embedding_model().encode([query])[0])
+    else:
+        texts = [question] if query == question else [question, query]
+        vectors = embedding_module.get_embedding_model().encode(texts)
     own = chunk_search(question, k=k, collection=collection, query_embedding=vectors[0], mode=mode)
     own_distance = _closest(own)
     if query == question:
@@ -324,3 +332,100 @@ def chunk_search(
         )
     return results
 
+
+
+# --- curated answers ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CuratedMatch:
+    """A curated answer whose question is close to a new question: ``curated_id``, its ``question``
+    and ``answer``, ``distance`` (cosine distance 0..2 between the new question's embedding and the
+    curated question's) and ``evidence`` (the passages that support it, in the writer's order, as
+    ``RetrievedChunk`` of the chunks holding them now)."""
+
+    curated_id: int
+    question: str
+    answer: str
+    distance: float
+    evidence: list[RetrievedChunk]
+
+
+def _as_retrieved(chunk: Chunk) -> RetrievedChunk:
+    return RetrievedChunk(
+        chunk_id=chunk.pk, source_id=chunk.source_id, source_uri=chunk.source.uri, source_title=chunk.source.title,
+        collection=chunk.source.collection, ordinal=chunk.ordinal, start=chunk.start, end=chunk.end, text=chunk.text,
+        heading_path=list(chunk.heading_path),
+    )
+
+
+def curated_evidence(curated: CuratedAnswer) -> list[RetrievedChunk] | None:
+    """The chunks citing ``curated``'s evidence now, in order, or ``None`` when any of it changed: its
+    source was deleted, holds other content (another ``content_hash``) or no chunk has that range."""
+    found = []
+    for evidence in curated.evidence.all():
+        if evidence.source_id is None:
+            return None
+        chunk = (Chunk.objects.select_related("source").defer("embedding", "search_vector", "source__text")
+                 .filter(source_id=evidence.source_id, start=evidence.start, end=evidence.end).first())
+        if chunk is None or chunk.source.content_hash != evidence.content_hash:
+            return None
+        found.append(_as_retrieved(chunk))
+    return found or None
+
+
+def curated_answer_match(
+    question: str, *, collection: str | None = None, max_distance: float | None = None,
+    query_embedding: Sequence[float] | None = None, candidates: int = 5,
+) -> CuratedMatch | None:
+    """The curated answer of ``collection`` whose question is closest to ``question``, if within
+    ``max_distance`` (cosine distance 0..2 between the two questions' embeddings; default
+    ``CURATED_MATCH_MAX_DISTANCE``, chosen in ``benchmarks/curated_answers.py``) and its evidence is
+    unchanged (``curated_evidence``); else ``None``. Retired entries have no chunk and never match.
+
+    Reads the curated chunks (the vector of each curated question) with pgvector's cosine distance:
+    the ``candidates`` closest are checked in order. ``query_embedding`` (unit vector of length
+    ``EMBEDDING_DIM``) skips embedding ``question``. Returns ``None`` for an empty question.
+    """
+    from pgvector.django import CosineDistance
+
+    limit = settings.CURATED_MATCH_MAX_DISTANCE if max_distance is None else max_distance
+    question = (question or "").strip()
+    if not question:
+        return None
+    if query_embedding is None:
+        query_embedding = embedding_module.get_embedding_model().encode([question])[0]
+    chunks = Chunk.objects.filter(source__kind=Source.Kind.CURATED, embedding_model=embedding_module.model_id())
+    if collection:
+        chunks = chunks.filter(source__collection=collection)
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+        nearest = list(
+            chunks.annotate(distance=CosineDistance("embedding", list(map(float, query_embedding))))
+            .filter(distance__lte=limit).order_by("distance").values_list("source_id", "distance")[:candidates]
+        )
+        nearest.sort(key=lambda row: row[1])  # an iterative index scan may return them slightly out of order
+        entries = CuratedAnswer.objects.prefetch_related("evidence").in_bulk(
+            [source_id for source_id, _ in nearest], field_name="source_id")
+        for source_id, distance in nearest:
+            curated = entries.get(source_id)
+            if curated is None or curated.retired_reason:
+                continue
+            evidence = curated_evidence(curated)
+            if evidence:
+                return CuratedMatch(curated.pk, curated.question, curated.answer, float(distance), evidence)
+    return None
+
+
+def curated_answer_list(*, collection: str | None = None, keys: Sequence[str] | None = None):
+    """Curated answers (``CuratedAnswer`` queryset, most recently changed first) with their source
+    and evidence (and each evidence's source) loaded, optionally of one ``collection`` or with one
+    of ``keys``."""
+    curated = CuratedAnswer.objects.select_related("source", "edited_by").prefetch_related("evidence__source")
+    if collection:
+        curated = curated.filter(source__collection=collection)
+    if keys is not None:
+        curated = curated.filter(key__in=list(keys))
+    return curated

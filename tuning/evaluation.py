@@ -97,7 +97,8 @@ def arm_answers(version: ModelVersion, questions: list[HeldOutQuestion], *, retr
     """Answer every question with ``version`` through ``answer_compose`` on a dedicated engine
     (loaded here and shut down after, unless ``engine`` is given), with or without ``retrieval``.
     The model always writes the answer (``quote_first=False``: a quoted source sentence would make
-    every arm the same); with retrieval its text passes the serving path's groundedness check.
+    every arm the same; ``curated=False``: a held-out correction's own curated answer would too); with
+    retrieval its text passes the serving path's groundedness check.
 
     Returns one row per question: ``{"example_id", "text", "abstained", "declined", "f1",
     "markers", "cited", "cited_on_gold", "ttft_ms", "tokens_per_s", "error"}``.
@@ -111,7 +112,8 @@ def arm_answers(version: ModelVersion, questions: list[HeldOutQuestion], *, retr
         for question in questions:
             composed, error = None, ""
             for event in answer_compose(question.question, history=question.history, collection=question.collection,
-                                        version=version, engine=engine, retrieval=retrieval, quote_first=False):
+                                        version=version, engine=engine, retrieval=retrieval, quote_first=False,
+                                        curated=False):
                 if event.type == "answer.composed":
                     composed = event.data["answer"]
                 elif event.type in ("chat.error", "chat.busy"):

@@ -24,6 +24,9 @@ class Correction(models.Model):
     moves from ``pending`` to ``approved`` or ``rejected`` by a reviewer who is not the author (a
     database constraint). ``stale`` is set when a source of its chunks changed after it was written
     (``tuning.services.corrections_flag_stale``); stale corrections are never exported.
+    An approved correction that is neither stale nor rejected is served as a curated answer
+    (``curated_answer``, ``knowledge.models.CuratedAnswer``) when it has supporting chunks; the
+    reason it is not is in ``curation_note``.
     """
 
     class Reason(models.TextChoices):
@@ -64,6 +67,12 @@ class Correction(models.Model):
     # dialogue (the held-out split keeps a dialogue's turns together).
     seed_key = models.CharField(max_length=200, blank=True)
     seed_group = models.CharField(max_length=200, blank=True)
+    # While approved and neither stale nor rejected: the curated answer it became in the knowledge base
+    # (``tuning.services.correction_curate``); else why it is not one (``curation_note``).
+    curated_answer = models.OneToOneField(
+        "knowledge.CuratedAnswer", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    curation_note = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

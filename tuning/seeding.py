@@ -28,17 +28,18 @@ from knowledge.evaluation import GoldQuestion
 from knowledge.models import Chunk, Source
 from knowledge.selectors import conversation_search
 from tuning.models import Correction
-from tuning.services import chunk_snapshot
+from tuning.services import chunk_snapshot, correction_curate
 
 SEED_ORIGIN = "seed_training_data"
 
 
 @dataclass
 class SeedReport:
-    """What ``training_data_seed`` did: ``created`` corrections, ``existing`` (already seeded),
-    ``skipped`` with the reason per question id."""
+    """What ``training_data_seed`` did: ``created`` corrections (``curated`` of them became curated
+    answers), ``existing`` (already seeded), ``skipped`` with the reason per question id."""
 
     created: int = 0
+    curated: int = 0
     existing: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -59,7 +60,7 @@ def _sources_by_relative_path(collection: str, root: Path) -> dict[str, int]:
 
 
 def _seed_one(*, key: str, group: str, question: str, history: list[dict], collection: str, answer: str,
-              reason: str, supporting: list[Chunk]) -> Correction:
+              reason: str, supporting: list[Chunk], curate: bool = True) -> Correction:
     retrieved = conversation_search(question, history, k=settings.RETRIEVAL_K, collection=collection).chunks
     shown_ids = [c.chunk_id for c in retrieved[: settings.LLM_PROMPT_SOURCES]]
     shown = Chunk.objects.select_related("source").defer("embedding", "search_vector", "source__text").in_bulk(shown_ids)
@@ -77,7 +78,7 @@ def _seed_one(*, key: str, group: str, question: str, history: list[dict], colle
             conversation=conversation, role=Message.Role.ASSISTANT, text="",
             retrieval=retrieval_trace(retrieved),
         )
-        return Correction.objects.create(
+        correction = Correction.objects.create(
             message=message, author=None, reason=reason, corrected_answer=answer, original_answer="",
             question=question, history=[{"role": t.get("role", "user"), "text": t.get("text", "")} for t in history],
             shown_chunks=[chunk_snapshot(shown[i]) for i in shown_ids if i in shown],
@@ -85,11 +86,14 @@ def _seed_one(*, key: str, group: str, question: str, history: list[dict], colle
             status=Correction.Status.APPROVED, reviewed_at=now, seeded=True, seed_key=key, seed_group=group,
             review_note="seeded from a question file with reference passages",
         )
+        if curate:
+            correction_curate(correction)
+        return correction
 
 
 def training_data_seed(
     questions: list[GoldQuestion], *, docs_root: str | Path, collection: str, unanswerable: list[str] = (),
-    max_supporting: int = 2,
+    max_supporting: int = 2, curate: bool = True,
 ) -> SeedReport:
     """Store an approved, seeded correction for each of ``questions`` (gold pages must be ingested in
     ``collection``; ``gold_file`` paths are relative to ``docs_root``) and for each ``unanswerable``
@@ -98,7 +102,8 @@ def training_data_seed(
     A question is skipped (with the reason in the report) when its gold page is not in the collection,
     no chunk overlaps its gold span, or it has no reference answer. The question's dialogue (the qid
     up to its last ``_``) is its ``seed_group``. Up to ``max_supporting`` gold chunks (in text order)
-    are kept as support.
+    are kept as support. Like an approved agent correction, each becomes a curated answer when it
+    can (``tuning.services.correction_curate``), unless ``curate=False``.
     """
     root = Path(docs_root).resolve()
     report = SeedReport()
@@ -126,9 +131,11 @@ def training_data_seed(
             report.skipped[question.qid] = "no chunk overlaps the gold span"
             continue
         group = dialogue_of(question)
-        _seed_one(key=key, group=group, question=question.question, history=list(question.history),
-                  collection=collection, answer=answer, reason=Correction.Reason.WRONG_FACT, supporting=gold)
+        correction = _seed_one(key=key, group=group, question=question.question, history=list(question.history),
+                               collection=collection, answer=answer, reason=Correction.Reason.WRONG_FACT,
+                               supporting=gold, curate=curate)
         report.created += 1
+        report.curated += correction.curated_answer_id is not None
     for text in unanswerable:
         text = " ".join(text.split())
         if not text:
@@ -138,6 +145,6 @@ def training_data_seed(
             report.existing += 1
             continue
         _seed_one(key=key, group=key, question=text, history=[], collection=collection, answer=ABSTAIN_MESSAGE,
-                  reason=Correction.Reason.MISSING_FROM_KB, supporting=[])
+                  reason=Correction.Reason.MISSING_FROM_KB, supporting=[], curate=curate)
         report.created += 1
     return report

@@ -7,6 +7,11 @@ the training example needs); a second agent or an admin approves or rejects it
 (every few minutes on Celery beat, ``tuning.tasks.flag_stale_corrections``, and again right before
 each review and each export); ``training_data_export`` writes approved, non-stale corrections as chat
 records.
+
+Curated answers: an approved correction with supporting chunks is also written to the knowledge base
+as a curated answer (``correction_curate``, through ``knowledge.services``), which the answer pipeline
+serves at once to close questions. It leaves the knowledge base in the same transaction as the
+correction becomes stale (``corrections_flag_stale``) or rejected (``correction_revoke``).
 """
 
 from __future__ import annotations
@@ -15,14 +20,26 @@ import json
 from typing import IO, Iterable
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from chat.models import Message
 from chat.notifications import inbox_notify
+from chat.citations import clean_markers
 from chat.prompts import grounded_messages
+from knowledge import services as knowledge_services
 from knowledge.models import Chunk, Source
-from knowledge.selectors import RetrievedChunk
+from knowledge.selectors import RetrievedChunk, is_follow_up
 from tuning.models import Correction
+
+NOT_CURATED_NO_EVIDENCE = (
+    "not served as a curated answer: no supporting chunks were picked, so it could not cite its evidence "
+    "(write a new correction and tick the passages that support it)"
+)
+NOT_CURATED_FOLLOW_UP = (
+    "not served as a curated answer: the question leans on the conversation before it, so it is not "
+    "one customers ask on its own"
+)
 
 HISTORY_MAX_TURNS = 10
 HISTORY_ROLES = (Message.Role.USER, Message.Role.ASSISTANT, Message.Role.AGENT)
@@ -108,6 +125,7 @@ def correction_review(correction_id: int, *, reviewer, approve: bool, note: str 
     flags it stale, and a stale correction cannot be approved.
 
     Atomic: a conditional update on ``status="pending"``, so two reviewers cannot both decide.
+    Approving also makes it a curated answer in the same transaction (``correction_curate``).
     Raises ``CorrectionError`` when the reviewer is the author, the correction is no longer pending,
     or approving a stale correction; its status, reviewer and note are then unchanged (only the
     stale flag may have been set). ``Correction.DoesNotExist`` for an unknown id.
@@ -120,11 +138,88 @@ def correction_review(correction_id: int, *, reviewer, approve: bool, note: str 
     if approve and correction.stale:
         raise CorrectionError("this correction is stale: its sources changed; write a new one")
     status = Correction.Status.APPROVED if approve else Correction.Status.REJECTED
-    updated = Correction.objects.filter(pk=correction_id, status=Correction.Status.PENDING).update(
-        status=status, reviewer=reviewer, reviewed_at=timezone.now(), review_note=(note or "").strip()
-    )
-    if not updated:
-        raise CorrectionError("this correction was already reviewed")
+    with transaction.atomic():
+        updated = Correction.objects.filter(pk=correction_id, status=Correction.Status.PENDING).update(
+            status=status, reviewer=reviewer, reviewed_at=timezone.now(), review_note=(note or "").strip()
+        )
+        if not updated:
+            raise CorrectionError("this correction was already reviewed")
+        correction.refresh_from_db()
+        correction_curate(correction)
+    inbox_notify(correction.message.conversation_id, "correction")
+    return correction
+
+
+def curated_key(correction_id: int) -> str:
+    """The key of correction ``correction_id``'s curated answer in the knowledge base."""
+    return f"correction:{correction_id}"
+
+
+def _curated_remove(correction_id: int, note: str) -> None:
+    """Delete correction ``correction_id``'s curated answer (if any) and record ``note``; the caller
+    holds the transaction."""
+    knowledge_services.curated_answer_delete(key=curated_key(correction_id))
+    Correction.objects.filter(pk=correction_id).update(curated_answer=None, curation_note=note)
+
+
+def correction_curate(correction: Correction):
+    """Make approved ``correction`` a curated answer of its conversation's collection: the question,
+    the corrected answer (citation markers removed: they numbered the sources the model was shown)
+    and the supporting chunks as evidence (``knowledge.services.curated_answer_put``, key
+    ``correction:<id>``). A pending, rejected or stale correction has none (an existing one is
+    deleted). Not curated, with the reason in ``curation_note``: no supporting chunks, a question
+    that leans on the conversation before it (``knowledge.selectors.is_follow_up`` with history), or
+    evidence the knowledge base refuses (changed since). Atomic. Returns the
+    ``knowledge.models.CuratedAnswer`` or ``None``."""
+    def not_curated(note: str) -> None:
+        _curated_remove(correction.pk, note)
+        correction.curated_answer, correction.curation_note = None, note
+
+    with transaction.atomic():
+        if correction.status != Correction.Status.APPROVED or correction.stale:
+            not_curated("" if correction.status == Correction.Status.PENDING else
+                        f"not served as a curated answer: {'stale' if correction.stale else correction.status}")
+            return None
+        note = ""
+        if not correction.supporting_chunks:
+            note = NOT_CURATED_NO_EVIDENCE
+        elif correction.history and is_follow_up(correction.question):
+            note = NOT_CURATED_FOLLOW_UP
+        if note:
+            not_curated(note)
+            return None
+        try:
+            with transaction.atomic():
+                curated = knowledge_services.curated_answer_put(
+                    key=curated_key(correction.pk), collection=correction.message.conversation.collection,
+                    question=correction.question, answer=clean_markers(correction.corrected_answer, 0),
+                    evidence=[{"source_id": s["source_id"], "start": s["start"], "end": s["end"],
+                               "content_hash": s["content_hash"]} for s in correction.supporting_chunks],
+                )
+        except knowledge_services.CuratedAnswerError as error:
+            not_curated(f"not served as a curated answer: {error}")
+            return None
+        Correction.objects.filter(pk=correction.pk).update(curated_answer=curated, curation_note="")
+        correction.curated_answer, correction.curation_note = curated, ""
+        return curated
+
+
+def correction_revoke(correction_id: int, *, reviewer, note: str = "") -> Correction:
+    """Reject an approved correction after the fact (``reviewer`` must not be its author): status
+    ``rejected``, and its curated answer leaves the knowledge base in the same transaction. Raises
+    ``CorrectionError`` (nothing changed) when the reviewer is the author or it is not approved;
+    ``Correction.DoesNotExist`` for an unknown id."""
+    correction = Correction.objects.get(pk=correction_id)
+    if correction.author_id is not None and correction.author_id == reviewer.pk:
+        raise CorrectionError("a correction is reviewed by someone other than its author")
+    with transaction.atomic():
+        updated = Correction.objects.filter(pk=correction_id, status=Correction.Status.APPROVED).update(
+            status=Correction.Status.REJECTED, reviewer=reviewer, reviewed_at=timezone.now(),
+            review_note=(note or "").strip(),
+        )
+        if not updated:
+            raise CorrectionError("only an approved correction can be withdrawn")
+        _curated_remove(correction_id, "not served as a curated answer: rejected")
     correction.refresh_from_db()
     inbox_notify(correction.message.conversation_id, "correction")
     return correction
@@ -170,7 +265,11 @@ def corrections_flag_stale(*, source_ids: Iterable[int] | None = None,
     for correction in corrections:
         reason = correction_stale_reason(correction, current)
         if reason:
-            flagged += Correction.objects.filter(pk=correction.pk, stale=False).update(stale=True, stale_reason=reason)
+            with transaction.atomic():
+                changed = Correction.objects.filter(pk=correction.pk, stale=False).update(stale=True, stale_reason=reason)
+                if changed:
+                    _curated_remove(correction.pk, f"not served as a curated answer: stale ({reason})")
+            flagged += changed
     return flagged
 
 

@@ -1,5 +1,11 @@
 """Dashboard pages for corrections (included under ``/dashboard/corrections/``): write a correction
-on an answer (with chunk search), and the review queue. Agents only (``chat.access.agent_required``)."""
+on an answer (with chunk search), the review queue, and the curated answers approved corrections
+became (see and edit them, or withdraw the correction). Agents only (``chat.access.agent_required``).
+
+The curated answers are stored in the knowledge base (``knowledge.models.CuratedAnswer``) but written
+only by this app (``tuning.services.correction_curate``), so their page is here: it reads them through
+``knowledge.selectors`` and edits them through ``knowledge.services`` (the knowledge app has no
+dashboard and may not import the agents' access rules from ``chat``)."""
 
 from __future__ import annotations
 
@@ -11,7 +17,9 @@ from django.views.decorators.http import require_POST
 from chat import agent_selectors
 from chat.access import agent_required
 from chat.models import Conversation, Message
-from knowledge.selectors import chunk_search
+from knowledge import services as knowledge_services
+from knowledge.models import CuratedAnswer
+from knowledge.selectors import chunk_search, curated_answer_list as curated_answers
 from tuning import selectors, services
 from tuning.models import Correction
 
@@ -79,3 +87,48 @@ def correction_review(request: HttpRequest, correction_id: int) -> HttpResponse:
     else:
         flash.success(request, f"Correction {correction_id} {decision}d.")
     return redirect("tuning:correction_list")
+
+
+@agent_required
+@require_POST
+def correction_withdraw(request: HttpRequest, correction_id: int) -> HttpResponse:
+    """POST ``note``: reject an approved correction (``services.correction_revoke``); its curated
+    answer leaves the knowledge base."""
+    try:
+        services.correction_revoke(correction_id, reviewer=request.user, note=request.POST.get("note", ""))
+    except Correction.DoesNotExist:
+        raise Http404("no such correction") from None
+    except services.CorrectionError as error:
+        flash.error(request, str(error))
+    else:
+        flash.success(request, f"Correction {correction_id} withdrawn; its curated answer is no longer served.")
+    return redirect(request.POST.get("next") == "curated" and "tuning:curated_answer_list" or "tuning:correction_list")
+
+
+@agent_required
+def curated_answer_list(request: HttpRequest) -> HttpResponse:
+    """The curated answers, most recently changed first, each with its evidence, the correction it
+    came from and an edit form."""
+    entries = list(curated_answers())
+    corrections = {c.curated_answer_id: c for c in Correction.objects.filter(curated_answer__in=entries)}
+    return render(request, "dashboard/curated_answers.html", {
+        "rows": [{"curated": entry, "correction": corrections.get(entry.pk)} for entry in entries],
+    })
+
+
+@agent_required
+@require_POST
+def curated_answer_edit(request: HttpRequest, curated_id: int) -> HttpResponse:
+    """POST ``question`` and ``answer``: ``knowledge.services.curated_answer_update`` (re-embeds it)."""
+    try:
+        knowledge_services.curated_answer_update(
+            curated_id, question=request.POST.get("question", ""), answer=request.POST.get("answer", ""),
+            user=request.user,
+        )
+    except CuratedAnswer.DoesNotExist:
+        raise Http404("no such curated answer") from None
+    except knowledge_services.CuratedAnswerError as error:
+        flash.error(request, str(error))
+    else:
+        flash.success(request, f"Curated answer {curated_id} saved.")
+    return redirect("tuning:curated_answer_list")

@@ -231,13 +231,13 @@ def test_grounding_summary_counts_methods_and_removed_sentences(conversation):
                                                              sentence("F?", shown=False, reason="a question, not an answer")]))
     answered(other, "d?", "I couldn't find this.", grounding("declined", [], reason="weak retrieval"), abstained=True)
     # when/then
-    assert analytics.grounding_summary() == {"checked": 4, "generated": 2, "extractive": 1, "declined": 1,
+    assert analytics.grounding_summary() == {"checked": 4, "generated": 2, "extractive": 1, "curated": 0, "declined": 1,
                                              "with_removed": 2, "removed_sentences": 3, "removed_percent": 50}
 
 
 def test_grounding_summary_without_checked_answers(conversation):
     # given only answers from before the check; when/then nothing is counted and there is no percentage
-    assert analytics.grounding_summary() == {"checked": 0, "generated": 0, "extractive": 0, "declined": 0,
+    assert analytics.grounding_summary() == {"checked": 0, "generated": 0, "extractive": 0, "curated": 0, "declined": 0,
                                              "with_removed": 0, "removed_sentences": 0, "removed_percent": None}
 
 

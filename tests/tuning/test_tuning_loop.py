@@ -22,6 +22,7 @@ from chat import engine as engine_module
 from chat.models import Message, ModelVersion
 from chat.services import answer_stream, conversation_start, model_version_active
 from tests.tuning.tiny_gguf import write_tiny_llama_gguf
+from tuning import services
 from tuning.fine_tuning import FineTuneError, fine_tune_run_execute, fine_tune_run_start, model_version_rollback
 from tuning.models import Correction, FineTuneRun, ModelEvaluation, TrainingDataset
 
@@ -125,8 +126,12 @@ def test_seeding_builds_approved_corrections_with_real_retrieval(seeded):
         assert correction.seed_key == f"{COLLECTION}:{qid}" and correction.seed_group == qid.rsplit("_", 1)[0]
         assert any(sentence[:30] in " ".join(s["text"].split()) for s in correction.supporting_chunks)
         assert len(correction.shown_chunks) == settings.LLM_PROMPT_SOURCES
+        # and, like an approved agent correction, a curated answer of the collection citing its gold chunk
+        assert (correction.curated_answer.key, correction.curated_answer.source.collection) == (
+            f"correction:{correction.pk}", COLLECTION)
     abstain = [c for c in corrections if not c.supporting_chunks]
     assert [c.reason for c in abstain] == ["missing_from_kb", "missing_from_kb"]
+    assert [(c.curated_answer_id, c.curation_note) for c in abstain] == [(None, services.NOT_CURATED_NO_EVIDENCE)] * 2
     # seeding again adds nothing
     before = Correction.objects.count()
     call_command("seed_training_data", questions=str(seeded), collection=COLLECTION, docs_root=str(DEMO))
@@ -169,6 +174,9 @@ def test_whole_loop_trains_exports_checks_evaluates_promotes_and_serves(seeded, 
     # and the chat pipeline now answers with the new version, without a restart (the model is asked:
     # no source sentence is quoted before it)
     loop_settings.ANSWER_QUOTE_MIN_RELEVANCE = 2.0
+    # (the questions below were seeded, so they are curated answers, which are served without the
+    # model; no question may match one here)
+    loop_settings.CURATED_MATCH_MAX_DISTANCE = -1.0
     conversation = conversation_start(collection=COLLECTION)
     events = list(answer_stream(conversation.pk, "How much is express shipping?"))
     assert events[-1].type == "chat.done"

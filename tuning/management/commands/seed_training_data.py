@@ -50,8 +50,8 @@ class Command(BaseCommand):
                 raise CommandError(f"no such file: {unanswerable}")
             extra = [line for line in Path(unanswerable).read_text(encoding="utf-8").splitlines() if line.strip()]
         report = training_data_seed(gold, docs_root=docs_root or path.parent, collection=collection, unanswerable=extra)
-        self.stdout.write(f"seeded {report.created} approved example(s); {report.existing} already seeded; "
-                          f"{len(report.skipped)} skipped")
+        self.stdout.write(f"seeded {report.created} approved example(s) ({report.curated} served as curated "
+                          f"answers); {report.existing} already seeded; {len(report.skipped)} skipped")
         for reason, count in sorted(Counter(report.skipped.values()).items()):
             self.stdout.write(f"  skipped {count}: {reason}")
         if not report.created and not report.existing:
