@@ -311,7 +311,9 @@ def answer_compose(
     model (the tuning evaluation measures the model). ``curated`` (with retrieval): a first question
     (no user turn in ``history``, ``curated_lookup``) within
     ``CURATED_MATCH_MAX_DISTANCE`` of a curated answer's question is answered with that answer, citing
-    its evidence chunks ``[1]..[n]``, and nothing is retrieved or generated (``curated_reply``).
+    its evidence chunks ``[1]..[n]``, and nothing is retrieved or generated (``curated_reply``);
+    ``curated=False`` also leaves curated answers out of retrieval (the tuning evaluation: a held-out
+    correction's own answer, embedded from its question, would otherwise be the first source).
     ``received`` is the ``time.perf_counter()`` the question arrived (TTFT is
     measured from it; default now).
 
@@ -334,7 +336,7 @@ def answer_compose(
                                          received=received)
                 return
         found = conversation_search(question, list(history), k=settings.RETRIEVAL_K, collection=collection,
-                                    question_embedding=question_vector)
+                                    question_embedding=question_vector, exclude_kinds=() if curated else ("curated",))
         chunks = found.chunks
         retrieval_ms = _ms(time.perf_counter() - started)
         record = {"query": found.query, "follow_up": found.follow_up,

@@ -138,7 +138,7 @@ def _shares_terms(question: str, chunks: Sequence[RetrievedChunk]) -> bool:
 def conversation_search(
     question: str, history: Sequence[dict] = (), *, k: int = 5, collection: str | None = None,
     mode: str = "hybrid", weak_distance: float | None = None, lean_max_distance: float | None = None,
-    question_embedding: Sequence[float] | None = None,
+    question_embedding: Sequence[float] | None = None, exclude_kinds: Sequence[str] = (),
 ) -> ConversationalRetrieval:
     """Retrieval that follows a conversation without being captured by it.
 
@@ -152,8 +152,8 @@ def conversation_search(
     and the history's are fused after them (``OWN_WORDS_FIRST``), so a new topic is answered from its
     own sources; when they do not, only its own (far) results are returned, for the caller's
     abstention check. ``question_embedding`` (unit vector of length ``EMBEDDING_DIM``) is the
-    question's own embedding when the caller already has it. Returns ``ConversationalRetrieval``; raises
-    ``ValueError`` like ``chunk_search``.
+    question's own embedding when the caller already has it. ``exclude_kinds`` as in ``chunk_search``.
+    Returns ``ConversationalRetrieval``; raises ``ValueError`` like ``chunk_search``.
     """
     weak = settings.ABSTAIN_MAX_DISTANCE if weak_distance is None else weak_distance
     lean = settings.FOLLOW_UP_MAX_DISTANCE if lean_max_distance is None else lean_max_distance
@@ -168,11 +168,13 @@ def conversation_search(
     else:
         texts = [question] if query == question else [question, query]
         vectors = embedding_module.get_embedding_model().encode(texts)
-    own = chunk_search(question, k=k, collection=collection, query_embedding=vectors[0], mode=mode)
+    own = chunk_search(question, k=k, collection=collection, query_embedding=vectors[0], mode=mode,
+                       exclude_kinds=exclude_kinds)
     own_distance = _closest(own)
     if query == question:
         return ConversationalRetrieval(own, question, None, own_distance, own_distance)
-    with_history = chunk_search(query, k=k, collection=collection, query_embedding=vectors[1], mode=mode)
+    with_history = chunk_search(query, k=k, collection=collection, query_embedding=vectors[1], mode=mode,
+                                exclude_kinds=exclude_kinds)
     history_distance = _closest(with_history)
     reason = None
     if is_follow_up(question):
@@ -255,13 +257,16 @@ def chunk_search(
     candidates: int | None = None,
     query_embedding: Sequence[float] | None = None,
     mode: str = "hybrid",
+    exclude_kinds: Sequence[str] = (),
 ) -> list[RetrievedChunk]:
     """Hybrid retrieval: the ``k`` best chunks for ``query`` (best first), fused with RRF.
 
     ``collection`` restricts the search to one collection. ``candidates`` (default
     ``RETRIEVAL_CANDIDATES``) is how many chunks each leg contributes before fusion.
     ``query_embedding`` (a unit vector of length ``EMBEDDING_DIM``) skips embedding the query.
-    ``mode`` ``"vector"`` or ``"text"`` runs one leg only (for measurement).
+    ``mode`` ``"vector"`` or ``"text"`` runs one leg only (for measurement). ``exclude_kinds``
+    (``Source.Kind`` values) leaves those sources out, e.g. ``("curated",)`` where approved
+    corrections' answers must not count (the tuning evaluation: a held-out correction's own answer).
     Returns ``[]`` for an empty query. Raises ``ValueError`` if ``k`` < 1 or ``mode`` is unknown.
     """
     if k < 1:
@@ -275,8 +280,10 @@ def chunk_search(
         query_embedding = embedding_module.get_embedding_model().encode([query])[0]
     vector_literal = "[" + ",".join(f"{float(x):.7g}" for x in query_embedding) + "]"
     tsquery = _tsquery_text(query)
-    join = "JOIN knowledge_source s ON s.id = c.source_id" if collection else ""
+    join = "JOIN knowledge_source s ON s.id = c.source_id" if collection or exclude_kinds else ""
     where = "AND s.collection = %(collection)s" if collection else ""
+    if exclude_kinds:
+        where += " AND s.kind <> ALL(%(exclude_kinds)s)"
     sql = _HYBRID_SQL.format(
         vector_join=join, text_join=join,
         vector_filter=where if mode != "text" else where + " AND false",
@@ -290,6 +297,7 @@ def chunk_search(
         "rrf_k": settings.RRF_K,
         "k": k,
         "collection": collection,
+        "exclude_kinds": list(exclude_kinds),
     }
     outermost = not connection.in_atomic_block
     with transaction.atomic(), connection.cursor() as cursor:

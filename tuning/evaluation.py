@@ -285,8 +285,9 @@ def gate_decide(arms: dict[str, dict], tolerances: GateTolerances | None = None)
 
 def extractive_rows(questions: list[HeldOutQuestion]) -> list[dict]:
     """The no-model baseline every arm must beat, computed in the same run: for each question,
-    retrieval as served (``knowledge.selectors.conversation_search`` with its history, the prompt's
-    first ``LLM_PROMPT_SOURCES`` chunks cut to ``LLM_SOURCE_MAX_CHARS``) and, as the answer, the
+    retrieval as the arms see it (``knowledge.selectors.conversation_search`` with its history, curated
+    answers left out, the prompt's first ``LLM_PROMPT_SOURCES`` chunks cut to ``LLM_SOURCE_MAX_CHARS``)
+    and, as the answer, the
     source sentence closest to the question by the embedding model
     (``chat.answer_metrics.closest_sentence_baseline``: no threshold, so it never declines), cited to
     the chunk it came from.
@@ -301,7 +302,8 @@ def extractive_rows(questions: list[HeldOutQuestion]) -> list[dict]:
     rows = []
     for question in questions:
         chunks = conversation_search(question.question, question.history, k=settings.RETRIEVAL_K,
-                                     collection=question.collection).chunks[: settings.LLM_PROMPT_SOURCES]
+                                     collection=question.collection, exclude_kinds=("curated",)
+                                     ).chunks[: settings.LLM_PROMPT_SOURCES]
         check = GroundingCheck(question.question, [source_excerpt(c, settings.LLM_SOURCE_MAX_CHARS) for c in chunks],
                                titles=[without_markers(c.source_title) for c in chunks])
         text = closest_sentence_baseline(check)

@@ -136,7 +136,7 @@ def test_an_approved_correction_is_retrievable_and_served_with_its_evidence_cite
     assert "Curated answer (an approved correction)" in page and f"#curated-{curated.pk}" in page
     # and the widget may open the cited passage (it was cited in this conversation)
     response = Client().get(f"/api/conversations/{message.conversation_id}/passages/{kb['evidence'].pk}/",
-                            {"token": message.conversation.token})
+                            HTTP_X_CONVERSATION_TOKEN=message.conversation.token)
     assert response.status_code == 200 and response.json()["passage"] == kb["evidence"].text
 
 
@@ -287,3 +287,22 @@ def test_re_embedding_the_knowledge_base_embeds_a_curated_answer_from_its_questi
     chunk.refresh_from_db()
     assert np.allclose(np.array(list(chunk.embedding), dtype=float), embedding_model.encode([QUESTION])[0], atol=1e-5)
     assert curated_answer_match(QUESTION, collection="default").curated_id == correction.curated_answer_id
+
+
+def test_the_tuning_evaluation_path_leaves_curated_answers_out_of_retrieval_too(kb, agent, agent2, fake_engine):
+    # given an approved correction: its curated chunk is the closest passage to its own question
+    approved(kb, agent, agent2)
+    curated_chunk = Chunk.objects.get(source__kind="curated")
+    assert chunk_search(QUESTION, k=5, collection="default")[0].chunk_id == curated_chunk.pk
+    # when retrieval leaves curated sources out (what answer_compose(curated=False) asks for)
+    found = chunk_search(QUESTION, k=5, collection="default", exclude_kinds=("curated",))
+    # then the evidence passage comes first and the held-out answer is not among the sources
+    assert [c.chunk_id for c in found][0] == kb["evidence"].pk
+    assert curated_chunk.pk not in [c.chunk_id for c in found]
+    # and the pipeline run the way the evaluation runs it retrieves no curated chunk either
+    from chat.services import answer_compose
+
+    events = list(answer_compose(QUESTION, collection="default", curated=False, quote_first=False))
+    composed = events[-1].data["answer"]
+    assert composed.method != "curated"
+    assert curated_chunk.pk not in [row["chunk_id"] for row in composed.trace]
