@@ -267,12 +267,16 @@ class LoadedModel:
 class Engine:
     """The process's model server: one current ``LoadedModel``, swappable while running.
 
-    ``load_model(key) -> ChatModel`` loads a model (default ``load_llama``); ``queue_size`` defaults
-    to ``settings.LLM_QUEUE_SIZE``.
+    ``load_model(key)`` loads a model (default ``load_llama``) and ``start(key, model, queue_size=)``
+    wraps it in its serving thread (default ``LoadedModel``, one answer at a time;
+    ``chat.batching.BatchedModel`` with ``chat.batching.load_batch_model`` decodes many together, see
+    ``batched_engine``); ``queue_size`` defaults to ``settings.LLM_QUEUE_SIZE``.
     """
 
-    def __init__(self, *, load_model: Callable[[ModelKey], ChatModel] = load_llama, queue_size: int | None = None):
+    def __init__(self, *, load_model: Callable[[ModelKey], object] = load_llama, queue_size: int | None = None,
+                 start: Callable[..., "LoadedModel"] | None = None):
         self.load_model = load_model
+        self.start = start or LoadedModel
         self.queue_size = queue_size
         self._current: LoadedModel | None = None
         self._lock = threading.Lock()  # guards _current and submit-vs-retire
@@ -298,7 +302,7 @@ class Engine:
         with self._load_lock:
             if self.current_key == key:
                 return
-            loaded = LoadedModel(
+            loaded = self.start(
                 key, self.load_model(key),
                 queue_size=self.queue_size if self.queue_size is not None else settings.LLM_QUEUE_SIZE,
             )
@@ -364,16 +368,32 @@ class Engine:
             model.thread.join(timeout_s)
 
 
+def batched_engine(*, queue_size: int | None = None) -> Engine:
+    """An engine whose models decode up to ``LLM_SLOTS`` conversations together (continuous
+    batching, ``chat.batching``)."""
+    from chat.batching import BatchedModel, load_batch_model
+
+    return Engine(load_model=load_batch_model, start=BatchedModel, queue_size=queue_size)
+
+
+def engine_from_settings(*, queue_size: int | None = None) -> Engine:
+    """A new engine as configured: continuous batching when ``LLM_SLOTS`` > 1, else the serial one."""
+    if settings.LLM_SLOTS > 1:
+        return batched_engine(queue_size=queue_size)
+    return Engine(queue_size=queue_size)
+
+
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
 
 
 def get_engine() -> Engine:
-    """The process-wide engine (created on first use; models load on the first ``ensure``)."""
+    """The process-wide engine (``engine_from_settings``; created on first use; models load on the
+    first ``ensure``)."""
     global _engine
     with _engine_lock:
         if _engine is None:
-            _engine = Engine()
+            _engine = engine_from_settings()
         return _engine
 
 

@@ -290,6 +290,16 @@ LLM_TEMPERATURE = env.float("LLM_TEMPERATURE", default=0.0)
 LLM_REPEAT_PENALTY = env.float("LLM_REPEAT_PENALTY", default=1.15)
 # Requests waiting for the engine beyond the one generating; when full, customers get "busy".
 LLM_QUEUE_SIZE = env.int("LLM_QUEUE_SIZE", default=8)
+# Continuous batching (chat.batching, README "Model server"): LLM_SLOTS conversations decoded together
+# in one llama.cpp context (n_seq_max; 1 = the serial engine, one answer at a time), each with
+# LLM_SLOT_CONTEXT_TOKENS KV cells of its own (prompt + answer; ~23 KB per cell for SmolLM2-135M),
+# at most LLM_BATCH_TOKENS tokens per llama_decode, of which at most LLM_PREFILL_CHUNK prompt tokens
+# (long prompts are prefilled in chunks between decode steps); LLM_KV_UNIFIED shares one KV buffer.
+LLM_SLOTS = env.int("LLM_SLOTS", default=1)
+LLM_SLOT_CONTEXT_TOKENS = env.int("LLM_SLOT_CONTEXT_TOKENS", default=1024)
+LLM_BATCH_TOKENS = env.int("LLM_BATCH_TOKENS", default=512)
+LLM_PREFILL_CHUNK = env.int("LLM_PREFILL_CHUNK", default=128)
+LLM_KV_UNIFIED = env.bool("LLM_KV_UNIFIED", default=False)
 # Chunks retrieved per question, and how many of them (best first) go into the prompt as sources,
 # each cut to LLM_SOURCE_MAX_CHARS characters (a 135M model does best with a short prompt).
 RETRIEVAL_K = env.int("RETRIEVAL_K", default=8)
