@@ -70,13 +70,14 @@ class BatchModel:
     ``slot_context_tokens``: KV cells each sequence may use (prompt + answer, tokens);
     ``batch_tokens``: the most tokens one ``llama_decode`` takes (``n_batch`` = ``n_ubatch``);
     ``threads``: CPU threads for decode and prompt processing; ``gpu_layers``: layers offloaded.
-    Each sequence has a KV stream of its own (``kv_unified`` false) unless ``kv_unified``.
+    Each sequence has a KV stream of its own (``kv_unified`` false) unless ``kv_unified``;
+    ``flash_attention`` off by default, as ``llama_cpp.Llama``'s (the serial engine's) default.
     Raises ``EngineError`` when a file is missing or llama.cpp cannot load it. Not thread-safe: only
     the scheduler thread of its ``BatchedModel`` calls it after construction.
     """
 
     def __init__(self, key: ModelKey, *, slots: int, slot_context_tokens: int, batch_tokens: int, threads: int,
-                 gpu_layers: int = 0, kv_unified: bool = False):
+                 gpu_layers: int = 0, kv_unified: bool = False, flash_attention: bool = False):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         ll = _llama()
@@ -105,6 +106,8 @@ class BatchModel:
             params.n_ctx = slot_context_tokens * slots
             params.n_batch = params.n_ubatch = batch_tokens
             params.n_threads = params.n_threads_batch = threads
+            params.flash_attn_type = (ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention
+                                      else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED)
             self.ctx = ll.llama_init_from_model(self.model, params)
             if not self.ctx:
                 raise EngineError(f"could not create a llama.cpp context for {key}")
@@ -185,14 +188,15 @@ class BatchModel:
             self.model = None
 
 
-def load_batch_model(key: ModelKey) -> BatchModel:
+def load_batch_model(key: ModelKey, *, slots: int | None = None) -> BatchModel:
     """Load ``key`` for continuous batching with the ``LLM_*`` settings (``LLM_SLOTS`` sequences of
     ``LLM_SLOT_CONTEXT_TOKENS`` each, ``LLM_BATCH_TOKENS`` per decode, ``LLM_THREADS``, ``LLM_GPU_LAYERS``,
-    ``LLM_KV_UNIFIED``). Raises ``EngineError``."""
+    ``LLM_KV_UNIFIED``, ``LLM_FLASH_ATTENTION``); ``slots`` overrides ``LLM_SLOTS``. Raises ``EngineError``."""
     return BatchModel(
-        key, slots=settings.LLM_SLOTS, slot_context_tokens=settings.LLM_SLOT_CONTEXT_TOKENS,
+        key, slots=slots or settings.LLM_SLOTS, slot_context_tokens=settings.LLM_SLOT_CONTEXT_TOKENS,
         batch_tokens=settings.LLM_BATCH_TOKENS, threads=settings.LLM_THREADS,
         gpu_layers=settings.LLM_GPU_LAYERS, kv_unified=settings.LLM_KV_UNIFIED,
+        flash_attention=settings.LLM_FLASH_ATTENTION,
     )
 
 

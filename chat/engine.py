@@ -104,6 +104,7 @@ class Generation:
     stats: GenerationStats = field(default_factory=GenerationStats)
     submitted_at: float = field(default_factory=time.perf_counter)
     _events: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
+    _ended: bool = False
 
     def cancel(self) -> None:
         """Ask the model thread to stop this generation (no effect once it has finished)."""
@@ -112,6 +113,24 @@ class Generation:
     def cancelled(self) -> bool:
         """Whether this generation or the caller's event asked to stop."""
         return self.cancel_event.is_set() or (self.external_cancel is not None and self.external_cancel.is_set())
+
+    def poll(self, timeout_s: float) -> str | None:
+        """The next text piece, waiting at most ``timeout_s``: ``None`` when none came in time, ``""``
+        once the generation has ended (and on every call after). Raises ``EngineError`` if the model
+        failed. For callers that must do something while waiting (the model server's keep-alives)."""
+        if self._ended:
+            return ""
+        try:
+            item = self._events.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        if item is _DONE:
+            self._ended = True
+            return ""
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise EngineError(str(item)) from item
+        return item
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -350,6 +369,11 @@ class Engine:
         """Whether a submit now would be queued (a hint: another thread may take the last slot)."""
         current = self._current
         return current is not None and not current.requests.full()
+
+    def pending(self) -> int:
+        """Requests waiting or generating on the current model (0 before the first load)."""
+        current = self._current
+        return current.pending() if current else 0
 
     def retry_after_s(self) -> float:
         """Suggested wait before retrying a busy request, in seconds."""
