@@ -375,6 +375,11 @@ class Engine:
         current = self._current
         return current.pending() if current else 0
 
+    def queued(self) -> int:
+        """Requests waiting on the current model (not yet generating)."""
+        current = self._current
+        return current.requests.qsize() if current else 0
+
     def retry_after_s(self) -> float:
         """Suggested wait before retrying a busy request, in seconds."""
         current = self._current

@@ -170,6 +170,9 @@ class StreamedGeneration(Generation):
         stats = self.stats
         first = last = None
         try:
+            if self.cancelled():  # cancelled before anything was read (the stream may be closed already)
+                stats.finish_reason = "cancelled"
+                return
             for line in self.response.iter_lines():
                 if self.cancelled():
                     stats.finish_reason = "cancelled"
@@ -203,7 +206,7 @@ class StreamedGeneration(Generation):
         except httpx2.TimeoutException as error:
             stats.finish_reason = "error"
             raise EngineError("the model server stopped sending (timeout)") from error
-        except httpx2.HTTPError as error:
+        except (httpx2.HTTPError, httpx2.StreamError) as error:
             stats.finish_reason = "error"
             raise EngineError(f"the model server's stream broke: {error}") from error
         finally:

@@ -17,8 +17,8 @@ Endpoints (JSON; errors are ``{"error": {"message", "type"}}`` as OpenAI's, neve
   sequence (its KV cache is freed at once).
 - ``GET /v1/models``: the registry's versions this server can serve (``{"data": [{"id", ...}]}``,
   the active one first).
-- ``GET /health``: ``{"status": "ok", "loaded": [{"model", "pending"}]}`` (``pending``: requests
-  waiting or generating on that version).
+- ``GET /health``: ``{"status": "ok", "loaded": [{"model", "pending", "queued"}]}`` (``pending``:
+  requests waiting or generating on that version, ``queued``: those waiting).
 
 Several versions can be loaded at once (``MODEL_SERVER_MAX_MODELS``, least recently used retired
 first): the active one for customers and, say, a candidate under evaluation. A version that is
@@ -310,7 +310,7 @@ def create_app(pool: ModelPool | None = None, *, resolve: Callable[[str], ModelK
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "loaded": [
-            {"model": str(key), "pending": engine.pending()} for key, engine in pool.items()]})
+            {"model": str(key), "pending": engine.pending(), "queued": engine.queued()} for key, engine in pool.items()]})
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
