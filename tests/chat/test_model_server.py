@@ -256,3 +256,21 @@ def test_the_setting_points_the_process_client_at_an_openai_compatible_server(se
         assert isinstance(model_client_module.model_client(), LocalModelClient)
     finally:
         model_client_module.set_model_client(previous)
+
+
+def test_readiness_asks_the_model_server_for_the_active_version(server, active, settings):
+    from chat.readiness import model_check, NotReady
+
+    settings.LLM_SERVER_URL = server.url
+    previous = model_client_module.set_model_client(None)
+    try:
+        # given a model server serving the registry: the active version is ready
+        assert model_check() == {"version": active.name, "server": server.url,
+                                 "served": model_client_module.model_client().models()[:10]}
+        # and when the server is down, not ready, with the reason
+        settings.LLM_SERVER_URL = f"http://127.0.0.1:{free_port()}/v1"
+        model_client_module.set_model_client(None)
+        with pytest.raises(NotReady, match="could not list the models of .*Connection refused"):
+            model_check()
+    finally:
+        model_client_module.set_model_client(previous)
