@@ -119,6 +119,7 @@ class BatchModel:
             self.vocab = ll.llama_model_get_vocab(self.model)
             self.memory = ll.llama_get_memory(self.ctx)
             self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+            self.eog_tokens = [t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(self.vocab, t)]
             template = ll.llama_model_chat_template(self.model, None)
             if not template:
                 raise EngineError(f"{key.base_model_path} has no chat template (tokenizer.chat_template)")
@@ -154,12 +155,18 @@ class BatchModel:
             raise EngineError("the prompt could not be tokenised")
         return list(tokens[:count])
 
-    def sampler(self, *, temperature: float, repeat_penalty: float, seed: int = 0):
+    def sampler(self, *, temperature: float, repeat_penalty: float, seed: int = 0, ignore_eos: bool = False):
         """A new sampler chain: repeat penalty over the last 64 tokens (``Llama``'s default
         ``last_n_tokens_size``), then greedy (``temperature`` 0) or top-k 40 / top-p 0.95 / min-p 0.05 /
-        temperature / seeded draw (``Llama._init_sampler``'s defaults). Free with ``llama_sampler_free``."""
+        temperature / seeded draw (``Llama._init_sampler``'s defaults); with ``ignore_eos`` first a
+        -inf logit bias on every end-of-generation token (llama-server's and vLLM's ``ignore_eos``,
+        for benchmarks of a fixed length). Free with ``llama_sampler_free``."""
         ll = _llama()
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if ignore_eos and self.eog_tokens:
+            biases = (ll.llama_logit_bias * len(self.eog_tokens))(
+                *[ll.llama_logit_bias(token=t, bias=float("-inf")) for t in self.eog_tokens])
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(self.n_vocab, 64, repeat_penalty, 0.0, 0.0))
         if temperature <= 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
@@ -226,7 +233,8 @@ class _Sequence:
 class BatchedModel:
     """The continuous-batching scheduler over one ``BatchModel`` (see the module docstring).
 
-    ``queue_size`` bounds requests *waiting* for a slot (admitted ones are not counted);
+    ``queue_size`` bounds requests *waiting* for a slot beyond the free ones (admitted ones are not
+    counted);
     ``prefill_chunk`` caps the prompt tokens added to one decode step (default
     ``LLM_PREFILL_CHUNK``). ``put``/``retry_after_s``/``pending``/``retired``/``finished``/``thread``
     as ``chat.engine.LoadedModel``; ``active_count()`` is the number of sequences in slots.
@@ -237,7 +245,8 @@ class BatchedModel:
         self.model = model
         self.slots = model.slots
         self.prefill_chunk = max(1, prefill_chunk or settings.LLM_PREFILL_CHUNK)
-        self.requests: queue.Queue[Generation] = queue.Queue(maxsize=max(queue_size, 1))
+        self.queue_size = max(queue_size, 1)
+        self.requests: queue.Queue[Generation] = queue.Queue(maxsize=self.queue_size + self.slots)
         self.retired = threading.Event()
         self.finished = threading.Event()
         self.active: list[_Sequence] = []
@@ -249,7 +258,11 @@ class BatchedModel:
         self.thread.start()
 
     def put(self, generation: Generation) -> None:
-        """Queue ``generation`` for a slot; raises ``EngineBusy`` when the queue is full."""
+        """Queue ``generation`` for a slot; raises ``EngineBusy`` when ``queue_size`` requests already
+        wait beyond the free slots (requests arriving during a decode step are admitted after it, so
+        free slots count as room)."""
+        if self.requests.qsize() >= self.queue_size + len(self.free_ids):
+            raise EngineBusy(self.retry_after_s())
         try:
             self.requests.put_nowait(generation)
         except queue.Full:
@@ -258,7 +271,7 @@ class BatchedModel:
     def retry_after_s(self) -> float:
         """Suggested wait (s) before retrying: the time for the queue ahead to reach a slot, i.e. the
         average generation time times the queued requests per slot, at least 1 s."""
-        waves = 1 + self.requests.qsize() // max(self.slots, 1)
+        waves = 1 + max(0, self.requests.qsize() - len(self.free_ids)) // max(self.slots, 1)
         return round(max(1.0, self.recent_generation_s * waves), 1)
 
     def pending(self) -> int:
@@ -320,7 +333,8 @@ class BatchedModel:
             max_tokens = min(max_tokens, self.model.slot_context_tokens - len(prompt))
             sampler = self.model.sampler(temperature=float(options.get("temperature") or 0.0),
                                          repeat_penalty=float(options.get("repeat_penalty") or 1.0),
-                                         seed=int(options.get("seed") or 0))
+                                         seed=int(options.get("seed") or 0),
+                                         ignore_eos=bool(options.get("ignore_eos")))
         except Exception as error:  # bad input for this request only; the scheduler keeps serving
             logger.warning("request refused by %s: %s", self.key, error)
             stats.finish_reason = "error"

@@ -93,7 +93,10 @@ class HttpModelClient:
             limits=httpx2.Limits(max_connections=256, max_keepalive_connections=64),
         )
 
-    def submit(self, messages, *, version, max_tokens=None, temperature=None, cancel=None) -> Generation:
+    def submit(self, messages, *, version, max_tokens=None, temperature=None, cancel=None,
+               ignore_eos: bool = False) -> Generation:
+        """See ``ModelClient.submit``; ``ignore_eos`` asks for exactly ``max_tokens`` (benchmarks; llama-server,
+        vLLM and the bundled server read it)."""
         import httpx2
 
         penalty = settings.LLM_REPEAT_PENALTY
@@ -106,6 +109,8 @@ class HttpModelClient:
             "repeat_penalty": penalty,  # llama.cpp's name
             "repetition_penalty": penalty,  # vLLM's name
         }
+        if ignore_eos:
+            body["ignore_eos"] = True
         generation = StreamedGeneration(messages=list(messages), options=body, external_cancel=cancel)
         generation.stats.model_key = ModelKey(version.base_model_path, version.adapter_path)
         try:

@@ -6,7 +6,8 @@ Endpoints (JSON; errors are ``{"error": {"message", "type"}}`` as OpenAI's, neve
 
 - ``POST /v1/chat/completions``: ``{"model", "messages": [{"role", "content"}], "stream",
   "max_tokens" (or "max_completion_tokens"), "temperature", "repeat_penalty" (llama.cpp's name; vLLM's
-  "repetition_penalty" is read too), "seed"}``. ``model`` names a model version of the registry
+  "repetition_penalty" is read too), "seed", "ignore_eos" (as llama-server's and vLLM's: generate
+  exactly ``max_tokens``, for benchmarks)}``. ``model`` names a model version of the registry
   (``chat.models.ModelVersion.name``; empty: the active one); its files are checked against their
   recorded SHA-256 before they are loaded. With ``stream`` true the answer is server-sent events of
   ``chat.completion.chunk`` objects (one per text piece, a last one with ``finish_reason`` and
@@ -200,6 +201,8 @@ def parse_request(body) -> dict:
         "repeat_penalty": _number(body, ("repeat_penalty", "repetition_penalty"), float, 1.0, 0.01, 10.0),
         "seed": _number(body, ("seed",), int, 0, 0, 2**31 - 1),
     }
+    if body.get("ignore_eos"):
+        options["ignore_eos"] = True
     return {"model": model, "messages": cleaned, "stream": bool(body.get("stream")), "options": options}
 
 

@@ -206,3 +206,35 @@ def test_engine_swaps_batched_models_without_dropping_the_answer_in_flight(base_
         assert engine.current_key == other
     finally:
         engine.shutdown()
+
+
+def test_ignore_eos_generates_exactly_max_tokens(base_key):
+    # given a question the model answers in a few tokens
+    model = batched(base_key)
+    try:
+        natural = submit(model, "Say hello.", max_tokens=40)
+        forced = submit(model, "Say hello.", max_tokens=40, ignore_eos=True)
+        read_all([natural, forced])
+        # then with ignore_eos it runs to max_tokens, without it the model stops on its own
+        assert natural.stats.finish_reason == "stop" and natural.stats.tokens < 40
+        assert (forced.stats.finish_reason, forced.stats.tokens) == ("length", 40)
+    finally:
+        shut(model)
+
+
+def test_a_burst_within_the_free_slots_is_not_busy_even_during_a_decode_step(base_key):
+    # given four free slots, a queue of one, and a conversation decoding
+    model = batched(base_key, slots=4, queue_size=1)
+    try:
+        first = submit(model, QUESTIONS[0], max_tokens=64)
+        wait_until(lambda: model.active_count() == 1)
+        # when three more arrive at once (faster than a decode step), then none is refused
+        rest = [submit(model, q, max_tokens=4) for q in QUESTIONS[1:]]
+        # and a fifth still finds the one queue place, a sixth is busy
+        fifth = submit(model, QUESTIONS[0], max_tokens=4)
+        with pytest.raises(EngineBusy):
+            submit(model, QUESTIONS[1], max_tokens=4)
+        texts = read_all([first, *rest, fifth])
+        assert all(text.strip() for text in texts)
+    finally:
+        shut(model)
