@@ -291,6 +291,7 @@ def create_app(pool: ModelPool | None = None, *, resolve: Callable[[str], ModelK
             except EngineError as error:  # mid-stream failure: an error event, as llama-server sends
                 yield f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error'}})}\n\n"
             finally:
+                logger.debug("stream %s ended (%s)", completion_id, generation.stats.finish_reason or "client gone")
                 generation.cancel()  # client gone (task cancelled) or done: free the sequence now
 
         return StreamingResponse(events(), media_type="text/event-stream",
