@@ -327,6 +327,48 @@ def streams(client, version, prompts, levels, max_tokens) -> None:
     print()
 
 
+def scheduler_streams(version, levels, max_tokens, threads, slots) -> None:
+    """The continuous-batching scheduler in this process (no HTTP, no web): N streams of the short
+    prompt, ``max_tokens`` each (``ignore_eos``), aggregate tok/s and its ratio to N = 1, and the
+    llama_decode steps taken."""
+    import threading
+
+    from chat.batching import BatchedModel, BatchModel
+    from chat.engine import Generation, ModelKey
+
+    key = ModelKey(version.base_model_path, version.adapter_path)
+    print(f"## Scheduler in process (no HTTP): a short prompt, {max_tokens} tokens each, {threads} thread(s)\n")
+    print("| N | aggregate tok/s | ratio to N = 1 | decode steps | wall s |")
+    print("|---:|---:|---:|---:|---:|")
+    base = None
+    for n in levels:
+        model = BatchedModel(key, BatchModel(key, slots=max(slots, n), slot_context_tokens=settings.LLM_SLOT_CONTEXT_TOKENS,
+                                             batch_tokens=settings.LLM_BATCH_TOKENS, threads=threads),
+                             queue_size=n)
+        warm = Generation(messages=[{"role": "user", "content": "hi"}], options={"max_tokens": 2})
+        model.put(warm)
+        list(warm)
+        steps_before = model.steps
+        generations = [Generation(messages=[{"role": "user", "content": SHORT_PROMPT}],
+                                  options={"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                                           "repeat_penalty": settings.LLM_REPEAT_PENALTY}) for _ in range(n)]
+        started = time.perf_counter()
+        for generation in generations:
+            model.put(generation)
+        threads_ = [threading.Thread(target=lambda g=g: list(g)) for g in generations]
+        for thread in threads_:
+            thread.start()
+        for thread in threads_:
+            thread.join()
+        wall = time.perf_counter() - started
+        rate = sum(g.stats.tokens for g in generations) / wall
+        base = base or rate
+        print(f"| {n} | {rate:.1f} | {rate / base:.2f} | {model.steps - steps_before} | {wall:.1f} |")
+        model.retired.set()
+        model.thread.join()
+    print()
+
+
 def client_vs_bare(client, version, llama, prompts, repeats, max_tokens) -> None:
     """Single stream: the model client -> model server against bare ``Llama`` on the same prompts,
     alternating which goes first; decode tok/s per run (tokens after the first over the time since)."""
@@ -413,9 +455,15 @@ def main() -> None:
                         help="quote-first off in the web process, so the model writes every answer")
     parser.add_argument("--stream-levels", default="1,4,16", help="concurrent model-client streams (server mode)")
     parser.add_argument("--stream-tokens", type=int, default=64, help="tokens per stream in the streams table")
+    parser.add_argument("--scheduler-levels", default="",
+                        help="only measure the scheduler in this process at these N (e.g. 1,16), no servers")
     args = parser.parse_args()
     if args.max_tokens:
         settings.LLM_MAX_TOKENS = args.max_tokens
+    if args.scheduler_levels:
+        version = services.model_version_active()
+        return scheduler_streams(version, [int(n) for n in args.scheduler_levels.split(",")], args.stream_tokens,
+                                 args.threads, args.slots)
     if args.process_model == "server":
         return main_server(args)
 

@@ -6,12 +6,15 @@ scheduler: one thread owns that context and, on every step,
 
 1. admits waiting requests into free sequence slots (tokenising their chat-templated prompt and
    giving each its own sampler chain: repeat penalty, then greedy or temperature sampling);
-2. builds one ``llama_batch``: the last sampled token of every decoding sequence (logits on), then
+2. builds a ``llama_batch``: the last sampled token of every decoding sequence (logits on), then
    up to ``prefill_chunk`` prompt tokens of sequences still prefilling (oldest first; logits only on
    a prompt's last token), so a long prompt is prefilled in chunks between decode steps instead of
    stalling the others;
 3. runs one ``llama_decode`` over that batch and samples one token per sequence with output
-   (``llama_sampler_sample(chain, ctx, i)`` on its row ``i`` of the batch);
+   (``llama_sampler_sample(chain, ctx, i)`` on its row ``i`` of the batch). With a KV stream per
+   sequence (the default) the prompt chunk, of one sequence, goes in a ``llama_decode`` of its own
+   right after the decodes: llama.cpp would otherwise split the mixed batch into one-token
+   micro-batches (measured: prefill at decode speed, TTFT at N = 4 twice the serial bound);
 4. finishes sequences at end of generation (``llama_vocab_is_eog``), ``max_tokens``, or cancel, and
    frees their KV cache (``llama_memory_seq_rm(mem, seq_id, -1, -1)``) so the slot is reused.
 
@@ -86,6 +89,7 @@ class BatchModel:
                 raise EngineError(f"model file not found: {path}")
         self.key = key
         self.slots = slots
+        self.kv_unified = kv_unified
         self.slot_context_tokens = slot_context_tokens
         self.batch_tokens = batch_tokens
         self.model = self.ctx = self.adapter = None
@@ -218,7 +222,6 @@ class _Sequence:
     max_tokens: int
     n_past: int = 0  # tokens of this sequence in the KV cache
     next_token: int | None = None  # sampled, to be decoded in the next step
-    output_row: int | None = None  # its row in the current batch when that row has logits
     generated: int = 0
     decoder: object = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     admitted_at: float = field(default_factory=time.perf_counter)
@@ -349,9 +352,44 @@ class BatchedModel:
             self._finish(sequence, "cancelled")
 
     def _step(self) -> None:
+        """One scheduling step: the next token of every decoding sequence and up to
+        ``prefill_chunk`` prompt tokens. With per-sequence KV streams (``kv_unified`` off) llama.cpp
+        splits a batch into micro-batches holding the same number of tokens of every sequence, so a
+        prompt chunk mixed with one-token decodes would be evaluated a token at a time: there the
+        decodes go in one ``llama_decode`` and the chunk (of one sequence) in the next. With a unified
+        KV cache both go in one ``llama_decode``."""
+        decoding = [s for s in self.active if not s.prefilling and s.next_token is not None]
+        self.peak_decoding = max(self.peak_decoding, len(decoding))
+        if self.model.kv_unified:
+            self._decode(decoding, self._prefill_plan(self.model.batch_tokens - len(decoding), many=True))
+            return
+        if decoding:
+            self._decode(decoding, [])
+        plan = self._prefill_plan(self.model.batch_tokens, many=False)
+        if plan:
+            self._decode([], plan)
+
+    def _prefill_plan(self, room: int, *, many: bool) -> list[tuple[_Sequence, int]]:
+        """``[(sequence, tokens)]`` of prompt chunks for one batch, oldest sequence first, at most
+        ``prefill_chunk`` (and ``room``) tokens in all; one sequence only unless ``many``."""
+        budget = min(self.prefill_chunk, room)
+        plan = []
+        for sequence in self.active:
+            if budget <= 0 or (plan and not many):
+                break
+            if sequence.prefilling:
+                take = min(budget, len(sequence.prompt) - sequence.n_past)
+                plan.append((sequence, take))
+                budget -= take
+        return plan
+
+    def _decode(self, decoding: list[_Sequence], prefill: list[tuple[_Sequence, int]]) -> None:
+        """One ``llama_decode`` over the next token of each of ``decoding`` and the prompt chunks of
+        ``prefill``; then one token sampled for every sequence with output."""
         ll = _llama()
         batch = self.model.batch
         n = 0
+        outputs: list[tuple[_Sequence, int]] = []
 
         def add(token: int, pos: int, seq_id: int, logits: bool) -> None:
             nonlocal n
@@ -362,29 +400,16 @@ class BatchedModel:
             batch.logits[n] = logits
             n += 1
 
-        decoding: list[_Sequence] = []
-        for sequence in self.active:
-            sequence.output_row = None
-            if not sequence.prefilling and sequence.next_token is not None:
-                sequence.output_row = n
-                add(sequence.next_token, sequence.n_past, sequence.seq_id, True)
-                decoding.append(sequence)
-        self.peak_decoding = max(self.peak_decoding, len(decoding))
-        budget = min(self.prefill_chunk, self.model.batch_tokens - n)
-        prefilled: list[tuple[_Sequence, int]] = []
-        for sequence in self.active:
-            if budget <= 0:
-                break
-            if sequence.prefilling:
-                take = min(budget, len(sequence.prompt) - sequence.n_past)
-                for offset in range(take):
-                    position = sequence.n_past + offset
-                    last = position == len(sequence.prompt) - 1
-                    if last:
-                        sequence.output_row = n
-                    add(sequence.prompt[position], position, sequence.seq_id, last)
-                prefilled.append((sequence, take))
-                budget -= take
+        for sequence in decoding:
+            outputs.append((sequence, n))
+            add(sequence.next_token, sequence.n_past, sequence.seq_id, True)
+        for sequence, take in prefill:
+            for offset in range(take):
+                position = sequence.n_past + offset
+                last = position == len(sequence.prompt) - 1
+                if last:
+                    outputs.append((sequence, n))
+                add(sequence.prompt[position], position, sequence.seq_id, last)
         if n == 0:
             return
         batch.n_tokens = n
@@ -393,18 +418,17 @@ class BatchedModel:
         if status != 0:
             # 1: no KV slot (should not happen: each sequence fits its own context); others fatal.
             error = EngineError(f"llama_decode failed ({status})")
-            for sequence in decoding + [s for s, _ in prefilled]:
+            for sequence in decoding + [s for s, _ in prefill]:
                 self._finish(sequence, "error", error)
             if status < 0:
                 raise error
             return
-        for sequence, take in prefilled:
+        for sequence, take in prefill:
             sequence.n_past += take
         for sequence in decoding:
             sequence.n_past += 1  # the token decoded this step is now in the cache
-        for sequence in [s for s in self.active if s.output_row is not None]:
-            token = ll.llama_sampler_sample(sequence.sampler, self.model.ctx, sequence.output_row)
-            self._emit(sequence, token)
+        for sequence, row in outputs:
+            self._emit(sequence, ll.llama_sampler_sample(sequence.sampler, self.model.ctx, row))
 
     def _emit(self, sequence: _Sequence, token: int) -> None:
         ll = _llama()
