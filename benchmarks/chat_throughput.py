@@ -337,13 +337,16 @@ def scheduler_streams(version, levels, max_tokens, threads, slots) -> None:
     from chat.engine import Generation, ModelKey
 
     key = ModelKey(version.base_model_path, version.adapter_path)
-    print(f"## Scheduler in process (no HTTP): a short prompt, {max_tokens} tokens each, {threads} thread(s)\n")
+    print(f"## Scheduler in process (no HTTP): a short prompt, {max_tokens} tokens each, {threads} thread(s), "
+          f"kv_unified {settings.LLM_KV_UNIFIED}, flash attention {settings.LLM_FLASH_ATTENTION}\n")
     print("| N | aggregate tok/s | ratio to N = 1 | decode steps | wall s |")
     print("|---:|---:|---:|---:|---:|")
     base = None
     for n in levels:
         model = BatchedModel(key, BatchModel(key, slots=max(slots, n), slot_context_tokens=settings.LLM_SLOT_CONTEXT_TOKENS,
-                                             batch_tokens=settings.LLM_BATCH_TOKENS, threads=threads),
+                                             batch_tokens=settings.LLM_BATCH_TOKENS, threads=threads,
+                                             kv_unified=settings.LLM_KV_UNIFIED,
+                                             flash_attention=settings.LLM_FLASH_ATTENTION),
                              queue_size=n)
         warm = Generation(messages=[{"role": "user", "content": "hi"}], options={"max_tokens": 2})
         model.put(warm)

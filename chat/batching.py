@@ -74,7 +74,8 @@ class BatchModel:
     ``batch_tokens``: the most tokens one ``llama_decode`` takes (``n_batch`` = ``n_ubatch``);
     ``threads``: CPU threads for decode and prompt processing; ``gpu_layers``: layers offloaded.
     Each sequence has a KV stream of its own (``kv_unified`` false) unless ``kv_unified``;
-    ``flash_attention`` off by default, as ``llama_cpp.Llama``'s (the serial engine's) default.
+    ``flash_attention`` off by default here, as ``llama_cpp.Llama``'s (the serial engine's);
+    ``load_batch_model`` turns it on (``LLM_FLASH_ATTENTION``, measured faster when batching).
     Raises ``EngineError`` when a file is missing or llama.cpp cannot load it. Not thread-safe: only
     the scheduler thread of its ``BatchedModel`` calls it after construction.
     """
