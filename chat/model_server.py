@@ -120,19 +120,30 @@ class ModelPool:
         self.max_models = max(1, max_models or settings.MODEL_SERVER_MAX_MODELS)
         self.engines: OrderedDict[ModelKey, Engine] = OrderedDict()
         self._lock = threading.Lock()
+        self._loading: dict[ModelKey, threading.Lock] = {}
 
     def engine_for(self, key: ModelKey) -> Engine:
-        """The engine serving ``key``, loaded now if needed. Raises ``EngineError``."""
+        """The engine serving ``key``, loaded now if needed (one load per key at a time; requests for
+        versions already loaded are not held up by it). Raises ``EngineError``."""
         with self._lock:
             engine = self.engines.get(key)
             if engine is not None:
                 self.engines.move_to_end(key)
                 return engine
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            with self._lock:
+                engine = self.engines.get(key)
+            if engine is not None:
+                return engine
             engine = self.make_engine()
             engine.ensure(key)  # raises EngineError; nothing changes then
-            self.engines[key] = engine
-            while len(self.engines) > self.max_models:
-                _, oldest = self.engines.popitem(last=False)
+            with self._lock:
+                self.engines[key] = engine
+                retired = []
+                while len(self.engines) > self.max_models:
+                    retired.append(self.engines.popitem(last=False)[1])
+            for oldest in retired:
                 oldest.shutdown(timeout_s=0)  # retire: what it holds still finishes, then it is freed
             return engine
 
