@@ -22,6 +22,18 @@ replies, TTFT p50/p95 (first send to first token, including any busy wait) and a
 
     DATABASE_NAME=chatdev python benchmarks/chat_throughput.py \
         --questions ../shared/data/doc2dial/questions_dev.jsonl --collection doc2dial
+
+``--process-model server`` (the production process model, Procfile.production): the benchmark starts
+the model server (``manage.py serve_model``, ``MODEL_SERVER_SLOTS`` sequences, ``--threads``) and a web
+process (uvicorn, ``--web-workers``, ``LLM_SERVER_URL`` pointing at the model server) as subprocesses;
+part 1 then compares bare llama-cpp-python with the same prompts sent by the model client to the
+model server (single stream: the scheduler, HTTP and SSE against a bare ``Llama``), part 2 sends
+every conversation over a real websocket to the web process, and reports the resident memory (RSS)
+of the web processes and of the model server. ``--always-generate`` (default) turns quote-first off
+in the web process (``ANSWER_QUOTE_MIN_RELEVANCE=2``) so every answered question is decoded by the
+model. Beside TTFT it prints the serial-prefill bound: a CPU prefills one prompt at a time at best,
+so with N prompts arriving together the median customer waits about (N + 1) / 2 single-stream TTFTs.
+``--process-model inprocess`` is the previous model (the engine inside the benchmark's process).
 """
 
 from __future__ import annotations
@@ -30,9 +42,13 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,14 +97,50 @@ def bare_run(llama, messages) -> dict:
     }
 
 
+# The decode-bound prompt of the streams table: short, so prefill does not hide the decode rate.
+SHORT_PROMPT = "Write a long story about a hiking trip in the mountains."
+WEB_URL: str | None = None  # ws://host:port of the web process (--process-model server); None: in process
+
+
+class _Socket:
+    """A real websocket to the web process, with ``WebsocketCommunicator``'s calls."""
+
+    def __init__(self, url: str, subprotocols: list[str]):
+        self.url = url
+        self.subprotocols = subprotocols
+        self.connection = None
+
+    async def connect(self, timeout: float):
+        from websockets.asyncio.client import connect
+
+        try:
+            self.connection = await connect(self.url, open_timeout=timeout, max_size=None,
+                                            subprotocols=self.subprotocols)
+        except Exception as error:  # refused handshake or unreachable: reported as an error
+            return False, error
+        return True, None
+
+    async def send_to(self, *, text_data: str):
+        await self.connection.send(text_data)
+
+    async def receive_from(self, timeout: float):
+        return await asyncio.wait_for(self.connection.recv(), timeout)
+
+    async def disconnect(self):
+        if self.connection is not None:
+            await self.connection.close()
+
+
 async def ask(question: str, collection: str) -> dict:
     """Ask ``question`` in a new conversation over the websocket; retries ``chat.busy`` replies.
 
     Returns ``{"ttft_ms", "tokens", "client_tokens_per_s", "server", "busy", "error", "text"}``.
     """
     conversation = await sync_to_async(services.conversation_start)(collection=collection, origin="benchmark")
-    communicator = WebsocketCommunicator(application, f"/ws/chat/{conversation.pk}/",
-                                         subprotocols=client_subprotocols(conversation.token))
+    path = f"/ws/chat/{conversation.pk}/"
+    protocols = client_subprotocols(conversation.token)
+    communicator = (_Socket(WEB_URL + path, protocols) if WEB_URL
+                    else WebsocketCommunicator(application, path, subprotocols=protocols))
     connected, _ = await communicator.connect(timeout=30)
     result = {"busy": 0, "error": None, "ttft_ms": None, "tokens": 0, "client_tokens_per_s": 0.0, "text": ""}
     if not connected:
@@ -187,11 +239,22 @@ def same_prompts(questions, collection, count, llama, repeats) -> None:
           f"{med(t[1] - t[0] for t in ttft_pairs):+.0f} ms)\n")
 
 
-def concurrent(questions, collection, levels) -> None:
+def rss_mb(pid: int) -> float:
+    """Resident memory (MB) of process ``pid`` and its children."""
+    import psutil
+
+    process = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 1e6
+
+
+def concurrent(questions, collection, levels, processes: dict | None = None) -> None:
     print("## Concurrent websocket conversations\n")
-    print(f"(engine queue LLM_QUEUE_SIZE={settings.LLM_QUEUE_SIZE}; busy replies are retried after retry_after_s)\n")
-    print("| N | completed | errors | busy replies | TTFT p50 ms | TTFT p95 ms | aggregate tok/s | wall s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"(engine queue LLM_QUEUE_SIZE={settings.LLM_QUEUE_SIZE}; busy replies are retried after retry_after_s; "
+          "serial-prefill bound: (N + 1) / 2 x the N = 1 TTFT p50)\n")
+    print("| N | completed | errors | busy replies | TTFT p50 ms | serial-prefill bound p50 ms | TTFT p95 ms "
+          "| aggregate tok/s | ratio to N = 1 | wall s |" + "".join(f" RSS {name} MB |" for name in processes or {}))
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(processes or {}))
+    base_rate = base_ttft = None
     for n in levels:
         asked = [questions[i % len(questions)].question for i in range(n)]
 
@@ -206,13 +269,181 @@ def concurrent(questions, collection, levels) -> None:
         ttfts = [r["ttft_ms"] for r in done if r["ttft_ms"] is not None]
         tokens = sum(r["tokens"] for r in done)
         busy = sum(r["busy"] for r in results if isinstance(r, dict))
-        print(f"| {n} | {len(done)} | {errors} | {busy} | {percentile(ttfts, 50):.0f} | {percentile(ttfts, 95):.0f} "
-              f"| {tokens / wall:.1f} | {wall:.1f} |")
+        rate = tokens / wall
+        base_rate = base_rate or rate
+        base_ttft = base_ttft or percentile(ttfts, 50)
+        memory = "".join(f" {rss_mb(pid):.0f} |" for pid in (processes or {}).values())
+        print(f"| {n} | {len(done)} | {errors} | {busy} | {percentile(ttfts, 50):.0f} | {(n + 1) / 2 * base_ttft:.0f} "
+              f"| {percentile(ttfts, 95):.0f} | {rate:.1f} | {rate / base_rate:.2f} | {wall:.1f} |{memory}")
         for r in results:
             if not isinstance(r, dict):
                 print(f"  error: {r!r}")
             elif r["error"]:
                 print(f"  error: {r['error']}")
+
+
+def streams(client, version, prompts, levels, max_tokens) -> None:
+    """N model-client streams at once straight to the model server (no web process): the scheduler's
+    aggregate decode rate, without retrieval, the groundedness check or long prefills in the way.
+    Every stream generates exactly ``max_tokens`` (``ignore_eos``), so levels differ only in N."""
+    import threading
+
+    from chat.engine import EngineBusy, EngineError
+
+    print(f"## Concurrent streams, model client -> model server (a short prompt, {max_tokens} tokens each: decode-bound)\n")
+    print("| N | completed | errors | busy replies | TTFT p50 ms | TTFT p95 ms | aggregate tok/s | ratio to N = 1 | wall s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base = None
+    for n in levels:
+        results = [None] * n
+
+        def one(i):
+            busy = 0
+            started = time.perf_counter()
+            while True:
+                try:
+                    generation = client.submit(prompts[i % len(prompts)], version=version, max_tokens=max_tokens,
+                                               ignore_eos=True)
+                    text = "".join(generation)
+                    stats = generation.stats
+                    results[i] = {"tokens": stats.tokens, "busy": busy, "error": None, "text": text,
+                                  "ttft_ms": (stats.first_token_ms or 0) + (generation.submitted_at - started) * 1000}
+                    return
+                except EngineBusy as error:
+                    busy += 1
+                    time.sleep(error.retry_after_s)
+                except EngineError as error:
+                    results[i] = {"tokens": 0, "busy": busy, "error": str(error), "ttft_ms": None}
+                    return
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - started
+        done = [r for r in results if r and not r["error"]]
+        ttfts = [r["ttft_ms"] for r in done]
+        rate = sum(r["tokens"] for r in done) / wall
+        base = base or rate
+        print(f"| {n} | {len(done)} | {n - len(done)} | {sum(r['busy'] for r in results if r)} | {percentile(ttfts, 50):.0f} "
+              f"| {percentile(ttfts, 95):.0f} | {rate:.1f} | {rate / base:.2f} | {wall:.1f} |")
+    print()
+
+
+def scheduler_streams(version, levels, max_tokens, threads, slots) -> None:
+    """The continuous-batching scheduler in this process (no HTTP, no web): N streams of the short
+    prompt, ``max_tokens`` each (``ignore_eos``), aggregate tok/s and its ratio to N = 1, and the
+    llama_decode steps taken."""
+    import threading
+
+    from chat.batching import BatchedModel, BatchModel
+    from chat.engine import Generation, ModelKey
+
+    key = ModelKey(version.base_model_path, version.adapter_path)
+    print(f"## Scheduler in process (no HTTP): a short prompt, {max_tokens} tokens each, {threads} thread(s), "
+          f"kv_unified {settings.LLM_KV_UNIFIED}, flash attention {settings.LLM_FLASH_ATTENTION}\n")
+    print("| N | aggregate tok/s | ratio to N = 1 | decode steps | wall s |")
+    print("|---:|---:|---:|---:|---:|")
+    base = None
+    for n in levels:
+        model = BatchedModel(key, BatchModel(key, slots=max(slots, n), slot_context_tokens=settings.LLM_SLOT_CONTEXT_TOKENS,
+                                             batch_tokens=settings.LLM_BATCH_TOKENS, threads=threads,
+                                             kv_unified=settings.LLM_KV_UNIFIED,
+                                             flash_attention=settings.LLM_FLASH_ATTENTION),
+                             queue_size=n)
+        warm = Generation(messages=[{"role": "user", "content": "hi"}], options={"max_tokens": 2})
+        model.put(warm)
+        list(warm)
+        steps_before = model.steps
+        generations = [Generation(messages=[{"role": "user", "content": SHORT_PROMPT}],
+                                  options={"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                                           "repeat_penalty": settings.LLM_REPEAT_PENALTY}) for _ in range(n)]
+        started = time.perf_counter()
+        for generation in generations:
+            model.put(generation)
+        threads_ = [threading.Thread(target=lambda g=g: list(g)) for g in generations]
+        for thread in threads_:
+            thread.start()
+        for thread in threads_:
+            thread.join()
+        wall = time.perf_counter() - started
+        rate = sum(g.stats.tokens for g in generations) / wall
+        base = base or rate
+        print(f"| {n} | {rate:.1f} | {rate / base:.2f} | {model.steps - steps_before} | {wall:.1f} |")
+        model.retired.set()
+        model.thread.join()
+    print()
+
+
+def client_vs_bare(client, version, llama, prompts, repeats, max_tokens) -> None:
+    """Single stream: the model client -> model server against bare ``Llama`` on the same prompts,
+    alternating which goes first; decode tok/s per run (tokens after the first over the time since)."""
+    print(f"## Single stream: model client -> model server vs bare llama-cpp-python (same {len(prompts)} prompts, "
+          f"{repeats} runs each, max_tokens={max_tokens})\n")
+    bare_rates, served_rates, ratios, same = [], [], [], 0
+    for run in range(repeats):
+        for messages in prompts:
+            order = ("bare", "served") if run % 2 == 0 else ("served", "bare")
+            for side in order:
+                if side == "bare":
+                    bare = bare_run(llama, messages)
+                else:
+                    generation = client.submit(messages, version=version, max_tokens=max_tokens)
+                    text = "".join(generation)
+                    served = generation.stats.tokens_per_s
+            if bare["tokens_per_s"] and served:
+                bare_rates.append(bare["tokens_per_s"])
+                served_rates.append(served)
+                ratios.append(served / bare["tokens_per_s"])
+                same += bare["text"].strip() == text.strip()
+    med = statistics.median
+    print(f"decode rate, median over {len(ratios)} runs: bare {med(bare_rates):.1f} tok/s, model server "
+          f"{med(served_rates):.1f} tok/s; median of paired ratios {med(ratios):.3f}; same text {same}/{len(ratios)}\n")
+
+
+def start_processes(args) -> dict:
+    """Start the model server and the web process (uvicorn) as the production Procfile does; returns
+    ``{"model": Popen, "web": Popen, "model_url", "web_url"}``."""
+    from tests.live_server import free_port
+
+    model_port, web_port = free_port(), free_port()
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings", "EMBEDDED_SERVICES": "1",
+           "LLM_THREADS": str(args.threads), "MODEL_SERVER_SLOTS": str(args.slots)}
+    logs = Path(tempfile.mkdtemp(prefix="chat-throughput-"))
+    model = subprocess.Popen([sys.executable, "manage.py", "serve_model", "--port", str(model_port)], cwd=ROOT, env=env,
+                             stdout=open(logs / "model.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    web_env = {**env, "LLM_SERVER_URL": f"http://127.0.0.1:{model_port}/v1", "DEBUG": "false"}
+    if args.always_generate:
+        web_env["ANSWER_QUOTE_MIN_RELEVANCE"] = "2"
+    web = subprocess.Popen([sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
+                            "--port", str(web_port), "--workers", str(args.web_workers), "--ws", "websockets-sansio",
+                            "--log-level", "warning"], cwd=ROOT, env=web_env,
+                           stdout=open(logs / "web.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    for url, process in ((f"http://127.0.0.1:{model_port}/health", model), (f"http://127.0.0.1:{web_port}/healthz", web)):
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"{url} did not start; logs in {logs}")
+                time.sleep(0.5)
+    print(f"(logs in {logs})")
+    return {"model": model, "web": web, "model_url": f"http://127.0.0.1:{model_port}/v1",
+            "web_url": f"ws://127.0.0.1:{web_port}"}
+
+
+def stop_processes(processes: dict) -> None:
+    for name in ("web", "model"):
+        process = processes[name]
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def main() -> None:
@@ -224,9 +455,25 @@ def main() -> None:
     parser.add_argument("--levels", default="1,4,16", help="concurrent conversations, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=None, help="override LLM_MAX_TOKENS")
     parser.add_argument("--skip-same-prompts", action="store_true")
+    parser.add_argument("--process-model", choices=["server", "inprocess"], default="server")
+    parser.add_argument("--threads", type=int, default=settings.LLM_THREADS, help="the model server's LLM_THREADS")
+    parser.add_argument("--slots", type=int, default=settings.MODEL_SERVER_SLOTS, help="MODEL_SERVER_SLOTS")
+    parser.add_argument("--web-workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--always-generate", action=argparse.BooleanOptionalAction, default=True,
+                        help="quote-first off in the web process, so the model writes every answer")
+    parser.add_argument("--stream-levels", default="1,4,16", help="concurrent model-client streams (server mode)")
+    parser.add_argument("--stream-tokens", type=int, default=64, help="tokens per stream in the streams table")
+    parser.add_argument("--scheduler-levels", default="",
+                        help="only measure the scheduler in this process at these N (e.g. 1,16), no servers")
     args = parser.parse_args()
     if args.max_tokens:
         settings.LLM_MAX_TOKENS = args.max_tokens
+    if args.scheduler_levels:
+        version = services.model_version_active()
+        return scheduler_streams(version, [int(n) for n in args.scheduler_levels.split(",")], args.stream_tokens,
+                                 args.threads, args.slots)
+    if args.process_model == "server":
+        return main_server(args)
 
     questions = [q for q in load_questions(args.questions) if q.is_first_turn]
     version = services.model_version_active()
@@ -243,6 +490,56 @@ def main() -> None:
             llama.close()
         concurrent(questions, args.collection, [int(n) for n in args.levels.split(",")])
     finally:
+        Conversation.objects.filter(origin="benchmark").delete()
+
+
+
+def main_server(args) -> None:
+    """The production process model: model server + web process as subprocesses (see the docstring)."""
+    global WEB_URL
+    from chat.model_client import HttpModelClient
+
+    questions = [q for q in load_questions(args.questions) if q.is_first_turn]
+    version = services.model_version_active()
+    chunk_search("warm up", k=1, collection=args.collection)
+    prompts, answered = [], []
+    for question in questions:
+        if len(answered) >= max(args.prompts, max(int(n) for n in args.levels.split(",") if n)):
+            break
+        chunks = chunk_search(retrieval_query(question.question), k=settings.RETRIEVAL_K, collection=args.collection)
+        if not services.should_abstain(chunks):
+            answered.append(question)
+            if len(prompts) < args.prompts:
+                prompts.append(grounded_messages(question.question, chunks[: settings.LLM_PROMPT_SOURCES],
+                                                 max_chars=settings.LLM_SOURCE_MAX_CHARS))
+    questions = answered  # the concurrent conversations ask questions the pipeline answers (not abstained)
+    processes = start_processes(args)
+    WEB_URL = processes["web_url"]
+    client = HttpModelClient(processes["model_url"], timeout_s=600)
+    print(f"model {version.name} ({Path(version.base_model_path).name}), model server: threads {args.threads}, "
+          f"slots {args.slots}, batch {settings.LLM_BATCH_TOKENS} tokens, prefill chunk {settings.LLM_PREFILL_CHUNK}; "
+          f"web: uvicorn x {args.web_workers}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}\n")
+    try:
+        "".join(client.submit([{"role": "user", "content": "hi"}], version=version, max_tokens=4))  # warm up
+        if not args.skip_same_prompts:
+            from llama_cpp import Llama
+
+            llama = Llama(model_path=version.base_model_path, lora_path=version.adapter_path or None,
+                          n_ctx=settings.LLM_CONTEXT_TOKENS, n_threads=args.threads, n_threads_batch=args.threads,
+                          seed=0, verbose=False)
+            bare_run(llama, [{"role": "user", "content": "hi"}])
+            client_vs_bare(client, version, llama, prompts, args.repeats, settings.LLM_MAX_TOKENS)
+            llama.close()
+        warm = asyncio.run(ask(questions[0].question, args.collection))  # the web process loads its embedding model
+        if warm["error"]:
+            raise SystemExit(f"the web process failed to answer: {warm['error']}")
+        streams(client, version, [[{"role": "user", "content": SHORT_PROMPT}]],
+                [int(n) for n in args.stream_levels.split(",") if n], args.stream_tokens)
+        concurrent(questions, args.collection, [int(n) for n in args.levels.split(",") if n],
+                   processes={"web": processes["web"].pid, "model server": processes["model"].pid})
+    finally:
+        client.close()
+        stop_processes(processes)
         Conversation.objects.filter(origin="benchmark").delete()
 
 

@@ -104,6 +104,7 @@ class Generation:
     stats: GenerationStats = field(default_factory=GenerationStats)
     submitted_at: float = field(default_factory=time.perf_counter)
     _events: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
+    _ended: bool = False
 
     def cancel(self) -> None:
         """Ask the model thread to stop this generation (no effect once it has finished)."""
@@ -112,6 +113,24 @@ class Generation:
     def cancelled(self) -> bool:
         """Whether this generation or the caller's event asked to stop."""
         return self.cancel_event.is_set() or (self.external_cancel is not None and self.external_cancel.is_set())
+
+    def poll(self, timeout_s: float) -> str | None:
+        """The next text piece, waiting at most ``timeout_s``: ``None`` when none came in time, ``""``
+        once the generation has ended (and on every call after). Raises ``EngineError`` if the model
+        failed. For callers that must do something while waiting (the model server's keep-alives)."""
+        if self._ended:
+            return ""
+        try:
+            item = self._events.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        if item is _DONE:
+            self._ended = True
+            return ""
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise EngineError(str(item)) from item
+        return item
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -267,12 +286,16 @@ class LoadedModel:
 class Engine:
     """The process's model server: one current ``LoadedModel``, swappable while running.
 
-    ``load_model(key) -> ChatModel`` loads a model (default ``load_llama``); ``queue_size`` defaults
-    to ``settings.LLM_QUEUE_SIZE``.
+    ``load_model(key)`` loads a model (default ``load_llama``) and ``start(key, model, queue_size=)``
+    wraps it in its serving thread (default ``LoadedModel``, one answer at a time;
+    ``chat.batching.BatchedModel`` with ``chat.batching.load_batch_model`` decodes many together, see
+    ``batched_engine``); ``queue_size`` defaults to ``settings.LLM_QUEUE_SIZE``.
     """
 
-    def __init__(self, *, load_model: Callable[[ModelKey], ChatModel] = load_llama, queue_size: int | None = None):
+    def __init__(self, *, load_model: Callable[[ModelKey], object] = load_llama, queue_size: int | None = None,
+                 start: Callable[..., "LoadedModel"] | None = None):
         self.load_model = load_model
+        self.start = start or LoadedModel
         self.queue_size = queue_size
         self._current: LoadedModel | None = None
         self._lock = threading.Lock()  # guards _current and submit-vs-retire
@@ -298,7 +321,7 @@ class Engine:
         with self._load_lock:
             if self.current_key == key:
                 return
-            loaded = LoadedModel(
+            loaded = self.start(
                 key, self.load_model(key),
                 queue_size=self.queue_size if self.queue_size is not None else settings.LLM_QUEUE_SIZE,
             )
@@ -347,6 +370,16 @@ class Engine:
         current = self._current
         return current is not None and not current.requests.full()
 
+    def pending(self) -> int:
+        """Requests waiting or generating on the current model (0 before the first load)."""
+        current = self._current
+        return current.pending() if current else 0
+
+    def queued(self) -> int:
+        """Requests waiting on the current model (not yet generating)."""
+        current = self._current
+        return current.requests.qsize() if current else 0
+
     def retry_after_s(self) -> float:
         """Suggested wait before retrying a busy request, in seconds."""
         current = self._current
@@ -364,16 +397,32 @@ class Engine:
             model.thread.join(timeout_s)
 
 
+def batched_engine(*, queue_size: int | None = None) -> Engine:
+    """An engine whose models decode up to ``LLM_SLOTS`` conversations together (continuous
+    batching, ``chat.batching``)."""
+    from chat.batching import BatchedModel, load_batch_model
+
+    return Engine(load_model=load_batch_model, start=BatchedModel, queue_size=queue_size)
+
+
+def engine_from_settings(*, queue_size: int | None = None) -> Engine:
+    """A new engine as configured: continuous batching when ``LLM_SLOTS`` > 1, else the serial one."""
+    if settings.LLM_SLOTS > 1:
+        return batched_engine(queue_size=queue_size)
+    return Engine(queue_size=queue_size)
+
+
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
 
 
 def get_engine() -> Engine:
-    """The process-wide engine (created on first use; models load on the first ``ensure``)."""
+    """The process-wide engine (``engine_from_settings``; created on first use; models load on the
+    first ``ensure``)."""
     global _engine
     with _engine_lock:
         if _engine is None:
-            _engine = Engine()
+            _engine = engine_from_settings()
         return _engine
 
 

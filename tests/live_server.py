@@ -48,15 +48,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(database: str, *, log_path: Path, start_timeout_s: float = 90) -> Iterator[LiveServer]:
-    """Start daphne on a free port with ``LIVE_SERVER_DATABASE_NAME=database``, wait until ``/``
+def live_server(database: str, *, log_path: Path, start_timeout_s: float = 90,
+                env: dict | None = None) -> Iterator[LiveServer]:
+    """Start daphne on a free port with ``LIVE_SERVER_DATABASE_NAME=database`` (and the settings in
+    ``env``, e.g. ``LLM_SERVER_URL``), wait until ``/``
     answers 200, yield a ``LiveServer``, and stop it afterwards (SIGTERM, then SIGKILL after 30 s).
     Raises ``LiveServerError`` with the server's log when it does not start in ``start_timeout_s``."""
     port = free_port()
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tests.browser.asgi_app:application"],
-            cwd=ROOT, env={**os.environ, **SERVER_ENVIRONMENT, "LIVE_SERVER_DATABASE_NAME": database},
+            cwd=ROOT, env={**os.environ, **SERVER_ENVIRONMENT, "LIVE_SERVER_DATABASE_NAME": database, **(env or {})},
             stdout=log, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"

@@ -36,6 +36,7 @@ from django.utils import timezone
 
 from chat import engine as engine_module
 from chat.answer_metrics import token_f1
+from chat.model_client import model_client
 from chat.models import ModelVersion
 from chat.services import ABSTAIN_MESSAGE, answer_compose, model_version_active, model_version_register
 from knowledge.evaluation import percentile
@@ -95,7 +96,8 @@ def _on_gold(citation: dict, gold: list[tuple[int, int, int]]) -> bool:
 def arm_answers(version: ModelVersion, questions: list[HeldOutQuestion], *, retrieval: bool,
                 engine: engine_module.Engine | None = None) -> list[dict]:
     """Answer every question with ``version`` through ``answer_compose`` on a dedicated engine
-    (loaded here and shut down after, unless ``engine`` is given), with or without ``retrieval``.
+    (loaded here and shut down after, unless ``engine`` is given; with ``LLM_SERVER_URL`` set, the
+    model server's client, which serves the version beside the active one), with or without ``retrieval``.
     The model always writes the answer (``quote_first=False``: a quoted source sentence would make
     every arm the same; ``curated=False``: a held-out correction's own curated answer would too); with
     retrieval its text passes the serving path's groundedness check.
@@ -104,9 +106,12 @@ def arm_answers(version: ModelVersion, questions: list[HeldOutQuestion], *, retr
     "markers", "cited", "cited_on_gold", "ttft_ms", "tokens_per_s", "error"}``.
     Raises ``engine_module.EngineError`` when the version cannot be loaded.
     """
-    own = engine is None
+    own = engine is None and not settings.LLM_SERVER_URL
+    if engine is None and settings.LLM_SERVER_URL:
+        engine = model_client()  # the model server loads the version beside the active one
     engine = engine or engine_module.Engine(queue_size=1)
-    engine.ensure(engine_module.ModelKey(version.base_model_path, version.adapter_path))
+    if isinstance(engine, engine_module.Engine):
+        engine.ensure(engine_module.ModelKey(version.base_model_path, version.adapter_path))
     rows = []
     try:
         for question in questions:

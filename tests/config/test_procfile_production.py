@@ -33,12 +33,18 @@ def procfile() -> dict[str, str]:
     return entries
 
 
-def test_procfile_runs_web_workers_a_recycling_tuner_and_one_beat():
+SERVER_URL = "env LLM_SERVER_URL=${LLM_SERVER_URL:-http://127.0.0.1:${MODEL_SERVER_PORT:-8001}/v1} "
+
+
+def test_procfile_runs_a_model_server_web_workers_a_recycling_tuner_and_one_beat():
     # given the production Procfile; when it is read
     entries = procfile()
-    # then it has the four process types, the tuner recycles its child after each task, one beat
-    assert list(entries) == ["web", "worker", "tuner", "beat"]
-    assert entries["web"].startswith("uvicorn config.asgi:application ")
+    # then it has the five process types, the web and the tuner ask the model server, the tuner
+    # recycles its child after each task, one beat
+    assert list(entries) == ["model", "web", "worker", "tuner", "beat"]
+    assert entries["model"] == "python manage.py serve_model --port ${MODEL_SERVER_PORT:-8001}"
+    assert entries["web"].startswith(SERVER_URL + "uvicorn config.asgi:application ")
+    assert entries["tuner"].startswith(SERVER_URL + "celery ")
     assert "--workers ${WEB_CONCURRENCY:-4}" in entries["web"]
     assert "--max-tasks-per-child=1" in entries["tuner"] and "--queues=${TUNING_QUEUE:-tuning}" in entries["tuner"]
     assert entries["beat"] == "celery -A config beat --loglevel=INFO"
