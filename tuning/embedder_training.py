@@ -41,7 +41,7 @@ class EmbedderExample:
     """One training example: ``anchor`` (the retrieval query text), ``positive`` (the embedded text
     of a supporting chunk), ``negative`` (the embedded text of a hard negative, ``""`` when retrieval
     showed none), the ids of both chunks (``negative_chunk_id`` ``None`` without one), the
-    correction's id and its ``group`` (conversation or dialogue)."""
+    correction's id, its ``group`` (conversation or dialogue) and the positive chunk's source id."""
 
     anchor: str
     positive: str
@@ -50,6 +50,7 @@ class EmbedderExample:
     negative_chunk_id: int | None
     correction_id: int
     group: str
+    positive_source_id: int | None = None
 
     def record(self) -> dict[str, Any]:
         """JSON-serialisable form (stored in snapshots and hashed)."""
@@ -141,7 +142,7 @@ def correction_examples(correction, group: str) -> list[EmbedderExample]:
             anchor=anchor, positive=embedded(chunk), negative=embedded(negative) if negative else "",
             positive_chunk_id=int(chunk.get("chunk_id") or 0),
             negative_chunk_id=int(negative["chunk_id"]) if negative and negative.get("chunk_id") else None,
-            correction_id=correction.pk, group=group,
+            correction_id=correction.pk, group=group, positive_source_id=chunk.get("source_id"),
         )
         for chunk in picked
     ]
@@ -175,24 +176,26 @@ def batches_without_duplicates(
     examples: Sequence[EmbedderExample], batch_size: int, rng: random.Random
 ) -> list[list[EmbedderExample]]:
     """Shuffle ``examples`` and cut them into batches of at most ``batch_size`` where no chunk is the
-    positive (or hard negative) of two examples, no example's positive is another's hard negative,
-    and no anchor appears twice (a correction with two picked chunks gives two examples with one
-    anchor): each would be a false in-batch negative. An example that fits no open batch starts
-    a new one; every example is used exactly once."""
+    positive of two examples, no example's positive is another's hard negative, and no anchor appears
+    twice (a correction with two picked chunks gives two examples with one anchor): each would be a
+    false in-batch negative. Two examples may share a hard negative (it is wrong for both). An
+    example that fits no open batch starts a new one; every example is used exactly once."""
     order = list(examples)
     rng.shuffle(order)
-    batches: list[tuple[list[EmbedderExample], set]] = []
+    batches: list[tuple[list[EmbedderExample], set, set]] = []  # (examples, positives + anchors, negatives)
     for example in order:
-        chunks = {example.positive_chunk_id, example.negative_chunk_id} - {None}
-        texts = {example.positive, ("anchor", example.anchor)} | ({example.negative} if example.negative else set())
-        for batch, used in batches:
-            if len(batch) < batch_size and not (chunks | texts) & used:
+        positives = {("chunk", example.positive_chunk_id), ("text", example.positive), ("anchor", example.anchor)}
+        negatives = {("chunk", example.negative_chunk_id), ("text", example.negative)} if example.negative else set()
+        for batch, used_positives, used_negatives in batches:
+            if (len(batch) < batch_size and not positives & used_positives and not positives & used_negatives
+                    and not negatives & used_positives):
                 batch.append(example)
-                used.update(chunks | texts)
+                used_positives.update(positives)
+                used_negatives.update(negatives)
                 break
         else:
-            batches.append(([example], set(chunks | texts)))
-    return [batch for batch, _ in batches]
+            batches.append(([example], set(positives), set(negatives)))
+    return [batch for batch, _, _ in batches]
 
 
 def embedder_train(
@@ -228,8 +231,13 @@ def embedder_train(
     model = SentenceTransformer(str(model_path), device=device)
     model.max_seq_length = min(hp.max_seq_length, model.max_seq_length or hp.max_seq_length)
     loss_fn = MultipleNegativesRankingLoss(model, scale=hp.scale)
-    epochs = [batches_without_duplicates(examples, hp.batch_size, rng) for _ in range(hp.epochs)]
+    # A batch of one has no in-batch negative: nothing to learn from it.
+    epochs = [[b for b in batches_without_duplicates(examples, hp.batch_size, rng) if len(b) > 1]
+              for _ in range(hp.epochs)]
     total = sum(len(batches) for batches in epochs)
+    if not total:
+        raise ValueError(f"no two of the {len(examples)} examples can share a batch (they all repeat one "
+                         "positive chunk or anchor): nothing to contrast")
     decay = [p for n, p in model.named_parameters() if not any(s in n for s in ("bias", "LayerNorm", "norm"))]
     no_decay = [p for n, p in model.named_parameters() if any(s in n for s in ("bias", "LayerNorm", "norm"))]
     optimizer = torch.optim.AdamW(
@@ -252,8 +260,6 @@ def embedder_train(
         for index, batch in enumerate(batches):
             if should_stop and should_stop():
                 raise TrainingStopped(step, total)
-            if len(batch) < 2:  # one example has no in-batch negative: nothing to learn from it
-                continue
             columns = [[e.anchor for e in batch], [e.positive for e in batch]]
             if hp.hard_negatives and all(e.negative for e in batch):
                 columns.append([e.negative for e in batch])

@@ -52,11 +52,13 @@ def test_correction_examples_pair_the_retrieval_query_with_each_picked_chunk_and
         EmbedderExample(anchor="How do I renew it?\nMy driver licence expires.",
                         positive="Renewals > Licences\nRenew online.",
                         negative="Renewals > Licences\nVehicle registration fees.",
-                        positive_chunk_id=2, negative_chunk_id=9, correction_id=11, group="seed:d1"),
+                        positive_chunk_id=2, negative_chunk_id=9, correction_id=11, group="seed:d1",
+                        positive_source_id=1),
         EmbedderExample(anchor="How do I renew it?\nMy driver licence expires.",
                         positive="Renewals > Licences\nBring your old licence.",
                         negative="Renewals > Licences\nVehicle registration fees.",
-                        positive_chunk_id=3, negative_chunk_id=9, correction_id=11, group="seed:d1"),
+                        positive_chunk_id=3, negative_chunk_id=9, correction_id=11, group="seed:d1",
+                        positive_source_id=1),
     ]
 
 
@@ -75,10 +77,11 @@ def example(anchor, positive_id, negative_id=None):
                            positive_chunk_id=positive_id, negative_chunk_id=negative_id, correction_id=0, group="g")
 
 
-def test_batches_never_hold_a_chunk_or_an_anchor_twice_and_use_every_example_once():
-    # Given examples sharing a positive (1), a positive that is another's negative (2 / 5 -> 2) and an anchor (q3)
+def test_batches_never_hold_a_positive_or_an_anchor_twice_nor_a_positive_as_a_negative():
+    # Given examples sharing a positive (1), a positive that is another's negative (2 / 5 -> 2), an anchor (q3)
+    # and a hard negative (9, which is harmless)
     examples = [example("q1", 1, 5), example("q2", 1, 6), example("q3", 2, 7), example("q4", 5, 2),
-                example("q3", 3, 8), example("q5", 4, 9)]
+                example("q3", 3, 8), example("q5", 4, 9), example("q6", 10, 9)]
 
     # When they are cut into batches of 3
     batches = batches_without_duplicates(examples, 3, random.Random(0))
@@ -87,9 +90,13 @@ def test_batches_never_hold_a_chunk_or_an_anchor_twice_and_use_every_example_onc
     assert sorted(map(repr, (e for b in batches for e in b))) == sorted(map(repr, examples))
     for batch in batches:
         assert len(batch) <= 3
-        chunk_ids = [c for e in batch for c in (e.positive_chunk_id, e.negative_chunk_id) if c]
-        assert len(chunk_ids) == len(set(chunk_ids))
+        positives = [e.positive_chunk_id for e in batch]
+        assert len(positives) == len(set(positives))
+        assert not set(positives) & {e.negative_chunk_id for e in batch}
         assert len({e.anchor for e in batch}) == len(batch)
+    # and with room for everything, the two examples sharing only a negative can share a batch
+    [together] = [b for b in batches_without_duplicates(examples[5:], 3, random.Random(0))]
+    assert len(together) == 2
 
 
 def test_examples_sha256_changes_with_content_and_order():
