@@ -275,7 +275,7 @@ def embedder_train(
             optimizer.step()
             scheduler.step()
             step += 1
-            point = {"step": step, "epoch": round(epoch + (index + 1) / len(batches), 4), "loss": round(float(loss), 5)}
+            point = {"step": step, "epoch": round(epoch + (index + 1) / len(batches), 4), "loss": round(float(loss.detach()), 5)}
             result.loss_curve.append(point)
             if on_step:
                 on_step(point, total)

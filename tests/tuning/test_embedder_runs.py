@@ -177,3 +177,13 @@ def test_retrain_retriever_now_queues_a_run_for_an_admin_and_refuses_others(corr
     assert sent == [run.pk] and run.requested_by.username == "ada"
     # and a GET does nothing
     assert client.get(url).status_code == 405
+
+
+def test_fine_tune_embedder_command_reports_why_it_cannot_start(corrections):
+    # Given no correction with evidence chunks, when the command runs, then it fails with the reason
+    from django.core.management import CommandError, call_command
+
+    Correction.objects.update(supporting_chunks=[])
+    with pytest.raises(CommandError, match="need at least 2"):
+        call_command("fine_tune_embedder", "--sync")
+    assert not EmbedderRun.objects.exists()
