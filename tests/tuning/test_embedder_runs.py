@@ -175,8 +175,11 @@ def test_retrain_retriever_now_queues_a_run_for_an_admin_and_refuses_others(corr
     run = EmbedderRun.objects.get()
     assert response.status_code == 302 and run.status == "queued" and run.trigger == "manual"
     assert sent == [run.pk] and run.requested_by.username == "ada"
-    # and a GET does nothing
+    # and a GET does nothing, while the runs page lists the run under the button
     assert client.get(url).status_code == 405
+    page = client.get(reverse("admin:tuning_embedderrun_changelist"))
+    assert page.status_code == 200 and b"Retrain retriever now" in page.content
+    assert client.get(reverse("admin:tuning_embedderrun_change", args=[run.pk])).status_code == 200
 
 
 def test_fine_tune_embedder_command_reports_why_it_cannot_start(corrections):
