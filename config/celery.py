@@ -12,7 +12,7 @@ app.autodiscover_tasks()
 
 
 # Tasks that run for minutes (fine-tunes, evaluations) and go to the TUNING_QUEUE queue.
-TUNING_TASKS = frozenset({"tuning.fine_tune_run", "tuning.evaluate_model"})
+TUNING_TASKS = frozenset({"tuning.fine_tune_run", "tuning.evaluate_model", "tuning.embedder_run"})
 
 
 def route_task(name, args, kwargs, options, task=None, **kw):

@@ -434,6 +434,15 @@ TUNING_GATE_ABSTENTION_TOLERANCE = env.float("TUNING_GATE_ABSTENTION_TOLERANCE",
 # a new run may start.
 TUNING_RUN_STALE_S = env.float("TUNING_RUN_STALE_S", default=900.0)
 
+# Embedder fine-tunes on approved corrections (tuning.embedder_runs, tuning.embedder_training):
+# MultipleNegativesRankingLoss hyper-parameters, and at most TUNING_EMBEDDER_MAX_EXAMPLES training
+# examples per run (a seeded sample; 0 = all), which bounds a CPU run's time (benchmarks/retriever_learning.py).
+TUNING_EMBEDDER_EPOCHS = env.int("TUNING_EMBEDDER_EPOCHS", default=1)
+TUNING_EMBEDDER_BATCH_SIZE = env.int("TUNING_EMBEDDER_BATCH_SIZE", default=16)
+TUNING_EMBEDDER_LEARNING_RATE = env.float("TUNING_EMBEDDER_LEARNING_RATE", default=2e-5)
+TUNING_EMBEDDER_MAX_SEQ_LENGTH = env.int("TUNING_EMBEDDER_MAX_SEQ_LENGTH", default=128)
+TUNING_EMBEDDER_MAX_EXAMPLES = env.int("TUNING_EMBEDDER_MAX_EXAMPLES", default=2000)
+
 # --- Widget -------------------------------------------------------------------------------------
 # Origins (scheme://host[:port]) of the sites allowed to embed the chat widget: its HTTP API answers
 # them with CORS headers and its websocket accepts their Origin. Empty: the site's own host only

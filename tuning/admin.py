@@ -1,10 +1,12 @@
 """Admin for the tuning loop: dataset snapshots and evaluations are read-only (immutable records);
 runs can be inspected, and cancelled by marking them failed (the worker stops at its next step)."""
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.http import HttpResponseNotAllowed, HttpResponseRedirect
+from django.urls import path, reverse
 from django.utils import timezone
 
-from tuning.models import Correction, FineTuneRun, ModelEvaluation, TrainingDataset
+from tuning.models import Correction, EmbedderRun, FineTuneRun, ModelEvaluation, TrainingDataset
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -50,3 +52,50 @@ class CorrectionAdmin(ReadOnlyAdmin):
     list_display = ("pk", "status", "reason", "seeded", "stale", "author", "created_at")
     list_filter = ("status", "reason", "seeded", "stale")
     exclude = ("shown_chunks", "supporting_chunks", "history")
+
+
+@admin.register(EmbedderRun)
+class EmbedderRunAdmin(admin.ModelAdmin):
+    """Embedder runs (read-only), with "Retrain retriever now" (starts a run on the tuning queue) and
+    a cancel action (the worker stops at its next step; serving is untouched either way)."""
+
+    list_display = ("pk", "status", "trigger", "train_count", "heldout_count", "progress", "dimension",
+                    "created_at", "duration_s")
+    list_filter = ("status", "trigger")
+    readonly_fields = [f.name for f in EmbedderRun._meta.fields]
+    exclude = ("train_examples", "heldout_examples")
+    actions = ["cancel"]
+    change_list_template = "admin/tuning/embedderrun/change_list.html"
+
+    def has_add_permission(self, request):
+        return False
+
+    def get_urls(self):
+        return [path("retrain/", self.admin_site.admin_view(self.retrain_view), name="tuning_embedderrun_retrain"),
+                *super().get_urls()]
+
+    def retrain_view(self, request):
+        """POST: ``tuning.embedder_runs.embedder_run_start`` for the requesting admin; the reason in
+        a message when it cannot start."""
+        from tuning.embedder_runs import EmbedderRunError, embedder_run_start
+
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        if not request.user.has_perm("tuning.add_embedderrun") and not request.user.is_superuser:
+            self.message_user(request, "only admins may start an embedder run", messages.ERROR)
+        else:
+            try:
+                run = embedder_run_start(trigger="manual", requested_by=request.user)
+            except EmbedderRunError as error:
+                self.message_user(request, f"embedder run not started: {error}", messages.ERROR)
+            else:
+                self.message_user(request, f"embedder run {run.pk} queued ({run.train_count} training / "
+                                           f"{run.heldout_count} held-out examples)")
+        return HttpResponseRedirect(reverse("admin:tuning_embedderrun_changelist"))
+
+    @admin.action(description="Cancel the selected runs in progress (serving is untouched)")
+    def cancel(self, request, queryset):
+        count = queryset.filter(status__in=EmbedderRun.IN_PROGRESS).update(
+            status=EmbedderRun.Status.FAILED, error=f"cancelled by {request.user.get_username()}",
+            finished_at=timezone.now())
+        self.message_user(request, f"cancelled {count} run(s)")

@@ -235,3 +235,75 @@ class ModelEvaluation(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+
+
+
+class EmbedderRun(models.Model):
+    """One fine-tune of the sentence-embedding model on approved corrections, and its comparison with
+    the served embedder on held-out corrections (``tuning.embedder_runs``).
+
+    The dataset is snapshotted into the run when it is queued and never changed: ``train_examples`` /
+    ``heldout_examples`` are ``tuning.embedder_training.EmbedderExample`` records (``{"anchor",
+    "positive", "negative", "positive_chunk_id", "negative_chunk_id", "correction_id", "group",
+    "positive_source_id"}``), split by ``tuning.datasets.correction_split`` with ``holdout_share``;
+    ``examples_sha256`` digests both. ``hyperparameters`` are ``EmbedderHyperparameters`` as a dict;
+    ``loss_curve`` ``[{"step", "epoch", "loss"}]``. Status moves ``queued`` → ``training`` →
+    ``evaluating`` → ``succeeded`` or ``failed`` (``error`` says why). ``evaluation`` is
+    ``tuning.embedder_evaluation.embedder_compare``'s result (served vs candidate: passage-hit@1/5/10,
+    document-hit@5, MRR; re-embedding time). The candidate model folder is ``model_path`` (its
+    files' digest ``model_sha256``, vector ``dimension``). At most one embedder run is in progress at
+    a time (a database constraint). A run never changes what is served.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        TRAINING = "training", "Training"
+        EVALUATING = "evaluating", "Evaluating"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    IN_PROGRESS = ("queued", "training", "evaluating")
+
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    trigger = models.CharField(max_length=20, default="manual")  # manual | schedule | command
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="embedder_runs"
+    )
+    base_model_path = models.CharField(max_length=1000)
+    base_model_sha256 = models.CharField(max_length=64)
+    hyperparameters = models.JSONField(default=dict)
+    holdout_share = models.FloatField()
+    train_examples = models.JSONField(default=list)
+    heldout_examples = models.JSONField(default=list)
+    examples_sha256 = models.CharField(max_length=64)
+    train_count = models.PositiveIntegerField(default=0)
+    heldout_count = models.PositiveIntegerField(default=0)
+    corrections_count = models.PositiveIntegerField(default=0)
+    progress = models.FloatField(default=0.0)
+    loss_curve = models.JSONField(default=list, blank=True)
+    model_path = models.CharField(max_length=1000, blank=True)
+    model_sha256 = models.CharField(max_length=64, blank=True)
+    dimension = models.PositiveIntegerField(null=True, blank=True)
+    evaluation = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    peak_rss_mb = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    duration_s = models.FloatField(null=True, blank=True)
+    training_s = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                models.Value(True), condition=Q(status__in=["queued", "training", "evaluating"]),
+                name="embedderrun_one_in_progress",
+            ),
+            CheckConstraint(condition=Q(holdout_share__gte=0) & Q(holdout_share__lt=1),
+                            name="embedderrun_holdout_share_range"),
+        ]
+
+    def __str__(self) -> str:
+        return f"embedder run {self.pk} ({self.status})"

@@ -64,3 +64,13 @@ def evaluate_model(dataset_id: int, candidate_version_id: int) -> int:
     from tuning.models import TrainingDataset
 
     return evaluation_run(TrainingDataset.objects.get(pk=dataset_id), ModelVersion.objects.get(pk=candidate_version_id)).pk
+
+
+@shared_task(name="tuning.embedder_run", acks_late=True)
+def embedder_run(run_id: int) -> str:
+    """Execute embedder run ``run_id`` (``tuning.embedder_runs.embedder_run_execute``): fine-tune the
+    embedding model on the run's snapshot and compare it with the served one. Safe to deliver twice
+    (only a queued run is claimed). Returns the run's final status."""
+    from tuning.embedder_runs import embedder_run_execute
+
+    return embedder_run_execute(run_id).status

@@ -1,0 +1,176 @@
+"""Offline comparison of a candidate embedder with the served one on held-out corrections.
+
+A candidate's vectors are not in the knowledge base (the served vectors stay untouched), so this
+re-embeds every chunk with the candidate in memory and searches exactly (cosine = dot product of
+unit vectors, ``numpy``), then fuses that vector leg with the same full-text leg as serving
+(``knowledge.selectors.chunk_search(mode="text")``) by the same reciprocal rank fusion
+(``RETRIEVAL_CANDIDATES`` chunks per leg, ``RRF_K``; Cormack et al., SIGIR 2009), as ``chunk_search``
+does in SQL. The served model is scored the same way on its stored vectors, so both arms differ
+only in the embedder.
+
+Metrics per held-out correction (query = its anchor, ``retrieval_query`` of the question; gold =
+the chunks the agent picked): passage-hit@1/5/10 (a picked chunk in the top k), document-hit@5 (a
+chunk of a picked chunk's source in the top 5), MRR@10 (1/rank of the first picked chunk, 0 when
+none).
+
+Memory: the chunk matrix is ``n_chunks x dimension`` float32 (100k chunks x 384 = 154 MB).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from django.conf import settings
+
+from knowledge.embedding import passage_text
+from knowledge.models import Chunk
+from knowledge.selectors import chunk_search
+from tuning.embedder_training import EmbedderExample
+
+KS = (1, 5, 10)
+
+
+@dataclass
+class ChunkMatrix:
+    """The chunks of the knowledge base (or one collection), in ``ids`` order: ``ids`` (int64
+    array), ``source_ids``, ``texts`` (as embedded: ``passage_text``), ``vectors`` (the stored
+    served vectors, float32 ``(n, EMBEDDING_DIM)``)."""
+
+    ids: np.ndarray
+    source_ids: np.ndarray
+    texts: list[str]
+    vectors: np.ndarray
+    source_of: dict[int, int] = field(default_factory=dict)
+
+
+def chunk_matrix(collection: str | None = None) -> ChunkMatrix:
+    """Every chunk of ``collection`` (all when ``None``) with its stored vector, ordered by id; curated
+    answers left out (a held-out correction's own answer would be retrieved for its question)."""
+    chunks = Chunk.objects.select_related("source").only(
+        "id", "text", "heading_path", "embedding", "source_id", "source__title").exclude(
+        source__kind="curated").order_by("pk")
+    if collection:
+        chunks = chunks.filter(source__collection=collection)
+    rows = list(chunks)
+    dim = int(settings.EMBEDDING_DIM)
+    return ChunkMatrix(
+        ids=np.array([c.pk for c in rows], dtype=np.int64),
+        source_ids=np.array([c.source_id for c in rows], dtype=np.int64),
+        texts=[passage_text(c.source.title, c.heading_path, c.text) for c in rows],
+        vectors=np.array([np.asarray(c.embedding, dtype=np.float32) for c in rows]).reshape(len(rows), dim),
+        source_of={c.pk: c.source_id for c in rows},
+    )
+
+
+def encode(model, texts: Sequence[str]) -> np.ndarray:
+    """``texts`` embedded by a ``SentenceTransformer`` as unit float32 vectors ``(len(texts), dim)``."""
+    if not texts:
+        return np.zeros((0, model.get_embedding_dimension()), dtype=np.float32)
+    return model.encode(list(texts), batch_size=settings.EMBEDDING_BATCH_SIZE, normalize_embeddings=True,
+                        convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+
+
+def rrf_fuse(legs: Sequence[Sequence[int]], k: int, rrf_k: int | None = None) -> list[int]:
+    """The ``k`` best chunk ids of ranked legs (best first) by reciprocal rank fusion, ``score =
+    sum(1 / (rrf_k + rank))`` (``rrf_k`` default ``RRF_K``), ties by chunk id: ``chunk_search``'s SQL."""
+    rrf_k = settings.RRF_K if rrf_k is None else rrf_k
+    scores: dict[int, float] = {}
+    for leg in legs:
+        for rank, chunk_id in enumerate(leg, start=1):
+            scores[chunk_id] = scores.get(chunk_id, 0.0) + 1.0 / (rrf_k + rank)
+    return sorted(scores, key=lambda cid: (-scores[cid], cid))[:k]
+
+
+def vector_leg(ids: np.ndarray, vectors: np.ndarray, query_vector: np.ndarray, candidates: int) -> list[int]:
+    """The ``candidates`` chunk ids closest to ``query_vector`` by cosine (exact), closest first."""
+    scores = vectors @ query_vector
+    top = np.argsort(-scores, kind="stable")[:candidates]
+    return [int(ids[i]) for i in top]
+
+
+def text_legs(queries: Sequence[str], collection: str | None, candidates: int) -> list[list[int]]:
+    """The full-text leg of ``chunk_search`` for each query (chunk ids, best first)."""
+    return [[r.chunk_id for r in chunk_search(q, k=candidates, collection=collection, mode="text",
+                                              exclude_kinds=("curated",))] for q in queries]
+
+
+def hybrid_rankings(matrix_ids: np.ndarray, vectors: np.ndarray, query_vectors: np.ndarray,
+                    texts_legs: Sequence[Sequence[int]], *, k: int = 10, candidates: int | None = None) -> list[list[int]]:
+    """Per query, the ``k`` best chunk ids of the exact vector leg fused with its full-text leg."""
+    candidates = candidates or settings.RETRIEVAL_CANDIDATES
+    return [rrf_fuse([vector_leg(matrix_ids, vectors, q, candidates), leg], k)
+            for q, leg in zip(query_vectors, texts_legs)]
+
+
+@dataclass(frozen=True)
+class HeldoutQuery:
+    """One held-out correction: ``query`` (the anchor), ``gold_chunks`` and ``gold_sources`` (ids)."""
+
+    query: str
+    gold_chunks: frozenset[int]
+    gold_sources: frozenset[int]
+
+
+def heldout_queries(examples: Sequence[EmbedderExample]) -> list[HeldoutQuery]:
+    """One query per correction of ``examples`` (its examples share the anchor), in first-seen order."""
+    grouped: dict[int, list[EmbedderExample]] = {}
+    for example in examples:
+        grouped.setdefault(example.correction_id, []).append(example)
+    return [HeldoutQuery(group[0].anchor, frozenset(e.positive_chunk_id for e in group),
+                         frozenset(e.positive_source_id for e in group if e.positive_source_id is not None))
+            for group in grouped.values()]
+
+
+def ranking_scores(queries: Sequence[HeldoutQuery], rankings: Sequence[Sequence[int]], source_of: dict[int, int]) -> dict:
+    """``{"n", "passage_hit@1", "passage_hit@5", "passage_hit@10", "document_hit@5", "mrr"}`` (shares
+    0..1, rounded to 4 places); all 0 for no queries."""
+    result = {"n": len(queries), **{f"passage_hit@{k}": 0.0 for k in KS}, "document_hit@5": 0.0, "mrr": 0.0}
+    if not queries:
+        return result
+    reciprocal, passage, document = [], {k: 0 for k in KS}, 0
+    for query, ranking in zip(queries, rankings):
+        first = next((i for i, cid in enumerate(ranking[:10]) if cid in query.gold_chunks), None)
+        reciprocal.append(0.0 if first is None else 1.0 / (first + 1))
+        for k in KS:
+            passage[k] += first is not None and first < k
+        document += any(source_of.get(cid) in query.gold_sources for cid in ranking[:5])
+    result.update({f"passage_hit@{k}": round(passage[k] / len(queries), 4) for k in KS})
+    result["document_hit@5"] = round(document / len(queries), 4)
+    result["mrr"] = round(statistics.fmean(reciprocal), 4)
+    return result
+
+
+def embedder_compare(candidate_path: str, heldout: Sequence[EmbedderExample], *, collection: str | None = None) -> dict:
+    """Score the served embedder (stored vectors) and the candidate at ``candidate_path`` (all chunks
+    re-embedded in memory) on the held-out examples, both fused with the full-text leg.
+
+    Returns ``{"served": scores, "candidate": scores, "chunks": int, "reembed_s": float (candidate
+    encoding of every chunk, seconds), "candidate_dimension": int}`` with ``ranking_scores``' shape.
+    The candidate may have another dimension than the served model. Raises whatever
+    sentence-transformers raises for an unreadable model folder.
+    """
+    from knowledge.embedding import get_embedding_model
+    from sentence_transformers import SentenceTransformer
+
+    queries = heldout_queries(heldout)
+    matrix = chunk_matrix(collection)
+    candidate = SentenceTransformer(str(candidate_path), device=settings.EMBEDDING_DEVICE)
+    started = time.perf_counter()
+    candidate_vectors = encode(candidate, matrix.texts)
+    reembed_s = time.perf_counter() - started
+    texts = [q.query for q in queries]
+    legs = text_legs(texts, collection, settings.RETRIEVAL_CANDIDATES)
+    served_q = get_embedding_model().encode(texts) if texts else np.zeros((0, settings.EMBEDDING_DIM), np.float32)
+    candidate_q = encode(candidate, texts)
+    return {
+        "served": ranking_scores(queries, hybrid_rankings(matrix.ids, matrix.vectors, served_q, legs), matrix.source_of),
+        "candidate": ranking_scores(queries, hybrid_rankings(matrix.ids, candidate_vectors, candidate_q, legs),
+                                    matrix.source_of),
+        "chunks": len(matrix.texts),
+        "reembed_s": round(reembed_s, 2),
+        "candidate_dimension": int(candidate.get_embedding_dimension()),
+    }

@@ -1,0 +1,223 @@
+"""Embedder runs: fine-tune the sentence-embedding model on approved corrections and compare the
+candidate with the served embedder on held-out corrections.
+
+``embedder_run_start`` snapshots the training examples of the approved, non-stale corrections
+(``tuning.embedder_training.embedder_examples``, split by ``tuning.datasets.correction_split``) into a
+queued ``EmbedderRun`` (one in progress at a time, a database constraint); the Celery task
+``tuning.embedder_run`` (on the tuning queue) calls ``embedder_run_execute`` in a worker, which:
+
+1. claims the run (a conditional update from ``queued``: a second delivery does nothing);
+2. fine-tunes the served model (``settings.EMBEDDING_MODEL``) on the snapshot's training examples
+   (``embedder_train``), recording the loss curve, progress and heartbeat, into
+   ``TUNING_DIR/embedder-runs/<id>``;
+3. compares it with the served embedder on the held-out examples
+   (``tuning.embedder_evaluation.embedder_compare``: passage-hit@1/5/10, document-hit@5, MRR, both
+   fused with the full-text leg; re-embedding time).
+
+Any error marks the run ``failed`` with the reason. A run never changes what is served: there is no
+promotion of a candidate embedder yet (its shadow re-embedding, gate and atomic switch are not built).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import resource
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from tuning.models import Correction, EmbedderRun
+
+logger = logging.getLogger(__name__)
+
+_SAVE_EVERY_S = 2.0
+
+
+class EmbedderRunError(Exception):
+    """An embedder run cannot start (one in progress, too few examples, no model folder); nothing stored."""
+
+
+def folder_sha256(path: str | Path) -> str:
+    """Hex SHA-256 over a model folder's files (relative path and bytes, in sorted path order); a
+    file's digest for a file. Raises ``FileNotFoundError`` when ``path`` does not exist."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"no such model folder: {root}")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(root) if file != root else file.name).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def embedder_hyperparameters_from_settings(**overrides):
+    """``EmbedderHyperparameters`` from the ``TUNING_EMBEDDER_*`` settings and ``TUNING_SEED``, with ``overrides``."""
+    from tuning.embedder_training import EmbedderHyperparameters
+
+    values = {
+        "epochs": settings.TUNING_EMBEDDER_EPOCHS, "batch_size": settings.TUNING_EMBEDDER_BATCH_SIZE,
+        "learning_rate": settings.TUNING_EMBEDDER_LEARNING_RATE,
+        "max_seq_length": settings.TUNING_EMBEDDER_MAX_SEQ_LENGTH, "seed": settings.TUNING_SEED,
+    }
+    values.update(overrides)
+    return EmbedderHyperparameters(**values)
+
+
+def embedder_runs_fail_stale(now=None) -> int:
+    """Mark failed every in-progress embedder run whose worker has not reported (``heartbeat_at``,
+    or ``created_at`` while queued) for ``TUNING_RUN_STALE_S`` seconds (a killed worker). Returns how many."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.TUNING_RUN_STALE_S)
+    count = 0
+    for run in EmbedderRun.objects.filter(status__in=EmbedderRun.IN_PROGRESS):
+        last = run.heartbeat_at or run.created_at
+        if last < cutoff:
+            count += EmbedderRun.objects.filter(pk=run.pk, status=run.status).update(
+                status=EmbedderRun.Status.FAILED, finished_at=now,
+                error=f"the worker stopped reporting during {run.status} (no heartbeat since {last:%Y-%m-%d %H:%M:%S})",
+            )
+    return count
+
+
+def embedder_run_start(*, trigger: str = "manual", requested_by=None, hyperparameters: dict | None = None,
+                       holdout_share: float | None = None, max_examples: int | None = None,
+                       enqueue: bool = True) -> EmbedderRun:
+    """Snapshot the examples of the approved, non-stale corrections and queue an embedder run on the
+    served model (``settings.EMBEDDING_MODEL``). ``holdout_share`` defaults to
+    ``TUNING_HOLDOUT_SHARE``; ``max_examples`` (default ``TUNING_EMBEDDER_MAX_EXAMPLES``, 0 = all)
+    keeps a seeded sample of the training examples. ``enqueue`` sends the Celery task after commit.
+
+    Raises ``EmbedderRunError`` (nothing stored) when a run is in progress, there are fewer than 2
+    training examples or no held-out one, or the model folder is missing; ``ValueError`` for invalid
+    hyper-parameters.
+    """
+    from tuning.embedder_training import embedder_examples, examples_sha256
+
+    embedder_runs_fail_stale()
+    if EmbedderRun.objects.filter(status__in=EmbedderRun.IN_PROGRESS).exists():
+        raise EmbedderRunError("an embedder run is already in progress")
+    hp = embedder_hyperparameters_from_settings(**(hyperparameters or {}))
+    share = settings.TUNING_HOLDOUT_SHARE if holdout_share is None else holdout_share
+    if not 0 <= share < 1:
+        raise EmbedderRunError(f"holdout share must be in [0, 1), got {share}")
+    base = Path(settings.EMBEDDING_MODEL)
+    if not base.exists():
+        raise EmbedderRunError(f"embedding model folder not found: {base}")
+    corrections = (Correction.objects.filter(status=Correction.Status.APPROVED, stale=False)
+                   .select_related("message").order_by("pk"))
+    split = embedder_examples(corrections, holdout_share=share)
+    train, heldout = split["train"], split["heldout"]
+    cap = settings.TUNING_EMBEDDER_MAX_EXAMPLES if max_examples is None else max_examples
+    if cap and len(train) > cap:
+        train = random.Random(hp.seed).sample(train, cap)
+    if len(train) < 2:
+        raise EmbedderRunError(f"{len(train)} training example(s) from approved corrections with evidence chunks; "
+                               "need at least 2")
+    if not heldout:
+        raise EmbedderRunError("no held-out correction with evidence chunks to compare the candidate on; approve more")
+    try:
+        with transaction.atomic():
+            run = EmbedderRun.objects.create(
+                trigger=trigger, requested_by=requested_by, base_model_path=str(base),
+                base_model_sha256=folder_sha256(base), hyperparameters=hp.as_dict(), holdout_share=share,
+                train_examples=[e.record() for e in train], heldout_examples=[e.record() for e in heldout],
+                examples_sha256=examples_sha256([*train, *heldout]), train_count=len(train),
+                heldout_count=len(heldout),
+                corrections_count=len({e.correction_id for e in [*train, *heldout]}),
+            )
+            if enqueue:
+                from tuning.tasks import embedder_run
+
+                transaction.on_commit(lambda: embedder_run.delay(run.pk))
+    except IntegrityError:  # another start won the one-in-progress constraint
+        raise EmbedderRunError("an embedder run is already in progress") from None
+    return run
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+class _Reporter:
+    """Throttled writes of a run's progress, loss curve and heartbeat from the training loop."""
+
+    def __init__(self, run: EmbedderRun):
+        self.run = run
+        self.saved_at = 0.0
+
+    def update(self, **fields) -> None:
+        fields["heartbeat_at"] = timezone.now()
+        EmbedderRun.objects.filter(pk=self.run.pk).update(**fields)
+        for name, value in fields.items():
+            setattr(self.run, name, value)
+
+    def step(self, point: dict, total: int) -> None:
+        self.run.loss_curve.append(point)
+        now = time.monotonic()
+        if now - self.saved_at >= _SAVE_EVERY_S or point["step"] == total:
+            self.saved_at = now
+            self.update(progress=round(point["step"] / max(total, 1), 4), loss_curve=self.run.loss_curve)
+
+    def should_stop(self) -> bool:
+        status = EmbedderRun.objects.filter(pk=self.run.pk).values_list("status", flat=True).first()
+        return status != EmbedderRun.Status.TRAINING
+
+
+def embedder_run_execute(run_id: int) -> EmbedderRun:
+    """Run steps 1-3 of the module docstring for run ``run_id`` (in a worker). Returns the run.
+
+    Safe to call twice: only a ``queued`` run is claimed; any other status returns at once. Errors
+    are recorded on the run (``failed`` + ``error``), never raised, except ``EmbedderRun.DoesNotExist``.
+    """
+    now = timezone.now()
+    claimed = EmbedderRun.objects.filter(pk=run_id, status=EmbedderRun.Status.QUEUED).update(
+        status=EmbedderRun.Status.TRAINING, started_at=now, heartbeat_at=now, progress=0.0)
+    run = EmbedderRun.objects.get(pk=run_id)
+    if not claimed:
+        logger.info("embedder run %s is %s; not running it again", run_id, run.status)
+        return run
+    reporter = _Reporter(run)
+    started = time.perf_counter()
+    stage = "training"
+    try:
+        from tuning.embedder_evaluation import embedder_compare
+        from tuning.embedder_training import EmbedderExample, EmbedderHyperparameters, embedder_train
+
+        if settings.EMBEDDING_THREADS > 0:
+            import torch
+
+            torch.set_num_threads(settings.EMBEDDING_THREADS)
+        train = [EmbedderExample(**record) for record in run.train_examples]
+        heldout = [EmbedderExample(**record) for record in run.heldout_examples]
+        folder = Path(settings.TUNING_DIR) / "embedder-runs" / str(run.pk)
+        result = embedder_train(run.base_model_path, train, folder, EmbedderHyperparameters(**run.hyperparameters),
+                                device=settings.EMBEDDING_DEVICE, on_step=reporter.step,
+                                should_stop=reporter.should_stop)
+        reporter.update(loss_curve=result.loss_curve, progress=1.0, status=EmbedderRun.Status.EVALUATING,
+                        model_path=str(folder), model_sha256=folder_sha256(folder), dimension=result.dimension,
+                        training_s=round(result.duration_s, 1), peak_rss_mb=_peak_rss_mb())
+
+        stage = "evaluation"
+        evaluation = embedder_compare(str(folder), heldout)
+        finished = timezone.now()
+        EmbedderRun.objects.filter(pk=run.pk, status=EmbedderRun.Status.EVALUATING).update(
+            status=EmbedderRun.Status.SUCCEEDED, evaluation=evaluation, finished_at=finished, heartbeat_at=finished,
+            duration_s=round(time.perf_counter() - started, 1), peak_rss_mb=_peak_rss_mb(),
+        )
+    except Exception as error:  # recorded on the run; serving is untouched
+        logger.exception("embedder run %s failed during %s", run.pk, stage)
+        EmbedderRun.objects.filter(pk=run.pk).exclude(status=EmbedderRun.Status.FAILED).update(
+            status=EmbedderRun.Status.FAILED, error=f"{stage} failed: {error}"[:4000], finished_at=timezone.now(),
+            duration_s=round(time.perf_counter() - started, 1), peak_rss_mb=_peak_rss_mb(),
+        )
+    run.refresh_from_db()
+    return run
