@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--unanswerable", type=int, default=25, help="out-of-scope questions seeded (from the file)")
     parser.add_argument("--unseen-domain", default="", help="Doc2Dial domain never trained on (e.g. dmv)")
     parser.add_argument("--unseen-questions", type=int, default=30)
+    parser.add_argument("--report-runs", default="", help="only report earlier runs of this script (ids, comma-separated): "
+                        "the stored evaluations, the extractive baseline and the unseen-domain arms recomputed")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch threads for training (1 measured 3.5-4x faster than 2 on 2 busy cores)")
     args = parser.parse_args()
@@ -87,8 +89,17 @@ def main() -> None:
     if not Source.objects.filter(collection=args.collection, status="ready").exists():
         sys.exit(f"collection {args.collection!r} is empty: ingest ../shared/data/doc2dial/docs first (see the docstring)")
     settings.TUNING_EVAL_MAX_QUESTIONS = args.eval_questions
-
     all_questions = load_questions(Path(args.questions))
+    if args.report_runs:
+        results, questions = [], None
+        for run in FineTuneRun.objects.filter(pk__in=[int(x) for x in args.report_runs.split(",")]).order_by("train_examples"):
+            evaluation = ModelEvaluation.objects.get(pk=run.decision["evaluation_id"])
+            questions = questions or heldout_questions(run.dataset)
+            unseen = unseen_domain_arms(run, all_questions, args) if args.unseen_domain else None
+            results.append({"size": run.train_examples, "run": run, "arms": evaluation.arms, "unseen": unseen})
+        report(results, arm_metrics(extractive_rows(questions)), ARMS)
+        return
+
     seeded = [q for q in all_questions if domain_of(q) != args.unseen_domain]
     with tempfile.TemporaryDirectory() as folder:
         subset = Path(folder) / "questions.jsonl"
@@ -180,8 +191,8 @@ def report(results: list[dict], extractive: dict, arms: tuple[str, ...]) -> None
     print("| training examples | arm | " + " | ".join(label for _, label in METRICS) + " | F1 ratio to base+RAG |")
     print("|---|---|" + "---:|" * (len(METRICS) + 1))
     base_f1 = first.get("token_f1") or 0.0
-    print("| – | extractive (no model) | " + " | ".join(_fmt(extractive.get(k)) for k, _ in METRICS)
-          + f" | {(extractive['token_f1'] or 0) / base_f1:.2f} |" if base_f1 else " | – |")
+    ratio = f"{(extractive['token_f1'] or 0) / base_f1:.2f}" if base_f1 else "–"
+    print("| – | extractive (no model) | " + " | ".join(_fmt(extractive.get(k)) for k, _ in METRICS) + f" | {ratio} |")
     for result in results:
         run = result["run"]
         for arm in ("base+retrieval", "candidate", "candidate+retrieval"):
