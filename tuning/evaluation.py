@@ -63,14 +63,22 @@ class HeldOutQuestion:
         return bool(self.gold)
 
 
-def heldout_questions(dataset: TrainingDataset, *, limit: int | None = None) -> list[HeldOutQuestion]:
-    """The held-out examples of ``dataset`` as questions (at most ``limit``, default
-    ``TUNING_EVAL_MAX_QUESTIONS``, in stored order)."""
+def heldout_questions(dataset: TrainingDataset, *, limit: int | None = None,
+                      unanswerable_share: float = 0.25) -> list[HeldOutQuestion]:
+    """The held-out examples of ``dataset`` as questions, in stored order: at most ``limit`` (default
+    ``TUNING_EVAL_MAX_QUESTIONS``), of which up to ``unanswerable_share`` are unanswerable (no
+    supporting chunks: agents marked them missing from the knowledge base, or seeded out-of-scope
+    questions) and the rest answerable. Taking the first ``limit`` examples alone left abstention
+    unmeasured when the unanswerable ones were stored last (seeding adds them after the questions)."""
     limit = settings.TUNING_EVAL_MAX_QUESTIONS if limit is None else limit
-    examples = (dataset.examples.filter(split=TrainingExample.Split.HELDOUT)
-                .select_related("correction__message__conversation").order_by("id"))
+    examples = list(dataset.examples.filter(split=TrainingExample.Split.HELDOUT)
+                    .select_related("correction__message__conversation").order_by("id"))
+    unanswerable = [e for e in examples if e.correction is not None and not e.correction.supporting_chunks]
+    answerable = [e for e in examples if e not in unanswerable]
+    kept_unanswerable = unanswerable[: int(limit * unanswerable_share)]
+    chosen = set(map(id, kept_unanswerable + answerable[: limit - len(kept_unanswerable)]))
     questions = []
-    for example in examples[:limit]:
+    for example in (e for e in examples if id(e) in chosen):
         correction = example.correction
         metadata = example.record.get("metadata", {})
         collection = (correction.message.conversation.collection

@@ -158,3 +158,29 @@ def test_dataset_versions_are_unique(conversation, knowledge, agent, agent2):
     dataset = dataset_snapshot_create(RaftRecipe(holdout_share=0.0))
     with pytest.raises(IntegrityError), transaction.atomic():
         TrainingDataset.objects.create(version=dataset.version, sha256="x")
+
+
+def test_heldout_questions_keep_a_share_of_unanswerable_ones_stored_after_the_rest(knowledge, agent, agent2):
+    from tuning.evaluation import heldout_questions
+
+    # given 40 answerable corrections, then 12 the agents marked missing from the knowledge base
+    for i in range(52):
+        conversation = another_conversation(knowledge, f"question {i}")
+        answerable = i < 40
+        c = services.correction_create(
+            conversation.messages.get(role="assistant").pk, author=agent,
+            corrected_answer="Fifteen dollars [2]." if answerable else "Sorry, I could not find that.",
+            reason="wrong_fact" if answerable else "missing_from_kb",
+            supporting_chunk_ids=[knowledge["express"].pk] if answerable else [])
+        services.correction_review(c.pk, reviewer=agent2, approve=True)
+    dataset = dataset_snapshot_create(RaftRecipe(holdout_share=0.6))
+    heldout = list(dataset.examples.filter(split="heldout").order_by("id"))
+    missing = [e for e in heldout if not e.correction.supporting_chunks]
+    assert len(missing) >= 2 and len(heldout) - len(missing) >= 6
+    # when 8 questions are evaluated
+    questions = heldout_questions(dataset, limit=8)
+    # then a quarter are unanswerable (the first ones stored) and the rest answerable, in stored order
+    assert len(questions) == 8
+    assert [q.example_id for q in questions if not q.answerable] == [e.pk for e in missing[:2]]
+    assert sum(q.answerable for q in questions) == 6
+    assert [q.example_id for q in questions] == sorted(q.example_id for q in questions)
