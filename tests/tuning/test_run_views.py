@@ -3,6 +3,9 @@ another version for admins (staff) only; the stored report is escaped and served
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pytest
 from django.test import Client
 
@@ -19,9 +22,10 @@ def versions(tmp_path):
     base_file, adapter_file = tmp_path / "base.gguf", tmp_path / "adapter.gguf"
     base_file.write_bytes(b"GGUF base")
     adapter_file.write_bytes(b"GGUF adapter")
-    base = ModelVersion.objects.create(name="base", base_model_path=str(base_file), base_model_sha256="a" * 64, is_active=True)
-    tuned = ModelVersion.objects.create(name="run-1", base_model_path=str(base_file), base_model_sha256="a" * 64,
-                                        adapter_path=str(adapter_file), adapter_sha256="b" * 64)
+    base_sha, adapter_sha = hashlib.sha256(b"GGUF base").hexdigest(), hashlib.sha256(b"GGUF adapter").hexdigest()
+    base = ModelVersion.objects.create(name="base", base_model_path=str(base_file), base_model_sha256=base_sha, is_active=True)
+    tuned = ModelVersion.objects.create(name="run-1", base_model_path=str(base_file), base_model_sha256=base_sha,
+                                        adapter_path=str(adapter_file), adapter_sha256=adapter_sha)
     return base, tuned
 
 
@@ -57,6 +61,22 @@ def test_a_version_whose_files_are_gone_is_not_served(staff, versions):
     response = client_for(staff).post(f"/dashboard/fine-tunes/versions/{tuned.pk}/activate/", follow=True)
     assert b"cannot serve it: model file not found: /nonexistent/adapter.gguf" in response.content
     assert ModelVersion.objects.get(is_active=True) == base
+
+
+def test_a_version_whose_file_changed_since_registration_is_refused_with_the_reason(staff, versions):
+    # given the adapter file overwritten after the version was registered
+    base, tuned = versions
+    Path(tuned.adapter_path).write_bytes(b"GGUF adapter, tampered")
+    # when staff try to serve it
+    response = client_for(staff).post(f"/dashboard/fine-tunes/versions/{tuned.pk}/activate/", follow=True)
+    # then it is refused with the reason, recorded on the version and shown, and the base keeps serving
+    actual = hashlib.sha256(b"GGUF adapter, tampered").hexdigest()
+    reason = f"{tuned.adapter_path} has sha256 {actual}, but {tuned.adapter_sha256} was recorded for it"
+    assert f"cannot serve it: {reason}".encode() in response.content
+    tuned.refresh_from_db()
+    assert tuned.refused_reason == reason and tuned.refused_at is not None and tuned.is_active is False
+    assert ModelVersion.objects.get(is_active=True) == base
+    assert b"refused" in client_for(staff).get("/dashboard/fine-tunes/").content
 
 
 def test_fine_tune_now_without_approved_corrections_explains_and_queues_nothing(staff, versions):
