@@ -94,7 +94,7 @@ def _on_gold(citation: dict, gold: list[tuple[int, int, int]]) -> bool:
 
 
 def arm_answers(version: ModelVersion, questions: list[HeldOutQuestion], *, retrieval: bool,
-                engine: engine_module.Engine | None = None) -> list[dict]:
+                engine: engine_module.Engine | None = None, on_answer=None) -> list[dict]:
     """Answer every question with ``version`` through ``answer_compose`` on a dedicated engine
     (loaded here with ``TUNING_THREADS`` llama.cpp threads and shut down after, unless ``engine`` is
     given; its files are checked against their recorded SHA-256), with or without ``retrieval``.
@@ -105,6 +105,7 @@ def arm_answers(version: ModelVersion, questions: list[HeldOutQuestion], *, retr
     "markers", "cited", "cited_on_gold", "ttft_ms", "tokens_per_s", "error"}``.
     Raises ``engine_module.EngineError`` when the version cannot be loaded
     (``engine_module.ModelFilesMismatch`` when a file is not the one registered).
+    ``on_answer(done)`` is called after each question (``done`` answered so far).
     """
     own = engine is None
     engine = engine or engine_module.Engine(
@@ -124,6 +125,8 @@ def arm_answers(version: ModelVersion, questions: list[HeldOutQuestion], *, retr
                 rows.append({"example_id": question.example_id, "text": "", "abstained": False, "declined": False,
                              "f1": 0.0, "markers": {"total": 0, "valid": 0}, "cited": 0, "cited_on_gold": 0,
                              "ttft_ms": None, "tokens_per_s": None, "error": error, "answerable": question.answerable})
+                if on_answer:
+                    on_answer(len(rows))
                 continue
             declined = is_abstention(composed.text, composed.abstained)
             rows.append({
@@ -136,6 +139,8 @@ def arm_answers(version: ModelVersion, questions: list[HeldOutQuestion], *, retr
                 "tokens_per_s": None if composed.abstained else composed.timings.get("tokens_per_s"),
                 "error": "",
             })
+            if on_answer:
+                on_answer(len(rows))
     finally:
         if own:
             engine.shutdown()
@@ -184,8 +189,9 @@ def evaluation_run(dataset: TrainingDataset, candidate: ModelVersion, *, run=Non
     """Evaluate the four arms (``ARMS``) on ``dataset``'s held-out questions and store a
     ``ModelEvaluation`` (``arms`` = ``{arm: {"version_id", "version", "retrieval", "duration_s",
     **arm_metrics}}``, ``rows`` per arm and question, the gate's ``decision`` (``gate_decide`` with
-    the ``TUNING_GATE_*`` settings), ``report_html``). ``on_progress(done, total)``
-    is called after each arm. The active version is read once at the start.
+    the ``TUNING_GATE_*`` settings), ``report_html``). ``on_progress(done, total)`` is called after
+    each question (``done`` in arms, fractional) and each arm, so a run's heartbeat keeps going
+    through a long arm. The active version is read once at the start.
 
     Raises ``ValueError`` when there is no held-out question; ``engine_module.EngineError`` when a
     version cannot be loaded (the evaluation is stored as failed first).
@@ -212,7 +218,9 @@ def evaluation_run(dataset: TrainingDataset, candidate: ModelVersion, *, run=Non
                 rows[name] = rows[same]
                 arms[name] = {**arms[same], "version_id": version.pk, "version": version.name, "same_as": same}
             else:
-                rows[name] = arm_answers(version, questions, retrieval=retrieval)
+                answered = (lambda done, index=index: on_progress(index + done / len(questions), len(plan))) \
+                    if on_progress else None
+                rows[name] = arm_answers(version, questions, retrieval=retrieval, on_answer=answered)
                 arms[name] = {"version_id": version.pk, "version": version.name, "retrieval": retrieval,
                               "duration_s": round(time.perf_counter() - started, 1), **arm_metrics(rows[name])}
             if on_progress:

@@ -233,6 +233,7 @@ def fine_tune_run_execute(run_id: int) -> FineTuneRun:
         )
         reporter.update(model_version=candidate, status=FineTuneRun.Status.EVALUATING, progress=0.0)
         evaluation = evaluate_candidate(run, candidate, reporter)
+        stage = "promotion"
         decision = {**evaluation.decision, "evaluation_id": evaluation.pk}
         run_finish(run, evaluation, candidate, decision, duration_s=round(time.perf_counter() - started, 1))
     except RunLost as error:  # the stale-run check failed it meanwhile: its verdict stands
@@ -293,7 +294,7 @@ def evaluate_candidate(run: FineTuneRun, candidate: ModelVersion, reporter: _Run
     """``tuning.evaluation.evaluation_run`` of ``candidate`` on ``run``'s dataset, reporting progress."""
     from tuning.evaluation import evaluation_run
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: float, total: int) -> None:
         if reporter is not None:
             reporter.update(progress=round(done / total, 4))
 
