@@ -115,3 +115,34 @@ def test_report_escapes_model_text_and_is_served_sandboxed(agent, versions, conv
     assert "<img src=x" not in evaluation.report_html
     response = client_for(agent).get(f"/dashboard/fine-tunes/evaluations/{evaluation.pk}/report/")
     assert response.status_code == 200 and "sandbox" in response["Content-Security-Policy"]
+
+
+def test_the_run_page_and_the_report_show_the_gates_interval_and_checks(agent, versions):
+    # given a run kept by the gate with its interval (as gate_decide records it)
+    from tuning.evaluation import GateTolerances, gate_decide
+
+    base, tuned = versions
+    dataset = TrainingDataset.objects.create(version=1, sha256="c" * 64, recipe={"method": "raft"})
+    metrics = {"token_f1": 0.5, "citation_validity": 1.0, "markers": 2, "abstention_accuracy": None,
+               "citation_precision": 0.5, "false_abstention": 0.0, "errors": 0}
+    arms = {name: {**metrics, "version": "v", "questions": 3, "answerable": 3, "unanswerable": 0}
+            for name in ("base+retrieval", "candidate", "candidate+retrieval", "active+retrieval")}
+    rows = [{"arm": arm, "example_id": i, "answerable": True, "f1": f, "question": "q", "reference": "r",
+             "text": "t", "declined": False}
+            for arm, scores in (("candidate+retrieval", [0.9, 0.1, 0.5]), ("active+retrieval", [0.1, 0.9, 0.5]))
+            for i, f in enumerate(scores, start=1)]
+    decision = gate_decide(arms, rows, GateTolerances())
+    run = FineTuneRun.objects.create(dataset=dataset, status="succeeded", base_model_path=base.base_model_path,
+                                     base_model_sha256=base.base_model_sha256, decision=decision)
+    evaluation = ModelEvaluation.objects.create(run=run, dataset=dataset, status="succeeded", arms=arms, rows=rows,
+                                                decision=decision)
+    evaluation.report_html = evaluation_report_html(evaluation, run=run)
+    evaluation.save()
+    interval = decision["f1_gain_interval"]
+    shown = f"95% interval [{interval['low']:.4f}, {interval['high']:.4f}] (paired bootstrap, percentile, 10000 resamples, seed 0)"
+    # when an agent opens the run page, then the verdict, its reason and the interval are on it
+    page = client_for(agent).get(f"/dashboard/fine-tunes/{run.pk}/").content.decode()
+    assert decision["promote"] is False and "Not promoted" in page and "so the gain may be noise" in page
+    assert shown in page and "lower end &gt; 0.0" in page
+    # and in the stored report
+    assert shown in evaluation.report_html and "citation precision change" in evaluation.report_html
