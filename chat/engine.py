@@ -25,6 +25,8 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 from django.conf import settings
 
+from chat.model_files import file_sha256
+
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.2
@@ -42,6 +44,11 @@ class EngineBusy(EngineError):
         self.retry_after_s = retry_after_s
 
 
+class ModelFilesMismatch(EngineError):
+    """A model file's SHA-256 is not the digest recorded for it: the (base, adapter) pair is refused
+    and not loaded (``Engine.ensure`` keeps serving what it served)."""
+
+
 class ChatModel(Protocol):
     """What the engine needs of a loaded model (``llama_cpp.Llama`` has it; fakes in tests too)."""
 
@@ -50,10 +57,16 @@ class ChatModel(Protocol):
 
 @dataclass(frozen=True)
 class ModelKey:
-    """Identity of a loadable model: base GGUF path plus LoRA adapter GGUF path (``""`` for none)."""
+    """Identity of a loadable model: base GGUF path plus LoRA adapter GGUF path (``""`` for none).
+
+    ``base_sha256``/``adapter_sha256``: the hex SHA-256 digests the files must have (recorded at
+    registration, ``chat.models.ModelVersion``); ``""`` skips the check. They are not part of the
+    identity (equality and hash compare the paths only)."""
 
     base_model_path: str
     adapter_path: str = ""
+    base_sha256: str = field(default="", compare=False)
+    adapter_sha256: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         return self.base_model_path + (f" + {self.adapter_path}" if self.adapter_path else "")
@@ -148,8 +161,28 @@ class Generation:
     close = cancel
 
 
-def load_llama(key: ModelKey) -> ChatModel:
-    """Load ``key`` with llama-cpp-python: context, threads and GPU layers from settings.
+def model_files_verify(key: ModelKey) -> None:
+    """Check ``key``'s files against its recorded digests (``chat.model_files.file_sha256``, cached per
+    path, size and mtime, so only a new or changed file is read). A file without a recorded digest is
+    not checked.
+
+    Raises ``EngineError`` when a file is missing and ``ModelFilesMismatch`` (with both digests) when
+    a file's SHA-256 differs from the recorded one.
+    """
+    for path, expected in ((key.base_model_path, key.base_sha256), (key.adapter_path, key.adapter_sha256)):
+        if not path or not expected:
+            continue
+        try:
+            actual = file_sha256(path)
+        except FileNotFoundError:
+            raise EngineError(f"model file not found: {path}") from None
+        if actual != expected:
+            raise ModelFilesMismatch(f"{path} has sha256 {actual}, but {expected} was recorded for it")
+
+
+def load_llama(key: ModelKey, *, n_threads: int | None = None) -> ChatModel:
+    """Load ``key`` with llama-cpp-python: context and GPU layers from settings, ``n_threads``
+    (default ``LLM_THREADS``) for decoding and prompt evaluation.
 
     Raises ``EngineError`` when a file is missing or llama.cpp cannot load it.
     """
@@ -165,8 +198,8 @@ def load_llama(key: ModelKey) -> ChatModel:
             model_path=key.base_model_path,
             lora_path=key.adapter_path or None,
             n_ctx=settings.LLM_CONTEXT_TOKENS,
-            n_threads=settings.LLM_THREADS,
-            n_threads_batch=settings.LLM_THREADS,
+            n_threads=n_threads or settings.LLM_THREADS,
+            n_threads_batch=n_threads or settings.LLM_THREADS,
             n_gpu_layers=settings.LLM_GPU_LAYERS,
             seed=0,
             verbose=False,
@@ -313,14 +346,17 @@ class Engine:
 
         Requests already queued on or generating with the previous model finish there; that model is
         freed afterwards (by its own thread). Loading happens outside the submit lock, so chats keep
-        being served by the old model while the new one loads. Raises ``EngineError`` when loading
-        fails (the previous model stays current).
+        being served by the old model while the new one loads. The files are checked against
+        ``key``'s recorded digests first (``model_files_verify``). Raises ``ModelFilesMismatch`` when a
+        digest differs and ``EngineError`` when loading fails (the previous model stays current in
+        both cases).
         """
         if self.current_key == key:
             return
         with self._load_lock:
             if self.current_key == key:
                 return
+            model_files_verify(key)
             loaded = self.start(
                 key, self.load_model(key),
                 queue_size=self.queue_size if self.queue_size is not None else settings.LLM_QUEUE_SIZE,

@@ -25,7 +25,9 @@ class ModelVersion(models.Model):
 
     ``base_model_sha256``/``adapter_sha256`` are hex SHA-256 digests of the files (recorded at
     registration, so a later swap of a file under the same path is detectable). ``is_active`` marks the
-    version the engine serves; the database allows at most one active row.
+    version the engine serves; the database allows at most one active row. ``refused_reason`` (and
+    ``refused_at``): why the engine or an activation last refused it (a file's digest no longer
+    matches); cleared when it is activated again with matching files.
     """
 
     name = models.CharField(max_length=200, unique=True)
@@ -36,6 +38,8 @@ class ModelVersion(models.Model):
     is_active = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     notes = models.TextField(blank=True)
+    refused_reason = models.TextField(blank=True)
+    refused_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [

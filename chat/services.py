@@ -39,7 +39,6 @@ and how many named a source of the prompt; absent on abstentions); or, instead o
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import threading
 import time
@@ -49,11 +48,13 @@ from typing import AsyncIterator, Iterator
 
 from django.conf import settings
 from django.db import IntegrityError, close_old_connections, connection, transaction
+from django.utils import timezone
 
 from chat import engine as engine_module
 from chat import model_client as model_client_module
 from chat.citations import CitationFilter, clean_markers, count_markers, parse_citations
 from chat.grounding import GroundingCheck, SentenceGate, extractive_answer
+from chat.model_files import file_sha256
 from chat.models import Conversation, Message, ModelVersion
 from chat.notifications import customer_notify, inbox_notify
 from chat.prompts import grounded_messages, source_excerpt, without_markers
@@ -124,23 +125,6 @@ def conversation_request_human(conversation: Conversation) -> Conversation:
 
 # --- model versions ----------------------------------------------------------------------------------
 
-_sha_cache: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of the file at ``path`` (cached per path, size and mtime). Raises
-    ``FileNotFoundError``."""
-    stat = Path(path).stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _sha_cache:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        _sha_cache[key] = digest.hexdigest()
-    return _sha_cache[key]
-
-
 def model_version_register(*, name: str, base_model_path: str, adapter_path: str = "", notes: str = "") -> ModelVersion:
     """Register an (inactive) model version, recording the SHA-256 of its files.
 
@@ -156,13 +140,64 @@ def model_version_register(*, name: str, base_model_path: str, adapter_path: str
     )
 
 
+# Key of the Postgres advisory lock that serialises changes of the active version (any bigint; this
+# is "modelver" in ASCII). Held to the end of the activating transaction (pg_advisory_xact_lock).
+ACTIVATION_LOCK_ID = 0x6D6F64656C766572
+
+
+def _activation_lock() -> None:
+    """Take the activation lock in the current transaction (waits for another activation to commit)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [ACTIVATION_LOCK_ID])
+
+
+def model_key(version: ModelVersion) -> engine_module.ModelKey:
+    """The engine's key for ``version``: its files and their recorded SHA-256 digests."""
+    return engine_module.ModelKey(version.base_model_path, version.adapter_path,
+                                  base_sha256=version.base_model_sha256, adapter_sha256=version.adapter_sha256)
+
+
+def model_version_refuse(version: ModelVersion, reason: str) -> None:
+    """Record that ``version`` was refused (``refused_reason``, ``refused_at``; written only when the
+    reason is new, so a refused active version costs no write per answer)."""
+    ModelVersion.objects.filter(pk=version.pk).exclude(refused_reason=reason).update(
+        refused_reason=reason, refused_at=timezone.now())
+    version.refused_reason = reason
+
+
+def model_version_verify(version: ModelVersion) -> None:
+    """Check ``version``'s files against their recorded SHA-256 (``chat.engine.model_files_verify``).
+
+    Raises ``chat.engine.ModelFilesMismatch`` after recording the reason on ``version``
+    (``model_version_refuse``; call it outside a transaction that may roll back, or the record goes
+    with it), ``chat.engine.EngineError`` when a file is missing."""
+    try:
+        engine_module.model_files_verify(model_key(version))
+    except engine_module.ModelFilesMismatch as error:
+        model_version_refuse(version, str(error))
+        raise
+
+
 def model_version_activate(version: ModelVersion) -> ModelVersion:
     """Make ``version`` the one served (the previous active version is deactivated in the same
     transaction). Each web process's engine switches to it on its next answer; answers already
-    streaming finish on the old model."""
+    streaming finish on the old model.
+
+    Its files are checked against their recorded SHA-256 first (``chat.engine.model_files_verify``).
+    Activations are serialised by a transaction-level advisory lock, so two at once (two promotions,
+    a promotion and a rollback) both succeed in turn and leave exactly one active version: the one
+    that committed last. A ``refused_reason`` is cleared once the files match again.
+
+    Raises ``chat.engine.ModelFilesMismatch`` (the reason is recorded on ``version``) or
+    ``chat.engine.EngineError`` (a file is missing); the active version is then unchanged.
+    ``ModelVersion.DoesNotExist`` when ``version`` was deleted.
+    """
+    model_version_verify(version)
     with transaction.atomic():
-        ModelVersion.objects.select_for_update().filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
-        ModelVersion.objects.filter(pk=version.pk).update(is_active=True)
+        _activation_lock()
+        ModelVersion.objects.filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
+        if not ModelVersion.objects.filter(pk=version.pk).update(is_active=True, refused_reason="", refused_at=None):
+            raise ModelVersion.DoesNotExist(f"model version {version.pk} no longer exists")
     version.refresh_from_db()
     return version
 
@@ -182,6 +217,7 @@ def model_version_active() -> ModelVersion:
     sha = file_sha256(path)
     try:
         with transaction.atomic():
+            _activation_lock()
             version, _ = ModelVersion.objects.get_or_create(
                 name=f"base-{Path(path).stem}-{sha[:12]}",
                 defaults={"base_model_path": str(path), "base_model_sha256": sha, "notes": "default from LLM_MODEL_PATH"},
@@ -194,10 +230,37 @@ def model_version_active() -> ModelVersion:
 
 
 def engine_for(version: ModelVersion) -> engine_module.Engine:
-    """The process engine, switched to ``version``'s (base, adapter) pair if it serves another."""
+    """The process engine, switched to ``version``'s (base, adapter) pair if it serves another.
+
+    Raises ``chat.engine.ModelFilesMismatch`` (recorded on ``version``: ``model_version_refuse``) when
+    a file's SHA-256 is not the recorded one, ``chat.engine.EngineError`` when loading fails; the
+    engine keeps serving the model it had."""
     engine = engine_module.get_engine()
-    engine.ensure(engine_module.ModelKey(version.base_model_path, version.adapter_path))
+    try:
+        engine.ensure(model_key(version))
+    except engine_module.ModelFilesMismatch as error:
+        logger.error("refusing model version %s: %s", version.name, error)
+        model_version_refuse(version, str(error))
+        raise
     return engine
+
+
+def engine_serving(version: ModelVersion) -> tuple[engine_module.Engine, ModelVersion]:
+    """``(engine, the version it serves)``: ``engine_for(version)``; when ``version``'s files do not
+    match their recorded digests and the engine already serves another registered version, that one
+    keeps serving (and is returned, so answers name the version that wrote them).
+
+    Raises ``ModelFilesMismatch`` when nothing else is loaded, ``EngineError`` when loading fails."""
+    try:
+        return engine_for(version), version
+    except engine_module.ModelFilesMismatch:
+        engine = engine_module.get_engine()
+        current = engine.current_key
+        serving = current and ModelVersion.objects.filter(
+            base_model_path=current.base_model_path, adapter_path=current.adapter_path).order_by("-id").first()
+        if not serving:
+            raise
+        return engine, serving
 
 
 # --- answer pipeline ---------------------------------------------------------------------------------
@@ -407,8 +470,16 @@ def answer_compose(
         messages = [{"role": "user", "content": question.strip()}]
     try:
         version = version or model_version_active()
+        if engine is None:
+            engine = model_client_module.model_client()
+            if (isinstance(engine, model_client_module.LocalModelClient)
+                    and engine.engine is engine_module.get_engine()):
+                # In process: the version's files are checked against their recorded digests; a refused
+                # version leaves the loaded one answering (and the answer names it). A model server
+                # checks them itself (409).
+                engine, version = engine_serving(version)
         client = (model_client_module.LocalModelClient(engine, switch=False) if isinstance(engine, engine_module.Engine)
-                  else engine or model_client_module.model_client())
+                  else engine)
         generation = client.submit(messages, version=version, cancel=cancel)
     except engine_module.EngineBusy as busy:
         yield AnswerEvent("chat.busy", {"retry_after_s": busy.retry_after_s, "message": BUSY_MESSAGE})

@@ -27,9 +27,10 @@ Metrics per arm, over the held-out questions:
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from django.conf import settings
 from django.utils import timezone
@@ -38,7 +39,7 @@ from chat import engine as engine_module
 from chat.answer_metrics import token_f1
 from chat.model_client import model_client
 from chat.models import ModelVersion
-from chat.services import ABSTAIN_MESSAGE, answer_compose, model_version_active, model_version_register
+from chat.services import ABSTAIN_MESSAGE, answer_compose, model_key, model_version_active, model_version_register
 from knowledge.evaluation import percentile
 from tuning.models import ModelEvaluation, TrainingDataset, TrainingExample
 
@@ -102,24 +103,29 @@ def _on_gold(citation: dict, gold: list[tuple[int, int, int]]) -> bool:
 
 
 def arm_answers(version: ModelVersion, questions: list[HeldOutQuestion], *, retrieval: bool,
-                engine: engine_module.Engine | None = None) -> list[dict]:
+                engine: engine_module.Engine | None = None, on_answer=None) -> list[dict]:
     """Answer every question with ``version`` through ``answer_compose`` on a dedicated engine
-    (loaded here and shut down after, unless ``engine`` is given; with ``LLM_SERVER_URL`` set, the
-    model server's client, which serves the version beside the active one), with or without ``retrieval``.
+    (loaded here with ``TUNING_THREADS`` llama.cpp threads and shut down after, unless ``engine`` is
+    given; its files are checked against their recorded SHA-256; with ``LLM_SERVER_URL`` set, the
+    model server's client, which serves the version beside the active one and checks its files
+    itself), with or without ``retrieval``.
     The model always writes the answer (``quote_first=False``: a quoted source sentence would make
     every arm the same; ``curated=False``: a held-out correction's own curated answer would too); with
     retrieval its text passes the serving path's groundedness check.
 
     Returns one row per question: ``{"example_id", "text", "abstained", "declined", "f1",
     "markers", "cited", "cited_on_gold", "ttft_ms", "tokens_per_s", "error"}``.
-    Raises ``engine_module.EngineError`` when the version cannot be loaded.
+    Raises ``engine_module.EngineError`` when the version cannot be loaded
+    (``engine_module.ModelFilesMismatch`` when a file is not the one registered).
+    ``on_answer(done)`` is called after each question (``done`` answered so far).
     """
     own = engine is None and not settings.LLM_SERVER_URL
     if engine is None and settings.LLM_SERVER_URL:
         engine = model_client()  # the model server loads the version beside the active one
-    engine = engine or engine_module.Engine(queue_size=1)
+    engine = engine or engine_module.Engine(
+        queue_size=1, load_model=functools.partial(engine_module.load_llama, n_threads=settings.TUNING_THREADS))
     if isinstance(engine, engine_module.Engine):
-        engine.ensure(engine_module.ModelKey(version.base_model_path, version.adapter_path))
+        engine.ensure(model_key(version))
     rows = []
     try:
         for question in questions:
@@ -135,6 +141,8 @@ def arm_answers(version: ModelVersion, questions: list[HeldOutQuestion], *, retr
                 rows.append({"example_id": question.example_id, "text": "", "abstained": False, "declined": False,
                              "f1": 0.0, "markers": {"total": 0, "valid": 0}, "cited": 0, "cited_on_gold": 0,
                              "ttft_ms": None, "tokens_per_s": None, "error": error, "answerable": question.answerable})
+                if on_answer:
+                    on_answer(len(rows))
                 continue
             declined = is_abstention(composed.text, composed.abstained)
             rows.append({
@@ -147,6 +155,8 @@ def arm_answers(version: ModelVersion, questions: list[HeldOutQuestion], *, retr
                 "tokens_per_s": None if composed.abstained else composed.timings.get("tokens_per_s"),
                 "error": "",
             })
+            if on_answer:
+                on_answer(len(rows))
     finally:
         if own:
             engine.shutdown()
@@ -194,8 +204,10 @@ def evaluation_run(dataset: TrainingDataset, candidate: ModelVersion, *, run=Non
                    questions: list[HeldOutQuestion] | None = None, on_progress=None) -> ModelEvaluation:
     """Evaluate the four arms (``ARMS``) on ``dataset``'s held-out questions and store a
     ``ModelEvaluation`` (``arms`` = ``{arm: {"version_id", "version", "retrieval", "duration_s",
-    **arm_metrics}}``, ``rows`` per arm and question, ``report_html``). ``on_progress(done, total)``
-    is called after each arm. The active version is read once at the start.
+    **arm_metrics}}``, ``rows`` per arm and question, the gate's ``decision`` (``gate_decide`` with
+    the ``TUNING_GATE_*`` settings), ``report_html``). ``on_progress(done, total)`` is called after
+    each question (``done`` in arms, fractional) and each arm, so a run's heartbeat keeps going
+    through a long arm. The active version is read once at the start.
 
     Raises ``ValueError`` when there is no held-out question; ``engine_module.EngineError`` when a
     version cannot be loaded (the evaluation is stored as failed first).
@@ -222,7 +234,9 @@ def evaluation_run(dataset: TrainingDataset, candidate: ModelVersion, *, run=Non
                 rows[name] = rows[same]
                 arms[name] = {**arms[same], "version_id": version.pk, "version": version.name, "same_as": same}
             else:
-                rows[name] = arm_answers(version, questions, retrieval=retrieval)
+                answered = (lambda done, index=index: on_progress(index + done / len(questions), len(plan))) \
+                    if on_progress else None
+                rows[name] = arm_answers(version, questions, retrieval=retrieval, on_answer=answered)
                 arms[name] = {"version_id": version.pk, "version": version.name, "retrieval": retrieval,
                               "duration_s": round(time.perf_counter() - started, 1), **arm_metrics(rows[name])}
             if on_progress:
@@ -234,6 +248,7 @@ def evaluation_run(dataset: TrainingDataset, candidate: ModelVersion, *, run=Non
     evaluation.arms = arms
     evaluation.rows = [{"arm": arm, "question": q.question, "reference": q.reference, **row}
                        for arm in arms for q, row in zip(questions, rows[arm])]
+    evaluation.decision = gate_decide(arms, evaluation.rows)
     evaluation.status = ModelEvaluation.Status.SUCCEEDED
     evaluation.finished_at = timezone.now()
     evaluation.report_html = evaluation_report_html(evaluation, run=run)
@@ -243,57 +258,165 @@ def evaluation_run(dataset: TrainingDataset, candidate: ModelVersion, *, run=Non
 
 @dataclass(frozen=True)
 class GateTolerances:
-    """The promotion gate's thresholds (absolute, on 0..1 metrics): the candidate's token-F1 must
-    exceed the active model's by more than ``min_f1_gain``; citation validity and abstention
-    accuracy may drop by at most ``citation_tolerance`` / ``abstention_tolerance``."""
+    """The promotion gate's settings (absolute differences on 0..1 metrics).
+
+    - ``min_f1_gain``: the lower end of the confidence interval of the candidate's token-F1 gain
+      over the active model must be above this;
+    - ``confidence``, ``bootstrap_resamples``, ``bootstrap_seed``: that interval (two-sided, paired
+      bootstrap, see ``paired_gain_interval``);
+    - ``citation_tolerance``, ``citation_precision_tolerance``, ``abstention_tolerance``: how much
+      citation validity, citation precision and abstention accuracy may drop;
+    - ``false_abstention_tolerance``: how much the share of answerable questions declined may rise.
+    """
 
     min_f1_gain: float = 0.0
     citation_tolerance: float = 0.05
     abstention_tolerance: float = 0.05
+    citation_precision_tolerance: float = 0.05
+    false_abstention_tolerance: float = 0.05
+    confidence: float = 0.95
+    bootstrap_resamples: int = 10000
+    bootstrap_seed: int = 0
 
     @classmethod
     def from_settings(cls) -> "GateTolerances":
-        return cls(settings.TUNING_GATE_MIN_F1_GAIN, settings.TUNING_GATE_CITATION_TOLERANCE,
-                   settings.TUNING_GATE_ABSTENTION_TOLERANCE)
+        """The ``TUNING_GATE_*`` settings."""
+        return cls(
+            min_f1_gain=settings.TUNING_GATE_MIN_F1_GAIN,
+            citation_tolerance=settings.TUNING_GATE_CITATION_TOLERANCE,
+            abstention_tolerance=settings.TUNING_GATE_ABSTENTION_TOLERANCE,
+            citation_precision_tolerance=settings.TUNING_GATE_CITATION_PRECISION_TOLERANCE,
+            false_abstention_tolerance=settings.TUNING_GATE_FALSE_ABSTENTION_TOLERANCE,
+            confidence=settings.TUNING_GATE_CONFIDENCE,
+            bootstrap_resamples=settings.TUNING_GATE_BOOTSTRAP_RESAMPLES,
+            bootstrap_seed=settings.TUNING_GATE_BOOTSTRAP_SEED,
+        )
 
 
-def gate_decide(arms: dict[str, dict], tolerances: GateTolerances | None = None) -> dict:
-    """Whether ``candidate+retrieval`` should replace ``active+retrieval``: ``{"promote": bool,
-    "reason": str, "f1_gain", "citation_validity_change", "abstention_accuracy_change"}``.
+def paired_f1(rows: list[dict], candidate_arm: str = "candidate+retrieval",
+              active_arm: str = "active+retrieval") -> tuple[list[float], list[float]]:
+    """The per-question token-F1 of two arms, paired by question: ``(candidate, active)``, equal
+    lengths, over the answerable questions both arms answered (``rows``: ``ModelEvaluation.rows``,
+    ``{"arm", "example_id", "answerable", "f1", ...}``), in ``example_id`` order."""
+    by_arm: dict[str, dict[int, float]] = {candidate_arm: {}, active_arm: {}}
+    for row in rows:
+        if row.get("arm") in by_arm and row.get("answerable"):
+            by_arm[row["arm"]][row["example_id"]] = float(row["f1"])
+    shared = sorted(by_arm[candidate_arm].keys() & by_arm[active_arm].keys())
+    return [by_arm[candidate_arm][i] for i in shared], [by_arm[active_arm][i] for i in shared]
 
-    Promote only when token-F1 beats the active model by more than ``min_f1_gain`` and neither
-    citation validity (no markers counts as 0 when the active model wrote some) nor abstention
-    accuracy (checked only when there are unanswerable held-out questions) drops beyond tolerance.
+
+def paired_gain_interval(candidate: list[float], active: list[float], *, confidence: float = 0.95,
+                         resamples: int = 10000, seed: int = 0) -> dict | None:
+    """The mean per-question gain ``candidate[i] - active[i]`` and its two-sided ``confidence``
+    interval by the paired bootstrap (Efron & Tibshirani, 1993; the usual significance test for NLP
+    system comparisons: Koehn, 2004, "Statistical Significance Tests for Machine Translation
+    Evaluation"; Berg-Kirkpatrick et al., 2012): the questions are resampled with replacement
+    ``resamples`` times (``scipy.stats.bootstrap``, percentile method, a NumPy generator seeded with
+    ``seed``, so the same scores give the same interval).
+
+    Returns ``{"mean", "low", "high", "questions", "confidence", "resamples", "seed", "method"}``
+    (gains rounded to 4 places), or ``None`` for fewer than 2 questions. Raises ``ValueError`` when
+    the lists differ in length.
+    """
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    if len(candidate) != len(active):
+        raise ValueError(f"paired scores differ in length: {len(candidate)} vs {len(active)}")
+    if len(candidate) < 2:
+        return None
+    gains = np.asarray(candidate, dtype=float) - np.asarray(active, dtype=float)
+    if np.all(gains == gains[0]):  # every resample has the same mean
+        low = high = float(gains[0])
+    else:
+        result = bootstrap((gains,), np.mean, n_resamples=resamples, confidence_level=confidence,
+                           method="percentile", batch=1000, rng=np.random.default_rng(seed))
+        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return {"mean": round(float(gains.mean()), 4), "low": round(low, 4), "high": round(high, 4),
+            "questions": len(gains), "confidence": confidence, "resamples": resamples, "seed": seed,
+            "method": "paired bootstrap, percentile"}
+
+
+def _change(candidate: float | None, active: float | None, *, missing_candidate: float | None = 0.0) -> float | None:
+    """``candidate - active`` (4 places); ``None`` when ``active`` is ``None``; a missing candidate
+    value counts as ``missing_candidate`` (``None``: not comparable)."""
+    if active is None:
+        return None
+    if candidate is None:
+        if missing_candidate is None:
+            return None
+        candidate = missing_candidate
+    return round(candidate - active, 4)
+
+
+def gate_decide(arms: dict[str, dict], rows: list[dict], tolerances: GateTolerances | None = None) -> dict:
+    """Whether ``candidate+retrieval`` should replace ``active+retrieval``, from the arms' metrics
+    (``arm_metrics``) and the per-question rows (``ModelEvaluation.rows``).
+
+    Promote only when, in this order: the candidate answered every question; the lower end of the
+    ``confidence`` interval of its per-question token-F1 gain over the active model (paired over the
+    answerable questions, ``paired_gain_interval``) is above ``min_f1_gain``, so a gain within the
+    noise of a few dozen questions is not promoted; citation validity (no markers counts as 0 when
+    the active model wrote some) and citation precision (no citations counts as 0 when the active
+    model cited) drop by at most their tolerances; abstention accuracy on unanswerable questions (when
+    there are any) drops, and the share of answerable questions declined rises, by at most theirs.
+
+    Returns ``{"promote": bool, "reason": str, "f1_gain" (mean, or None), "f1_gain_interval" (the
+    interval dict, or None), "citation_validity_change", "citation_precision_change",
+    "abstention_accuracy_change", "false_abstention_change" (None when not measurable),
+    "tolerances": dict}``.
     """
     tolerances = tolerances or GateTolerances.from_settings()
     candidate, active = arms["candidate+retrieval"], arms["active+retrieval"]
-    f1_gain = round((candidate["token_f1"] or 0.0) - (active["token_f1"] or 0.0), 4)
+    interval = paired_gain_interval(*paired_f1(rows), confidence=tolerances.confidence,
+                                    resamples=tolerances.bootstrap_resamples, seed=tolerances.bootstrap_seed)
     validity = {k: (arms[k]["citation_validity"] if arms[k]["citation_validity"] is not None
                     else (1.0 if arms[k]["markers"] == 0 and active["markers"] == 0 else 0.0))
                 for k in ("candidate+retrieval", "active+retrieval")}
     validity_change = round(validity["candidate+retrieval"] - validity["active+retrieval"], 4)
-    abstention_change = None
-    if candidate["abstention_accuracy"] is not None and active["abstention_accuracy"] is not None:
-        abstention_change = round(candidate["abstention_accuracy"] - active["abstention_accuracy"], 4)
-    decision = {"f1_gain": f1_gain, "citation_validity_change": validity_change,
-                "abstention_accuracy_change": abstention_change, "tolerances": tolerances.__dict__}
+    precision_change = _change(candidate.get("citation_precision"), active.get("citation_precision"))
+    abstention_change = _change(candidate["abstention_accuracy"], active["abstention_accuracy"], missing_candidate=None)
+    false_abstention_change = _change(candidate.get("false_abstention"), active.get("false_abstention"),
+                                      missing_candidate=None)
+    decision = {"f1_gain": interval["mean"] if interval else None, "f1_gain_interval": interval,
+                "citation_validity_change": validity_change, "citation_precision_change": precision_change,
+                "abstention_accuracy_change": abstention_change, "false_abstention_change": false_abstention_change,
+                "tolerances": asdict(tolerances)}
+
+    def keep(reason: str) -> dict:
+        return {**decision, "promote": False, "reason": reason}
+
     if candidate.get("errors"):
-        return {**decision, "promote": False, "reason": f"the candidate failed to answer {candidate['errors']} question(s)"}
-    if f1_gain <= tolerances.min_f1_gain:
-        return {**decision, "promote": False,
-                "reason": f"token-F1 {candidate['token_f1']} does not beat the active model's {active['token_f1']} "
-                          f"(gain {f1_gain:+.4f}, needs > {tolerances.min_f1_gain:+.4f})"}
+        return keep(f"the candidate failed to answer {candidate['errors']} question(s)")
+    if interval is None:
+        return keep("fewer than 2 answerable held-out questions: the token-F1 gain cannot be tested")
+    level = f"{tolerances.confidence:.0%}"
+    span = f"{level} interval [{interval['low']:+.4f}, {interval['high']:+.4f}]"
+    if interval["low"] <= tolerances.min_f1_gain:
+        return keep(f"token-F1 {candidate['token_f1']} vs the active model's {active['token_f1']}: gain "
+                    f"{interval['mean']:+.4f}, {span} over {interval['questions']} questions; its lower end is "
+                    f"not above {tolerances.min_f1_gain:+.4f}, so the gain may be noise")
     if validity_change < -tolerances.citation_tolerance:
-        return {**decision, "promote": False,
-                "reason": f"citation validity drops by {-validity_change:.4f} (tolerance {tolerances.citation_tolerance})"}
+        return keep(f"citation validity drops by {-validity_change:.4f} (tolerance {tolerances.citation_tolerance})")
+    if precision_change is not None and precision_change < -tolerances.citation_precision_tolerance:
+        return keep(f"citation precision drops by {-precision_change:.4f} "
+                    f"(tolerance {tolerances.citation_precision_tolerance})")
     if abstention_change is not None and abstention_change < -tolerances.abstention_tolerance:
-        return {**decision, "promote": False,
-                "reason": f"abstention accuracy drops by {-abstention_change:.4f} (tolerance {tolerances.abstention_tolerance})"}
+        return keep(f"abstention accuracy drops by {-abstention_change:.4f} (tolerance {tolerances.abstention_tolerance})")
+    if false_abstention_change is not None and false_abstention_change > tolerances.false_abstention_tolerance:
+        return keep(f"answerable questions declined rise by {false_abstention_change:.4f} "
+                    f"(tolerance {tolerances.false_abstention_tolerance})")
     note = "" if abstention_change is not None else "; no unanswerable held-out questions, abstention not checked"
+
+    def signed(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:+.4f}"
+
     return {**decision, "promote": True,
-            "reason": f"token-F1 {candidate['token_f1']} vs {active['token_f1']} ({f1_gain:+.4f}), citation validity "
-                      f"{validity_change:+.4f}, abstention accuracy "
-                      f"{'n/a' if abstention_change is None else f'{abstention_change:+.4f}'}{note}"}
+            "reason": f"token-F1 {candidate['token_f1']} vs {active['token_f1']}: gain {interval['mean']:+.4f}, {span} "
+                      f"over {interval['questions']} questions; citation validity {signed(validity_change)}, "
+                      f"precision {signed(precision_change)}, abstention accuracy {signed(abstention_change)}, "
+                      f"answerable declined {signed(false_abstention_change)}{note}"}
 
 
 def extractive_rows(questions: list[HeldOutQuestion]) -> list[dict]:

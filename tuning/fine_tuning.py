@@ -16,6 +16,10 @@ promotion / rollback of model versions.
 5. promotes it (``chat.services.model_version_activate``) only when the gate says so; otherwise the
    run succeeds without promotion and records the reason.
 
+Every status write of the worker is a compare-and-set on the status it last wrote (``_RunReporter``,
+``run_finish``): once the stale-run check has marked a run failed, its worker's next write finds
+another status, and the worker stops (``RunLost``) without writing ``succeeded`` or promoting.
+
 Any error marks the run ``failed`` with the reason; the active version only changes in step 5, so a
 failed, killed or stopped run leaves it serving. A run whose worker stopped reporting for
 ``TUNING_RUN_STALE_S`` seconds is marked failed by the next start or scheduled check.
@@ -35,7 +39,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from chat.models import ModelVersion
-from chat.services import file_sha256, model_version_activate, model_version_register
+from chat.services import file_sha256, model_version_activate, model_version_register, model_version_verify
 from tuning.datasets import DatasetError, dataset_records, dataset_snapshot_create, new_approved_since
 from tuning.models import FineTuneRun, TrainingDataset
 
@@ -65,7 +69,10 @@ def lora_hyperparameters_from_settings(**overrides):
 
 def runs_fail_stale(now=None) -> int:
     """Mark failed every in-progress run whose worker has not reported (``heartbeat_at``, or
-    ``created_at`` while queued) for ``TUNING_RUN_STALE_S`` seconds. Returns how many."""
+    ``created_at`` while queued) for ``TUNING_RUN_STALE_S`` seconds. Returns how many.
+
+    The worker of a run failed here learns it at its next write (``_RunReporter.update`` compares and
+    sets the status) and stops without writing ``succeeded`` or promoting."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.TUNING_RUN_STALE_S)
     stale = FineTuneRun.objects.filter(status__in=FineTuneRun.IN_PROGRESS)
@@ -73,7 +80,9 @@ def runs_fail_stale(now=None) -> int:
     for run in stale:
         last = run.heartbeat_at or run.created_at
         if last < cutoff:
-            count += FineTuneRun.objects.filter(pk=run.pk, status=run.status).update(
+            # Compare-and-set on status and heartbeat: a worker that reported or moved on since the
+            # read above keeps its run.
+            count += FineTuneRun.objects.filter(pk=run.pk, status=run.status, heartbeat_at=run.heartbeat_at).update(
                 status=FineTuneRun.Status.FAILED, finished_at=now,
                 error=f"the worker stopped reporting during {run.status} (no heartbeat since {last:%Y-%m-%d %H:%M:%S})",
             )
@@ -134,16 +143,27 @@ def fine_tune_scheduled_check() -> FineTuneRun | None:
         return None
 
 
+class RunLost(Exception):
+    """The run's status is no longer the one this worker set (the stale-run check marked it failed,
+    or another worker took it over): the worker stops and writes nothing more."""
+
+
 class _RunReporter:
-    """Throttled writes of a run's progress, loss curve and heartbeat from the training loop."""
+    """Writes of a run's progress, loss curve, heartbeat and status from its worker, each a
+    compare-and-set on the status the worker last wrote (``UPDATE ... WHERE status = expected``)."""
 
     def __init__(self, run: FineTuneRun):
         self.run = run
         self.saved_at = 0.0
 
     def update(self, **fields) -> None:
+        """Write ``fields`` (and the heartbeat) while the run still has the status this worker set.
+        Raises ``RunLost`` (nothing written) when it has another."""
         fields["heartbeat_at"] = timezone.now()
-        FineTuneRun.objects.filter(pk=self.run.pk).update(**fields)
+        expected = self.run.status
+        if not FineTuneRun.objects.filter(pk=self.run.pk, status=expected).update(**fields):
+            current = FineTuneRun.objects.filter(pk=self.run.pk).values_list("status", flat=True).first()
+            raise RunLost(f"run {self.run.pk} is {current}, no longer {expected}")
         for name, value in fields.items():
             setattr(self.run, name, value)
 
@@ -181,6 +201,9 @@ def fine_tune_run_execute(run_id: int) -> FineTuneRun:
     try:
         from tuning import gguf_lora, parity, training
 
+        import torch
+
+        torch.set_num_threads(settings.TUNING_THREADS)
         records = dataset_records(run.dataset)
         hp = training.LoraHyperparameters(**run.hyperparameters)
         model, tokenizer = training.load_base_model(run.base_model_path)
@@ -195,7 +218,7 @@ def fine_tune_run_execute(run_id: int) -> FineTuneRun:
         adapter = gguf_lora.lora_adapter_export(result.peft_model, run.base_model_path, folder / "adapter.gguf",
                                                 alpha=hp.alpha)
         report = parity.adapter_parity_check(run.base_model_path, adapter, result.peft_model, tokenizer,
-                                             records[:PARITY_PROMPTS])
+                                             records[:PARITY_PROMPTS], n_threads=settings.TUNING_THREADS)
         parity_data = report.as_dict() if hasattr(report, "as_dict") else asdict(report)
         reporter.update(adapter_path=str(adapter), adapter_sha256=file_sha256(adapter), parity=parity_data,
                         peak_rss_mb=_peak_rss_mb())
@@ -210,23 +233,11 @@ def fine_tune_run_execute(run_id: int) -> FineTuneRun:
         )
         reporter.update(model_version=candidate, status=FineTuneRun.Status.EVALUATING, progress=0.0)
         evaluation = evaluate_candidate(run, candidate, reporter)
-        from tuning.evaluation import gate_decide
-
-        decision = gate_decide(evaluation.arms)
-        decision["evaluation_id"] = evaluation.pk
-        finished = timezone.now()
-        FineTuneRun.objects.filter(pk=run.pk).update(
-            status=FineTuneRun.Status.SUCCEEDED, decision=decision, finished_at=finished, progress=1.0,
-            duration_s=round(time.perf_counter() - started, 1), peak_rss_mb=_peak_rss_mb(), heartbeat_at=finished,
-        )
-        # Re-render the report now that the run holds its decision.
-        run.refresh_from_db()
-        from tuning.reports import evaluation_report_html
-
-        evaluation.report_html = evaluation_report_html(evaluation, run=run)
-        evaluation.save(update_fields=["report_html"])
-        if decision["promote"]:
-            model_version_promote(candidate)
+        stage = "promotion"
+        decision = {**evaluation.decision, "evaluation_id": evaluation.pk}
+        run_finish(run, evaluation, candidate, decision, duration_s=round(time.perf_counter() - started, 1))
+    except RunLost as error:  # the stale-run check failed it meanwhile: its verdict stands
+        logger.warning("fine-tune run %s stopped: %s", run.pk, error)
     except training_stopped_errors() as error:
         _fail(run, f"stopped during {stage}: {error}", started)
     except Exception as error:  # recorded on the run; the active version is untouched
@@ -236,6 +247,34 @@ def fine_tune_run_execute(run_id: int) -> FineTuneRun:
     return run
 
 
+def run_finish(run: FineTuneRun, evaluation, candidate: ModelVersion, decision: dict, *, duration_s: float) -> None:
+    """Record the gate's ``decision`` on ``run`` (``succeeded``, or ``promoted`` with ``candidate``
+    activated when the decision says so) and re-render ``evaluation``'s report with it, all in one
+    transaction and only while the run is still ``evaluating`` (compare-and-set).
+
+    Raises ``RunLost`` when the run is no longer ``evaluating`` (nothing written, nothing promoted);
+    whatever ``chat.services.model_version_activate`` raises (then nothing is written either).
+    """
+    from tuning.reports import evaluation_report_html
+
+    finished = timezone.now()
+    fields = {"decision": decision, "finished_at": finished, "progress": 1.0, "duration_s": duration_s,
+              "peak_rss_mb": _peak_rss_mb(), "heartbeat_at": finished,
+              "status": FineTuneRun.Status.PROMOTED if decision["promote"] else FineTuneRun.Status.SUCCEEDED}
+    for name, value in fields.items():
+        setattr(run, name, value)
+    report = evaluation_report_html(evaluation, run=run)
+    if decision["promote"]:
+        model_version_verify(candidate)  # before the transaction, so a refusal stays recorded
+    with transaction.atomic():
+        if not FineTuneRun.objects.filter(pk=run.pk, status=FineTuneRun.Status.EVALUATING).update(**fields):
+            current = FineTuneRun.objects.filter(pk=run.pk).values_list("status", flat=True).first()
+            raise RunLost(f"run {run.pk} is {current}, no longer evaluating: its result is not recorded")
+        type(evaluation).objects.filter(pk=evaluation.pk).update(report_html=report)
+        if decision["promote"]:
+            model_version_activate(candidate)
+
+
 def training_stopped_errors() -> tuple[type[BaseException], ...]:
     from tuning.training import TrainingStopped
 
@@ -243,7 +282,9 @@ def training_stopped_errors() -> tuple[type[BaseException], ...]:
 
 
 def _fail(run: FineTuneRun, reason: str, started: float) -> None:
-    FineTuneRun.objects.filter(pk=run.pk).exclude(status=FineTuneRun.Status.FAILED).update(
+    """Mark ``run`` failed with ``reason``, only while it is in progress (a run already failed by the
+    stale-run check keeps that reason; a finished one keeps its result)."""
+    FineTuneRun.objects.filter(pk=run.pk, status__in=FineTuneRun.IN_PROGRESS).update(
         status=FineTuneRun.Status.FAILED, error=reason[:4000], finished_at=timezone.now(),
         duration_s=round(time.perf_counter() - started, 1), peak_rss_mb=_peak_rss_mb(),
     )
@@ -253,7 +294,7 @@ def evaluate_candidate(run: FineTuneRun, candidate: ModelVersion, reporter: _Run
     """``tuning.evaluation.evaluation_run`` of ``candidate`` on ``run``'s dataset, reporting progress."""
     from tuning.evaluation import evaluation_run
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: float, total: int) -> None:
         if reporter is not None:
             reporter.update(progress=round(done / total, 4))
 
@@ -262,18 +303,21 @@ def evaluate_candidate(run: FineTuneRun, candidate: ModelVersion, reporter: _Run
 
 def model_version_promote(version: ModelVersion) -> ModelVersion:
     """Make ``version`` the served model (``chat.services.model_version_activate``: every web process
-    switches on its next answer, without a restart) and mark the run that made it ``promoted``."""
-    version = model_version_activate(version)
-    FineTuneRun.objects.filter(model_version=version, status=FineTuneRun.Status.SUCCEEDED).update(
-        status=FineTuneRun.Status.PROMOTED)
+    switches on its next answer, without a restart) and mark the ``succeeded`` run that made it
+    ``promoted``, in one transaction. Raises what ``model_version_activate`` raises (nothing changed)."""
+    with transaction.atomic():
+        version = model_version_activate(version)
+        FineTuneRun.objects.filter(model_version=version, status=FineTuneRun.Status.SUCCEEDED).update(
+            status=FineTuneRun.Status.PROMOTED)
     return version
 
 
 def model_version_rollback(version_id: int) -> ModelVersion:
     """Serve an earlier version again (any registered version: the base or an earlier adapter).
 
-    Raises ``ModelVersion.DoesNotExist`` for an unknown id and ``FileNotFoundError`` when its files
-    are gone (the active version is then unchanged)."""
+    Raises ``ModelVersion.DoesNotExist`` for an unknown id, ``FileNotFoundError`` when its files are
+    gone and ``chat.engine.ModelFilesMismatch`` when a file is not the one registered (the reason is
+    recorded on the version); the active version is then unchanged."""
     version = ModelVersion.objects.get(pk=version_id)
     for path in filter(None, (version.base_model_path, version.adapter_path)):
         if not Path(path).is_file():

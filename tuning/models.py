@@ -215,7 +215,9 @@ class ModelEvaluation(models.Model):
 
     ``arms`` is ``{arm_name: {"version_id", "retrieval": bool, metrics...}}`` with the metrics of
     ``tuning.evaluation`` (token-F1, citation validity/precision, abstention accuracy, TTFT, tokens/s);
-    ``rows`` the per-question answers; ``report_html`` a self-contained HTML report with charts.
+    ``rows`` the per-question answers; ``decision`` the promotion gate's verdict on them
+    (``tuning.evaluation.gate_decide``: ``{"promote", "reason", "f1_gain", "f1_gain_interval", ...}``);
+    ``report_html`` a self-contained HTML report with charts.
     """
 
     class Status(models.TextChoices):
@@ -228,6 +230,7 @@ class ModelEvaluation(models.Model):
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.RUNNING)
     arms = models.JSONField(default=dict, blank=True)
     rows = models.JSONField(default=list, blank=True)
+    decision = models.JSONField(default=dict, blank=True)
     report_html = models.TextField(blank=True)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

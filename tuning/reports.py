@@ -71,8 +71,10 @@ def line_chart_svg(title: str, points: list[tuple[float, float]], *, width: int 
 
 
 def evaluation_report_html(evaluation, *, run=None) -> str:
-    """The report page for ``evaluation`` (a ``ModelEvaluation`` with ``arms`` and ``rows``) and,
-    when given, its fine-tune ``run`` (loss curve, hyper-parameters, parity, decision)."""
+    """The report page for ``evaluation`` (a ``ModelEvaluation`` with ``arms``, ``rows`` and the gate's
+    ``decision``: verdict, reason, the token-F1 gain's confidence interval and every guard against its
+    tolerance) and, when given, its fine-tune ``run`` (loss curve, hyper-parameters, parity; its
+    ``decision`` when it has one)."""
     from tuning.evaluation import ARMS
 
     # JSONB does not keep key order: show the arms in their defined order.
@@ -87,6 +89,7 @@ def evaluation_report_html(evaluation, *, run=None) -> str:
         entry["answers"].append({"arm": row["arm"], "text": row["text"], "f1": row["f1"], "declined": row["declined"]})
     return render_to_string("tuning/report.html", {
         "evaluation": evaluation, "run": run, "arms": arms,
+        "decision": (run.decision if run is not None and run.decision else None) or evaluation.decision or None,
         "metric_rows": [(key, [data.get(key) for data in arms.values()]) for key, _, _ in METRICS],
         "charts": charts, "loss_chart": loss, "examples": list(examples.values())[:30],
     })

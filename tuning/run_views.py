@@ -12,6 +12,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from chat.access import agent_required
+from chat.engine import EngineError
 from chat.models import ModelVersion
 from tuning.datasets import new_approved_since
 from tuning.fine_tuning import FineTuneError, fine_tune_run_start, model_version_rollback
@@ -82,7 +83,7 @@ def version_activate(request: HttpRequest, version_id: int) -> HttpResponse:
         version = model_version_rollback(version_id)
     except ModelVersion.DoesNotExist:
         raise Http404("no such model version") from None
-    except FileNotFoundError as error:
+    except (FileNotFoundError, EngineError) as error:
         flash.error(request, f"cannot serve it: {error}")
     else:
         flash.success(request, f"Now serving {version.name}.")

@@ -26,7 +26,6 @@ from django.utils import timezone
 from chat.models import Message
 from chat.notifications import inbox_notify
 from chat.citations import clean_markers
-from chat.prompts import grounded_messages
 from knowledge import services as knowledge_services
 from knowledge.models import Chunk, Source
 from knowledge.selectors import RetrievedChunk, is_follow_up
@@ -292,25 +291,19 @@ def correction_sources(correction: Correction) -> list[dict]:
 
 
 def training_record(correction: Correction) -> dict:
-    """One chat record for fine-tuning: ``{"messages": [*history, *serving prompt, corrected assistant
-    answer], "metadata": {...}}``. The serving prompt is exactly what the bot is given
-    (``chat.prompts.grounded_messages``: the numbered ``correction_sources``, ``LLM_SOURCE_MAX_CHARS``
-    per source, the question and the instruction); earlier agent turns appear as ``assistant``."""
-    sources = [_as_retrieved(s) for s in correction_sources(correction)]
-    prompt = grounded_messages(correction.question or correction.original_answer, sources,
-                               max_chars=settings.LLM_SOURCE_MAX_CHARS)
-    history = [
-        {"role": "user" if turn["role"] == "user" else "assistant", "content": turn["text"]}
-        for turn in correction.history
-    ]
-    return {
-        "messages": [*history, *prompt, {"role": "assistant", "content": correction.corrected_answer}],
-        "metadata": {
-            "correction_id": correction.pk, "message_id": correction.message_id, "reason": correction.reason,
-            "source_ids": sorted({s.source_id for s in sources}),
-            "chunk_ids": [s.chunk_id for s in sources],
-        },
-    }
+    """One chat record for fine-tuning: ``{"messages": [serving prompt, corrected assistant answer],
+    "metadata": {...}}``, built by the same code as a dataset snapshot's examples
+    (``tuning.datasets.raft_example`` with the settings' recipe, gold always kept), so what is
+    exported is what is trained on and what the bot is served: ``chat.prompts.grounded_messages`` with
+    at most ``LLM_PROMPT_SOURCES`` sources (the gold, then the chunks retrieval showed),
+    ``LLM_SOURCE_MAX_CHARS`` per source, the question and the instruction, and the answer's ``[n]``
+    markers renumbered to those sources. Earlier turns are not in the prompt, as in serving, where
+    they only shape the retrieval query; they are kept in ``metadata["history"]``."""
+    from tuning.datasets import RaftRecipe, raft_example
+
+    record = raft_example(correction, RaftRecipe.from_settings(), heldout=True)["record"]
+    record["metadata"]["message_id"] = correction.message_id
+    return record
 
 
 def training_data_export(output: IO[str]) -> int:

@@ -5,12 +5,13 @@ Unit tests use ``FakeChatModel`` behind the real ``Engine``; the last tests run 
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 
 import pytest
 
-from chat.engine import Engine, EngineBusy, EngineError, ModelKey
+from chat.engine import Engine, EngineBusy, EngineError, ModelFilesMismatch, ModelKey
 from tests.chat.conftest import FakeChatModel
 
 BASE = ModelKey("/models/base.gguf")
@@ -259,3 +260,47 @@ def test_real_model_cancel_stops_generation(real_engine):
             cancel.set()
     assert 2 <= len(pieces) <= 4
     assert generation.stats.finish_reason == "cancelled"
+
+
+def test_a_key_whose_file_digest_differs_is_refused_and_the_current_model_keeps_serving(tmp_path):
+    # given an engine serving a base whose recorded digest matches
+    base = tmp_path / "base.gguf"
+    base.write_bytes(b"GGUF base")
+    adapter = tmp_path / "adapter.gguf"
+    adapter.write_bytes(b"GGUF adapter")
+    engine, models = make_engine(["ok"])
+    good = ModelKey(str(base), base_sha256=hashlib.sha256(b"GGUF base").hexdigest())
+    engine.ensure(good)
+    # when asked to serve an adapter whose recorded digest is another file's
+    wrong = ModelKey(str(base), str(adapter), base_sha256=good.base_sha256, adapter_sha256="0" * 64)
+    with pytest.raises(ModelFilesMismatch) as refused:
+        engine.ensure(wrong)
+    # then it is refused with both digests, nothing was loaded, and the base still answers
+    assert str(refused.value) == f"{adapter} has sha256 {hashlib.sha256(b'GGUF adapter').hexdigest()}, but {'0' * 64} was recorded for it"
+    assert engine.current_key == good and [m.key for m in models] == [good]
+    assert "".join(engine.submit([{"role": "user", "content": "hi"}])) == "ok"
+    # and a missing file is an engine error too, before any load
+    with pytest.raises(EngineError, match="model file not found"):
+        engine.ensure(ModelKey(str(tmp_path / "gone.gguf"), base_sha256="1" * 64))
+    assert len(models) == 1
+    engine.shutdown()
+
+
+def test_file_digests_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    from chat import model_files
+
+    reads = []
+    real_open = open
+
+    def counting_open(path, *args, **kwargs):
+        reads.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(model_files, "open", counting_open, raising=False)
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"first")
+    assert model_files.file_sha256(path) == model_files.file_sha256(path) == hashlib.sha256(b"first").hexdigest()
+    assert reads == [str(path)]  # hashed once
+    path.write_bytes(b"second, longer")  # replaced in place: new size and mtime
+    assert model_files.file_sha256(path) == hashlib.sha256(b"second, longer").hexdigest()
+    assert reads == [str(path), str(path)]

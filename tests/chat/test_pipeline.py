@@ -13,6 +13,7 @@ import threading
 import pytest
 from django.conf import settings
 
+from chat import engine as engine_module
 from chat import services
 from chat.models import Conversation, Message
 from chat.prompts import INSTRUCTION
@@ -607,3 +608,33 @@ def test_a_question_that_stands_on_its_own_leads_with_its_own_chunks_and_the_his
     assert answer.grounding["follow_up"] == "own words first"
     assert answer.grounding["question_distance"] == 0.3
     assert [r["chunk_id"] for r in answer.retrieval] == [103, 102, 101]
+
+
+@pytest.mark.django_db
+def test_an_active_version_whose_file_changed_is_refused_and_the_loaded_one_keeps_answering(fake_engine, retrieval, tmp_path):
+    # given the default version serving, then a LoRA version activated whose adapter file is
+    # overwritten afterwards (by hand, or a half-copied file)
+    fake_engine.script(["You", " can", " renew", " a", " licence", " online", " [2]", "."])
+    default = services.model_version_active()
+    conversation = services.conversation_start(collection="kb")
+    assert events_of(conversation, "How do I renew my licence?")[-1].type == "chat.done"
+    adapter = tmp_path / "adapter.gguf"
+    adapter.write_bytes(b"GGUF adapter")
+    tuned = services.model_version_activate(services.model_version_register(
+        name="lora-1", base_model_path=default.base_model_path, adapter_path=str(adapter)))
+    adapter.write_bytes(b"GGUF adapter, overwritten")
+    # when the next question comes
+    events = events_of(conversation, "How do I renew my licence?")
+    # then the version is refused with the reason recorded, and the loaded default answers (and is named)
+    assert events[-1].type == "chat.done"
+    answer = conversation.messages.get(pk=events[-1].data["message_id"])
+    assert answer.model_version == default
+    tuned.refresh_from_db()
+    assert tuned.refused_reason.startswith(f"{adapter} has sha256 ") and tuned.refused_at is not None
+    assert [m.key for m in fake_engine.models] == [engine_module.ModelKey(default.base_model_path)]
+    assert fake_engine.engine.current_key == engine_module.ModelKey(default.base_model_path)
+    # and once the right file is back, the version loads and answers
+    adapter.write_bytes(b"GGUF adapter")
+    events = events_of(conversation, "How do I renew my licence?")
+    assert conversation.messages.get(pk=events[-1].data["message_id"]).model_version == tuned
+    assert fake_engine.engine.current_key == engine_module.ModelKey(default.base_model_path, str(adapter))

@@ -10,10 +10,13 @@ from django.core.management import call_command
 from django.db import IntegrityError, transaction
 from django.test import Client
 
-from chat.prompts import INSTRUCTION
+from django.conf import settings
+
+from chat.prompts import INSTRUCTION, grounded_messages
 from knowledge.models import Source
 from tuning import services
 from tuning.models import Correction
+from tuning.services import _as_retrieved
 
 pytestmark = pytest.mark.django_db
 
@@ -110,26 +113,33 @@ def test_export_writes_approved_corrections_as_chat_records(conversation, knowle
     # when exported
     output = tmp_path / "train.jsonl"
     call_command("export_training_data", output=str(output))
-    # then exactly the approved one, with numbered sources, history, question and corrected answer
+    # then exactly the approved one, as the served model sees it: the serving prompt with at most
+    # LLM_PROMPT_SOURCES sources (both gold chunks and the first chunk retrieval showed besides them),
+    # no history turns before it, and the corrected answer cited to where its chunks now sit
     records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     assert len(records) == 1
-    prompt = ("Sources:\n"
-              "[1] Returns: Refunds take five business days.\n\n"
-              "[2] Returns: Returns are free within 30 days.\n\n"
-              "[3] Shipping: We ship to Canada and the US.\n\n"
-              "[4] Shipping: Express shipping costs 15 dollars.\n\n"
-              "Question: How long do refunds take?\n" + INSTRUCTION)
-    assert records[0]["messages"] == [
-        {"role": "user", "content": "Hi there"},
-        {"role": "assistant", "content": "Hello! How can I help?"},
+    record = records[0]
+    texts = {knowledge["refunds"].pk: "Returns: Refunds take five business days.",
+             knowledge["free_returns"].pk: "Returns: Returns are free within 30 days.",
+             knowledge["express"].pk: "Shipping: Express shipping costs 15 dollars."}
+    chunk_ids = record["metadata"]["chunk_ids"]
+    assert sorted(chunk_ids) == sorted(texts) and settings.LLM_PROMPT_SOURCES == 3
+    prompt = ("Sources:\n" + "\n\n".join(f"[{n}] {texts[c]}" for n, c in enumerate(chunk_ids, start=1))
+              + "\n\nQuestion: How long do refunds take?\n" + INSTRUCTION)
+    refunds, express = chunk_ids.index(knowledge["refunds"].pk) + 1, chunk_ids.index(knowledge["express"].pk) + 1
+    assert record["messages"] == [
         {"role": "user", "content": prompt},
-        {"role": "assistant", "content": "Refunds take five business days [1]. Express costs 15 dollars [4]."},
+        {"role": "assistant", "content": f"Refunds take five business days [{refunds}]. Express costs 15 dollars [{express}]."},
     ]
-    assert records[0]["metadata"] == {
-        "correction_id": approved.pk, "message_id": answer.pk, "reason": "wrong_fact",
-        "source_ids": sorted([knowledge["returns"].pk, knowledge["shipping"].pk]),
-        "chunk_ids": [knowledge["refunds"].pk, knowledge["free_returns"].pk, knowledge["countries"].pk, knowledge["express"].pk],
-    }
+    # the same builder as serving: chat.prompts.grounded_messages with the serving excerpt length
+    sources = [_as_retrieved(next(s for s in approved.supporting_chunks + approved.shown_chunks if s["chunk_id"] == c))
+               for c in chunk_ids]
+    assert record["messages"][:-1] == grounded_messages("How long do refunds take?", sources,
+                                                        max_chars=settings.LLM_SOURCE_MAX_CHARS)
+    metadata = record["metadata"]
+    assert (metadata["correction_id"], metadata["message_id"], metadata["reason"]) == (approved.pk, answer.pk, "wrong_fact")
+    assert metadata["history"] == [{"role": "user", "text": "Hi there"}, {"role": "assistant", "text": "Hello! How can I help?"}]
+    assert sorted(metadata["gold_chunk_ids"]) == sorted([knowledge["refunds"].pk, knowledge["express"].pk])
 
 
 def test_a_changed_source_flags_the_correction_stale_and_keeps_it_out_of_the_export(conversation, knowledge, agent, agent2, tmp_path):

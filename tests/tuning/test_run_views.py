@@ -3,6 +3,9 @@ another version for admins (staff) only; the stored report is escaped and served
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pytest
 from django.test import Client
 
@@ -19,9 +22,10 @@ def versions(tmp_path):
     base_file, adapter_file = tmp_path / "base.gguf", tmp_path / "adapter.gguf"
     base_file.write_bytes(b"GGUF base")
     adapter_file.write_bytes(b"GGUF adapter")
-    base = ModelVersion.objects.create(name="base", base_model_path=str(base_file), base_model_sha256="a" * 64, is_active=True)
-    tuned = ModelVersion.objects.create(name="run-1", base_model_path=str(base_file), base_model_sha256="a" * 64,
-                                        adapter_path=str(adapter_file), adapter_sha256="b" * 64)
+    base_sha, adapter_sha = hashlib.sha256(b"GGUF base").hexdigest(), hashlib.sha256(b"GGUF adapter").hexdigest()
+    base = ModelVersion.objects.create(name="base", base_model_path=str(base_file), base_model_sha256=base_sha, is_active=True)
+    tuned = ModelVersion.objects.create(name="run-1", base_model_path=str(base_file), base_model_sha256=base_sha,
+                                        adapter_path=str(adapter_file), adapter_sha256=adapter_sha)
     return base, tuned
 
 
@@ -57,6 +61,22 @@ def test_a_version_whose_files_are_gone_is_not_served(staff, versions):
     response = client_for(staff).post(f"/dashboard/fine-tunes/versions/{tuned.pk}/activate/", follow=True)
     assert b"cannot serve it: model file not found: /nonexistent/adapter.gguf" in response.content
     assert ModelVersion.objects.get(is_active=True) == base
+
+
+def test_a_version_whose_file_changed_since_registration_is_refused_with_the_reason(staff, versions):
+    # given the adapter file overwritten after the version was registered
+    base, tuned = versions
+    Path(tuned.adapter_path).write_bytes(b"GGUF adapter, tampered")
+    # when staff try to serve it
+    response = client_for(staff).post(f"/dashboard/fine-tunes/versions/{tuned.pk}/activate/", follow=True)
+    # then it is refused with the reason, recorded on the version and shown, and the base keeps serving
+    actual = hashlib.sha256(b"GGUF adapter, tampered").hexdigest()
+    reason = f"{tuned.adapter_path} has sha256 {actual}, but {tuned.adapter_sha256} was recorded for it"
+    assert f"cannot serve it: {reason}".encode() in response.content
+    tuned.refresh_from_db()
+    assert tuned.refused_reason == reason and tuned.refused_at is not None and tuned.is_active is False
+    assert ModelVersion.objects.get(is_active=True) == base
+    assert b"refused" in client_for(staff).get("/dashboard/fine-tunes/").content
 
 
 def test_fine_tune_now_without_approved_corrections_explains_and_queues_nothing(staff, versions):
@@ -95,3 +115,34 @@ def test_report_escapes_model_text_and_is_served_sandboxed(agent, versions, conv
     assert "<img src=x" not in evaluation.report_html
     response = client_for(agent).get(f"/dashboard/fine-tunes/evaluations/{evaluation.pk}/report/")
     assert response.status_code == 200 and "sandbox" in response["Content-Security-Policy"]
+
+
+def test_the_run_page_and_the_report_show_the_gates_interval_and_checks(agent, versions):
+    # given a run kept by the gate with its interval (as gate_decide records it)
+    from tuning.evaluation import GateTolerances, gate_decide
+
+    base, tuned = versions
+    dataset = TrainingDataset.objects.create(version=1, sha256="c" * 64, recipe={"method": "raft"})
+    metrics = {"token_f1": 0.5, "citation_validity": 1.0, "markers": 2, "abstention_accuracy": None,
+               "citation_precision": 0.5, "false_abstention": 0.0, "errors": 0}
+    arms = {name: {**metrics, "version": "v", "questions": 3, "answerable": 3, "unanswerable": 0}
+            for name in ("base+retrieval", "candidate", "candidate+retrieval", "active+retrieval")}
+    rows = [{"arm": arm, "example_id": i, "answerable": True, "f1": f, "question": "q", "reference": "r",
+             "text": "t", "declined": False}
+            for arm, scores in (("candidate+retrieval", [0.9, 0.1, 0.5]), ("active+retrieval", [0.1, 0.9, 0.5]))
+            for i, f in enumerate(scores, start=1)]
+    decision = gate_decide(arms, rows, GateTolerances())
+    run = FineTuneRun.objects.create(dataset=dataset, status="succeeded", base_model_path=base.base_model_path,
+                                     base_model_sha256=base.base_model_sha256, decision=decision)
+    evaluation = ModelEvaluation.objects.create(run=run, dataset=dataset, status="succeeded", arms=arms, rows=rows,
+                                                decision=decision)
+    evaluation.report_html = evaluation_report_html(evaluation, run=run)
+    evaluation.save()
+    interval = decision["f1_gain_interval"]
+    shown = f"95% interval [{interval['low']:.4f}, {interval['high']:.4f}] (paired bootstrap, percentile, 10000 resamples, seed 0)"
+    # when an agent opens the run page, then the verdict, its reason and the interval are on it
+    page = client_for(agent).get(f"/dashboard/fine-tunes/{run.pk}/").content.decode()
+    assert decision["promote"] is False and "Not promoted" in page and "so the gain may be noise" in page
+    assert shown in page and "lower end &gt; 0.0" in page
+    # and in the stored report
+    assert shown in evaluation.report_html and "citation precision change" in evaluation.report_html

@@ -78,7 +78,9 @@ def loop_settings(settings, tiny_model, tmp_path):
     # model cannot be expected to improve, so the promoting test accepts any candidate that answers.
     settings.TUNING_GATE_MIN_F1_GAIN = -1.0
     settings.TUNING_GATE_CITATION_TOLERANCE = 1.0
+    settings.TUNING_GATE_CITATION_PRECISION_TOLERANCE = 1.0
     settings.TUNING_GATE_ABSTENTION_TOLERANCE = 1.0
+    settings.TUNING_GATE_FALSE_ABSTENTION_TOLERANCE = 1.0
     previous = engine_module.set_engine(None)
     yield settings
     engine = engine_module.set_engine(previous)
@@ -195,7 +197,13 @@ def test_a_failing_gate_keeps_the_active_model(seeded, loop_settings):
     base = model_version_active()
     run = fine_tune_run_execute(fine_tune_run_start(enqueue=False).pk)
     assert run.status == "succeeded" and run.decision["promote"] is False
-    assert "does not beat" in run.decision["reason"]
+    assert "so the gain may be noise" in run.decision["reason"]
+    interval = run.decision["f1_gain_interval"]
+    assert interval["questions"] == run.dataset.examples.filter(split="heldout", has_gold=True).count()
+    assert interval["low"] <= interval["mean"] <= interval["high"]
+    evaluation = ModelEvaluation.objects.get(run=run)
+    assert evaluation.decision["f1_gain_interval"] == interval
+    assert "interval [" in evaluation.report_html and "paired bootstrap" in evaluation.report_html
     assert ModelVersion.objects.get(is_active=True) == base
     assert run.model_version is not None and run.model_version.is_active is False
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from chat.models import ModelVersion
-from tuning.evaluation import ARMS, gate_decide, heldout_questions
+from tuning.evaluation import ARMS, heldout_questions
 from tuning.models import TrainingDataset
 from tuning.reports import METRICS
 
@@ -49,7 +49,7 @@ class Command(BaseCommand):
         for key, label, _ in METRICS + [("markers", "citation markers written", None), ("duration_s", "duration (s)", None)]:
             values = [evaluation.arms[arm].get(key) for arm in ARMS]
             self.stdout.write(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:g}" for v in values) + " |")
-        decision = gate_decide(evaluation.arms)
+        decision = evaluation.decision
         self.stdout.write(f"\ngate: {'promote' if decision['promote'] else 'do not promote'}: {decision['reason']}")
         if report:
             with open(report, "w", encoding="utf-8") as handle:

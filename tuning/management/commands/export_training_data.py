@@ -11,7 +11,7 @@ from tuning.services import training_data_export
 
 
 class Command(BaseCommand):
-    help = "Write approved, non-stale corrections as JSONL chat records (system prompt, user turns, corrected answer)."
+    help = "Write approved, non-stale corrections as JSONL chat records (the serving prompt with its sources, then the corrected answer)."
 
     def add_arguments(self, parser):
         parser.add_argument("--output", "-o", help="File to write (default: standard output).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
+from chat.engine import EngineError
 from chat.models import ModelVersion
 from tuning.fine_tuning import model_version_rollback
 from tuning.management.commands.evaluate_model import version_lookup
@@ -20,11 +21,12 @@ class Command(BaseCommand):
     def handle(self, *args, version, list, **options):
         if list or not version:
             for v in ModelVersion.objects.order_by("id"):
-                self.stdout.write(f"{v.pk:>4}  {'*' if v.is_active else ' '} {v.name}  {v.adapter_path or '(no adapter)'}")
+                self.stdout.write(f"{v.pk:>4}  {'*' if v.is_active else ' '} {v.name}  {v.adapter_path or '(no adapter)'}"
+                                  + (f"  REFUSED: {v.refused_reason}" if v.refused_reason else ""))
             if not version:
                 return
         try:
             active = model_version_rollback(version_lookup(version).pk)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, EngineError) as error:
             raise CommandError(str(error)) from None
         self.stdout.write(f"now serving {active.name}")
