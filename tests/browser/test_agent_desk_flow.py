@@ -310,10 +310,13 @@ def test_signing_out_in_another_tab_turns_the_live_inbox_into_the_login_page(chr
         await wait_live(inbox)
         other = await context.new_page()
         await other.goto(base + "/dashboard/analytics/")
-        # when she signs out in the other tab, and then a conversation starts
+        # when she signs out in the other tab, and then a conversation starts and asks for a human
         await other.get_by_role("button", name="Sign out").click()
         await other.wait_for_url(base + "/accounts/login/")
-        await inbox.request.post(base + "/api/conversations/", data={"collection": "default"})
+        started = await (await inbox.request.post(base + "/api/conversations/", data={"collection": "default"})).json()
+        # (a new conversation reaches the inbox with its first event: here the customer asks for a human)
+        await inbox.request.post(f"{base}/api/conversations/{started['id']}/handoff/",
+                                 headers={"X-Conversation-Token": started["token"]})
         # then the inbox page shows the login page (not the login form inside the inbox's list)
         await inbox.wait_for_url(base + "/accounts/login/?next=/dashboard/", timeout=LIVE_TIMEOUT_MS)
         return {"heading": await inbox.get_by_role("heading").first.text_content(),
