@@ -155,16 +155,11 @@ def domain_of(question) -> str:
 def unseen_domain_arms(run, all_questions, args) -> dict:
     """Base + retrieval and candidate + retrieval on first-turn questions of the unseen domain."""
     from chat.models import ModelVersion
-    from knowledge.models import Chunk, Source
+    from knowledge.models import Chunk
     from tuning.evaluation import HeldOutQuestion, arm_answers, arm_metrics, base_version_for, extractive_rows
+    from tuning.seeding import _sources_by_relative_path
 
-    root = Path(args.questions).parent.resolve()
-    by_path = {}
-    for source_id, uri in Source.objects.filter(collection=args.collection, status="ready").values_list("pk", "uri"):
-        try:
-            by_path[str(Path(uri).resolve().relative_to(root))] = source_id
-        except ValueError:
-            continue
+    by_path = _sources_by_relative_path(args.collection, Path(args.questions).parent.resolve())
     questions = []
     for q in all_questions:
         if domain_of(q) != args.unseen_domain or q.history or q.gold_file not in by_path:

@@ -470,16 +470,17 @@ def answer_compose(
         messages = [{"role": "user", "content": question.strip()}]
     try:
         version = version or model_version_active()
-        if engine is None:
-            engine = model_client_module.model_client()
-            if (isinstance(engine, model_client_module.LocalModelClient)
-                    and engine.engine is engine_module.get_engine()):
+        client = engine
+        if client is None:
+            client = model_client_module.model_client()
+            if (isinstance(client, model_client_module.LocalModelClient)
+                    and client.engine is engine_module.get_engine()):
                 # In process: the version's files are checked against their recorded digests; a refused
                 # version leaves the loaded one answering (and the answer names it). A model server
                 # checks them itself (409).
-                engine, version = engine_serving(version)
-        client = (model_client_module.LocalModelClient(engine, switch=False) if isinstance(engine, engine_module.Engine)
-                  else engine)
+                client, version = engine_serving(version)
+        if isinstance(client, engine_module.Engine):
+            client = model_client_module.LocalModelClient(client, switch=False)
         generation = client.submit(messages, version=version, cancel=cancel)
     except engine_module.EngineBusy as busy:
         yield AnswerEvent("chat.busy", {"retry_after_s": busy.retry_after_s, "message": BUSY_MESSAGE})

@@ -75,7 +75,7 @@ def heldout_questions(dataset: TrainingDataset, *, limit: int | None = None,
     examples = list(dataset.examples.filter(split=TrainingExample.Split.HELDOUT)
                     .select_related("correction__message__conversation").order_by("id"))
     unanswerable = [e for e in examples if e.correction is not None and not e.correction.supporting_chunks]
-    answerable = [e for e in examples if e not in unanswerable]
+    answerable = [e for e in examples if e.correction is None or e.correction.supporting_chunks]
     kept_unanswerable = unanswerable[: int(limit * unanswerable_share)]
     chosen = set(map(id, kept_unanswerable + answerable[: limit - len(kept_unanswerable)]))
     questions = []
