@@ -18,7 +18,8 @@ For each sentence the model writes (``GroundingCheck.check``):
    catches word salad built from the source's words.
 
 Then, over the answer (``GroundingCheck.addresses``): what is shown must address the question: the
-kind of answer it asks for (``answer_type``: an amount, a duration, a time, a count, a contact) must be
+kind of answer it asks for (``answer_type``: an amount, a duration, a time, a count, a contact, a weight,
+size, capacity or rating) must be
 present, and the shown text's cosine similarity to the question must reach ``min_relevance``.
 
 The same measurements are the field's standard cheap groundedness signals (lexical overlap as in
@@ -238,11 +239,15 @@ def merge_facts(facts: Sequence[Facts]) -> Facts:
 
 # --- what the question asks for ------------------------------------------------------------------------
 
-# Checked in order: "how much does it weigh" asks for a measure, not an amount.
+# Checked in order: "how much does it weigh" asks for a weight, not an amount. A measure is asked for by
+# kind (weight, size, capacity, rating), each answered only by its own units: "How much does the tent
+# weigh?" is not answered by "A two-person tent" (a capacity).
 _ASKS = (
     ("contact", re.compile(r"(?i)\b(phone|telephone|call|number to|e-?mail|website|web site|url|link|address)\b")),
-    ("measure", re.compile(r"(?i)\b(how (heavy|big|large|tall|wide|warm)|weigh|weight|size of|dimensions|"
-                           r"capacity|rating|rated)\b")),
+    ("weight", re.compile(r"(?i)\b(how heavy|weigh|weighs|weight)\b")),
+    ("size", re.compile(r"(?i)\b(how (big|large|tall|wide)|size of|dimensions|length of|height of|how high)\b")),
+    ("capacity", re.compile(r"(?i)\b(capacity|how many (people|persons)|sleeps? how many|carry how much)\b")),
+    ("rating", re.compile(r"(?i)\b(how warm|temperature|rating|rated)\b")),
     ("amount", re.compile(r"(?i)\b(how much|cost|costs|price|prices|fee|fees|charge|charges|deduct|pay for|"
                           r"refund amount|rate for)\b")),
     ("duration", re.compile(r"(?i)\bhow (long|many (days|weeks|months|years|hours|minutes))\b|\bwithin how\b")),
@@ -251,13 +256,23 @@ _ASKS = (
 )
 _DURATION_UNITS = frozenset("second minute hour day week month year".split())
 _AMOUNT_UNITS = frozenset("dollar money cent euro pound percent point".split())
+# The units that answer each kind of measure (normalised as in ``_UNITS``).
+_MEASURE_UNITS = {
+    "weight": frozenset("kg g lb oz pound".split()),
+    "size": frozenset("m cm mm km mile foot inch".split()),
+    "capacity": frozenset("person kg lb".split()),
+    # a rating may be in any unit of measure ("20,000 mm" of waterproofing), or in degrees, seasons or
+    # fill power (matched in the text)
+    "rating": frozenset("kg g lb oz m cm mm km mile foot inch person point".split()),
+}
 _DAY_NAMES = re.compile(r"(?i)\b(monday|tuesday|wednesday|thursday|friday|saturday|sunday|weekday|weekend|daily|"
                         r"today|tomorrow|immediately|same day|before|after|until|within|once|as soon as)\b")
 
 
 def answer_type(question: str) -> str | None:
     """What ``question`` asks for: ``"contact"``, ``"amount"``, ``"duration"``, ``"count"``,
-    ``"time"``, ``"measure"`` (a weight, size or rating), or ``None`` (a yes/no, a how-to, an explanation: any statement can answer it)."""
+    ``"time"``, ``"weight"``, ``"size"``, ``"capacity"``, ``"rating"`` (a temperature or season
+    rating), or ``None`` (a yes/no, a how-to, an explanation: any statement can answer it)."""
     for name, pattern in _ASKS:
         if pattern.search(question):
             return name
@@ -268,7 +283,10 @@ def has_answer_type(text: str, kind: str | None, facts: Facts | None = None) -> 
     """Whether ``text`` holds the kind of answer ``kind`` names (see ``answer_type``): an amount needs
     money, a percentage or the words free / no cost; a duration a number with a time unit (or words like
     "same day"); a count a number; a time a number, a month, a day name or a relative time; a contact
-    a link, e-mail address or phone number. ``None`` accepts anything."""
+    a link, e-mail address or phone number; a weight, size or capacity a number with one of that
+    measure's units (``_MEASURE_UNITS``); a rating any unit of measure, degrees, seasons or fill
+    power. ``None`` accepts
+    anything."""
     if kind is None:
         return True
     facts = facts or hard_facts(text)
@@ -284,9 +302,10 @@ def has_answer_type(text: str, kind: str | None, facts: Facts | None = None) -> 
             re.search(r"(?i)\b(same day|immediately|lifetime|right away)\b", text))
     if kind == "count":
         return bool(facts.numbers)
-    if kind == "measure":
-        return any(unit not in _DURATION_UNITS and unit not in _AMOUNT_UNITS for _, unit in facts.quantities) or bool(
-            re.search(r"°|\b\d+\s*-?\s*(person|people|season|fill)\b", text))
+    if kind in _MEASURE_UNITS:
+        return any(unit in _MEASURE_UNITS[kind] for _, unit in facts.quantities) or bool(
+            kind == "rating" and re.search(r"°|\b\d+\s*-?\s*(season|fill)\b",
+                                           _NUMBER_WORD.sub(lambda m: str(_NUMBER_WORDS[m.group(1).lower()]), text)))
     if kind == "time":
         return bool(facts.numbers or facts.months or _DAY_NAMES.search(text))
     return True

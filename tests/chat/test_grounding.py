@@ -100,7 +100,11 @@ def test_unsupported_off_topic_and_empty_sentences_are_removed(check, sentence, 
     ("When are the stores open on Sunday?", "time"),
     ("What is the e-mail address for warranty claims?", "contact"),
     ("Do you ship to Canada?", None),
-    ("How much does the Driftwood 2 tent weigh?", "measure"),
+    ("How much does the Driftwood 2 tent weigh?", "weight"),
+    ("How big is the Driftwood 2 tent when packed?", "size"),
+    ("What is the weight capacity of the kayak?", "weight"),
+    ("How many people fit in the Driftwood 2?", "capacity"),
+    ("How warm is the Ember sleeping bag?", "rating"),
 ])
 def test_answer_type_names_what_the_question_asks_for(question, kind):
     assert answer_type(question) == kind
@@ -115,6 +119,20 @@ def test_has_answer_type_requires_what_was_asked_for():
     assert not has_answer_type("Within 60 dollars.", "duration")
     assert not has_answer_type("Email us with your order number.", "contact")
     assert has_answer_type("Email warranty@tidewater.example.", "contact")
+
+
+def test_a_measure_is_answered_only_by_its_own_units():
+    # "two-person" is a capacity, not a weight: the tent's description does not say what it weighs
+    description = "A two-person, three-season freestanding tent with two doors and two vestibules."
+    assert not has_answer_type(description, "weight")
+    assert has_answer_type(description, "capacity")
+    assert has_answer_type(description, "rating")
+    assert has_answer_type("Packed weight 1.6 kg.", "weight")
+    assert not has_answer_type("Packed weight 1.6 kg.", "size")
+    assert has_answer_type("Floor area 2.7 m², length 183 cm.", "size")
+    assert has_answer_type("Comfortable down to 0 °C.", "rating")
+    assert not has_answer_type("Comfortable on cold nights.", "rating")
+    assert has_answer_type("Waterproofing: 20,000 mm.", "rating")
 
 
 def test_a_supported_answer_beside_the_question_is_not_addressing_it(check):
