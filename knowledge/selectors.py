@@ -148,6 +148,8 @@ def conversation_search(
     retrieval is weak (closest chunk farther than ``weak_distance``, default ``ABSTAIN_MAX_DISTANCE``)
     but not hopeless (within ``lean_max_distance``, default ``FOLLOW_UP_MAX_DISTANCE``), the
     history's retrieval is not weak and its best chunks contain one of the question's content words.
+    A question that refers back is still led by its own words when they retrieve well and the
+    history's retrieval is weak ("And how long does a refund take?" after questions about a tent).
     Otherwise the question leads on its own words: when they retrieve well its own results come first
     and the history's are fused after them (``OWN_WORDS_FIRST``), so a new topic is answered from its
     own sources; when they do not, only its own (far) results are returned, for the caller's
@@ -185,9 +187,12 @@ def conversation_search(
     elif (own_distance is not None and weak < own_distance <= lean and history_distance is not None
           and history_distance <= weak and _shares_terms(question, with_history[:3])):
         reason = "weak on its own"
-    if reason:
+    own_strong = own_distance is not None and own_distance <= weak
+    if reason and not (own_strong and (history_distance is None or history_distance > weak)):
         return ConversationalRetrieval(with_history, query, reason, own_distance, history_distance)
-    if own_distance is not None and own_distance <= weak:
+    if own_strong:
+        # (Also a question that refers back when its history retrieves weakly but its own words
+        # retrieve well: "And how long does a refund take?" after questions about a tent's weight.)
         # On topic on its own words: its own chunks lead and the history's join them by RRF, so a
         # follow-up that names no topic without referring back ("What documents do I need?") still
         # finds its page (Doc2Dial all turns, 700 questions: document-hit@5 0.731 -> 0.766), while

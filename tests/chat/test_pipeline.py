@@ -318,6 +318,28 @@ def test_a_new_topic_is_retrieved_and_judged_on_its_own_words_not_the_previous_t
 
 
 @pytest.mark.django_db
+def test_a_follow_up_whose_history_retrieves_weakly_is_answered_from_its_own_words(
+    fake_engine, retrieval, settings
+):
+    # given a conversation about a tent's weight, then "And how long does a refund take?": it refers
+    # back ("And ..."), but with the tent question appended retrieval is far, while its own words are close
+    settings.ABSTAIN_MAX_DISTANCE = 0.62
+    retrieval.results_for = lambda query: (
+        [chunk(2, distance=0.75)] if "\n" in query else [chunk(1, distance=0.35, text=(
+            "We refund to the original payment method within 5 business days of receiving the return."))])
+    fake_engine.script(["We", " refund", " within", " 5", " business", " days", " [1]", "."])
+    conversation = services.conversation_start()
+    events_of(conversation, "How much does the tent weigh?")
+    events = events_of(conversation, "And how long does a refund take?")
+    # then it is answered, led by its own chunk, not declined for the history's weak retrieval
+    assert events[-1].data["abstained"] is False
+    answer = conversation.messages.filter(role="assistant").last()
+    assert answer.grounding["follow_up"] == "own words first"
+    assert answer.grounding["question_distance"] == 0.35
+    assert [r["chunk_id"] for r in answer.retrieval] == [101, 102]
+
+
+@pytest.mark.django_db
 def test_a_question_weak_on_its_own_but_close_with_its_history_leans_on_the_history(
     fake_engine, retrieval, settings
 ):
