@@ -660,3 +660,18 @@ def test_an_active_version_whose_file_changed_is_refused_and_the_loaded_one_keep
     events = events_of(conversation, "How do I renew my licence?")
     assert conversation.messages.get(pk=events[-1].data["message_id"]).model_version == tuned
     assert fake_engine.engine.current_key == engine_module.ModelKey(default.base_model_path, str(adapter))
+
+
+def test_the_closest_chunk_is_always_among_the_prompt_sources():
+    # given fused results where the chunk closest by cosine distance is ranked fourth
+    ranked = [chunk(1, distance=0.63), chunk(2, distance=0.64), chunk(3, distance=0.68), chunk(4, distance=0.36),
+              chunk(5, distance=0.70)]
+    # when three prompt sources are taken
+    reordered = services.closest_among_sources(ranked, 3)
+    # then it becomes the third source and the rest keep their order after it
+    assert [c.chunk_id for c in reordered] == [101, 102, 104, 103, 105]
+    # and nothing moves when it is already among them, or when the vector leg found none
+    assert services.closest_among_sources(ranked[3:] + ranked[:3], 3) == ranked[3:] + ranked[:3]
+    no_vector = [chunk(1, distance=None), chunk(2, distance=None), chunk(3, distance=None), chunk(4, distance=None)]
+    assert services.closest_among_sources(no_vector, 3) == no_vector
+    assert services.closest_among_sources(ranked[:2], 3) == ranked[:2]
