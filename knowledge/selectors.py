@@ -8,8 +8,14 @@ that returned the chunk.
 
 - vector leg: cosine distance between the query embedding and chunk embeddings (pgvector HNSW
   index, ``<=>``), restricted to chunks of the current embedding model;
-- full-text leg: Postgres ``english`` full-text search, any query term (OR), ranked by ``ts_rank_cd``
-  with length normalisation.
+- full-text leg: Postgres ``english`` full-text search, any query term (OR), ranked by the sum over
+  the query's lexemes of ``idf * ts_rank`` (title and headings weighted A, passage B), with BM25's
+  inverse document frequency ``ln(1 + (N - df + 0.5) / (df + 0.5))`` (Robertson & Zaragoza, "The
+  Probabilistic Relevance Framework: BM25 and Beyond", 2009) counted in the collection at query
+  time: a rare word of the question ("Canada") outweighs a common one ("ship"), which
+  ``ts_rank_cd`` alone weighs the same. Measured on Doc2Dial first turns (tune / held-out halves;
+  README, "Retrieval"): full-text passage-hit@5 0.478 / 0.516 -> 0.603 / 0.632, hybrid 0.603 /
+  0.626 -> 0.668 / 0.639, document-hit@5 0.853 / 0.839 -> 0.875 / 0.897.
 """
 
 from __future__ import annotations
@@ -233,14 +239,28 @@ WITH vec AS (
         LIMIT %(candidates)s
     ) nearest
 ),
+lexemes AS MATERIALIZED (
+    -- the query's lexemes and their document frequency in the searched chunks (one count each)
+    SELECT q.query, (SELECT count(*) FROM knowledge_chunk c {text_join}
+                     WHERE c.search_vector @@ q.query {text_filter}) AS df
+    FROM (SELECT quote_literal(v.lexeme)::tsquery AS query FROM unnest(to_tsvector('english', %(terms)s)) v) q
+),
+terms AS MATERIALIZED (
+    -- BM25's inverse document frequency of each lexeme
+    SELECT l.query, ln(1 + (n.total - l.df + 0.5) / (l.df + 0.5)) AS idf
+    FROM lexemes l
+    CROSS JOIN (SELECT count(*) AS total FROM knowledge_chunk c {text_join}
+                WHERE c.search_vector IS NOT NULL {text_filter}) n
+),
 fts AS (
     SELECT id, text_score, row_number() OVER (ORDER BY text_score DESC, id) AS rank
     FROM (
-        SELECT c.id, ts_rank_cd(c.search_vector, q.query, 1) AS text_score
+        SELECT c.id, sum(terms.idf * ts_rank(c.search_vector, terms.query)) AS text_score
         FROM knowledge_chunk c
         {text_join}
-        CROSS JOIN (SELECT to_tsquery('english', %(tsquery)s) AS query) q
-        WHERE c.search_vector @@ q.query {text_filter}
+        JOIN terms ON c.search_vector @@ terms.query
+        WHERE true {text_filter}
+        GROUP BY c.id
         ORDER BY text_score DESC, c.id
         LIMIT %(candidates)s
     ) matched
@@ -298,7 +318,7 @@ def chunk_search(
         "embedding": vector_literal,
         "model": embedding_module.model_id(),
         "candidates": candidates,
-        "tsquery": tsquery,  # empty: the full-text leg is switched off above
+        "terms": " ".join(dict.fromkeys(term.lower() for term in _TERM.findall(query))),
         "rrf_k": settings.RRF_K,
         "k": k,
         "collection": collection,

@@ -202,6 +202,47 @@ def test_collection_filter_restricts_results_to_one_collection(doc2dial_kb):
     assert chunk_search(query, k=5, collection="no-such-collection") == []
 
 
+def test_the_full_text_leg_weighs_a_rare_word_of_the_query_above_a_common_one(
+        django_db_blocker, embedding_model, tmp_path):
+    import math
+
+    from django.db import connection
+
+    # given four pages that all talk about shipping, one of them also naming Canada once
+    pages = {
+        "warehouse.md": "# Warehouse\n\nWe ship from Portland. Every order we ship leaves the Portland warehouse.",
+        "rates.md": "# Rates\n\nWe ship standard or express. Shipping is free over 75 dollars when we ship standard.",
+        "freight.md": "# Freight\n\nKayaks ship by freight. Freight orders ship within a week.",
+        "international.md": "# International\n\nWe ship to Canada and the United Kingdom.",
+    }
+    for name, text in pages.items():
+        (tmp_path / name).write_text(text)
+    collection = "rare-words"
+    with django_db_blocker.unblock():
+        Source.objects.filter(collection=collection).delete()
+        for source in services.sources_register_paths(sorted(tmp_path.iterdir()), collection=collection,
+                                                      enqueue=False).queued:
+            assert services.document_ingest(source.pk).status == "ingested"
+        try:
+            # when the full-text leg alone ranks "Do you ship to Canada?"
+            results = chunk_search("Do you ship to Canada?", k=4, collection=collection, mode="text")
+            # then the page naming Canada comes first, although the others say "ship" more often
+            assert [Path(r.source_uri).name for r in results][0] == "international.md"
+            assert len(results) == 4
+            # and each score is the sum over the query's lexemes of BM25's idf (4 chunks: "ship" in 4,
+            # "canada" in 1) times Postgres' ts_rank of that lexeme alone
+            idf = {"ship": math.log(1 + 0.5 / 4.5), "canada": math.log(1 + 3.5 / 1.5)}
+            with connection.cursor() as cursor:
+                for result in results:
+                    cursor.execute("SELECT ts_rank(search_vector, 'ship'::tsquery), "
+                                   "ts_rank(search_vector, 'canada'::tsquery) FROM knowledge_chunk WHERE id = %s",
+                                   [result.chunk_id])
+                    ship, canada = cursor.fetchone()
+                    assert result.text_rank == pytest.approx(idf["ship"] * ship + idf["canada"] * canada, rel=1e-5)
+        finally:
+            Source.objects.filter(collection=collection).delete()
+
+
 def test_chunk_search_argument_errors_and_empty_query(doc2dial_kb):
     assert chunk_search("   ", k=5) == []
     with pytest.raises(ValueError, match="k must be at least 1"):
