@@ -8,7 +8,8 @@
 - ``chat.services.answers``: the answer pipeline, ``answer_stream`` (its module docstring describes
   every step and the event sequence), and ``answer_compose``, its steps without storing anything,
   which evaluations and benchmarks call;
-- ``chat.services.streaming``: ``answer_events``, the same pipeline for asyncio code (consumers).
+- ``chat.services.streaming``: ``answer_events``, the same pipeline for asyncio code (consumers), at
+  most ``ANSWER_MAX_CONCURRENT`` at once per process (``chat.busy`` past that).
 
 The answer pipeline, for one customer question (in full in ``chat.services.answers``): persist the
 question (a conversation an agent holds, or a resolved one, stops there: ``chat.agent_active``);
