@@ -327,6 +327,14 @@ LLM_TEMPERATURE = env.float("LLM_TEMPERATURE", default=0.0)
 LLM_REPEAT_PENALTY = env.float("LLM_REPEAT_PENALTY", default=1.15)
 # Requests waiting for the engine beyond the one generating; when full, customers get "busy".
 LLM_QUEUE_SIZE = env.int("LLM_QUEUE_SIZE", default=8)
+# Answer pipelines running at once in one web process (chat.services.streaming.answer_events), a
+# bound before the model's queue: each holds a thread and a Postgres connection from the question
+# until its answer is stored; past it a question gets "busy" at once (chat.busy, nothing stored, the
+# widget retries). 32 covers what the model side admits at once (the model server's 16 slots + a
+# queue of 8 per version) plus answers retrieved, quoted or declined without the model, and keeps two
+# web processes (64 connections) under Postgres' default max_connections of 100 with room for the
+# workers and the admin.
+ANSWER_MAX_CONCURRENT = env.int("ANSWER_MAX_CONCURRENT", default=32)
 # Continuous batching (chat.batching, README "Model server"): LLM_SLOTS conversations decoded together
 # in one llama.cpp context (n_seq_max; 1 = the serial engine, one answer at a time), each with
 # LLM_SLOT_CONTEXT_TOKENS KV cells of its own (prompt + answer; ~23 KB per cell for SmolLM2-135M),

@@ -528,6 +528,110 @@ def test_answer_events_stops_generation_when_the_consumer_stops_iterating(fake_e
     assert answer.timings["tokens"] < 10
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_question_past_answer_max_concurrent_gets_chat_busy_and_is_answered_once_a_pipeline_ends(
+        fake_engine, retrieval, settings, monkeypatch):
+    from channels.db import database_sync_to_async
+
+    from chat.services import streaming
+
+    # given one answer pipeline per process (a fresh bound: no pipeline has ended under it yet) and a
+    # first question whose answer the model holds back
+    settings.ANSWER_MAX_CONCURRENT = 1
+    monkeypatch.setattr(streaming, "_pipelines", None)
+    gate = threading.Event()
+    fake_engine.script(["Renew", " a", " licence", " online", " [1]", "."], gate=gate)
+    first, second = services.conversation_start(), services.conversation_start()
+    question = "How do I renew my licence?"
+
+    def roles(conversation):
+        return list(conversation.messages.order_by("id").values_list("role", flat=True))
+
+    async def ask(conversation):
+        return [(e.type, e.data) async for e in services.answer_events(conversation.id, question)]
+
+    async def scenario():
+        held = asyncio.create_task(ask(first))
+        deadline = asyncio.get_running_loop().time() + 5
+        while streaming.answer_pipelines().running < 1:
+            assert not held.done() and asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.005)
+        # when a second question arrives while the first pipeline runs
+        busy = await ask(second)
+        stored_while_busy = await database_sync_to_async(roles)(second)
+        # and then the first answer ends and the second question is sent again
+        gate.set()
+        answered_first = await held
+        answered_again = await ask(second)
+        return busy, stored_while_busy, answered_first, answered_again
+
+    busy, stored_while_busy, answered_first, answered_again = asyncio.run(scenario())
+    # then the second question got chat.busy at once, with the initial retry delay, and nothing was stored
+    assert busy == [("chat.busy", {"retry_after_s": 3.0, "message": services.BUSY_MESSAGE})]
+    assert stored_while_busy == []
+    # and both questions were answered in full once a place was free
+    assert [t for t, _ in answered_first] == ["chat.token", "chat.citations", "chat.done"]
+    assert [t for t, _ in answered_again] == ["chat.token", "chat.citations", "chat.done"]
+    assert answered_again[-1][1]["text"] == "Renew a licence online [1]."
+    assert roles(first) == ["user", "assistant"]
+    assert roles(second) == ["user", "assistant"]
+    assert streaming.answer_pipelines().running == 0
+
+
+def test_a_pipeline_that_raises_gives_its_place_back_before_on_end():
+    from chat.services.streaming import AnswerPipelines
+
+    # given a bound of one and a pipeline that fails
+    pipelines = AnswerPipelines(1)
+    seen = []
+    ended = threading.Event()
+
+    def fail():
+        raise RuntimeError("boom")
+
+    def on_end():
+        seen.append(pipelines.running)
+        ended.set()
+
+    try:
+        # when it runs
+        assert pipelines.try_start(fail, on_end=on_end) is True
+        assert ended.wait(5)
+        # then its place was free when on_end ran, and another pipeline starts
+        assert seen == [0]
+        started = threading.Event()
+        assert pipelines.try_start(started.set) is True
+        assert started.wait(5)
+    finally:
+        pipelines.shutdown()
+
+
+def test_a_full_pool_refuses_without_waiting_and_suggests_the_average_duration():
+    from chat.services.streaming import AnswerPipelines
+
+    # given a bound of one held by a running pipeline
+    pipelines = AnswerPipelines(1)
+    release = threading.Event()
+    try:
+        assert pipelines.try_start(lambda: release.wait(5)) is True
+        # when another asks, then it is refused at once and nothing runs it
+        ran = []
+        assert pipelines.try_start(lambda: ran.append(1)) is False
+        assert pipelines.running == 1
+        assert pipelines.retry_after_s() == 3.0
+        # and the suggested delay is the average pipeline duration, at least 1 s, to 0.1 s
+        pipelines.recent_pipeline_s = 0.5
+        assert pipelines.retry_after_s() == 1.0
+        pipelines.recent_pipeline_s = 12.34
+        assert pipelines.retry_after_s() == 12.3
+        release.set()
+        wait_until(lambda: pipelines.running == 0)
+        assert ran == []
+    finally:
+        release.set()
+        pipelines.shutdown()
+
+
 # --- end to end: real Doc2Dial pages, real embedding model, real Postgres, real GGUF model ---------
 
 E2E_COLLECTION = "chat-e2e"

