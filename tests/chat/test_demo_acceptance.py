@@ -8,11 +8,12 @@ conversations and in one long conversation that changes topic.
 
 What it promises: no number, link or e-mail address appears that the demo files do not contain,
 every unrelated question is declined, even in the middle of an on-topic conversation, and the core
-store facts (return windows, the label fee, the cancellation window) are stated right. Measured
-(README, "Groundedness check"): 23 of 30 answerable questions state their facts, 1 is declined; the
-rest quote a true sentence beside the question (the return window for "send it back", the free-shipping threshold for
-the small-order charge) because the quote is ranked by the small embedding model: the bounds below
-hold that level, they do not claim more.
+store facts (return windows, the label fee, the cancellation window, the countries shipped to, the
+tent's weight) are stated right. Measured (README, "Groundedness check"): 25 of 30 answerable
+questions state their facts, 1 is declined; the rest quote a true sentence beside the question (the
+cancellation window for "send it back", the free-shipping threshold for the small-order charge)
+because the quote is ranked by the small embedding model: the bounds below hold that level, they do
+not claim more.
 """
 
 from __future__ import annotations
@@ -108,11 +109,11 @@ def test_e2e_demo_questions_in_fresh_conversations_state_only_right_facts(ask):
     # nothing foreign to the store's pages is ever stated
     invented = {r["question"]: foreign_facts(r["text"], knowledge) for r in rows if foreign_facts(r["text"], knowledge)}
     assert not invented, invented
-    # and at least 22 of the 30 answers state the facts asked for (measured 23; the others quote a true
+    # and at least 24 of the 30 answers state the facts asked for (measured 25; the others quote a true
     # sentence beside the question, see the module docstring; one flip of the model's greedy output
     # between machines is allowed for)
     right = [r for r in answered if all(f.lower() in r["text"].lower() for f in r["facts"])]
-    assert len(right) >= 22, _report([r for r in rows if r not in right])
+    assert len(right) >= 24, _report([r for r in rows if r not in right])
 
 
 @pytest.mark.e2e
@@ -136,19 +137,20 @@ def test_e2e_a_long_conversation_that_changes_topic_stays_on_each_questions_topi
     # given one conversation that moves between returns, shipping, an off-topic question, a near miss,
     # follow-ups and the warranty
     knowledge = demo_text()
-    # (facts: stated right; None: off topic, declined; []: no fact checked. "Do you ship to Canada?" and
-    # the warranty claim are known misses: retrieval ranks the FAQ row and the claim sentence below the
-    # three prompt sources, so a true sentence beside the question is quoted.)
+    # (facts: stated right; None: off topic, declined; []: no fact checked. The warranty claim is a known
+    # miss: the quote ranking prefers the carrier-claim sentence of the shipping policy to the warranty
+    # page's e-mail sentence, both among the sources.)
     script = [
         ("How long do I have to return a tent?", ["60 days"]),
         ("And if I'm a Trail Points member?", ["90 days"]),
-        ("Do you ship to Canada?", []),
+        ("Do you ship to Canada?", ["Canada", "United Kingdom"]),
         ("What is the capital of France?", None),
         ("Can I cancel my order after I placed it?", ["60 minutes"]),
         ("How much does a kayak rental cost per day?", []),
         ("How much do you deduct for a return label?", ["5.95"]),
         ("Who won the football world cup in 2018?", None),
         ("How do I make a warranty claim?", []),
+        ("How much does the tent weigh?", ["1.6 kg"]),
     ]
     conversation = None
     rows = []
