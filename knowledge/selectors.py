@@ -39,8 +39,8 @@ class RetrievedChunk:
 
     ``start``/``end`` are character offsets into the source's text; ``score`` is the fused RRF score
     (higher is better, at most ``2 / (RRF_K + 1)``); ``vector_distance`` is the cosine distance (0..2,
-    lower is closer) when the vector leg returned the chunk, ``text_rank`` the ``ts_rank_cd`` score
-    when the full-text leg did; ``vector_rank``/``text_rank_position`` are 1-based ranks in each leg.
+    lower is closer) when the vector leg returned the chunk, ``text_rank`` the full-text leg's score
+    (``sum(idf * ts_rank)`` over the query's lexemes, see the module docstring) when it did; ``vector_rank``/``text_rank_position`` are 1-based ranks in each leg.
     """
 
     chunk_id: int
