@@ -227,6 +227,9 @@ def answer_compose(
         retrieval_ms = _ms(time.perf_counter() - started)
         record = {"query": found.query, "follow_up": found.follow_up,
                   "question_distance": None if found.question_distance is None else round(found.question_distance, 6)}
+    # The trace lists the chunks in the order the answer used them, so its first LLM_PROMPT_SOURCES are
+    # the prompt's sources (what evaluations and training examples rebuild the prompt from).
+    chunks = closest_among_sources(chunks, settings.LLM_PROMPT_SOURCES)
     trace = retrieval_trace(chunks)
 
     def declined(reason: str, *, version_used: ModelVersion | None = None, **extra) -> Iterator[AnswerEvent]:
@@ -248,7 +251,6 @@ def answer_compose(
             yield from declined("weak retrieval" if distance is not None else "nothing retrieved")
             return
 
-    chunks = closest_among_sources(chunks, settings.LLM_PROMPT_SOURCES)
     sources = chunks[: settings.LLM_PROMPT_SOURCES]
     checking = retrieval and grounding
     # A quoted sentence may come from any of the first EXTRACTIVE_SOURCES retrieved chunks (numbered

@@ -779,3 +779,20 @@ def test_the_closest_chunk_is_always_among_the_prompt_sources():
     no_vector = [chunk(1, distance=None), chunk(2, distance=None), chunk(3, distance=None), chunk(4, distance=None)]
     assert services.closest_among_sources(no_vector, 3) == no_vector
     assert services.closest_among_sources(ranked[:2], 3) == ranked[:2]
+
+
+@pytest.mark.django_db
+def test_the_stored_trace_lists_the_prompt_sources_first_in_prompt_order(fake_engine, retrieval):
+    # given fused results whose closest chunk (cosine distance 0.2) was ranked fourth
+    retrieval.results = [chunk(1, distance=0.5), chunk(2, distance=0.52), chunk(3, distance=0.55),
+                         chunk(4, distance=0.2)]
+    fake_engine.script(["You", " can", " renew", " a", " licence", " online", " [3]", "."])
+    conversation = services.conversation_start()
+    # when a question is answered
+    events_of(conversation, "How do I renew my licence?")
+    # then it is the prompt's third source, and the stored trace lists the chunks in that order, so
+    # whatever rebuilds the prompt from the trace (evaluations, training examples) sees the same sources
+    prompt = fake_engine.models[0].calls[-1][0]["content"]
+    assert prompt.index("[1] Page 1:") < prompt.index("[2] Page 2:") < prompt.index("[3] Page 4:")
+    answer = conversation.messages.filter(role="assistant").last()
+    assert [r["chunk_id"] for r in answer.retrieval] == [101, 102, 104, 103]
