@@ -222,9 +222,11 @@ def test_customer_agent_takeover_correction_review_and_export(chromium_path, liv
     records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     assert [(r["metadata"]["correction_id"], r["metadata"]["message_id"], r["metadata"]["reason"]) for r in records] == [
         (correction.pk, answer.pk, "wrong_fact")]
-    assert records[0]["messages"][-1] == {"role": "assistant", "content": CORRECTED}
-    assert f"Question: {QUESTION}" in records[0]["messages"][-2]["content"]
+    # (its marker names the picked chunk's place among the example's sources, which the recipe shuffles)
     assert picked in records[0]["metadata"]["chunk_ids"]
+    n = records[0]["metadata"]["chunk_ids"].index(picked) + 1
+    assert records[0]["messages"][-1] == {"role": "assistant", "content": CORRECTED.replace("[1]", f"[{n}]")}
+    assert f"Question: {QUESTION}" in records[0]["messages"][-2]["content"]
     assert Message.objects.filter(conversation=conversation, role="system").count() == 1  # "alice joined ..."
 
 
