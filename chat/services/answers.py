@@ -96,11 +96,15 @@ def closest_among_sources(chunks: list[RetrievedChunk], n: int) -> list[Retrieve
     chunks from there move down one. Answering was decided on that chunk's distance
     (``should_abstain``), so it must be a source.
 
-    Measured on Doc2Dial (all turns, every third question, 674; the gold passage among the 3 prompt
-    sources): passage-hit 0.493 -> 0.501, document-hit 0.703 -> 0.724; first turns (339) unchanged
-    at 0.504 / 0.791. On the demo store, "Do you ship to Canada?" had its FAQ row (cosine distance
-    0.36, the next 0.63) ranked fourth by fusion, after three shipping-policy chunks that only share
-    the word "ship"."""
+    Measured on Doc2Dial (the gold passage / page among the 3 prompt sources; first turns, 339, and
+    every third question of all turns, 674): with the full-text leg ranked by ``ts_rank_cd``, all
+    turns 0.493 / 0.703 -> 0.501 / 0.724 and first turns unchanged (0.504 / 0.791); with the
+    idf-weighted leg now in ``chunk_search``, first turns 0.566 / 0.826 -> 0.558 / 0.820 and all
+    turns 0.553 / 0.757 -> 0.550 / 0.755 (within 3 questions: noise either way). Kept for the
+    consistency with abstention above; remove it if a larger evaluation shows a loss. It was added
+    for the demo store's "Do you ship to Canada?", whose FAQ row (cosine distance 0.36, the next
+    0.63) fusion ranked fourth behind three shipping-policy chunks sharing only the word "ship"
+    (the idf-weighted leg now ranks it first by itself)."""
     if n < 1 or len(chunks) <= n:
         return list(chunks)
     closest = min(range(len(chunks)), key=lambda i: (chunks[i].vector_distance is None,
