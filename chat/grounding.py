@@ -18,9 +18,8 @@ For each sentence the model writes (``GroundingCheck.check``):
    catches word salad built from the source's words.
 
 Then, over the answer (``GroundingCheck.addresses``): what is shown must address the question: the
-kind of answer it asks for (``answer_type``: an amount, a duration, a time, a count, a contact, a weight,
-size, capacity or rating) must be
-present, and the shown text's cosine similarity to the question must reach ``min_relevance``.
+kind of answer it asks for (``answer_type``: an amount, a duration, a time, a count, a contact, a
+weight, size, capacity or rating) must be present, and the shown text's cosine similarity to the question must reach ``min_relevance``.
 
 The same measurements are the field's standard cheap groundedness signals (lexical overlap as in
 ALCE's post-hoc citation, Gao et al. 2023; embedding similarity as in RAGAS-style faithfulness
@@ -125,6 +124,11 @@ _NUMBER_WORDS = {
     "seventy": 70, "eighty": 80, "ninety": 90, "hundred": 100,
 }
 _NUMBER_WORD = re.compile(r"(?i)\b(" + "|".join(_NUMBER_WORDS) + r")\b")
+
+
+def number_words_as_digits(text: str) -> str:
+    """``text`` with number words written as digits ("three-season" -> "3-season")."""
+    return _NUMBER_WORD.sub(lambda m: str(_NUMBER_WORDS[m.group(1).lower()]), text)
 # Unit words after a number, normalised (plural and abbreviations folded). Qualifiers between the
 # number and its unit ("5 business days") are skipped.
 _UNITS = {
@@ -217,7 +221,7 @@ def hard_facts(text: str) -> Facts:
         numbers.add(value)
         quantities.add((value, "dollar" if match.group(0)[0] == "$" else "money"))
     scrubbed = _MONEY.sub(lambda m: " " + m.group(1) + " ", scrubbed)
-    scrubbed = _NUMBER_WORD.sub(lambda m: str(_NUMBER_WORDS[m.group(1).lower()]), scrubbed)
+    scrubbed = number_words_as_digits(scrubbed)
     for match in _NUMBER.finditer(scrubbed):
         value = _number(match.group(1))
         numbers.add(value)
@@ -261,10 +265,10 @@ _MEASURE_UNITS = {
     "weight": frozenset("kg g lb oz pound".split()),
     "size": frozenset("m cm mm km mile foot inch".split()),
     "capacity": frozenset("person kg lb".split()),
-    # a rating may be in any unit of measure ("20,000 mm" of waterproofing), or in degrees, seasons or
-    # fill power (matched in the text)
-    "rating": frozenset("kg g lb oz m cm mm km mile foot inch person point".split()),
 }
+# A rating may be in any unit of measure ("20,000 mm" of waterproofing) or in points, or in degrees,
+# seasons or fill power (matched in the text).
+_MEASURE_UNITS["rating"] = frozenset().union(*_MEASURE_UNITS.values()) - {"pound"} | {"point"}
 _DAY_NAMES = re.compile(r"(?i)\b(monday|tuesday|wednesday|thursday|friday|saturday|sunday|weekday|weekend|daily|"
                         r"today|tomorrow|immediately|same day|before|after|until|within|once|as soon as)\b")
 
@@ -285,8 +289,7 @@ def has_answer_type(text: str, kind: str | None, facts: Facts | None = None) -> 
     "same day"); a count a number; a time a number, a month, a day name or a relative time; a contact
     a link, e-mail address or phone number; a weight, size or capacity a number with one of that
     measure's units (``_MEASURE_UNITS``); a rating any unit of measure, degrees, seasons or fill
-    power. ``None`` accepts
-    anything."""
+    power. ``None`` accepts anything."""
     if kind is None:
         return True
     facts = facts or hard_facts(text)
@@ -304,8 +307,7 @@ def has_answer_type(text: str, kind: str | None, facts: Facts | None = None) -> 
         return bool(facts.numbers)
     if kind in _MEASURE_UNITS:
         return any(unit in _MEASURE_UNITS[kind] for _, unit in facts.quantities) or bool(
-            kind == "rating" and re.search(r"°|\b\d+\s*-?\s*(season|fill)\b",
-                                           _NUMBER_WORD.sub(lambda m: str(_NUMBER_WORDS[m.group(1).lower()]), text)))
+            kind == "rating" and re.search(r"°|\b\d+\s*-?\s*(season|fill)\b", number_words_as_digits(text)))
     if kind == "time":
         return bool(facts.numbers or facts.months or _DAY_NAMES.search(text))
     return True

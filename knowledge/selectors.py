@@ -40,7 +40,8 @@ class RetrievedChunk:
     ``start``/``end`` are character offsets into the source's text; ``score`` is the fused RRF score
     (higher is better, at most ``2 / (RRF_K + 1)``); ``vector_distance`` is the cosine distance (0..2,
     lower is closer) when the vector leg returned the chunk, ``text_rank`` the full-text leg's score
-    (``sum(idf * ts_rank)`` over the query's lexemes, see the module docstring) when it did; ``vector_rank``/``text_rank_position`` are 1-based ranks in each leg.
+    (``sum(idf * ts_rank)`` over the query's lexemes, see the module docstring) when it did;
+    ``vector_rank``/``text_rank_position`` are 1-based ranks in each leg.
     """
 
     chunk_id: int
@@ -221,10 +222,14 @@ def _rrf_fuse(rankings: Sequence[Sequence[RetrievedChunk]], k: int) -> list[Retr
     return [first[cid][2] for cid in ordered[:k]]
 
 
+def _query_words(query: str) -> list[str]:
+    """The query's words, lower case, each once, in order."""
+    return list(dict.fromkeys(term.lower() for term in _TERM.findall(query)))
+
+
 def _tsquery_text(query: str) -> str:
     """An OR ``to_tsquery`` expression of the query's words (quoted, so no operator can be injected)."""
-    terms = dict.fromkeys(term.lower() for term in _TERM.findall(query))
-    return " | ".join(f"'{term}'" for term in terms)
+    return " | ".join(f"'{term}'" for term in _query_words(query))
 
 
 _HYBRID_SQL = """
@@ -318,7 +323,7 @@ def chunk_search(
         "embedding": vector_literal,
         "model": embedding_module.model_id(),
         "candidates": candidates,
-        "terms": " ".join(dict.fromkeys(term.lower() for term in _TERM.findall(query))),
+        "terms": " ".join(_query_words(query)),
         "rrf_k": settings.RRF_K,
         "k": k,
         "collection": collection,
