@@ -85,6 +85,9 @@ def main(argv: list[str]) -> None:
         manage("ensure_admin")
         manage("load_demo")
         port = os.environ.setdefault("PORT", "8000")
+        # honcho gives each process its own PORT (PORT + 100 x its place in the Procfile), so the web
+        # process, not the first one, reads the port the customer opens from WEB_PORT
+        os.environ.setdefault("WEB_PORT", port)
         print(f"\nOpen http://127.0.0.1:{port}/ (demo) and http://127.0.0.1:{port}/admin/\n", flush=True)
         # The Procfile's commands (python, celery) must come from .venv.
         os.environ["PATH"] = f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
