@@ -1,5 +1,6 @@
 """Admin for conversations (read-only transcripts), the model-version registry, and the sites that
-embed the widget with the collection each answers from."""
+embed the widget with the collection each answers from and the identity secret that signs their
+signed-in customers' user ids (``chat.identity``)."""
 
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ class MessageInline(admin.TabularInline):
 
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
-    list_display = ["id", "status", "collection", "origin", "created_at", "updated_at"]
+    list_display = ["id", "status", "collection", "origin", "verified_user_id", "created_at", "updated_at"]
     list_filter = ["status", "collection"]
-    readonly_fields = ["id", "created_at", "updated_at"]
+    search_fields = ["verified_user_id"]
+    readonly_fields = ["id", "verified_user_id", "created_at", "updated_at"]
     exclude = ["token"]
     inlines = [MessageInline]
 
@@ -56,7 +58,7 @@ class WidgetSiteForm(forms.ModelForm):
 
     class Meta:
         model = WidgetSite
-        fields = ["origin", "collection"]
+        fields = ["origin", "collection", "identity_required"]
 
     def clean_origin(self) -> str:
         try:
@@ -71,5 +73,21 @@ class WidgetSiteAdmin(admin.ModelAdmin):
     also be allowed to embed the widget (``WIDGET_ALLOWED_ORIGINS``)."""
 
     form = WidgetSiteForm
-    list_display = ["origin", "collection", "updated_at"]
+    list_display = ["origin", "collection", "identity_required", "updated_at"]
     search_fields = ["origin", "collection"]
+    readonly_fields = ["identity_secret_shown"]
+    actions = ["rotate_identity_secret"]
+
+    @admin.display(description="identity secret")
+    def identity_secret_shown(self, site: WidgetSite) -> str:
+        """The secret on the change page (generated when the site is first saved); the host site's
+        server signs user ids with it: user_hash = HMAC-SHA256(secret, user_id), hex."""
+        if site.pk is None:
+            return "Generated when the site is saved."
+        return site.identity_secret
+
+    @admin.action(description="Rotate identity secret (old hashes stop verifying at once)")
+    def rotate_identity_secret(self, request, queryset):
+        sites = [services.widget_site_identity_secret_rotate(site) for site in queryset]
+        self.message_user(request, f"New identity secret for {', '.join(site.origin for site in sites)}: "
+                                   "deploy it to the host site's server; hashes made with the old one are refused.")

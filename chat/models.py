@@ -20,6 +20,16 @@ def conversation_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def widget_identity_secret() -> str:
+    """A new per-site identity secret (``WidgetSite.identity_secret``): 32 random bytes as 64 hex
+    characters, what the host site keeps in its configuration to sign user ids (``chat.identity``)."""
+    return secrets.token_hex(32)
+
+
+# Longest external user id a verified customer may have (``Conversation.verified_user_id``).
+USER_ID_MAX_CHARS = 255
+
+
 class ModelVersion(models.Model):
     """A servable model: a base GGUF plus an optional LoRA adapter GGUF, identified by ``name``.
 
@@ -54,7 +64,10 @@ class ModelVersion(models.Model):
 class Conversation(models.Model):
     """A customer's chat. ``token`` is the secret that lets its starter read and write it; the
     ``id`` (a UUID) alone grants nothing. ``collection`` is the knowledge-base collection answers
-    are retrieved from; ``origin`` the site that embedded the widget (blank when unknown)."""
+    are retrieved from; ``origin`` the site that embedded the widget (blank when unknown);
+    ``verified_user_id`` the host site's id of the signed-in customer who started it, set only when
+    the site signed it (``chat.identity``; blank for an anonymous visitor), so that customer can list
+    and resume it from another device (``chat.selectors.verified_conversation_list``)."""
 
     class Status(models.TextChoices):
         BOT = "bot", "Bot answering"
@@ -67,6 +80,7 @@ class Conversation(models.Model):
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.BOT, db_index=True)
     collection = models.CharField(max_length=100, default="default")
     origin = models.CharField(max_length=300, blank=True)
+    verified_user_id = models.CharField(max_length=USER_ID_MAX_CHARS, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     # Agent review dashboard: the agent who took the conversation over (set only while the status is
@@ -84,6 +98,16 @@ class Conversation(models.Model):
                 condition=Q(assigned_agent__isnull=True) | Q(status="agent"),
                 name="conversation_assigned_only_while_agent",
             ),
+            # A verified customer is verified for a site: the id means nothing without its origin.
+            CheckConstraint(
+                condition=Q(verified_user_id="") | ~Q(origin=""),
+                name="conversation_verified_user_has_origin",
+            ),
+        ]
+        indexes = [
+            # A verified customer's conversations (chat.selectors.verified_conversation_list).
+            models.Index(fields=["origin", "verified_user_id", "-updated_at"], name="conversation_verified_user",
+                         condition=~Q(verified_user_id="")),
         ]
 
     def __str__(self) -> str:
@@ -186,10 +210,26 @@ class WidgetSite(models.Model):
     from: the collection comes from the site's ``Origin`` (the browser sets it; a page cannot forge
     it), not from the widget's ``data-collection`` attribute (``chat.origins.conversation_collection``).
     ``origin`` is stored as browsers send it (``https://shop.example.com``, ``http://localhost:8000``);
-    the admin normalises what is typed (``chat.origins.origin_normalize``). Managed in the admin."""
+    the admin normalises what is typed (``chat.origins.origin_normalize``). Managed in the admin.
+
+    ``identity_secret`` signs the site's signed-in customers' user ids (``chat.identity``): generated
+    per site (unique, 64 hex digits), shown in the admin to paste into the host site's server
+    configuration, rotated there (the old secret stops verifying at once). ``identity_required``
+    ("enforce"): the site's widget is for signed-in customers only, so a conversation without a
+    verified user id is refused."""
 
     origin = models.CharField(max_length=300, unique=True, help_text="scheme://host[:port], e.g. https://shop.example.com")
     collection = models.CharField(max_length=100, help_text="The knowledge-base collection this site's widget answers from.")
+    identity_secret = models.CharField(
+        max_length=64, unique=True, default=widget_identity_secret, editable=False,
+        help_text="Signs the user ids of signed-in customers: user_hash = HMAC-SHA256(secret, user_id), hex. "
+                  "Keep it on the host site's server, never in a page.",
+    )
+    identity_required = models.BooleanField(
+        default=False, verbose_name="require identity verification",
+        help_text="Enforce: refuse conversations without a verified user id (for a widget shown only to "
+                  "signed-in customers). A user id without a valid hash is refused either way.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -198,6 +238,7 @@ class WidgetSite(models.Model):
         constraints = [
             CheckConstraint(condition=Q(origin__regex=WIDGET_ORIGIN_PATTERN), name="widgetsite_origin_form"),
             CheckConstraint(condition=Q(collection__regex=COLLECTION_PATTERN), name="widgetsite_collection_form"),
+            CheckConstraint(condition=Q(identity_secret__regex=r"^[0-9a-f]{64}$"), name="widgetsite_identity_secret_form"),
         ]
 
     def __str__(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from django.db.models import Count, OuterRef, QuerySet, Subquery
 
 from chat.models import Conversation, Message
 
@@ -49,3 +49,46 @@ def conversation_list(*, status: str | None = None) -> QuerySet[Conversation]:
     """Conversations, most recently updated first, optionally of one ``status``."""
     conversations = Conversation.objects.all()
     return conversations.filter(status=status) if status else conversations
+
+
+# How many of a verified customer's conversations the widget is shown (most recent first).
+VERIFIED_CONVERSATIONS_MAX = 50
+PREVIEW_MAX_CHARS = 120
+
+
+def verified_conversation_list(*, origin: str, user_id: str) -> list[dict]:
+    """The conversations verified customer ``user_id`` of site ``origin`` started (on any device),
+    most recently updated first, at most ``VERIFIED_CONVERSATIONS_MAX``, without the ones that have
+    no customer message yet (like the agents' inbox). Each is ``{"id": str, "status": str,
+    "created_at": str, "updated_at": str (ISO 8601), "messages": int, "preview": str}`` (``preview``:
+    the first question, at most ``PREVIEW_MAX_CHARS`` characters). No token: a device gets one by
+    resuming (``verified_conversation_get``). Another site's or another user's conversations are
+    never included; ``user_id`` must be non-empty (the caller verified it)."""
+    if not origin or not user_id:
+        return []
+    first_question = (Message.objects.filter(conversation=OuterRef("pk"), role=Message.Role.USER)
+                      .order_by("created_at", "id").values("text")[:1])
+    rows = (
+        Conversation.objects.filter(origin=origin, verified_user_id=user_id)
+        .annotate(message_count=Count("messages"), preview=Subquery(first_question))
+        .filter(preview__isnull=False)
+        .order_by("-updated_at")[:VERIFIED_CONVERSATIONS_MAX]
+    )
+    return [
+        {"id": str(row.pk), "status": row.status, "created_at": row.created_at.isoformat(),
+         "updated_at": row.updated_at.isoformat(), "messages": row.message_count,
+         "preview": row.preview[:PREVIEW_MAX_CHARS]}
+        for row in rows
+    ]
+
+
+def verified_conversation_get(conversation_id, *, origin: str, user_id: str) -> Conversation:
+    """The conversation ``conversation_id`` if verified customer ``user_id`` of site ``origin``
+    started it. Raises ``Conversation.DoesNotExist`` otherwise (unknown or malformed id, another
+    user's, another site's, an anonymous one: one error for all)."""
+    if not origin or not user_id:
+        raise Conversation.DoesNotExist("no such conversation")
+    conversation = conversation_get(conversation_id)
+    if conversation.origin != origin or conversation.verified_user_id != user_id:
+        raise Conversation.DoesNotExist("no such conversation")
+    return conversation

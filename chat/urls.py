@@ -8,6 +8,8 @@ app_name = "chat"
 
 urlpatterns = [
     path("conversations/", views.conversation_create, name="conversation_create"),
+    path("conversations/verified/", views.verified_conversations, name="verified_conversations"),
+    path("conversations/<uuid:conversation_id>/resume/", views.conversation_resume, name="conversation_resume"),
     path("conversations/<uuid:conversation_id>/messages/", views.conversation_messages, name="conversation_messages"),
     path(
         "conversations/<uuid:conversation_id>/passages/<int:chunk_id>/",

@@ -6,9 +6,15 @@ conversation is authorised by its secret token in the ``X-Conversation-Token`` h
 (``chat.conversation_access``; a ``?token=`` in the URL is refused with 400), so the endpoints are
 CSRF-exempt. Every error is a JSON ``{"error": str}``.
 
+A signed-in customer of the host site is identified by ``user_id`` and ``user_hash`` in the JSON body
+(``chat.identity``: the hash is HMAC-SHA256 of the id with the site's secret; a wrong or missing hash
+is 403). The hash is a lasting credential of that customer, so it is refused in a query string (400).
+
 | method and path | what |
 |---|---|
-| ``POST /api/conversations/`` | start a conversation: ``{"id", "token"}`` (201); 429 with ``Retry-After`` past the rate limits |
+| ``POST /api/conversations/`` | start a conversation: ``{"id", "token", "verified"}`` (201); 429 with ``Retry-After`` past the rate limits |
+| ``POST /api/conversations/verified/`` | a verified customer's conversations on this site: ``{"conversations": [...]}`` |
+| ``POST /api/conversations/<id>/resume/`` | a verified customer resumes one of them on this device: ``{"id", "token", "status"}`` |
 | ``GET /api/conversations/<id>/messages/`` | its transcript (``chat.transcripts.transcript_get``) |
 | ``GET /api/conversations/<id>/passages/<chunk_id>/`` | a cited passage: ``{"status", "notice", "title", "url", "before", "passage", "after"}`` |
 | ``POST /api/conversations/<id>/handoff/`` | ask for a human: ``{"id", "status"}`` |
@@ -29,8 +35,10 @@ from django.views.defaults import page_not_found
 
 from chat import rate_limits, services
 from chat.conversation_access import TOKEN_HEADER, ConversationAccessError, request_conversation
+from chat.identity import Identity, IdentityRefused, identity_check
 from chat.models import Conversation
 from chat.origins import CollectionRefused, conversation_collection, origin_allowed
+from chat.selectors import verified_conversation_get, verified_conversation_list
 from chat.transcripts import cited_passage_get, transcript_get
 
 # Matched with fullmatch: "$" would also match before a trailing newline ("abc\n" was accepted).
@@ -40,6 +48,34 @@ _PREFLIGHT_MAX_AGE_S = 600
 
 def _error(message: str, status: int) -> JsonResponse:
     return JsonResponse({"error": message}, status=status)
+
+
+class BadRequest(Exception):
+    """A widget API request's input is malformed: answer 400 with the message."""
+
+
+HASH_IN_URL_MESSAGE = "user_hash is not accepted in URLs; send it in the JSON body"
+
+
+def _json_body(request: HttpRequest) -> dict:
+    """The request's JSON object body (``{}`` when there is none or it is not ``application/json``).
+    Raises ``BadRequest`` for malformed JSON, a body that is not an object, or a ``user_hash`` in the
+    query string (see the module docstring)."""
+    if "user_hash" in request.GET:
+        raise BadRequest(HASH_IN_URL_MESSAGE)
+    if request.content_type != "application/json" or not request.body:
+        return {}
+    try:
+        body = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def _origin(request: HttpRequest) -> str:
+    return request.headers.get("Origin", "")[:300]
 
 
 def widget_api(*methods: str):
@@ -107,31 +143,81 @@ def conversation_create(request: HttpRequest) -> JsonResponse:
     """Start a conversation. Body (optional, ``application/json``): ``{"collection": str}`` (letters,
     digits, ``_.-``), checked against the collection of the request's origin
     (``chat.origins.conversation_collection``: an admin's ``WidgetSite`` row, else ``"default"``),
-    which is the one used. Returns 201 ``{"id": str, "token": str}``; 400 on a malformed JSON body;
-    403 when the named collection is not the origin's; 429 (``rate_limited_response``) past the
-    client IP's or the origin's limit (``chat.rate_limits.conversation_start_check``)."""
-    requested = None
-    if request.content_type == "application/json" and request.body:
-        try:
-            body = json.loads(request.body)
-        except (ValueError, UnicodeDecodeError):
-            return _error("the body must be JSON", 400)
-        if not isinstance(body, dict):
-            return _error("the body must be a JSON object", 400)
-        requested = body.get("collection")
-        if requested is not None and (not isinstance(requested, str) or not _COLLECTION.fullmatch(requested)):
-            return _error("collection must be 1 to 100 letters, digits, '_', '.' or '-'", 400)
-    origin = request.headers.get("Origin", "")[:300]
+    which is the one used; ``"user_id": str, "user_hash": str`` for a signed-in customer of the host
+    site (``chat.identity.identity_check``), recorded on the conversation once verified.
+
+    Returns 201 ``{"id": str, "token": str, "verified": bool}``; 400 on a malformed body or
+    ``user_id``; 403 when the named collection is not the origin's, for a user id without a valid
+    hash, or without one on a site that requires it; 429 (``rate_limited_response``) past the
+    client IP's or the origin's limit (``chat.rate_limits.conversation_start_check``). Nothing is
+    created on an error."""
+    try:
+        body = _json_body(request)
+    except BadRequest as error:
+        return _error(str(error), 400)
+    requested = body.get("collection")
+    if requested is not None and (not isinstance(requested, str) or not _COLLECTION.fullmatch(requested)):
+        return _error("collection must be 1 to 100 letters, digits, '_', '.' or '-'", 400)
+    origin = _origin(request)
     try:
         collection = conversation_collection(origin=origin, requested=requested)
     except CollectionRefused as refused:
         return _error(str(refused), 403)
     try:
+        identity = identity_check(origin=origin, user_id=body.get("user_id"), hash_value=body.get("user_hash"))
+    except IdentityRefused as refused:
+        return _error(str(refused), refused.status)
+    try:
         rate_limits.conversation_start_check(client_ip=request.META.get("REMOTE_ADDR"), origin=origin)
     except rate_limits.RateLimited as limited:
         return rate_limited_response(limited)
-    conversation = services.conversation_start(collection=collection, origin=origin)
-    return JsonResponse({"id": str(conversation.pk), "token": conversation.token}, status=201)
+    conversation = services.conversation_start(collection=collection, origin=origin,
+                                               verified_user_id=identity.user_id or "")
+    return JsonResponse({"id": str(conversation.pk), "token": conversation.token, "verified": identity.verified},
+                        status=201)
+
+
+def verified_identity_required(view):
+    """Decorate a widget API view for a signed-in customer: the JSON body must carry ``user_id`` and
+    a valid ``user_hash`` for the request's origin (``chat.identity.identity_check``); the view
+    receives the ``Identity`` after the request. Otherwise 400 (malformed body or ``user_id``, a hash in
+    the URL) or 403 (no claim, a missing or wrong hash, a site without identity verification)."""
+
+    @wraps(view)
+    def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        try:
+            body = _json_body(request)
+            identity = identity_check(origin=_origin(request), user_id=body.get("user_id"),
+                                      hash_value=body.get("user_hash"), anonymous_allowed=False)
+        except BadRequest as error:
+            return _error(str(error), 400)
+        except IdentityRefused as refused:
+            return _error(str(refused), refused.status)
+        return view(request, identity, *args, **kwargs)
+
+    return wrapped
+
+
+@widget_api("POST")
+@verified_identity_required
+def verified_conversations(request: HttpRequest, identity: Identity) -> JsonResponse:
+    """The verified customer's conversations started on this site from any device
+    (``chat.selectors.verified_conversation_list``): ``{"conversations": [{"id", "status",
+    "created_at", "updated_at", "messages", "preview"}]}``, most recent first, without tokens."""
+    return JsonResponse({"conversations": verified_conversation_list(origin=identity.origin, user_id=identity.user_id)})
+
+
+@widget_api("POST")
+@verified_identity_required
+def conversation_resume(request: HttpRequest, identity: Identity, conversation_id: UUID) -> JsonResponse:
+    """Resume one of the verified customer's conversations on this device: ``{"id", "token",
+    "status"}`` (the token opens its websocket and API as usual). 403, one answer for an unknown id
+    and another customer's or site's conversation."""
+    try:
+        conversation = verified_conversation_get(conversation_id, origin=identity.origin, user_id=identity.user_id)
+    except Conversation.DoesNotExist:
+        return _error("unknown conversation, or not this customer's", 403)
+    return JsonResponse({"id": str(conversation.pk), "token": conversation.token, "status": conversation.status})
 
 
 @widget_api("GET")

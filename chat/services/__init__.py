@@ -53,6 +53,7 @@ from chat.services.conversations import (
     HANDOFF_MESSAGE,
     conversation_request_human,
     conversation_start,
+    widget_site_identity_secret_rotate,
 )
 from chat.services.model_versions import (
     ACTIVATION_LOCK_ID,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from django.db import transaction
 
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, WidgetSite, widget_identity_secret
 from chat.notifications import customer_notify, inbox_notify
 
 ABSTAIN_MESSAGE = (
@@ -23,13 +23,16 @@ BUSY_MESSAGE = "Our assistant is busy right now; retrying in a moment."
 AGENT_ACTIVE_MESSAGE = "A support agent is handling this conversation."
 
 
-def conversation_start(*, collection: str = "default", origin: str = "") -> Conversation:
+def conversation_start(*, collection: str = "default", origin: str = "", verified_user_id: str = "") -> Conversation:
     """Create a conversation (status ``bot``) with a fresh secret token; ``collection`` is the
-    knowledge-base collection its answers are retrieved from, ``origin`` the embedding site.
+    knowledge-base collection its answers are retrieved from, ``origin`` the embedding site,
+    ``verified_user_id`` the signed-in customer's id once ``chat.identity.identity_check`` verified
+    it for ``origin`` ("" for an anonymous visitor; a database constraint refuses it without origin).
 
     The agents' dashboards are not told: the inbox lists a conversation from its first message
     (which notifies them), so a script starting conversations in a loop wakes no inbox."""
-    return Conversation.objects.create(collection=collection or "default", origin=origin[:300])
+    return Conversation.objects.create(collection=collection or "default", origin=origin[:300],
+                                       verified_user_id=verified_user_id)
 
 
 def conversation_request_human(conversation: Conversation) -> Conversation:
@@ -64,3 +67,13 @@ def _store_message(conversation: Conversation, **fields) -> Message:
     Conversation.objects.filter(pk=conversation.pk).update(updated_at=message.created_at)
     inbox_notify(conversation.pk, "message")
     return message
+
+
+def widget_site_identity_secret_rotate(site: WidgetSite) -> WidgetSite:
+    """Give ``site`` a new identity secret (``chat.models.widget_identity_secret``): hashes signed
+    with the old one stop verifying at once, so the host site must deploy the new secret. Already
+    verified conversations keep their ``verified_user_id`` (the customer still lists them with a
+    hash made with the new secret). Returns the site with the new secret saved."""
+    site.identity_secret = widget_identity_secret()
+    site.save(update_fields=["identity_secret", "updated_at"])
+    return site

@@ -9,6 +9,14 @@
  * mapped to the page's origin, and refuses to start a conversation when the two differ), data-title
  * (panel heading, default "Support").
  *
+ * Signed-in customers (identity verification, as Intercom's user_hash): the host site's server signs
+ * its user id with the site's identity secret (admin: Widget sites) and adds
+ *   data-user-id="42" data-user-hash="<hex HMAC-SHA256(secret, "42")>"
+ * (or sets window.supportbotSettings = { userId, userHash } before this script loads). The widget
+ * then starts verified conversations and, on a device where none is stored, offers the customer's
+ * earlier conversations on this site (POST /api/conversations/verified/) to resume
+ * (POST /api/conversations/<id>/resume/ returns its token). A wrong hash is refused by the server.
+ *
  * The widget renders in a shadow root (the host page's CSS cannot reach it), streams answers over a
  * websocket (/ws/chat/<id>/), shows numbered citations that open the cited passage, and
  * keeps the conversation id and token in localStorage so it survives a page reload. The token never
@@ -31,7 +39,13 @@
   const SERVER = (script.dataset.server || new URL(script.src, location.href).origin).replace(/\/+$/, "");
   const COLLECTION = script.dataset.collection || ""; // "": the origin's collection, whatever it is
   const TITLE = script.dataset.title || "Support";
-  const STORAGE_KEY = `supportbot:${SERVER}:${COLLECTION || "default"}`;
+  const SETTINGS = (window.supportbotSettings && typeof window.supportbotSettings === "object") ? window.supportbotSettings : {};
+  const USER_ID = script.dataset.userId || (SETTINGS.userId == null ? "" : String(SETTINGS.userId));
+  const USER_HASH = script.dataset.userHash || (SETTINGS.userHash == null ? "" : String(SETTINGS.userHash));
+  // Sent with the requests that start, list and resume a signed-in customer's conversations.
+  const IDENTITY = USER_ID ? { user_id: USER_ID, user_hash: USER_HASH } : {};
+  // Per signed-in user: another account on this browser does not reopen this one's conversation.
+  const STORAGE_KEY = `supportbot:${SERVER}:${COLLECTION || "default"}${USER_ID ? `:user:${USER_ID}` : ""}`;
   const MAX_CHARS = 2000;
   const RECONNECT_MAX_MS = 30000;
 
@@ -157,6 +171,10 @@
       width: 36px; height: 32px; font-size: 18px; line-height: 1; }
     .star.on { color: #d98b00; border-color: #d98b00; }
     .feedback-status:empty { display: none; }
+    .earlier { align-self: stretch; display: flex; flex-direction: column; gap: 4px; font-size: 13px; }
+    .earlier p { margin: 0; color: #5b6b73; }
+    .earlier button { text-align: left; border: 1px solid #c5d7dc; background: #fff; color: #0f5c6e;
+      border-radius: 8px; padding: 4px 10px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
     .sr-only { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0);
       white-space: nowrap; }
   `;
@@ -399,13 +417,18 @@
 
   async function ensureConversation() {
     if (state.conversation) return state.conversation;
-    const { ok, status, data } = await api("conversations/", { method: "POST", body: COLLECTION ? { collection: COLLECTION } : {} });
+    const body = COLLECTION ? { collection: COLLECTION, ...IDENTITY } : { ...IDENTITY };
+    const { ok, status, data } = await api("conversations/", { method: "POST", body });
     if (status === 429) {
       const error = new Error(data.error || "too many new conversations");
       error.retryAfterS = Math.max(1, Math.ceil(Number(data.retry_after_s) || 60));
       throw error;
     }
-    if (!ok) throw new Error(data.error || "could not start a conversation");
+    if (!ok) {
+      // e.g. a user_hash the server refused: the reason is for the site's developers, not the customer
+      console.warn(`supportbot: could not start a conversation (HTTP ${status}): ${data.error || "no reason given"}`);
+      throw new Error(data.error || "could not start a conversation");
+    }
     saveConversation({ id: data.id, token: data.token });
     connect();
     return state.conversation;
@@ -446,6 +469,48 @@
     state.streaming = null;
     applyStatus("bot", { quiet: true });
     greet();
+    offerEarlier();
+  }
+
+  /** For a signed-in customer on a device with no stored conversation: list their earlier
+   * conversations on this site (from any device), each resumable with one click. */
+  async function offerEarlier() {
+    if (!USER_ID || state.conversation) return;
+    let result;
+    try {
+      result = await api("conversations/verified/", { method: "POST", body: IDENTITY });
+    } catch (error) { return; } // offline: the customer can still start a new conversation
+    if (!result.ok) {
+      console.warn(`supportbot: earlier conversations refused (HTTP ${result.status}): ${result.data.error || "no reason given"}`);
+      return;
+    }
+    const earlier = result.data.conversations || [];
+    if (!earlier.length || state.conversation) return;
+    const card = el("div", { class: "earlier", role: "group", "aria-label": "Your earlier conversations" },
+      [el("p", { text: "Continue an earlier conversation:" })]);
+    for (const item of earlier.slice(0, 5)) {
+      const when = new Date(item.updated_at).toLocaleDateString();
+      card.append(el("button", {
+        type: "button", text: `${item.preview} · ${when}`, title: item.preview,
+        onclick: () => resumeConversation(item.id, card),
+      }));
+    }
+    messages.append(card);
+    scrollToEnd();
+  }
+
+  async function resumeConversation(id, card) {
+    for (const button of card.querySelectorAll("button")) button.disabled = true;
+    const { ok, data } = await api(`conversations/${encodeURIComponent(id)}/resume/`, { method: "POST", body: IDENTITY })
+      .catch(() => ({ ok: false, data: {} }));
+    if (!ok) {
+      for (const button of card.querySelectorAll("button")) button.disabled = false;
+      addNote(data.error || "could not open that conversation", { error: true });
+      return;
+    }
+    closeSocket(); // a conversation started here meanwhile is left for this one
+    saveConversation({ id: data.id, token: data.token });
+    if (await loadTranscript().catch(() => false)) connect();
   }
 
   function greet() {
@@ -841,6 +906,7 @@
     rateButton.hidden = !state.conversation;
     if (!state.conversation) {
       greet();
+      offerEarlier();
       return;
     }
     try {

@@ -56,13 +56,14 @@ def test_create_returns_id_and_token_of_a_new_bot_conversation(client):
     # when the widget starts a conversation from the site itself (no Origin header)
     response = client.post("/api/conversations/")
 
-    # then it gets the new conversation's id and secret token
+    # then it gets the new conversation's id and secret token, as an anonymous (unverified) visitor
     assert response.status_code == 201
     body = response.json()
-    assert sorted(body) == ["id", "token"]
+    assert sorted(body) == ["id", "token", "verified"]
     conversation = Conversation.objects.get()
-    assert body == {"id": str(conversation.pk), "token": conversation.token}
+    assert body == {"id": str(conversation.pk), "token": conversation.token, "verified": False}
     assert (conversation.status, conversation.collection, conversation.origin) == ("bot", "default", "")
+    assert conversation.verified_user_id == ""
     assert len(conversation.token) == 43
 
 
