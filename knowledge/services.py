@@ -46,6 +46,10 @@ class SourceUnavailable(Exception):
     """The source's bytes cannot or may not be read (file moved, deleted, or over the size limit)."""
 
 
+class UploadRefused(ValueError):
+    """An upload that is not stored (larger than ``INGEST_MAX_FILE_BYTES``); the message says why."""
+
+
 @dataclass(frozen=True)
 class IngestResult:
     """Outcome of ``document_ingest``: ``status`` is ``"ingested"``, ``"unchanged"``, ``"failed"``,
@@ -182,10 +186,13 @@ def source_upload(*, filename: str, data: bytes | File, collection: str = DEFAUL
     ``data``: the file's bytes, or a Django ``File`` (a request's ``UploadedFile``, streamed to
     storage in chunks). The serving version (if any) keeps answering until the new one is ready; an
     ingestion of an earlier upload still running is superseded (see ``pending_file_store``).
-    If storing the row fails, the file just stored is deleted again.
+    Raises ``UploadRefused`` (nothing stored or changed) when the file is larger than
+    ``INGEST_MAX_FILE_BYTES``. If storing the row fails, the file just stored is deleted again.
     """
     content = data if isinstance(data, File) else ContentFile(data)
     name = Path(filename).name or "upload"
+    if content.size > settings.INGEST_MAX_FILE_BYTES:
+        raise UploadRefused(f"{name}: {too_large_reason()}")
     source = _locked_source(
         collection=collection, uri=f"upload:{name}", defaults={"kind": _kind_for(name), "title": Path(name).stem}
     )
@@ -264,6 +271,8 @@ def product_delete(product: Product) -> None:
 def _read_bytes(source: Source) -> tuple[str, bytes]:
     if source.pending_file:
         try:
+            if source.pending_file.size > settings.INGEST_MAX_FILE_BYTES:
+                raise SourceUnavailable(too_large_reason())  # not read into memory at all
             with source.pending_file.open("rb") as handle:
                 return source.pending_file.name, handle.read()
         except OSError as error:
@@ -273,13 +282,14 @@ def _read_bytes(source: Source) -> tuple[str, bytes]:
     path = Path(source.uri)
     try:
         if path.stat().st_size > settings.INGEST_MAX_FILE_BYTES:
-            raise SourceUnavailable(_too_large_reason())  # not read into memory at all
+            raise SourceUnavailable(too_large_reason())  # not read into memory at all
         return path.name, path.read_bytes()
     except OSError as error:
         raise SourceUnavailable(f"cannot read {path} ({error.strerror or error})") from None
 
 
-def _too_large_reason() -> str:
+def too_large_reason() -> str:
+    """Why a file over ``INGEST_MAX_FILE_BYTES`` is refused (``the file is larger than the 20 MB limit (...)``)."""
     limit_mb = settings.INGEST_MAX_FILE_BYTES / (1024 * 1024)
     return f"the file is larger than the {limit_mb:g} MB limit (INGEST_MAX_FILE_BYTES)"
 
@@ -384,7 +394,7 @@ def _ingest_claimed(source: Source, claim: _Claim, *, force: bool) -> IngestResu
     except SourceUnavailable as error:
         return _fail(claim, str(error))
     if len(data) > settings.INGEST_MAX_FILE_BYTES:
-        return _fail(claim, _too_large_reason())
+        return _fail(claim, too_large_reason())
     digest = hashlib.sha256(data).hexdigest()
     current_model = embedding_module.model_id()
     if (

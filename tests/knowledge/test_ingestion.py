@@ -448,6 +448,24 @@ def test_upload_is_ingested_from_its_pending_file_and_a_second_run_is_a_no_op(
     assert list(media_root.rglob("*.csv")) == []
 
 
+def test_upload_over_the_size_limit_is_refused_and_the_pending_version_is_untouched(
+    media_root, queued_by_hand, settings
+):
+    # given an upload queued under a 1 MB limit
+    settings.INGEST_MAX_FILE_BYTES = 1024 * 1024
+    source = services.source_upload(filename="returns.md", data=RETURNS_MD.encode())
+    before = files_in(media_root)
+    # when a bigger version is uploaded under the same name
+    with pytest.raises(services.UploadRefused) as refused:
+        services.source_upload(filename="returns.md", data=b"# Returns\n\n" + b"Keep receipts. " * 70_000)
+    # then it is refused with the reason and nothing was stored or queued
+    assert str(refused.value) == "returns.md: the file is larger than the 1 MB limit (INGEST_MAX_FILE_BYTES)"
+    assert files_in(media_root) == before
+    assert (Source.objects.get().pending_file.name, Source.objects.get().pending_version) == (
+        source.pending_file.name, 1)
+    assert queued_by_hand == [source.pk]
+
+
 # --- a file re-uploaded while its previous version is being ingested ----------------------------------
 # The overlap is simulated in this thread by ordered calls: v2 is uploaded (and, in one test, ingested)
 # from inside v1's ingestion while it embeds. tests/knowledge/test_tasks.py runs the same overlap on a
