@@ -234,8 +234,13 @@ EMBEDDING_THREADS = env.int("EMBEDDING_THREADS", default=1)
 # Chunk size in tokens of the embedding model's tokenizer. 256 is all-MiniLM-L6-v2's window; on Doc2Dial
 # first turns 256 beat 160 on passage-hit@5 (0.62 vs 0.58, see README).
 CHUNK_MAX_TOKENS = env.int("CHUNK_MAX_TOKENS", default=256)
-# Uploads larger than this are refused (the source is marked failed), in bytes.
+# Largest file ingested, in bytes. The admin's upload page refuses a larger file while receiving it
+# (knowledge.upload_limits: nothing of it kept) and stores nothing of that submission; a larger file
+# registered from a path or a website fails its ingestion with the reason.
 INGEST_MAX_FILE_BYTES = env.int("INGEST_MAX_FILE_BYTES", default=20 * 1024 * 1024)
+# Uploaded files above this many bytes are streamed to a temporary file, not held in memory
+# (Django's setting; 2.5 MB is its default).
+FILE_UPLOAD_MAX_MEMORY_SIZE = env.int("FILE_UPLOAD_MAX_MEMORY_SIZE", default=2_621_440)
 # Hybrid retrieval: candidates per leg before fusion, and the reciprocal-rank-fusion constant k
 # (Cormack, Clarke & Buettcher, SIGIR 2009, use k = 60).
 RETRIEVAL_CANDIDATES = env.int("RETRIEVAL_CANDIDATES", default=50)

@@ -1,16 +1,23 @@
 """Admin for the knowledge base: sources with ingestion status, multi-file upload, products, and
-websites with their sync reports (live while a sync runs)."""
+websites with their sync reports (live while a sync runs).
+
+The upload page refuses a file over ``INGEST_MAX_FILE_BYTES`` while it is received
+(``knowledge.upload_limits``) and again in its form, before anything is stored: the page shows which
+files and why, and no file of that submission is stored. Accepted files are streamed to storage
+(Django keeps them in a temporary file above ``FILE_UPLOAD_MAX_MEMORY_SIZE``), never read whole.
+"""
 
 from __future__ import annotations
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.http import HttpRequest, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from knowledge import crawler, services, websites
+from knowledge import crawler, services, upload_limits, websites
 from knowledge.models import DEFAULT_COLLECTION, Chunk, Product, Source, Website, WebsiteSync
 from knowledge.parsers import SUPPORTED_EXTENSIONS
 
@@ -34,11 +41,31 @@ class MultipleFileField(forms.FileField):
 
 
 class UploadForm(forms.Form):
+    """The upload page's form. ``refused``: names of files already refused for their size while the
+    request was received (they are not in ``files``); any refusal makes the whole form invalid, so a
+    submission is stored whole or not at all."""
+
     files = MultipleFileField(
         help_text=f"Supported: {', '.join(SUPPORTED_EXTENSIONS)}. A CSV is an FAQ sheet with "
         "'question' and 'answer' columns. Uploading a file with the same name replaces it."
     )
     collection = forms.CharField(max_length=100, initial=DEFAULT_COLLECTION)
+
+    def __init__(self, *args, refused: list[str] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.refused = list(refused)
+        if self.refused:
+            self.fields["files"].required = False  # say why they are missing, not "required"
+
+    def clean_files(self):
+        files = [upload for upload in self.cleaned_data["files"] if upload]
+        refused = self.refused + [upload.name for upload in files if upload.size > settings.INGEST_MAX_FILE_BYTES]
+        if refused:
+            raise forms.ValidationError(
+                [f"{name}: {services.too_large_reason()}." for name in refused]
+                + ["Nothing was uploaded; choose the files again without the ones over the limit."]
+            )
+        return files
 
 
 class ChunkInline(admin.TabularInline):
@@ -76,7 +103,8 @@ class SourceAdmin(admin.ModelAdmin):
 
     def get_urls(self):
         return [
-            path("upload/", self.admin_site.admin_view(self.upload_view), name="knowledge_source_upload"),
+            path("upload/", upload_limits.refusing_oversized_uploads(self.admin_site.admin_view(self.upload_view)),
+                 name="knowledge_source_upload"),
             *super().get_urls(),
         ]
 
@@ -87,12 +115,17 @@ class SourceAdmin(admin.ModelAdmin):
         """Multi-file upload: each file becomes (or replaces) a source and is queued for ingestion."""
         if not self.has_change_permission(request):
             return HttpResponseRedirect(reverse("admin:index"))
-        form = UploadForm(request.POST or None, request.FILES or None)
+        form = UploadForm(request.POST or None, request.FILES or None, refused=upload_limits.refused_uploads(request))
         if request.method == "POST" and form.is_valid():
             collection = form.cleaned_data["collection"]
+            queued = 0
             for upload in form.cleaned_data["files"]:
-                services.source_upload(filename=upload.name, data=upload.read(), collection=collection)
-            self.message_user(request, f"{len(form.cleaned_data['files'])} file(s) queued for ingestion.")
+                try:  # the file object, streamed to storage in chunks
+                    services.source_upload(filename=upload.name, data=upload, collection=collection)
+                    queued += 1
+                except services.UploadRefused as error:  # the service's own check; the form's came first
+                    self.message_user(request, f"{error}; not uploaded.", messages.ERROR)
+            self.message_user(request, f"{queued} file(s) queued for ingestion.")
             return HttpResponseRedirect(reverse("admin:knowledge_source_changelist"))
         context = {**self.admin_site.each_context(request), "form": form, "opts": self.model._meta,
                    "title": "Upload knowledge-base files"}

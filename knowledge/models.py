@@ -47,6 +47,11 @@ class Source(models.Model):
     # The raw bytes waiting to be ingested (uploads and products); files ingested from a path on
     # the server are read from ``uri``.
     pending_file = models.FileField(upload_to="sources/%Y/%m/", blank=True)
+    # Which queued version is the newest: raised each time a new version is queued (an upload, a
+    # product save, a path registered again). An ingestion claims the value it read at its start and
+    # writes progress, failure or its chunks only while it is still current, so a slower ingestion
+    # of an older version never overwrites, or deletes the file of, a newer one.
+    pending_version = models.PositiveIntegerField(default=0)
     # Serving version: the extracted text the chunks point into, and the hash of the raw bytes.
     text = models.TextField(blank=True)
     content_hash = models.CharField(max_length=64, blank=True)

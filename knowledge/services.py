@@ -4,7 +4,14 @@ and re-embedding.
 Ingestion of one source (``document_ingest``) reads its bytes, skips them if unchanged, parses,
 chunks and embeds them, then swaps the source's chunks, text and hash in one transaction: readers see
 the old version or the new one, never a mix or nothing. Any failure marks the source ``failed`` with
-the reason and leaves its serving chunks untouched.
+the reason, deletes the pending file it could not ingest, and leaves its serving chunks untouched.
+
+A source can be re-uploaded while an older version is still being ingested. Each queued version
+raises ``Source.pending_version``; an ingestion claims the version (and pending file) it read at its
+start and writes progress, failure or chunks only while that claim is still current. A superseded
+ingestion stops (status ``"superseded"``) and leaves the source to the newer version's own task, which
+was queued when that version was stored. A replaced pending file is deleted only once the transaction
+that replaced it commits.
 
 A curated answer (``curated_answer_put``) is a source of kind ``curated`` with one chunk embedded
 from its question; it cites evidence passages of other sources. When one of those sources is
@@ -22,8 +29,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from django.conf import settings
-from django.core.files.base import ContentFile
+from django.core.files.base import ContentFile, File
 from django.db import connection, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from knowledge import embedding as embedding_module
@@ -38,10 +46,16 @@ class SourceUnavailable(Exception):
     """The source's bytes cannot or may not be read (file moved, deleted, or over the size limit)."""
 
 
+class UploadRefused(ValueError):
+    """An upload that is not stored (larger than ``INGEST_MAX_FILE_BYTES``); the message says why."""
+
+
 @dataclass(frozen=True)
 class IngestResult:
-    """Outcome of ``document_ingest``: ``status`` is ``"ingested"``, ``"unchanged"``, ``"failed"`` or
-    ``"missing"`` (the source row was deleted before the task ran)."""
+    """Outcome of ``document_ingest``: ``status`` is ``"ingested"``, ``"unchanged"``, ``"failed"``,
+    ``"missing"`` (the source row was deleted before or while the task ran) or ``"superseded"`` (a
+    newer version was queued while it ran, or another run already finished this version: nothing was
+    written, the newer version's own task ingests it)."""
 
     source_id: int
     status: str
@@ -115,7 +129,8 @@ def sources_register_paths(
             result.unchanged.append(source)
             continue
         Source.objects.filter(pk=source.pk).update(
-            status=Source.Status.QUEUED, progress=0, error="", updated_at=timezone.now()
+            status=Source.Status.QUEUED, progress=0, error="", pending_version=F("pending_version") + 1,
+            updated_at=timezone.now(),
         )
         result.queued.append(source)
     if prune:
@@ -141,22 +156,54 @@ def _file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def pending_file_store(source: Source, name: str, content: File) -> None:
+    """Make ``content`` the pending version of ``source`` (locked by the caller's transaction with
+    ``select_for_update``; the caller saves it): stored under ``name`` in the source's storage (a
+    file is copied in chunks, never read whole), ``pending_version`` raised so an ingestion of an
+    older version still running stops without writing, and the replaced pending file deleted only
+    when the transaction commits (a rollback leaves the row pointing at a file that still exists).
+    The new file, stored while the old one still exists, gets a name of its own."""
+    old = source.pending_file.name if source.pending_file else ""
+    storage = source.pending_file.storage
+    source.pending_file.save(name, content, save=False)
+    source.pending_version += 1
+    if old:
+        transaction.on_commit(lambda: storage.delete(old))
+
+
+def _locked_source(**lookup) -> Source:
+    """The source of ``collection`` and ``uri`` in ``lookup`` (created with ``defaults`` when absent),
+    locked until the caller's transaction ends, so concurrent uploads of one name queue one after the
+    other and none leaves its file behind."""
+    source, _ = Source.objects.get_or_create(**lookup)
+    return Source.objects.select_for_update().get(pk=source.pk)
+
+
 @transaction.atomic
-def source_upload(*, filename: str, data: bytes, collection: str = DEFAULT_COLLECTION) -> Source:
+def source_upload(*, filename: str, data: bytes | File, collection: str = DEFAULT_COLLECTION) -> Source:
     """Store an uploaded file as the pending version of source ``upload:<filename>`` and queue it.
 
-    The serving version (if any) keeps answering until the new one is ready.
+    ``data``: the file's bytes, or a Django ``File`` (a request's ``UploadedFile``, streamed to
+    storage in chunks). The serving version (if any) keeps answering until the new one is ready; an
+    ingestion of an earlier upload still running is superseded (see ``pending_file_store``).
+    Raises ``UploadRefused`` (nothing stored or changed) when the file is larger than
+    ``INGEST_MAX_FILE_BYTES``. If storing the row fails, the file just stored is deleted again.
     """
+    content = data if isinstance(data, File) else ContentFile(data)
     name = Path(filename).name or "upload"
-    source, _ = Source.objects.get_or_create(
+    if content.size > settings.INGEST_MAX_FILE_BYTES:
+        raise UploadRefused(f"{name}: {too_large_reason()}")
+    source = _locked_source(
         collection=collection, uri=f"upload:{name}", defaults={"kind": _kind_for(name), "title": Path(name).stem}
     )
-    if source.pending_file:
-        source.pending_file.delete(save=False)
-    source.pending_file.save(name, ContentFile(data), save=False)
-    source.status, source.progress, source.error = Source.Status.QUEUED, 0, ""
-    source.save()
-    _enqueue([source.pk])
+    pending_file_store(source, name, content)
+    try:
+        source.status, source.progress, source.error = Source.Status.QUEUED, 0, ""
+        source.save()
+        _enqueue([source.pk])
+    except Exception:
+        source.pending_file.storage.delete(source.pending_file.name)
+        raise
     return source
 
 
@@ -197,12 +244,10 @@ def product_sync(product: Product) -> Source:
     if product.source_id and (product.source.uri != uri or product.source.collection != product.collection):
         source_delete(product.source)
         product.source = None
-    source, _ = Source.objects.get_or_create(
+    source = _locked_source(
         collection=product.collection, uri=uri, defaults={"kind": Source.Kind.PRODUCT, "title": product.name}
     )
-    if source.pending_file:
-        source.pending_file.delete(save=False)
-    source.pending_file.save(f"product-{product.sku}.md", ContentFile(product_markdown(product).encode()), save=False)
+    pending_file_store(source, f"product-{product.sku}.md", ContentFile(product_markdown(product).encode()))
     source.title = product.name
     source.status, source.progress, source.error = Source.Status.QUEUED, 0, ""
     source.save()
@@ -226,6 +271,8 @@ def product_delete(product: Product) -> None:
 def _read_bytes(source: Source) -> tuple[str, bytes]:
     if source.pending_file:
         try:
+            if source.pending_file.size > settings.INGEST_MAX_FILE_BYTES:
+                raise SourceUnavailable(too_large_reason())  # not read into memory at all
             with source.pending_file.open("rb") as handle:
                 return source.pending_file.name, handle.read()
         except OSError as error:
@@ -235,19 +282,53 @@ def _read_bytes(source: Source) -> tuple[str, bytes]:
     path = Path(source.uri)
     try:
         if path.stat().st_size > settings.INGEST_MAX_FILE_BYTES:
-            raise SourceUnavailable(_too_large_reason())  # not read into memory at all
+            raise SourceUnavailable(too_large_reason())  # not read into memory at all
         return path.name, path.read_bytes()
     except OSError as error:
         raise SourceUnavailable(f"cannot read {path} ({error.strerror or error})") from None
 
 
-def _too_large_reason() -> str:
+def too_large_reason() -> str:
+    """Why a file over ``INGEST_MAX_FILE_BYTES`` is refused (``the file is larger than the 20 MB limit (...)``)."""
     limit_mb = settings.INGEST_MAX_FILE_BYTES / (1024 * 1024)
     return f"the file is larger than the {limit_mb:g} MB limit (INGEST_MAX_FILE_BYTES)"
 
 
-def _set_progress(source_id: int, status: str, progress: int) -> None:
-    Source.objects.filter(pk=source_id).update(status=status, progress=progress, updated_at=timezone.now())
+class _Superseded(Exception):
+    """The version an ingestion claimed is no longer the one queued (see ``_Claim``)."""
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """The version of a source an ingestion works on: the ``pending_version`` and pending file name
+    it read at its start. Every write of the ingestion is conditional on both being unchanged: a
+    newer upload raises the version; a run of the same version that finished first cleared the file."""
+
+    source_id: int
+    version: int
+    pending_file: str
+
+    @classmethod
+    def of(cls, source: Source) -> "_Claim":
+        return cls(source.pk, source.pending_version, source.pending_file.name or "")
+
+    def rows(self):
+        """The source's row while the claim holds (an empty queryset once it does not)."""
+        return Source.objects.filter(pk=self.source_id, pending_version=self.version, pending_file=self.pending_file)
+
+    def holds_for(self, source: Source) -> bool:
+        return (source.pending_version, source.pending_file.name or "") == (self.version, self.pending_file)
+
+    def delete_pending_file_on_commit(self) -> None:
+        if self.pending_file:
+            storage, name = Source._meta.get_field("pending_file").storage, self.pending_file
+            transaction.on_commit(lambda: storage.delete(name))
+
+
+def _set_progress(claim: _Claim, status: str, progress: int) -> None:
+    """Report progress; raises ``_Superseded`` (and writes nothing) once the claim no longer holds."""
+    if not claim.rows().update(status=status, progress=progress, updated_at=timezone.now()):
+        raise _Superseded
 
 
 def mark_failed(source_id: int, reason: str) -> None:
@@ -257,10 +338,17 @@ def mark_failed(source_id: int, reason: str) -> None:
     )
 
 
-def _fail(source_id: int, reason: str) -> IngestResult:
-    logger.warning("ingestion of source %s failed: %s", source_id, reason)
-    mark_failed(source_id, reason)
-    return IngestResult(source_id, "failed", error=reason)
+def _fail(claim: _Claim, reason: str) -> IngestResult:
+    """Mark the claimed version failed with ``reason`` and delete its pending file (its bytes cannot
+    be ingested; the admin uploads a corrected file). Raises ``_Superseded`` (nothing written) when a
+    newer version was queued meanwhile."""
+    with transaction.atomic():
+        if not claim.rows().update(status=Source.Status.FAILED, error=reason, progress=0, pending_file="",
+                                   updated_at=timezone.now()):
+            raise _Superseded
+        claim.delete_pending_file_on_commit()
+    logger.warning("ingestion of source %s failed: %s", claim.source_id, reason)
+    return IngestResult(claim.source_id, "failed", error=reason)
 
 
 def document_ingest(source_id: int, *, force: bool = False) -> IngestResult:
@@ -269,12 +357,26 @@ def document_ingest(source_id: int, *, force: bool = False) -> IngestResult:
     Safe to run twice: bytes that hash to the serving ``content_hash`` (with chunks of the current
     embedding model) are skipped unless ``force``. Bad input (empty, unsupported type, over
     ``INGEST_MAX_FILE_BYTES``, corrupt, not UTF-8, no text, CSV without question/answer columns)
-    returns status ``"failed"`` and records the reason on the source; serving chunks are untouched.
+    returns status ``"failed"``, records the reason on the source and deletes its pending file;
+    serving chunks are untouched. A version superseded while this runs (re-uploaded, or finished by
+    another run) returns ``"superseded"`` as soon as that is seen, having written nothing: not its
+    chunks, status or failure, and not the deletion of the newer version's file.
     Side effects: ``status``/``progress`` updates visible to other connections while it runs.
     """
     source = Source.objects.filter(pk=source_id).first()
     if source is None:
         return IngestResult(source_id, "missing")
+    try:
+        return _ingest_claimed(source, _Claim.of(source), force=force)
+    except _Superseded:
+        if not Source.objects.filter(pk=source_id).exists():
+            return IngestResult(source_id, "missing")
+        logger.info("ingestion of source %s stopped: a newer version was queued meanwhile", source_id)
+        return IngestResult(source_id, "superseded")
+
+
+def _ingest_claimed(source: Source, claim: _Claim, *, force: bool) -> IngestResult:
+    source_id = source.pk
     if (
         not source.pending_file
         and source.uri.startswith(("upload:", "product:", "curated:"))
@@ -285,14 +387,14 @@ def document_ingest(source_id: int, *, force: bool = False) -> IngestResult:
         # forced re-ingest): its raw bytes are gone, so a forced run re-embeds the serving chunks.
         if force:
             _reembed_source(source_id, embedding_module.get_embedding_model(), embedding_module.model_id())
-        _finish_unchanged(source)
+        _finish_unchanged(claim)
         return IngestResult(source_id, "unchanged", source.chunk_count)
     try:
         filename, data = _read_bytes(source)
     except SourceUnavailable as error:
-        return _fail(source_id, str(error))
+        return _fail(claim, str(error))
     if len(data) > settings.INGEST_MAX_FILE_BYTES:
-        return _fail(source_id, _too_large_reason())
+        return _fail(claim, too_large_reason())
     digest = hashlib.sha256(data).hexdigest()
     current_model = embedding_module.model_id()
     if (
@@ -301,25 +403,25 @@ def document_ingest(source_id: int, *, force: bool = False) -> IngestResult:
         and source.chunk_count > 0
         and not source.chunks.exclude(embedding_model=current_model).exists()
     ):
-        _finish_unchanged(source)
+        _finish_unchanged(claim)
         return IngestResult(source_id, "unchanged", source.chunk_count)
 
-    _set_progress(source_id, Source.Status.PARSING, 5)
+    _set_progress(claim, Source.Status.PARSING, 5)
     try:
         document = parse_file(filename, data)
     except ParseError as error:
-        return _fail(source_id, str(error))
+        return _fail(claim, str(error))
     if source.kind == Source.Kind.FAQ and not any(b.kind == "faq" for b in document.blocks):
-        return _fail(source_id, "an FAQ sheet must be a CSV file with question and answer columns")
+        return _fail(claim, "an FAQ sheet must be a CSV file with question and answer columns")
 
     model = embedding_module.get_embedding_model()
     spans = chunk_document(document, max_tokens=settings.CHUNK_MAX_TOKENS, count_tokens=model.count_tokens)
-    _set_progress(source_id, Source.Status.EMBEDDING, 10)
+    _set_progress(claim, Source.Status.EMBEDDING, 10)
     texts = [
         embedding_module.passage_text(document.title, span.heading_path, document.text[span.start : span.end])
         for span in spans
     ]
-    vectors = _embed_with_progress(model, texts, lambda pct: _set_progress(source_id, Source.Status.EMBEDDING, pct))
+    vectors = _embed_with_progress(model, texts, lambda pct: _set_progress(claim, Source.Status.EMBEDDING, pct))
     chunks = [
         Chunk(
             ordinal=ordinal,
@@ -337,10 +439,11 @@ def document_ingest(source_id: int, *, force: bool = False) -> IngestResult:
         locked = Source.objects.select_for_update().filter(pk=source_id).first()
         if locked is None:
             return IngestResult(source_id, "missing")
+        if not claim.holds_for(locked):
+            raise _Superseded
         _swap_chunks(locked, chunks, title=document.title)
         if digest != locked.content_hash:
             _curated_retire_citing(source_id, f"source {source_id} changed", keep_hash=digest)
-        pending = locked.pending_file.name if locked.pending_file else ""
         Source.objects.filter(pk=source_id).update(
             text=document.text,
             title=(locked.title if locked.kind == Source.Kind.PRODUCT else document.title)[:500],
@@ -353,19 +456,18 @@ def document_ingest(source_id: int, *, force: bool = False) -> IngestResult:
             ingested_at=timezone.now(),
             updated_at=timezone.now(),
         )
-        if pending:
-            storage = locked.pending_file.storage
-            transaction.on_commit(lambda: storage.delete(pending))
+        claim.delete_pending_file_on_commit()
     return IngestResult(source_id, "ingested", len(chunks))
 
 
-def _finish_unchanged(source: Source) -> None:
-    pending = source.pending_file.name if source.pending_file else ""
-    Source.objects.filter(pk=source.pk).update(
-        status=Source.Status.READY, progress=100, error="", pending_file="", updated_at=timezone.now()
-    )
-    if pending:
-        source.pending_file.storage.delete(pending)
+def _finish_unchanged(claim: _Claim) -> None:
+    """Mark the claimed version ready without touching the chunks, and delete its pending file once
+    that commits; raises ``_Superseded`` (nothing written) when the claim no longer holds."""
+    with transaction.atomic():
+        if not claim.rows().update(status=Source.Status.READY, progress=100, error="", pending_file="",
+                                   updated_at=timezone.now()):
+            raise _Superseded
+        claim.delete_pending_file_on_commit()
 
 
 def _embed_with_progress(model, texts: list[str], report: Callable[[int], None]):

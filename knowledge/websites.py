@@ -450,9 +450,8 @@ class _Sync:
             source = existing or Source.objects.create(
                 collection=website.collection, uri=uri, kind=Source.Kind.PAGE, website=website, title=uri[:500]
             )
-            if source.pending_file:
-                source.pending_file.delete(save=False)
-            source.pending_file.save(filename, ContentFile(body), save=False)
+            source = Source.objects.select_for_update().get(pk=source.pk)
+            services.pending_file_store(source, filename, ContentFile(body))
             source.status, source.progress, source.error = Source.Status.QUEUED, 0, ""
             source.save()
         result = services.document_ingest(source.pk)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,12 +45,8 @@ def embedding_model():
     return get_embedding_model()
 
 
-@pytest.fixture
-def celery_worker_real(transactional_db):
-    """A real Celery worker (threads, same process) consuming the real Redis broker.
-
-    Tests using it must commit their data (``transactional_db``) so the worker's connection sees it.
-    """
+@contextmanager
+def _real_celery_worker(concurrency: int):
     from celery.contrib.testing.worker import start_worker
 
     from config.celery import app
@@ -58,8 +55,25 @@ def celery_worker_real(transactional_db):
     previous_queue = app.conf.task_default_queue
     app.conf.task_default_queue = f"test-{os.getpid()}"
     try:
-        with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False,
+        with start_worker(app, pool="threads", concurrency=concurrency, perform_ping_check=False,
                           loglevel="WARNING", shutdown_timeout=30, queues=[app.conf.task_default_queue]) as worker:
             yield worker
     finally:
         app.conf.task_default_queue = previous_queue
+
+
+@pytest.fixture
+def celery_worker_real(transactional_db):
+    """A real Celery worker (threads, same process) consuming the real Redis broker.
+
+    Tests using it must commit their data (``transactional_db``) so the worker's connection sees it.
+    """
+    with _real_celery_worker(concurrency=1) as worker:
+        yield worker
+
+
+@pytest.fixture
+def celery_worker_real_concurrent(transactional_db):
+    """Like ``celery_worker_real``, with two worker threads: two tasks run at the same time."""
+    with _real_celery_worker(concurrency=2) as worker:
+        yield worker

@@ -8,10 +8,14 @@ from decimal import Decimal
 
 import pytest
 from django.contrib.auth.models import Permission, User
-from django.core.files.uploadedfile import SimpleUploadedFile
+from django.core.files.uploadedfile import SimpleUploadedFile, TemporaryUploadedFile
+from django.core.files.uploadhandler import TemporaryFileUploadHandler
+from django.test import Client
 from django.urls import reverse
+from django.utils.datastructures import MultiValueDict
 
 from knowledge import services
+from knowledge.admin import UploadForm
 from knowledge.models import Chunk, Product, Source
 from tests.knowledge.sample_files import FAQ_CSV, RETURNS_MD, WARRANTY_HTML
 
@@ -114,6 +118,120 @@ def test_upload_without_files_shows_the_form_error_and_creates_nothing(admin_cli
     assert response.status_code == 200
     assert "This field is required." in response.content.decode()
     assert Source.objects.count() == 0
+
+
+# --- the size limit -------------------------------------------------------------------------------------
+
+LIMIT = 1024 * 1024  # INGEST_MAX_FILE_BYTES in these tests: 1 MB
+CHUNK = 64 * 1024  # Django's upload chunk size
+HUGE_TXT = b"Big file\n\n" + b"All work and no play. " * 250_000  # 5.5 MB
+REFUSED = ["huge.txt: the file is larger than the 1 MB limit (INGEST_MAX_FILE_BYTES).",
+           "Nothing was uploaded; choose the files again without the ones over the limit."]
+
+
+@pytest.fixture
+def upload_limits(settings, tmp_path):
+    """A 1 MB limit; every uploaded file goes to a temporary file in a folder of this test."""
+    settings.INGEST_MAX_FILE_BYTES = LIMIT
+    settings.FILE_UPLOAD_MAX_MEMORY_SIZE = 1000
+    settings.FILE_UPLOAD_TEMP_DIR = str(tmp_path / "upload-tmp")
+    (tmp_path / "upload-tmp").mkdir()
+    return tmp_path / "upload-tmp"
+
+
+def files_in(folder) -> list:
+    return sorted(path for path in folder.rglob("*") if path.is_file())
+
+
+def test_upload_over_the_size_limit_is_refused_while_received_and_nothing_is_stored(
+    admin_client, media_root, upload_limits, monkeypatch, django_capture_on_commit_callbacks
+):
+    # given a good file and one over the limit, chosen together (bytes written to temporary files
+    # are counted per file)
+    written: dict[str, int] = {}
+    receive = TemporaryFileUploadHandler.receive_data_chunk
+
+    def counting(self, raw_data, start):
+        written[self.file_name] = written.get(self.file_name, 0) + len(raw_data)
+        return receive(self, raw_data, start)
+
+    monkeypatch.setattr(TemporaryFileUploadHandler, "receive_data_chunk", counting)
+    files = [SimpleUploadedFile("returns.md", RETURNS_MD.encode()), SimpleUploadedFile("huge.txt", HUGE_TXT)]
+    # when they are posted
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = admin_client.post(reverse(UPLOAD), {"files": files, "collection": "default"})
+    # then the page shows why, and nothing is stored or queued: no source, no file, no task
+    assert response.status_code == 200
+    assert response.context["form"].errors["files"] == REFUSED
+    assert REFUSED[0] in response.content.decode()
+    assert (Source.objects.count(), files_in(media_root), callbacks) == (0, [], [])
+    # and the big file was dropped at the chunk that passed the limit (no byte beyond it was kept),
+    # its temporary file deleted like the good file's
+    assert written["returns.md"] == len(RETURNS_MD.encode())
+    assert LIMIT - CHUNK < written["huge.txt"] <= LIMIT
+    assert files_in(upload_limits) == []
+
+
+def test_upload_within_the_limit_is_streamed_from_its_temporary_file_to_storage(
+    admin_client, media_root, upload_limits, monkeypatch, django_capture_on_commit_callbacks
+):
+    # given a file under the limit but over FILE_UPLOAD_MAX_MEMORY_SIZE
+    body = b"Shipping times\n\n" + b"Parcels ship daily. " * 40_000  # 800 kB
+    received = []
+    real_upload = services.source_upload
+
+    def spy(*, filename, data, collection):
+        received.append(type(data))
+        return real_upload(filename=filename, data=data, collection=collection)
+
+    monkeypatch.setattr(services, "source_upload", spy)
+    # when it is uploaded
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = admin_client.post(reverse(UPLOAD), {"files": [SimpleUploadedFile("shipping.txt", body)],
+                                                       "collection": "default"})
+    # then the service got the temporary file, not its bytes, and stored it whole; one task is queued
+    assert (response.status_code, response.url) == (302, reverse(CHANGELIST))
+    assert received == [TemporaryUploadedFile]
+    source = Source.objects.get()
+    assert (source.uri, source.status) == ("upload:shipping.txt", "queued")
+    assert files_in(media_root) == [media_root / source.pending_file.name]
+    assert (media_root / source.pending_file.name).read_bytes() == body
+    assert len(callbacks) == 1
+    assert files_in(upload_limits) == []
+
+
+def test_upload_page_checks_csrf_with_the_size_limit_in_place(admin_user, media_root, upload_limits):
+    # given a browser-like client that sends the CSRF token only when told
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(admin_user)
+    assert client.get(reverse(UPLOAD)).status_code == 200
+    token = client.cookies["csrftoken"].value
+
+    def post(name, data, **extra):
+        return client.post(reverse(UPLOAD), {"files": [SimpleUploadedFile(name, data)], "collection": "default",
+                                             **extra})
+
+    # when a file is posted without the token, then it is forbidden and nothing is stored
+    assert post("returns.md", RETURNS_MD.encode()).status_code == 403
+    assert (Source.objects.count(), files_in(media_root)) == (0, [])
+    # when a file over the limit is posted with it, then the page explains (no 403, no 500)
+    response = post("huge.txt", HUGE_TXT, csrfmiddlewaretoken=token)
+    assert response.status_code == 200 and response.context["form"].errors["files"] == REFUSED
+    assert (Source.objects.count(), files_in(media_root)) == (0, [])
+    # and a good file with it is queued
+    response = post("returns.md", RETURNS_MD.encode(), csrfmiddlewaretoken=token)
+    assert (response.status_code, list(Source.objects.values_list("uri", "status"))) == (
+        302, [("upload:returns.md", "queued")])
+
+
+def test_upload_form_refuses_a_file_over_the_limit_by_itself(settings):
+    # given the form without the upload handler in front of it (a file it receives whole)
+    settings.INGEST_MAX_FILE_BYTES = LIMIT
+    form = UploadForm({"collection": "default"}, MultiValueDict({"files": [
+        SimpleUploadedFile("returns.md", RETURNS_MD.encode()), SimpleUploadedFile("huge.txt", HUGE_TXT)]}))
+    # then it is invalid, naming the file
+    assert not form.is_valid()
+    assert form.errors["files"] == REFUSED
 
 
 def test_staff_without_permission_is_sent_away_from_upload_and_anonymous_to_login(client):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from django.conf import settings
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, transaction
 
 from knowledge import services
 from knowledge.chunking import chunk_document
@@ -438,12 +438,141 @@ def test_upload_is_ingested_from_its_pending_file_and_a_second_run_is_a_no_op(
     assert services.document_ingest(source.pk) == services.IngestResult(source.pk, "unchanged", 2)
     assert Source.objects.get(pk=source.pk).status == "ready"
     assert serving_snapshot(source.pk) == before
-    # when the same bytes are uploaded again, then they are skipped by their hash
+    # when the same bytes are uploaded again, then they are skipped by their hash (and their file is
+    # deleted once that commits)
     again = services.source_upload(filename="store_faq.csv", data=FAQ_CSV.encode(), collection="store")
     assert again.pk == source.pk
-    assert services.document_ingest(source.pk) == services.IngestResult(source.pk, "unchanged", 2)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.document_ingest(source.pk) == services.IngestResult(source.pk, "unchanged", 2)
     assert serving_snapshot(source.pk) == before
     assert list(media_root.rglob("*.csv")) == []
+
+
+def test_upload_over_the_size_limit_is_refused_and_the_pending_version_is_untouched(
+    media_root, queued_by_hand, settings
+):
+    # given an upload queued under a 1 MB limit
+    settings.INGEST_MAX_FILE_BYTES = 1024 * 1024
+    source = services.source_upload(filename="returns.md", data=RETURNS_MD.encode())
+    before = files_in(media_root)
+    # when a bigger version is uploaded under the same name
+    with pytest.raises(services.UploadRefused) as refused:
+        services.source_upload(filename="returns.md", data=b"# Returns\n\n" + b"Keep receipts. " * 70_000)
+    # then it is refused with the reason and nothing was stored or queued
+    assert str(refused.value) == "returns.md: the file is larger than the 1 MB limit (INGEST_MAX_FILE_BYTES)"
+    assert files_in(media_root) == before
+    assert (Source.objects.get().pending_file.name, Source.objects.get().pending_version) == (
+        source.pending_file.name, 1)
+    assert queued_by_hand == [source.pk]
+
+
+# --- a file re-uploaded while its previous version is being ingested ----------------------------------
+# The overlap is simulated in this thread by ordered calls: v2 is uploaded (and, in one test, ingested)
+# from inside v1's ingestion while it embeds. tests/knowledge/test_tasks.py runs the same overlap on a
+# real worker with two threads.
+
+RETURNS_V2_MD = RETURNS_MD.replace("30 days", "60 days")
+RETURNS_V2_CHUNKS = [
+    (["Returns policy"], "You can return any item within 60 days of delivery."),
+    *EXPECTED_CHUNKS["returns.md"][1][1:],
+]
+
+
+@pytest.fixture
+def queued_by_hand(monkeypatch) -> list[int]:
+    """Ingestion tasks are recorded, not sent to the broker: the tests run ``document_ingest`` by hand."""
+    queued: list[int] = []
+    monkeypatch.setattr(services, "_enqueue", lambda ids, force=False: queued.extend(ids))
+    return queued
+
+
+def during_next_embedding(monkeypatch, action) -> None:
+    """Run ``action()`` once, inside the next ingestion, after it read and parsed its version and
+    before it embeds it."""
+    real, done = services._embed_with_progress, []
+
+    def embed(model, texts, report):
+        if not done:
+            done.append(True)
+            action()
+        return real(model, texts, report)
+
+    monkeypatch.setattr(services, "_embed_with_progress", embed)
+
+
+def files_in(folder) -> list:
+    return sorted(path for path in folder.rglob("*") if path.is_file())
+
+
+def test_reupload_during_ingestion_supersedes_it_and_the_new_version_is_ingested_by_its_own_task(
+    media_root, queued_by_hand, monkeypatch, django_capture_on_commit_callbacks
+):
+    # given v1 uploaded
+    source = services.source_upload(filename="returns.md", data=RETURNS_MD.encode())
+    v1_file = media_root / source.pending_file.name
+    # when v2 is uploaded while v1 is being ingested
+    during_next_embedding(monkeypatch, lambda: services.source_upload(filename="returns.md",
+                                                                      data=RETURNS_V2_MD.encode()))
+    with django_capture_on_commit_callbacks(execute=True):
+        first = services.document_ingest(source.pk)
+    # then v1's ingestion stops without writing: v2 is queued with its file, v1's file is deleted
+    assert first == services.IngestResult(source.pk, "superseded")
+    source.refresh_from_db()
+    v2_file = media_root / source.pending_file.name
+    assert (source.status, source.chunk_count, source.content_hash, source.pending_version) == ("queued", 0, "", 2)
+    assert files_in(media_root) == [v2_file] and v2_file.read_bytes() == RETURNS_V2_MD.encode()
+    assert not v1_file.exists() and Chunk.objects.count() == 0
+    assert queued_by_hand == [source.pk, source.pk]
+    # when v2's own task runs, then v2 serves and no file is left
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.document_ingest(source.pk) == services.IngestResult(source.pk, "ingested", 3)
+    source.refresh_from_db()
+    assert (source.status, source.pending_file.name, source.content_hash) == (
+        "ready", "", hashlib.sha256(RETURNS_V2_MD.encode()).hexdigest())
+    assert chunk_rows(source.pk) == RETURNS_V2_CHUNKS
+    assert files_in(media_root) == []
+
+
+def test_older_ingestion_finishing_after_the_newer_one_leaves_the_newer_version_serving(
+    media_root, queued_by_hand, monkeypatch, django_capture_on_commit_callbacks
+):
+    # given v1 uploaded
+    source = services.source_upload(filename="returns.md", data=RETURNS_MD.encode())
+    newer = []
+
+    def upload_and_ingest_v2():
+        services.source_upload(filename="returns.md", data=RETURNS_V2_MD.encode())
+        newer.append(services.document_ingest(source.pk))
+
+    # when v2 is uploaded and ingested while v1 is being ingested, and v1's ingestion ends after
+    during_next_embedding(monkeypatch, upload_and_ingest_v2)
+    with django_capture_on_commit_callbacks(execute=True):
+        older = services.document_ingest(source.pk)
+    # then v2's was ingested and v1's wrote nothing
+    assert (newer, older) == ([services.IngestResult(source.pk, "ingested", 3)],
+                              services.IngestResult(source.pk, "superseded"))
+    source.refresh_from_db()
+    assert (source.status, source.progress, source.error, source.pending_file.name, source.content_hash) == (
+        "ready", 100, "", "", hashlib.sha256(RETURNS_V2_MD.encode()).hexdigest())
+    assert chunk_rows(source.pk) == RETURNS_V2_CHUNKS
+    assert files_in(media_root) == []
+
+
+def test_upload_rolled_back_keeps_the_pending_version_and_its_file(media_root, queued_by_hand):
+    # given v1 uploaded, not yet ingested
+    source = services.source_upload(filename="returns.md", data=RETURNS_MD.encode())
+    v1_name = source.pending_file.name
+    # when v2 is uploaded in a transaction that then rolls back
+    with pytest.raises(RuntimeError, match="request failed"), transaction.atomic():
+        services.source_upload(filename="returns.md", data=RETURNS_V2_MD.encode())
+        raise RuntimeError("the request failed after the upload")
+    # then the source still points at v1's file, which is still there, and ingests it
+    source.refresh_from_db()
+    assert (media_root / v1_name).read_bytes() == RETURNS_MD.encode()
+    assert (source.pending_file.name, source.status) == (v1_name, "queued")
+    assert source.pending_version == 1
+    assert services.document_ingest(source.pk) == services.IngestResult(source.pk, "ingested", 3)
+    assert chunk_rows(source.pk) == EXPECTED_CHUNKS["returns.md"][1]
 
 
 # --- re-embedding -----------------------------------------------------------------------------------------
@@ -547,18 +676,27 @@ def test_file_that_disappears_before_ingestion_fails_and_the_serving_version_is_
     assert serving_snapshot(source.pk) == before
 
 
-def test_bad_upload_fails_and_the_serving_upload_is_untouched():
+def test_bad_upload_fails_the_serving_upload_is_untouched_and_its_file_is_deleted(
+    media_root, queued_by_hand, django_capture_on_commit_callbacks
+):
     # given a serving uploaded page
     source = services.source_upload(filename="warranty.html", data=WARRANTY_HTML.encode())
-    services.document_ingest(source.pk)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.document_ingest(source.pk)
     before = serving_snapshot(source.pk)
     # when a version rendered only by scripts is uploaded under the same name and ingested
-    services.source_upload(filename="warranty.html", data=SCRIPTS_ONLY_HTML.encode())
-    result = services.document_ingest(source.pk)
+    bad = services.source_upload(filename="warranty.html", data=SCRIPTS_ONLY_HTML.encode())
+    assert (media_root / bad.pending_file.name).read_bytes() == SCRIPTS_ONLY_HTML.encode()
+    with django_capture_on_commit_callbacks(execute=True):
+        result = services.document_ingest(source.pk)
     # then it fails with the reason and the serving version is untouched
     reason = "the page has no visible text once its scripts are removed (is it rendered by JavaScript?)"
     assert result == services.IngestResult(source.pk, "failed", 0, reason)
     assert serving_snapshot(source.pk) == before
+    # and the failed version's file is deleted: nothing is left on disk
+    source.refresh_from_db()
+    assert (source.status, source.error, source.pending_file.name) == ("failed", reason, "")
+    assert [path for path in media_root.rglob("*") if path.is_file()] == []
 
 
 BATCH_BAD = {

@@ -7,8 +7,10 @@ worker sends with each task's return value.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 from celery.signals import task_postrun
@@ -48,14 +50,27 @@ class FinishedTasks:
             return list(self.results)
 
 
-@pytest.fixture
-def finished(celery_worker_real, embedding_model):
+@contextmanager
+def _finished_tasks():
     tasks = FinishedTasks()
     task_postrun.connect(tasks.record, weak=False)
     try:
         yield tasks
     finally:
         task_postrun.disconnect(tasks.record)
+
+
+@pytest.fixture
+def finished(celery_worker_real, embedding_model):
+    with _finished_tasks() as tasks:
+        yield tasks
+
+
+@pytest.fixture
+def finished_on_two_threads(celery_worker_real_concurrent, embedding_model):
+    """``finished`` for a worker running two tasks at once."""
+    with _finished_tasks() as tasks:
+        yield tasks
 
 
 def test_folder_registered_for_ingestion_is_ingested_by_the_worker(finished, kb_folder):
@@ -155,3 +170,68 @@ def test_unexpected_error_marks_the_source_failed_and_keeps_what_was_serving(kb_
     source.refresh_from_db()
     assert (source.status, source.error) == ("failed", "internal error during ingestion: RuntimeError: disk on fire")
     assert serving_snapshot(source.pk) == before
+
+
+# --- a file re-uploaded while its previous version is being ingested --------------------------------
+
+RETURNS_V2_MD = RETURNS_MD.replace("30 days", "60 days")
+
+
+@pytest.mark.parametrize("order", ["newer-finishes-first", "older-finishes-first"])
+def test_reupload_during_ingestion_ends_with_the_new_version_serving(order, finished_on_two_threads, media_root,
+                                                                      monkeypatch):
+    """Two ingestions of one source overlap on a worker running two tasks at once. The interleaving
+    is made deterministic with gates: v1's ingestion is held while it embeds; v2 is uploaded then
+    (its task runs on the other thread); with "older-finishes-first" v2's task also waits until v1's
+    has returned, so v1's ingestion ends while v2 is still pending."""
+    v1_embedding, release_v1, v1_returned = threading.Event(), threading.Event(), threading.Event()
+    real_embed, real_ingest = services._embed_with_progress, services.document_ingest
+
+    def embed(model, texts, report):
+        if any("30 days" in text for text in texts):  # v1's passages only
+            v1_embedding.set()
+            assert release_v1.wait(60), "v1's ingestion was never released"
+        return real_embed(model, texts, report)
+
+    calls = iter(["v1", "v2"])  # v2 is uploaded only once v1's ingestion is embedding
+
+    def ingest(source_id, *, force=False):
+        version = next(calls)
+        if version == "v2" and order == "older-finishes-first":
+            assert v1_returned.wait(60), "v1's ingestion never returned"
+        try:
+            return real_ingest(source_id, force=force)
+        finally:
+            if version == "v1":
+                v1_returned.set()
+
+    monkeypatch.setattr(services, "_embed_with_progress", embed)
+    monkeypatch.setattr(services, "document_ingest", ingest)
+
+    # given v1 uploaded, its ingestion under way on one worker thread
+    source = services.source_upload(filename="returns.md", data=RETURNS_MD.encode())
+    assert v1_embedding.wait(60), "v1's ingestion did not reach embedding"
+    # when v2 is uploaded under the same name (its task goes to the other thread)
+    services.source_upload(filename="returns.md", data=RETURNS_V2_MD.encode())
+    if order == "newer-finishes-first":
+        [(_, first)] = finished_on_two_threads.wait_for(1)
+        assert first["status"] == "ingested"
+    release_v1.set()
+    results = finished_on_two_threads.wait_for(2)
+
+    # then v1's ingestion stopped without writing and v2's was ingested
+    expected = ["ingested", "superseded"] if order == "newer-finishes-first" else ["superseded", "ingested"]
+    assert [(state, r["status"]) for state, r in results] == [("SUCCESS", status) for status in expected]
+    assert len(finished_on_two_threads.threads) == 2
+    # and the source serves v2, ready, with its pending file deleted and no file left behind
+    source.refresh_from_db()
+    assert (source.status, source.progress, source.error, source.pending_file.name, source.pending_version) == (
+        "ready", 100, "", "", 2)
+    assert source.content_hash == hashlib.sha256(RETURNS_V2_MD.encode()).hexdigest()
+    assert list(Chunk.objects.filter(source=source).order_by("ordinal").values_list("text", flat=True)) == [
+        "You can return any item within 60 days of delivery.",
+        "Refunds go back to the original payment method within 5 business days.\n\n- The item must be unused\n"
+        "- Keep the receipt",
+        "Exchanges for another size are free.",
+    ]
+    assert [path for path in media_root.rglob("*") if path.is_file()] == []
