@@ -245,6 +245,10 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = env.int("FILE_UPLOAD_MAX_MEMORY_SIZE", default=2_6
 # (Cormack, Clarke & Buettcher, SIGIR 2009, use k = 60).
 RETRIEVAL_CANDIDATES = env.int("RETRIEVAL_CANDIDATES", default=50)
 RRF_K = env.int("RRF_K", default=60)
+# The full-text leg ranks only the chunks matched by the query's rarest words, kept while their
+# matches add up to at most this many (knowledge.selectors.chunk_search), so its cost stays bounded
+# as the knowledge base grows.
+RETRIEVAL_TEXT_MAX_MATCHES = env.int("RETRIEVAL_TEXT_MAX_MATCHES", default=5000)
 # HNSW search breadth (pgvector's hnsw.ef_search; its default is 40).
 # At 100k chunks recall@10 against an exact scan was 0.924 at 100, 0.942 at 200 (+2.5 ms), 0.962 at
 # 400 (+8 ms) (benchmarks/retrieval_latency.py).

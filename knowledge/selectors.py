@@ -245,28 +245,37 @@ WITH vec AS (
     ) nearest
 ),
 lexemes AS MATERIALIZED (
-    -- the query's lexemes and their document frequency in the searched chunks (one count each)
-    SELECT q.query, (SELECT count(*) FROM knowledge_chunk c {text_join}
-                     WHERE c.search_vector @@ q.query {text_filter}) AS df
+    -- the query's lexemes and how many searched chunks hold each, counted up to max_matches + 1
+    -- (a GIN lookup each, stopped early for a common word)
+    SELECT q.query, (SELECT count(*) FROM (SELECT 1 FROM knowledge_chunk c {text_join}
+                     WHERE c.search_vector @@ q.query {text_filter} LIMIT %(max_matches)s + 1) held) AS df
     FROM (SELECT quote_literal(v.lexeme)::tsquery AS query FROM unnest(to_tsvector('english', %(terms)s)) v) q
 ),
 terms AS MATERIALIZED (
-    -- BM25's inverse document frequency of each lexeme
-    SELECT l.query, ln(1 + (n.total - l.df + 0.5) / (l.df + 0.5)) AS idf
-    FROM lexemes l
-    CROSS JOIN (SELECT count(*) AS total FROM knowledge_chunk c {text_join}
-                WHERE c.search_vector IS NOT NULL {text_filter}) n
+    -- BM25's inverse document frequency of the rarest lexemes, kept while the chunks they match
+    -- add up to at most max_matches (the rarest is always kept): a bounded candidate set, whatever
+    -- the corpus size; the common words left out weigh least (BM25 idf falls with df)
+    SELECT query, idf FROM (
+        SELECT l.query, ln(1 + (n.total - l.df + 0.5) / (l.df + 0.5)) AS idf,
+               sum(l.df) OVER rarest AS matched, row_number() OVER rarest AS rarity
+        FROM lexemes l
+        CROSS JOIN (SELECT coalesce(sum(s.chunk_count), 0) AS total FROM knowledge_source s
+                    WHERE true {source_filter}) n
+        WHERE l.df > 0
+        WINDOW rarest AS (ORDER BY l.df, l.query::text ROWS UNBOUNDED PRECEDING)
+    ) ranked
+    WHERE rarity = 1 OR matched <= %(max_matches)s
 ),
 fts AS (
     SELECT id, text_score, row_number() OVER (ORDER BY text_score DESC, id) AS rank
     FROM (
-        SELECT c.id, sum(terms.idf * ts_rank(c.search_vector, terms.query)) AS text_score
-        FROM knowledge_chunk c
-        {text_join}
-        JOIN terms ON c.search_vector @@ terms.query
-        WHERE true {text_filter}
-        GROUP BY c.id
-        ORDER BY text_score DESC, c.id
+        SELECT held.id, sum(terms.idf * ts_rank(held.search_vector, terms.query)) AS text_score
+        FROM terms
+        CROSS JOIN LATERAL (SELECT c.id, c.search_vector FROM knowledge_chunk c {text_join}
+                            WHERE c.search_vector @@ terms.query {text_filter}
+                            LIMIT %(max_matches)s) held
+        GROUP BY held.id
+        ORDER BY text_score DESC, held.id
         LIMIT %(candidates)s
     ) matched
 )
@@ -315,7 +324,7 @@ def chunk_search(
     if exclude_kinds:
         where += " AND s.kind <> ALL(%(exclude_kinds)s)"
     sql = _HYBRID_SQL.format(
-        vector_join=join, text_join=join,
+        vector_join=join, text_join=join, source_filter=where,
         vector_filter=where if mode != "text" else where + " AND false",
         text_filter=where if tsquery and mode != "vector" else where + " AND false",
     )
@@ -323,6 +332,7 @@ def chunk_search(
         "embedding": vector_literal,
         "model": embedding_module.model_id(),
         "candidates": candidates,
+        "max_matches": max(settings.RETRIEVAL_TEXT_MAX_MATCHES, 1),
         "terms": " ".join(_query_words(query)),
         "rrf_k": settings.RRF_K,
         "k": k,

@@ -243,6 +243,38 @@ def test_the_full_text_leg_weighs_a_rare_word_of_the_query_above_a_common_one(
             Source.objects.filter(collection=collection).delete()
 
 
+def test_the_full_text_leg_ranks_only_the_matches_of_the_rarest_words_within_its_budget(
+        django_db_blocker, embedding_model, tmp_path, settings):
+    # given five pages about shipping, one of which also names Canada
+    pages = {f"ship{n}.md": f"# Shipping {n}\n\nWe ship order {n} from Portland." for n in range(4)}
+    pages["international.md"] = "# International\n\nWe ship to Canada and the United Kingdom."
+    for name, text in pages.items():
+        (tmp_path / name).write_text(text)
+    collection = "text-budget"
+    with django_db_blocker.unblock():
+        Source.objects.filter(collection=collection).delete()
+        for source in services.sources_register_paths(sorted(tmp_path.iterdir()), collection=collection,
+                                                      enqueue=False).queued:
+            assert services.document_ingest(source.pk).status == "ingested"
+        try:
+            # when the budget admits every match, the full-text leg ranks all five pages
+            settings.RETRIEVAL_TEXT_MAX_MATCHES = 100
+            results = chunk_search("Do you ship to Canada?", k=5, collection=collection, mode="text")
+            assert [Path(r.source_uri).name for r in results][0] == "international.md"
+            assert len(results) == 5
+            # when it admits 3 matches: "canada" (1 chunk) is kept, "ship" (5 more) is left out, so
+            # only the page naming Canada is ranked, and its score is "canada"'s term alone
+            settings.RETRIEVAL_TEXT_MAX_MATCHES = 3
+            results = chunk_search("Do you ship to Canada?", k=5, collection=collection, mode="text")
+            assert [Path(r.source_uri).name for r in results] == ["international.md"]
+            # a query of common words only keeps its rarest word, and ranks at most the budget's matches
+            results = chunk_search("Do you ship?", k=5, collection=collection, mode="text")
+            assert len(results) == 3
+            assert all("ship" in r.text.lower() for r in results)
+        finally:
+            Source.objects.filter(collection=collection).delete()
+
+
 def test_chunk_search_argument_errors_and_empty_query(doc2dial_kb):
     assert chunk_search("   ", k=5) == []
     with pytest.raises(ValueError, match="k must be at least 1"):
