@@ -11,7 +11,7 @@ What it measures
       wall-clock time, and how many texts it embeds and for how long it holds the process-wide
       embedding lock (``knowledge.embedding`` wraps ``encode`` in it; customers' retrieval in the same
       process waits meanwhile). When the code precomputes question embeddings
-      (``chat.question_embeddings.unanswered_questions_embed``), that precomputation is run first and
+      (``chat.services.unanswered_questions_embed``), that precomputation is run first and
       timed on its own line: it runs in a Celery worker, not in the page's request;
     - the inbox fragment (``/dashboard/inbox/list/``, what ``dashboard.js`` re-fetches): queries,
       wall-clock time (median of ``--repeat``), and the plan's execution time from
@@ -191,14 +191,12 @@ def main() -> None:
         total = Conversation.objects.count()
         print(f"database: {total} conversations, {Message.objects.count()} messages, "
               f"{Message.objects.filter(role='assistant', abstained=True).count()} abstained answers")
-        try:
-            from chat import question_embeddings
-        except ImportError:
-            question_embeddings = None
-        if question_embeddings is not None:
+        from chat import services
+
+        if hasattr(services, "unanswered_questions_embed"):
             with EncodeSpy() as spy:
                 started = time.perf_counter()
-                stored = question_embeddings.unanswered_questions_embed(limit=None)
+                stored = services.unanswered_questions_embed(limit=None)
                 ms = (time.perf_counter() - started) * 1000
             print(f"precompute (Celery worker, once per new question): {stored} question embeddings stored in "
                   f"{ms:.0f} ms, {spy.texts} texts embedded ({spy.seconds * 1000:.0f} ms in encode)")

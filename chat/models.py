@@ -13,6 +13,7 @@ import uuid
 from django.conf import settings
 from django.db import models
 from django.db.models import CheckConstraint, Q, UniqueConstraint
+from pgvector.django import VectorField
 
 
 def conversation_token() -> str:
@@ -156,6 +157,27 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role}: {self.text[:60]}"
+
+
+class QuestionEmbedding(models.Model):
+    """The sentence embedding of a customer question (a ``user`` message) the assistant could not
+    answer, so the analytics page groups unanswered questions by reading vectors instead of running
+    the embedding model in its request (``chat.question_embeddings``).
+
+    ``embedding``: the L2-normalised vector of ``embedding_model`` (``knowledge.embedding.model_id()``,
+    ``"<name>@<dim>"``) for the question's stripped text, as retrieval computed it; declared without
+    a dimension so a change of embedding model needs no schema change (rows of another model are
+    ignored, then re-embedded). In a table of its own, not on ``Message``: the inbox and transcripts
+    read messages all the time and never need the 1.5 kB vector."""
+
+    message = models.OneToOneField(Message, on_delete=models.CASCADE, primary_key=True,
+                                   related_name="question_embedding")
+    embedding = VectorField()
+    embedding_model = models.CharField(max_length=200)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"embedding of message {self.message_id} ({self.embedding_model})"
 
 
 class AnswerFeedback(models.Model):

@@ -8,6 +8,8 @@
 - ``chat.services.answers``: the answer pipeline, ``answer_stream`` (its module docstring describes
   every step and the event sequence), and ``answer_compose``, its steps without storing anything,
   which evaluations and benchmarks call;
+- ``chat.services.question_embeddings``: the stored vectors of the questions the assistant could
+  not answer (recorded by the pipeline, backfilled by a Celery task), which the analytics page reads;
 - ``chat.services.streaming``: ``answer_events``, the same pipeline for asyncio code (consumers), at
   most ``ANSWER_MAX_CONCURRENT`` at once per process (``chat.busy`` past that).
 
@@ -66,6 +68,11 @@ from chat.services.model_versions import (
     model_version_register,
     model_version_verify,
 )
+from chat.services.question_embeddings import (
+    question_embedding_store,
+    questions_without_embedding,
+    unanswered_questions_embed,
+)
 from chat.services.streaming import answer_events
 
 __all__ = [
@@ -103,4 +110,8 @@ __all__ = [
     "should_abstain",
     # its asyncio bridge
     "answer_events",
+    # question embeddings (content gaps)
+    "question_embedding_store",
+    "questions_without_embedding",
+    "unanswered_questions_embed",
 ]

@@ -130,7 +130,7 @@ def test_analytics_page_numbers(client, conversation):
     answer = conversation.messages.filter(role="assistant").last()
     AnswerFeedback.objects.create(message=answer, value="down")
     Conversation.objects.filter(pk=conversation.pk).update(status="resolved")
-    # when the analytics page renders (no abstentions: the embedding model is not needed)
+    # when the analytics page renders
     html = client.get("/dashboard/analytics/").content.decode()
     # then
     assert '<dd id="stat-answered">2</dd>' in html
