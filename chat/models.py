@@ -106,6 +106,9 @@ class Conversation(models.Model):
             ),
         ]
         indexes = [
+            # The agents' inbox order (chat.agent_selectors.inbox_list): its newest rows are read from
+            # here instead of sorting every conversation.
+            models.Index(fields=["-updated_at", "-created_at"], name="conversation_inbox_order"),
             # A verified customer's conversations (chat.selectors.verified_conversation_list).
             models.Index(fields=["origin", "verified_user_id", "-updated_at"], name="conversation_verified_user",
                          condition=~Q(verified_user_id="")),
