@@ -91,8 +91,9 @@ def seed(conversations: int, questions: int) -> None:
                         timings={"ttft_ms": 300.0 + i % 100}),
             ]
             if i % 20 == 0:
+                kind = {"kind": "handoff"} if hasattr(Message, "Kind") else {}  # the field came with issue 13
                 messages.append(Message(conversation=conversation, role="system", created_at=at + timedelta(seconds=4),
-                                        text="The customer asked to talk to a person."))
+                                        text="The customer asked to talk to a person.", **kind))
         Message.objects.bulk_create(messages)
         # auto_now fields ignore the values given: spread the activity times like real traffic.
         Conversation.objects.filter(pk__in=[c.pk for c in rows]).update(updated_at=now)

@@ -61,12 +61,12 @@ def conversations_per_day(*, days: int = 30) -> list[tuple]:
 def answer_outcomes() -> dict:
     """``{"answered": int, "abstained": int, "handed_off": int, "resolved_without_agent": int,
     "conversations": int}``: assistant answers given and declined; conversations handed to a human
-    (status ``needs_human``/``agent`` now, or any agent or handoff system message); resolved
-    conversations in which no agent wrote and no handoff happened."""
+    (status ``needs_human``/``agent`` now, or an agent message, a handoff request or a takeover ever:
+    ``Message.kind``); resolved conversations never handed to a human that way (an agent may have
+    clicked "resolve" without taking the conversation over)."""
     answers = Message.objects.filter(role=Message.Role.ASSISTANT)
-    human = Message.objects.filter(conversation=OuterRef("pk")).filter(
-        Q(role=Message.Role.AGENT) | Q(role=Message.Role.SYSTEM)
-    )
+    own = Message.objects.filter(conversation=OuterRef("pk"))
+    human = own.filter(Q(role=Message.Role.AGENT) | Q(kind__in=[Message.Kind.HANDOFF, Message.Kind.TAKEOVER]))
     handed_off = Conversation.objects.filter(
         Q(status__in=[Conversation.Status.NEEDS_HUMAN, Conversation.Status.AGENT]) | Exists(human)
     )
@@ -75,10 +75,7 @@ def answer_outcomes() -> dict:
         "abstained": answers.filter(abstained=True).count(),
         "handed_off": handed_off.count(),
         "resolved_without_agent": Conversation.objects.filter(status=Conversation.Status.RESOLVED)
-        .exclude(Exists(Message.objects.filter(conversation=OuterRef("pk"), role=Message.Role.AGENT)))
-        .exclude(Exists(Message.objects.filter(conversation=OuterRef("pk"), role=Message.Role.SYSTEM,
-                                               text__contains="asked to talk to a person")))
-        .count(),
+        .exclude(Exists(human)).count(),
         "conversations": Conversation.objects.count(),
     }
 

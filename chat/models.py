@@ -119,7 +119,8 @@ class Conversation(models.Model):
 
 
 class Message(models.Model):
-    """One turn of a conversation.
+    """One turn of a conversation. ``kind``: what a ``system`` message records (``Message.Kind``:
+    ``handoff``, ``takeover``, ``hand_back``, ``resolved``); ``""`` for the other roles.
 
     For assistant messages: ``abstained`` is true when the bot declined to answer (weak retrieval);
     ``citations`` is ``[{"n", "chunk_id", "source_id", "source_title", "start", "end", "method"}]``
@@ -142,8 +143,19 @@ class Message(models.Model):
         AGENT = "agent", "Agent"
         SYSTEM = "system", "System"
 
+    class Kind(models.TextChoices):
+        """What a ``system`` message records (``""`` for every other role)."""
+
+        NONE = "", "—"
+        HANDOFF = "handoff", "The customer asked for a person"
+        TAKEOVER = "takeover", "An agent took the conversation over"
+        HAND_BACK = "hand_back", "An agent handed it back to the assistant"
+        RESOLVED = "resolved", "An agent resolved it"
+
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
     role = models.CharField(max_length=20, choices=Role.choices)
+    # Read by analytics (handoffs) instead of the message's wording, which is for people and may change.
+    kind = models.CharField(max_length=20, choices=Kind.choices, blank=True, default=Kind.NONE)
     text = models.TextField()
     abstained = models.BooleanField(default=False)
     citations = models.JSONField(default=list, blank=True)
@@ -157,6 +169,11 @@ class Message(models.Model):
 
     class Meta:
         ordering = ["created_at", "id"]
+        constraints = [
+            # Every system message says what it records; no other message has a kind.
+            CheckConstraint(condition=Q(role="system", kind__in=["handoff", "takeover", "hand_back", "resolved"])
+                            | (~Q(role="system") & Q(kind="")), name="message_kind_only_on_system"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.role}: {self.text[:60]}"

@@ -173,7 +173,7 @@ def test_transcript_lists_customer_visible_messages_oldest_first(client):
     chunk = make_chunk()
     question = Message.objects.create(conversation=conversation, role="user", text="How long do refunds take?")
     answer = cite(conversation, chunk)
-    Message.objects.create(conversation=conversation, role="system", text=HANDOFF_MESSAGE)
+    Message.objects.create(conversation=conversation, role="system", kind="handoff", text=HANDOFF_MESSAGE)
     reply = Message.objects.create(conversation=conversation, role="agent", text="Hi, Sam here.")
 
     # when the widget reloads it with the token in the header

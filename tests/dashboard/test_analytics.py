@@ -143,3 +143,45 @@ def test_beat_runs_the_job():
 
     assert settings.CELERY_BEAT_SCHEDULE["chat.embed_unanswered_questions"] == {
         "task": "chat.embed_unanswered_questions", "schedule": settings.QUESTION_EMBEDDINGS_SWEEP_S}
+
+
+def test_handoffs_are_counted_by_message_kind_not_wording():
+    # given: a resolved conversation where the customer asked for a person (worded differently from
+    # today's text), one an agent took over and resolved, and one resolved by the bot alone
+    asked = Conversation.objects.create(status="resolved")
+    Message.objects.create(conversation=asked, role="user", text="A person please")
+    Message.objects.create(conversation=asked, role="system", kind="handoff", text="Customer wants a human.")
+    taken = Conversation.objects.create(status="resolved")
+    Message.objects.create(conversation=taken, role="user", text="Hello?")
+    Message.objects.create(conversation=taken, role="system", kind="takeover", text="alice joined the conversation.")
+    Message.objects.create(conversation=taken, role="system", kind="resolved", text="alice resolved the conversation.")
+    alone = Conversation.objects.create(status="resolved")
+    Message.objects.create(conversation=alone, role="user", text="Refunds?")
+    Message.objects.create(conversation=alone, role="assistant", text="Five days.")
+    Message.objects.create(conversation=alone, role="system", kind="resolved", text="bob resolved the conversation.")
+    # when/then: the handoff and the takeover are handoffs; only the bot's conversation (resolved by
+    # an agent who never wrote nor took it) is resolved without one
+    outcomes = analytics.answer_outcomes()
+    assert (outcomes["handed_off"], outcomes["resolved_without_agent"]) == (2, 1)
+
+
+def test_the_migration_gives_existing_system_messages_their_kind_from_their_text():
+    # given system messages stored before the kind field (the constraint lifted inside this test's
+    # transaction, which is rolled back)
+    import importlib
+
+    from django.apps import apps
+
+    migration = importlib.import_module("chat.migrations.0009_message_kind")
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE chat_message DROP CONSTRAINT message_kind_only_on_system")
+    conversation = Conversation.objects.create()
+    texts = ["The customer asked to talk to a person.", "Alice Smith joined the conversation.",
+             "alice handed the conversation back to the assistant.", "bob resolved the conversation.", "handoff"]
+    rows = [Message.objects.create(conversation=conversation, role="system", text=text) for text in texts]
+    Message.objects.create(conversation=conversation, role="user", text="Bob resolved the conversation.")
+    # when the migration's data step runs
+    migration.kinds_from_text(apps, None)
+    # then each has its kind (an unknown text counts as a handoff, as analytics counted it), users none
+    assert [Message.objects.get(pk=m.pk).kind for m in rows] == ["handoff", "takeover", "hand_back", "resolved", "handoff"]
+    assert Message.objects.get(role="user").kind == ""
