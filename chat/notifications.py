@@ -31,8 +31,8 @@ AGENTS_GROUP = "agents"
 
 
 def conversation_group(conversation_id) -> str:
-    """The channel-layer group of a conversation's customer sockets: ``conversation.<uuid>`` (the
-    same name as ``chat.consumers.conversation_group``)."""
+    """The channel-layer group of a conversation's customer sockets: ``conversation.<uuid>``, which
+    ``chat.consumers.ChatConsumer`` joins and ``customer_notify`` sends to (the one definition)."""
     return f"conversation.{conversation_id}"
 
 
