@@ -331,7 +331,7 @@ def test_a_burst_of_inbox_events_is_coalesced_into_few_refetches_and_the_last_ch
         chromium_path, live_server_url, agents):
     from channels.layers import get_channel_layer
 
-    from chat.notifications import AGENTS_GROUP, inbox_event
+    from chat.notifications import AGENTS_CHANNEL_GROUP, inbox_event
 
     base = live_server_url
 
@@ -360,7 +360,7 @@ def test_a_burst_of_inbox_events_is_coalesced_into_few_refetches_and_the_last_ch
             if i == 19:
                 await asyncio.to_thread(lambda: Message.objects.create(
                     conversation_id=started["id"], role=Message.Role.USER, text="Where is my kayak?"))
-            await layer.group_send(AGENTS_GROUP, inbox_event(started["id"], "message"))
+            await layer.group_send(AGENTS_CHANNEL_GROUP, inbox_event(started["id"], "message"))
             await asyncio.sleep(0.1)
         row = page.locator(f'#inbox tr.conversation[data-conversation-id="{started["id"]}"]')
         await row.wait_for(timeout=LIVE_TIMEOUT_MS)
