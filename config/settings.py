@@ -501,7 +501,9 @@ def _check_rate_limits() -> None:
 
 
 _check_rate_limits()
-# Longest customer message accepted over the websocket, in characters.
+# Longest customer question, in characters after stripping: the websocket and the answer pipeline
+# refuse longer ones, and the widget learns it from the API (``message_max_chars``), so this is the
+# only place it is set.
 WIDGET_MESSAGE_MAX_CHARS = env.int("WIDGET_MESSAGE_MAX_CHARS", default=2000)
 # Source text shown before and after a cited passage in the widget's passage panel, in characters.
 WIDGET_PASSAGE_CONTEXT_CHARS = env.int("WIDGET_PASSAGE_CONTEXT_CHARS", default=300)

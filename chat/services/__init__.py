@@ -35,7 +35,6 @@ from __future__ import annotations
 from chat.model_files import file_sha256
 from chat.services.answers import (
     EXCERPT_MAX_CHARS,
-    MAX_QUESTION_CHARS,
     AnswerEvent,
     ComposedAnswer,
     answer_compose,
@@ -97,7 +96,6 @@ __all__ = [
     "model_version_verify",
     # the answer pipeline
     "EXCERPT_MAX_CHARS",
-    "MAX_QUESTION_CHARS",
     "AnswerEvent",
     "ComposedAnswer",
     "answer_compose",

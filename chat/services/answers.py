@@ -63,7 +63,6 @@ from knowledge.selectors import CuratedMatch, RetrievedChunk, conversation_searc
 
 logger = logging.getLogger(__name__)
 
-MAX_QUESTION_CHARS = 2000
 # Characters of a cited chunk sent with chat.citations as "excerpt".
 EXCERPT_MAX_CHARS = 1200
 
@@ -468,8 +467,8 @@ def answer_stream(
     if not question:
         yield AnswerEvent("chat.error", {"message": "Please type a question."})
         return
-    if len(question) > MAX_QUESTION_CHARS:
-        yield AnswerEvent("chat.error", {"message": f"Please keep questions under {MAX_QUESTION_CHARS} characters."})
+    if len(question) > settings.WIDGET_MESSAGE_MAX_CHARS:
+        yield AnswerEvent("chat.error", {"message": f"Please keep questions under {settings.WIDGET_MESSAGE_MAX_CHARS} characters."})
         return
     try:
         conversation = conversation_get(conversation_id)

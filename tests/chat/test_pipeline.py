@@ -471,6 +471,17 @@ def test_invalid_questions_get_chat_error_and_store_nothing(fake_engine, retriev
 
 
 @pytest.mark.django_db
+def test_a_raised_message_limit_is_the_pipelines_limit_too(fake_engine, retrieval, settings):
+    # given a deployment that raised the limit the socket checks (the pipeline had its own 2000)
+    settings.WIDGET_MESSAGE_MAX_CHARS = 3000
+    conversation = services.conversation_start()
+    # when a question of 2500 characters is asked, then it is answered; one of 3001 is refused
+    assert events_of(conversation, "renew " * 416 + "x?")[-1].type == "chat.done"
+    assert [(e.type, e.data) for e in events_of(conversation, "x" * 3001)] == [
+        ("chat.error", {"message": "Please keep questions under 3000 characters."})]
+
+
+@pytest.mark.django_db
 def test_unknown_conversation_gets_chat_error(fake_engine, retrieval):
     import uuid
 
