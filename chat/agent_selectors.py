@@ -13,6 +13,7 @@ from django.db.models.fields.json import KT
 from django.db.models.functions import Cast, Coalesce
 
 from chat.models import AnswerFeedback, Conversation, Message
+from chat.selectors import answered_question
 from knowledge.models import Chunk
 
 # An answer whose closest retrieved chunk is farther than this cosine distance (0..2) counts as weak
@@ -185,7 +186,8 @@ class AnswerDetail:
     """An assistant message as the dashboard shows it: ``retrieved`` the retrieval trace joined with
     the chunks that still exist (``[{"n", "chunk_id", "source_id", "source_title", "score",
     "vector_distance", "text_rank", "text", "shown_to_model", "cited"}]``, ``text`` empty when the
-    chunk was re-ingested since); ``question`` the customer message it answered; ``grounding`` its
+    chunk was re-ingested since); ``question`` the customer message it answered
+    (``chat.selectors.answered_question``); ``grounding`` its
     ``GroundingDetail`` (``None`` for answers from before the groundedness check, whose record is
     ``{}``)."""
 
@@ -243,16 +245,15 @@ def conversation_detail(conversation_id) -> tuple[Conversation, list[Message], d
     conversation = Conversation.objects.select_related("assigned_agent").get(pk=conversation_id)
     messages = list(
         conversation.messages.select_related("model_version", "feedback").order_by("created_at", "id")
+        .annotate(question_id=answered_question())
     )
+    by_id = {message.pk: message for message in messages}
     chunk_ids = {entry.get("chunk_id") for m in messages if m.role == Message.Role.ASSISTANT for entry in m.retrieval}
     chunks = Chunk.objects.select_related("source").defer("embedding", "search_vector", "source__text").in_bulk(
         [i for i in chunk_ids if i is not None]
     )
     details: dict[int, AnswerDetail] = {}
-    last_question = None
     for message in messages:
-        if message.role == Message.Role.USER:
-            last_question = message
         if message.role != Message.Role.ASSISTANT:
             continue
         cited = {c.get("chunk_id"): c.get("n") for c in message.citations}
@@ -267,7 +268,7 @@ def conversation_detail(conversation_id) -> tuple[Conversation, list[Message], d
                 "cited": cited.get(entry.get("chunk_id")),
             })
         distances = [e["vector_distance"] for e in message.retrieval if e.get("vector_distance") is not None]
-        details[message.pk] = AnswerDetail(message=message, question=last_question, retrieved=retrieved,
+        details[message.pk] = AnswerDetail(message=message, question=by_id.get(message.question_id), retrieved=retrieved,
                                            best_distance=min(distances) if distances else None,
                                            grounding=grounding_detail(message.grounding, retrieved))
         message.detail = details[message.pk]
