@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db.models import Count, Exists, IntegerField, OuterRef, Q, QuerySet, Subquery, Sum
-from django.db.models.expressions import RawSQL
+from django.db.models import Count, Exists, FloatField, Func, IntegerField, OuterRef, Q, QuerySet, Subquery, Sum
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast, Coalesce
 
 from chat.models import AnswerFeedback, Conversation, Message
+from chat.selectors import answered_question
 from knowledge.models import Chunk
 
 # An answer whose closest retrieved chunk is farther than this cosine distance (0..2) counts as weak
@@ -38,18 +38,21 @@ GROUNDING_METHODS = {
     "declined": "Declined",
 }
 
-# The smallest cosine distance in an assistant message's retrieval trace (NULL when none).
-_BEST_DISTANCE_SQL = (
-    "(SELECT min((e->>'vector_distance')::float) FROM jsonb_array_elements(chat_message.retrieval) e "
-    "WHERE e->>'vector_distance' IS NOT NULL)"
-)
+class BestVectorDistance(Func):
+    """The smallest cosine distance (0..2) in a retrieval trace (a ``Message.retrieval`` expression),
+    NULL when no entry has one. A ``Func``, not raw SQL naming ``chat_message``: inside a subquery
+    the table has another alias, and a raw name would silently read the outer query's row."""
+
+    template = ("(SELECT min((e->>'vector_distance')::float) FROM jsonb_array_elements(%(expressions)s) e "
+                "WHERE e->>'vector_distance' IS NOT NULL)")
+    output_field = FloatField()
 
 
 def weak_retrieval_messages() -> QuerySet[Message]:
     """Assistant answers (not abstentions) whose closest retrieved chunk is farther than
     ``WEAK_RETRIEVAL_DISTANCE`` (answers without a vector-retrieved chunk are abstentions in the
     pipeline, so they are not counted here)."""
-    best = RawSQL(_BEST_DISTANCE_SQL, [])
+    best = BestVectorDistance("retrieval")
     return (
         Message.objects.filter(role=Message.Role.ASSISTANT, abstained=False)
         .annotate(best_distance=best)
@@ -110,14 +113,25 @@ def inbox_list(*, filters: list[str] | tuple[str, ...] = (), query: str = "", li
         removed_sentence_messages().filter(conversation=OuterRef("pk")).order_by().values("conversation")
         .annotate(total=Sum(Cast(KT("grounding__removed"), IntegerField()))).values("total")
     )
+    # Per-row subqueries, not joins with GROUP BY: Postgres takes the ``limit`` newest rows from the
+    # ``conversation_inbox_order`` index and computes these for them only, so an inbox refresh costs
+    # the same with 100 conversations or 100,000 (a GROUP BY over the join aggregated every message of
+    # every conversation first: 350 ms at 20,000 conversations, benchmarks/dashboard_queries.py).
+    thumbs_down = AnswerFeedback.objects.filter(message__conversation=OuterRef("pk"), value=AnswerFeedback.Value.DOWN)
     return conversations.annotate(
-        message_count=Count("messages", filter=~Q(messages__role=Message.Role.SYSTEM), distinct=True),
-        abstained_count=Count("messages", filter=Q(messages__abstained=True), distinct=True),
-        thumbs_down_count=Count("messages__feedback", filter=Q(messages__feedback__value="down"), distinct=True),
+        message_count=_count(own.exclude(role=Message.Role.SYSTEM), "conversation"),
+        abstained_count=_count(own.filter(abstained=True), "conversation"),
+        thumbs_down_count=_count(thumbs_down, "message__conversation"),
         first_question=Subquery(first_question),
         last_text=Subquery(last_text),
         removed_count=Coalesce(Subquery(removed), 0),
     ).order_by("-updated_at", "-created_at")[:limit]
+
+
+def _count(rows: QuerySet, group: str) -> Coalesce:
+    """``count(*)`` of ``rows`` (filtered on one conversation through ``OuterRef``, grouped by the
+    field path ``group`` that leads to it) as a scalar subquery; 0 when there are none."""
+    return Coalesce(Subquery(rows.order_by().values(group).annotate(n=Count("pk")).values("n")), 0)
 
 
 def _looks_like_uuid_prefix(query: str) -> bool:
@@ -172,7 +186,8 @@ class AnswerDetail:
     """An assistant message as the dashboard shows it: ``retrieved`` the retrieval trace joined with
     the chunks that still exist (``[{"n", "chunk_id", "source_id", "source_title", "score",
     "vector_distance", "text_rank", "text", "shown_to_model", "cited"}]``, ``text`` empty when the
-    chunk was re-ingested since); ``question`` the customer message it answered; ``grounding`` its
+    chunk was re-ingested since); ``question`` the customer message it answered
+    (``chat.selectors.answered_question``); ``grounding`` its
     ``GroundingDetail`` (``None`` for answers from before the groundedness check, whose record is
     ``{}``)."""
 
@@ -230,16 +245,15 @@ def conversation_detail(conversation_id) -> tuple[Conversation, list[Message], d
     conversation = Conversation.objects.select_related("assigned_agent").get(pk=conversation_id)
     messages = list(
         conversation.messages.select_related("model_version", "feedback").order_by("created_at", "id")
+        .annotate(question_id=answered_question())
     )
+    by_id = {message.pk: message for message in messages}
     chunk_ids = {entry.get("chunk_id") for m in messages if m.role == Message.Role.ASSISTANT for entry in m.retrieval}
     chunks = Chunk.objects.select_related("source").defer("embedding", "search_vector", "source__text").in_bulk(
         [i for i in chunk_ids if i is not None]
     )
     details: dict[int, AnswerDetail] = {}
-    last_question = None
     for message in messages:
-        if message.role == Message.Role.USER:
-            last_question = message
         if message.role != Message.Role.ASSISTANT:
             continue
         cited = {c.get("chunk_id"): c.get("n") for c in message.citations}
@@ -254,7 +268,7 @@ def conversation_detail(conversation_id) -> tuple[Conversation, list[Message], d
                 "cited": cited.get(entry.get("chunk_id")),
             })
         distances = [e["vector_distance"] for e in message.retrieval if e.get("vector_distance") is not None]
-        details[message.pk] = AnswerDetail(message=message, question=last_question, retrieved=retrieved,
+        details[message.pk] = AnswerDetail(message=message, question=by_id.get(message.question_id), retrieved=retrieved,
                                            best_distance=min(distances) if distances else None,
                                            grounding=grounding_detail(message.grounding, retrieved))
         message.detail = details[message.pk]

@@ -63,7 +63,7 @@ def conversation_take(conversation_id, *, agent) -> Conversation:
                 raise TakeoverError("this conversation is resolved")
             raise TakeoverError("another agent has taken this conversation")
         Message.objects.create(
-            conversation=conversation, role=Message.Role.SYSTEM,
+            conversation=conversation, role=Message.Role.SYSTEM, kind=Message.Kind.TAKEOVER,
             text=TAKEOVER_SYSTEM_MESSAGE.format(agent=agent_display_name(agent)),
         )
         customer_notify(conversation.pk, {"type": "chat.status", "status": Conversation.Status.AGENT,
@@ -72,7 +72,7 @@ def conversation_take(conversation_id, *, agent) -> Conversation:
     return conversation
 
 
-def _release(conversation_id, *, agent, status: str, system_text: str, customer_text: str,
+def _release(conversation_id, *, agent, status: str, kind: str, system_text: str, customer_text: str,
              require_holder: bool) -> Conversation:
     with transaction.atomic():
         conversation = Conversation.objects.select_for_update().get(pk=conversation_id)
@@ -83,7 +83,7 @@ def _release(conversation_id, *, agent, status: str, system_text: str, customer_
         conversation.status = status
         conversation.assigned_agent = None
         conversation.save(update_fields=["status", "assigned_agent", "updated_at"])
-        Message.objects.create(conversation=conversation, role=Message.Role.SYSTEM,
+        Message.objects.create(conversation=conversation, role=Message.Role.SYSTEM, kind=kind,
                                text=system_text.format(agent=agent_display_name(agent)))
         customer_notify(conversation.pk, {"type": "chat.status", "status": status, "message": customer_text})
         inbox_notify(conversation.pk, "status")
@@ -94,7 +94,7 @@ def conversation_hand_back(conversation_id, *, agent) -> Conversation:
     """Give the conversation back to the bot: status ``bot``, no assigned agent, a system message,
     ``chat.status`` ``{"status": "bot"}`` to the customer. Only the holding agent (or staff) may;
     otherwise ``TakeoverError`` and nothing changes. A conversation already ``bot`` is unchanged."""
-    return _release(conversation_id, agent=agent, status=Conversation.Status.BOT,
+    return _release(conversation_id, agent=agent, status=Conversation.Status.BOT, kind=Message.Kind.HAND_BACK,
                     system_text=HAND_BACK_SYSTEM_MESSAGE, customer_text=CUSTOMER_HAND_BACK_MESSAGE,
                     require_holder=True)
 
@@ -103,7 +103,7 @@ def conversation_resolve(conversation_id, *, agent) -> Conversation:
     """Mark the conversation resolved (no assigned agent), with a system message and ``chat.status``
     ``{"status": "resolved"}`` to the customer. Any agent may resolve a conversation nobody holds;
     one held by another agent only that agent or staff (else ``TakeoverError``)."""
-    return _release(conversation_id, agent=agent, status=Conversation.Status.RESOLVED,
+    return _release(conversation_id, agent=agent, status=Conversation.Status.RESOLVED, kind=Message.Kind.RESOLVED,
                     system_text=RESOLVE_SYSTEM_MESSAGE, customer_text=CUSTOMER_RESOLVED_MESSAGE,
                     require_holder=True)
 

@@ -2,10 +2,11 @@
 groundedness check's method mix and removed sentences, and the content gaps (the questions the
 knowledge base could not answer, grouped by similarity).
 
-Content-gap grouping is greedy leader clustering on the real sentence embeddings
-(``knowledge.embedding.get_embedding_model``, unit vectors, so a dot product is the cosine
-similarity): each question joins the first group whose leader is at least ``GAP_SIMILARITY`` similar,
-else it starts a group. Simple, order-dependent, and good enough for "what to write next".
+Content-gap grouping is greedy leader clustering on the questions' stored sentence embeddings
+(``chat.models.QuestionEmbedding``: the vector retrieval computed, kept when the bot abstained, or
+computed later by a Celery worker; unit vectors, so a dot product is the cosine similarity); the
+page never runs the embedding model. Each question joins the first group whose leader is at least
+``GAP_SIMILARITY`` similar, else it starts a group. Simple, order-dependent, and good enough for "what to write next".
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from django.db.models.functions import Cast, Coalesce, TruncDate
 from django.utils import timezone
 
 from chat.models import AnswerFeedback, Conversation, Message
+from chat.selectors import answered_question
 
 GAP_SIMILARITY = 0.7
 GAP_MAX_QUESTIONS = 500
@@ -59,12 +61,12 @@ def conversations_per_day(*, days: int = 30) -> list[tuple]:
 def answer_outcomes() -> dict:
     """``{"answered": int, "abstained": int, "handed_off": int, "resolved_without_agent": int,
     "conversations": int}``: assistant answers given and declined; conversations handed to a human
-    (status ``needs_human``/``agent`` now, or any agent or handoff system message); resolved
-    conversations in which no agent wrote and no handoff happened."""
+    (status ``needs_human``/``agent`` now, or an agent message, a handoff request or a takeover ever:
+    ``Message.kind``); resolved conversations never handed to a human that way (an agent may have
+    clicked "resolve" without taking the conversation over)."""
     answers = Message.objects.filter(role=Message.Role.ASSISTANT)
-    human = Message.objects.filter(conversation=OuterRef("pk")).filter(
-        Q(role=Message.Role.AGENT) | Q(role=Message.Role.SYSTEM)
-    )
+    own = Message.objects.filter(conversation=OuterRef("pk"))
+    human = own.filter(Q(role=Message.Role.AGENT) | Q(kind__in=[Message.Kind.HANDOFF, Message.Kind.TAKEOVER]))
     handed_off = Conversation.objects.filter(
         Q(status__in=[Conversation.Status.NEEDS_HUMAN, Conversation.Status.AGENT]) | Exists(human)
     )
@@ -73,10 +75,7 @@ def answer_outcomes() -> dict:
         "abstained": answers.filter(abstained=True).count(),
         "handed_off": handed_off.count(),
         "resolved_without_agent": Conversation.objects.filter(status=Conversation.Status.RESOLVED)
-        .exclude(Exists(Message.objects.filter(conversation=OuterRef("pk"), role=Message.Role.AGENT)))
-        .exclude(Exists(Message.objects.filter(conversation=OuterRef("pk"), role=Message.Role.SYSTEM,
-                                               text__contains="asked to talk to a person")))
-        .count(),
+        .exclude(Exists(human)).count(),
         "conversations": Conversation.objects.count(),
     }
 
@@ -121,20 +120,38 @@ def ttft_percentiles() -> dict:
     return {"p50_ms": p50, "p95_ms": p95, "n": n}
 
 
-def unanswered_questions(*, limit: int = GAP_MAX_QUESTIONS) -> list[str]:
-    """The customer questions the bot abstained on, newest first (at most ``limit``): for each
-    abstained answer, the latest user message before it."""
-    questions = []
-    abstentions = Message.objects.filter(role=Message.Role.ASSISTANT, abstained=True).order_by("-created_at")[:limit]
-    for answer in abstentions:
-        question = (
-            Message.objects.filter(conversation_id=answer.conversation_id, role=Message.Role.USER,
-                                   created_at__lte=answer.created_at)
-            .order_by("-created_at", "-id").values_list("text", flat=True).first()
-        )
-        if question:
-            questions.append(question)
-    return questions
+@dataclass
+class ContentGaps:
+    """The content gaps the analytics page shows: ``groups`` (``QuestionGroup``, largest first) of the
+    unanswered questions that have a stored vector of the current embedding model, and ``pending``,
+    how many of the latest unanswered questions are not grouped yet because their vector has not
+    been computed (``chat.embed_unanswered_questions`` does it in a worker)."""
+
+    groups: list[QuestionGroup]
+    pending: int
+
+
+def unanswered_questions(*, limit: int = GAP_MAX_QUESTIONS) -> list[tuple[str, np.ndarray | None]]:
+    """The customer questions the bot abstained on, newest first (at most ``limit``), each as
+    ``(text, embedding)``: ``embedding`` the stored vector of the current embedding model
+    (``chat.models.QuestionEmbedding``, float32 unit vector) or ``None`` when it has not been computed
+    yet. Which question an abstention replied to: ``chat.selectors.answered_question``. Two queries
+    however many questions; the embedding model is not used."""
+    from knowledge.embedding import model_id
+
+    question_ids = list(
+        Message.objects.filter(role=Message.Role.ASSISTANT, abstained=True).order_by("-created_at", "-id")
+        .annotate(question_id=answered_question()).values_list("question_id", flat=True)[:limit]
+    )
+    question_ids = [pk for pk in dict.fromkeys(question_ids) if pk is not None]
+    current = model_id()
+    rows = {
+        pk: (text, embedding if embedding is not None and embedding_model == current else None)
+        for pk, text, embedding, embedding_model in Message.objects.filter(pk__in=question_ids).values_list(
+            "pk", "text", "question_embedding__embedding", "question_embedding__embedding_model")
+    }
+    return [(rows[pk][0], None if rows[pk][1] is None else np.asarray(rows[pk][1], dtype=np.float32))
+            for pk in question_ids if pk in rows]
 
 
 def group_questions(questions: list[str], embeddings: np.ndarray, *, threshold: float = GAP_SIMILARITY) -> list[QuestionGroup]:
@@ -142,29 +159,31 @@ def group_questions(questions: list[str], embeddings: np.ndarray, *, threshold: 
     belongs to ``questions[i]``; a question joins the first group whose leader's cosine similarity
     is at least ``threshold``. Groups largest first (ties: first seen first)."""
     groups: list[QuestionGroup] = []
-    leaders: list[np.ndarray] = []
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    leaders = np.empty((len(questions), embeddings.shape[1] if embeddings.ndim == 2 else 0), dtype=np.float32)
     for question, vector in zip(questions, embeddings):
-        if leaders:
-            similarities = np.stack(leaders) @ vector
+        if groups:
+            similarities = leaders[: len(groups)] @ vector
             best = int(np.argmax(similarities))
             if similarities[best] >= threshold:
                 groups[best].questions.append(question)
                 continue
+        leaders[len(groups)] = vector
         groups.append(QuestionGroup(leader=question, questions=[question]))
-        leaders.append(vector)
     return sorted(groups, key=lambda g: -g.count)
 
 
-def content_gaps(*, top: int = 10, threshold: float = GAP_SIMILARITY) -> list[QuestionGroup]:
-    """The ``top`` largest groups of unanswered questions (``unanswered_questions`` embedded with the
-    real embedding model, then ``group_questions``)."""
+def content_gaps(*, top: int = 10, threshold: float = GAP_SIMILARITY) -> ContentGaps:
+    """The ``top`` largest groups of unanswered questions (``unanswered_questions`` grouped by
+    ``group_questions`` on their stored vectors), and how many of those questions wait for a vector.
+    Reads only: no embedding model, no embedding lock (the vectors are computed by the answer
+    pipeline and ``chat.services.unanswered_questions_embed``)."""
     questions = unanswered_questions()
-    if not questions:
-        return []
-    from knowledge.embedding import get_embedding_model
-
-    embeddings = np.asarray(get_embedding_model().encode(questions), dtype=np.float32)
-    return group_questions(questions, embeddings, threshold=threshold)[:top]
+    embedded = [(text, vector) for text, vector in questions if vector is not None]
+    if not embedded:
+        return ContentGaps(groups=[], pending=len(questions))
+    groups = group_questions([text for text, _ in embedded], np.stack([v for _, v in embedded]), threshold=threshold)
+    return ContentGaps(groups=groups[:top], pending=len(questions) - len(embedded))
 
 
 def bar_chart(values: list[tuple[str, float]], *, width: int = 600, height: int = 160) -> dict:

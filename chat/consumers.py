@@ -47,6 +47,7 @@ from chat.conversation_access import (
     websocket_subprotocol,
 )
 from chat.models import Conversation
+from chat.notifications import conversation_group
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +58,6 @@ RATE_LIMITED_MESSAGE = "You're sending questions faster than we can answer; your
 # How long disconnect() lets a cancelled answer wind down (the service persists what it streamed)
 # before cancelling its task outright, in seconds.
 CANCEL_GRACE_S = 2.0
-
-
-def conversation_group(conversation_id) -> str:
-    """The channel-layer group of a conversation's sockets: ``conversation.<uuid>``."""
-    return f"conversation.{conversation_id}"
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):

@@ -13,6 +13,7 @@ import uuid
 from django.conf import settings
 from django.db import models
 from django.db.models import CheckConstraint, Q, UniqueConstraint
+from pgvector.django import VectorField
 
 
 def conversation_token() -> str:
@@ -105,6 +106,9 @@ class Conversation(models.Model):
             ),
         ]
         indexes = [
+            # The agents' inbox order (chat.agent_selectors.inbox_list): its newest rows are read from
+            # here instead of sorting every conversation.
+            models.Index(fields=["-updated_at", "-created_at"], name="conversation_inbox_order"),
             # A verified customer's conversations (chat.selectors.verified_conversation_list).
             models.Index(fields=["origin", "verified_user_id", "-updated_at"], name="conversation_verified_user",
                          condition=~Q(verified_user_id="")),
@@ -115,7 +119,8 @@ class Conversation(models.Model):
 
 
 class Message(models.Model):
-    """One turn of a conversation.
+    """One turn of a conversation. ``kind``: what a ``system`` message records (``Message.Kind``:
+    ``handoff``, ``takeover``, ``hand_back``, ``resolved``); ``""`` for the other roles.
 
     For assistant messages: ``abstained`` is true when the bot declined to answer (weak retrieval);
     ``citations`` is ``[{"n", "chunk_id", "source_id", "source_title", "start", "end", "method"}]``
@@ -138,8 +143,19 @@ class Message(models.Model):
         AGENT = "agent", "Agent"
         SYSTEM = "system", "System"
 
+    class Kind(models.TextChoices):
+        """What a ``system`` message records (``""`` for every other role)."""
+
+        NONE = "", "—"
+        HANDOFF = "handoff", "The customer asked for a person"
+        TAKEOVER = "takeover", "An agent took the conversation over"
+        HAND_BACK = "hand_back", "An agent handed it back to the assistant"
+        RESOLVED = "resolved", "An agent resolved it"
+
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
     role = models.CharField(max_length=20, choices=Role.choices)
+    # Read by analytics (handoffs) instead of the message's wording, which is for people and may change.
+    kind = models.CharField(max_length=20, choices=Kind.choices, blank=True, default=Kind.NONE)
     text = models.TextField()
     abstained = models.BooleanField(default=False)
     citations = models.JSONField(default=list, blank=True)
@@ -153,9 +169,35 @@ class Message(models.Model):
 
     class Meta:
         ordering = ["created_at", "id"]
+        constraints = [
+            # Every system message says what it records; no other message has a kind.
+            CheckConstraint(condition=Q(role="system", kind__in=["handoff", "takeover", "hand_back", "resolved"])
+                            | (~Q(role="system") & Q(kind="")), name="message_kind_only_on_system"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.role}: {self.text[:60]}"
+
+
+class QuestionEmbedding(models.Model):
+    """The sentence embedding of a customer question (a ``user`` message) the assistant could not
+    answer, so the analytics page groups unanswered questions by reading vectors instead of running
+    the embedding model in its request (``chat.question_embeddings``).
+
+    ``embedding``: the L2-normalised vector of ``embedding_model`` (``knowledge.embedding.model_id()``,
+    ``"<name>@<dim>"``) for the question's stripped text, as retrieval computed it; declared without
+    a dimension so a change of embedding model needs no schema change (rows of another model are
+    ignored, then re-embedded). In a table of its own, not on ``Message``: the inbox and transcripts
+    read messages all the time and never need the 1.5 kB vector."""
+
+    message = models.OneToOneField(Message, on_delete=models.CASCADE, primary_key=True,
+                                   related_name="question_embedding")
+    embedding = VectorField()
+    embedding_model = models.CharField(max_length=200)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"embedding of message {self.message_id} ({self.embedding_model})"
 
 
 class AnswerFeedback(models.Model):

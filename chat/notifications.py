@@ -2,7 +2,7 @@
 
 Two audiences:
 
-- agents: every agent dashboard socket joins the group ``AGENTS_GROUP`` (``"agents"``) and receives
+- agents: every agent dashboard socket joins the group ``AGENTS_CHANNEL_GROUP`` (``"agents"``) and receives
   ``{"type": "inbox.changed", "conversation_id": str, "kind": str}``; the page then re-fetches the
   server-rendered inbox or transcript. The event is deliberately small: it carries no message text,
   so what an agent sees always comes through the permission-checked HTTP views;
@@ -27,12 +27,14 @@ from django.db import transaction
 
 logger = logging.getLogger(__name__)
 
-AGENTS_GROUP = "agents"
+# The channel-layer group every agent dashboard socket joins (not the auth group of agents,
+# ``chat.access.AGENTS_GROUP``, "Agents").
+AGENTS_CHANNEL_GROUP = "agents"
 
 
 def conversation_group(conversation_id) -> str:
-    """The channel-layer group of a conversation's customer sockets: ``conversation.<uuid>`` (the
-    same name as ``chat.consumers.conversation_group``)."""
+    """The channel-layer group of a conversation's customer sockets: ``conversation.<uuid>``, which
+    ``chat.consumers.ChatConsumer`` joins and ``customer_notify`` sends to (the one definition)."""
     return f"conversation.{conversation_id}"
 
 
@@ -56,8 +58,8 @@ def _send(group: str, event: dict) -> None:
 def inbox_notify(conversation_id, kind: str) -> None:
     """Tell every agent dashboard that conversation ``conversation_id`` changed, once the current
     transaction commits (immediately outside one). Never raises: a failed send is logged.
-    Call from synchronous code only (async code: ``await layer.group_send(AGENTS_GROUP, inbox_event(...))``)."""
-    transaction.on_commit(lambda: _send(AGENTS_GROUP, inbox_event(conversation_id, kind)))
+    Call from synchronous code only (async code: ``await layer.group_send(AGENTS_CHANNEL_GROUP, inbox_event(...))``)."""
+    transaction.on_commit(lambda: _send(AGENTS_CHANNEL_GROUP, inbox_event(conversation_id, kind)))
 
 
 def customer_notify(conversation_id, event: dict) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.db.models import Count, OuterRef, QuerySet, Subquery
+from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
 
 from chat.models import Conversation, Message
 
@@ -43,6 +43,22 @@ def conversation_history(conversation: Conversation, *, limit: int = 10) -> list
         .values_list("role", "text")[:limit]
     )
     return [{"role": role, "text": text} for role, text in reversed(list(rows))]
+
+
+def answered_question(field: str = "id") -> Subquery:
+    """Which customer question an answer replied to, as an expression for ``.annotate()`` on a
+    queryset of messages (assistant answers): ``field`` (``"id"`` or ``"text"``) of the latest
+    ``user`` message of the same conversation before it, in the transcript's order (``created_at``,
+    then ``id``); ``NULL`` when there is none. The pipeline stores the question, then its answer, so
+    this is the question the answer was composed for.
+
+    ``Message.objects.filter(role="assistant").annotate(question_id=answered_question())``: one
+    query however many answers (a subquery per row on the conversation's own messages)."""
+    before = Q(created_at__lt=OuterRef("created_at")) | Q(created_at=OuterRef("created_at"), id__lt=OuterRef("id"))
+    return Subquery(
+        Message.objects.filter(conversation=OuterRef("conversation"), role=Message.Role.USER).filter(before)
+        .order_by("-created_at", "-id").values(field)[:1]
+    )
 
 
 def conversation_list(*, status: str | None = None) -> QuerySet[Conversation]:

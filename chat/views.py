@@ -12,10 +12,10 @@ is 403). The hash is a lasting credential of that customer, so it is refused in 
 
 | method and path | what |
 |---|---|
-| ``POST /api/conversations/`` | start a conversation: ``{"id", "token", "verified"}`` (201); 429 with ``Retry-After`` past the rate limits |
+| ``POST /api/conversations/`` | start a conversation: ``{"id", "token", "verified", "message_max_chars"}`` (201); 429 with ``Retry-After`` past the rate limits |
 | ``POST /api/conversations/verified/`` | a verified customer's conversations on this site: ``{"conversations": [...]}`` |
-| ``POST /api/conversations/<id>/resume/`` | a verified customer resumes one of them on this device: ``{"id", "token", "status"}`` |
-| ``GET /api/conversations/<id>/messages/`` | its transcript (``chat.transcripts.transcript_get``) |
+| ``POST /api/conversations/<id>/resume/`` | a verified customer resumes one of them on this device: ``{"id", "token", "status", "message_max_chars"}`` |
+| ``GET /api/conversations/<id>/messages/`` | its transcript (``chat.transcripts.transcript_get``) and ``"message_max_chars"`` |
 | ``GET /api/conversations/<id>/passages/<chunk_id>/`` | a cited passage: ``{"status", "notice", "title", "url", "before", "passage", "after"}`` |
 | ``POST /api/conversations/<id>/handoff/`` | ask for a human: ``{"id", "status"}`` |
 """
@@ -27,6 +27,7 @@ import re
 from functools import wraps
 from uuid import UUID
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils.cache import patch_vary_headers
@@ -138,6 +139,14 @@ def rate_limited_response(limited: rate_limits.RateLimited) -> JsonResponse:
     return response
 
 
+def widget_limits() -> dict:
+    """What the widget must know of the server's limits, sent with every response that gives it a
+    conversation: ``{"message_max_chars": int}`` (``settings.WIDGET_MESSAGE_MAX_CHARS``, characters
+    of a question after stripping; the socket and the answer pipeline refuse longer ones). The widget
+    has no copy of its own, so raising the setting raises it everywhere."""
+    return {"message_max_chars": settings.WIDGET_MESSAGE_MAX_CHARS}
+
+
 @widget_api("POST")
 def conversation_create(request: HttpRequest) -> JsonResponse:
     """Start a conversation. Body (optional, ``application/json``): ``{"collection": str}`` (letters,
@@ -146,7 +155,8 @@ def conversation_create(request: HttpRequest) -> JsonResponse:
     which is the one used; ``"user_id": str, "user_hash": str`` for a signed-in customer of the host
     site (``chat.identity.identity_check``), recorded on the conversation once verified.
 
-    Returns 201 ``{"id": str, "token": str, "verified": bool}``; 400 on a malformed body or
+    Returns 201 ``{"id": str, "token": str, "verified": bool, "message_max_chars": int}``
+    (``widget_limits``); 400 on a malformed body or
     ``user_id``; 403 when the named collection is not the origin's, for a user id without a valid
     hash, or without one on a site that requires it; 429 (``rate_limited_response``) past the
     client IP's or the origin's limit (``chat.rate_limits.conversation_start_check``). Nothing is
@@ -173,8 +183,8 @@ def conversation_create(request: HttpRequest) -> JsonResponse:
         return rate_limited_response(limited)
     conversation = services.conversation_start(collection=collection, origin=origin,
                                                verified_user_id=identity.user_id or "")
-    return JsonResponse({"id": str(conversation.pk), "token": conversation.token, "verified": identity.verified},
-                        status=201)
+    return JsonResponse({"id": str(conversation.pk), "token": conversation.token, "verified": identity.verified,
+                         **widget_limits()}, status=201)
 
 
 def verified_identity_required(view):
@@ -211,20 +221,22 @@ def verified_conversations(request: HttpRequest, identity: Identity) -> JsonResp
 @verified_identity_required
 def conversation_resume(request: HttpRequest, identity: Identity, conversation_id: UUID) -> JsonResponse:
     """Resume one of the verified customer's conversations on this device: ``{"id", "token",
-    "status"}`` (the token opens its websocket and API as usual). 403, one answer for an unknown id
+    "status", "message_max_chars"}`` (the token opens its websocket and API as usual). 403, one answer for an unknown id
     and another customer's or site's conversation."""
     try:
         conversation = verified_conversation_get(conversation_id, origin=identity.origin, user_id=identity.user_id)
     except Conversation.DoesNotExist:
         return _error("unknown conversation, or not this customer's", 403)
-    return JsonResponse({"id": str(conversation.pk), "token": conversation.token, "status": conversation.status})
+    return JsonResponse({"id": str(conversation.pk), "token": conversation.token, "status": conversation.status,
+                         **widget_limits()})
 
 
 @widget_api("GET")
 @conversation_required
 def conversation_messages(request: HttpRequest, conversation: Conversation) -> JsonResponse:
-    """The transcript (``chat.transcripts.transcript_get``); 403 without the conversation's token."""
-    return JsonResponse(transcript_get(conversation))
+    """The transcript (``chat.transcripts.transcript_get``) and ``widget_limits()``; 403 without the
+    conversation's token."""
+    return JsonResponse({**transcript_get(conversation), **widget_limits()})
 
 
 @widget_api("GET")

@@ -161,6 +161,12 @@ CELERY_BEAT_SCHEDULE = {
 STUCK_WORK_SWEEP_S = env.float("STUCK_WORK_SWEEP_S", default=300.0)
 for _task in ("knowledge.fail_stuck_sources", "tuning.fail_stale_runs", "chat.expire_empty_conversations"):
     CELERY_BEAT_SCHEDULE[_task] = {"task": _task, "schedule": STUCK_WORK_SWEEP_S}
+# The questions the assistant could not answer are embedded for the analytics page's content gaps by
+# a worker this often, in seconds (the ones answered since are recorded by the pipeline itself; this
+# catches older ones and re-embeds them after a change of embedding model).
+QUESTION_EMBEDDINGS_SWEEP_S = env.float("QUESTION_EMBEDDINGS_SWEEP_S", default=600.0)
+CELERY_BEAT_SCHEDULE["chat.embed_unanswered_questions"] = {
+    "task": "chat.embed_unanswered_questions", "schedule": QUESTION_EMBEDDINGS_SWEEP_S}
 # A source in parsing/embedding whose progress has not moved for this long (s) is failed with a
 # reason (knowledge.stuck_ingestions); ingestion reports progress at least every embedding batch.
 INGEST_STUCK_S = env.float("INGEST_STUCK_S", default=900.0)
@@ -504,7 +510,9 @@ def _check_rate_limits() -> None:
 
 
 _check_rate_limits()
-# Longest customer message accepted over the websocket, in characters.
+# Longest customer question, in characters after stripping: the websocket and the answer pipeline
+# refuse longer ones, and the widget learns it from the API (``message_max_chars``), so this is the
+# only place it is set.
 WIDGET_MESSAGE_MAX_CHARS = env.int("WIDGET_MESSAGE_MAX_CHARS", default=2000)
 # Source text shown before and after a cited passage in the widget's passage panel, in characters.
 WIDGET_PASSAGE_CONTEXT_CHARS = env.int("WIDGET_PASSAGE_CONTEXT_CHARS", default=300)

@@ -24,6 +24,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from chat.models import Message
+from chat.selectors import answered_question
 from chat.notifications import inbox_notify
 from chat.citations import clean_markers
 from knowledge import services as knowledge_services
@@ -83,7 +84,8 @@ def correction_create(
         raise CorrectionError("write the corrected answer")
     if reason not in Correction.Reason.values:
         raise CorrectionError(f"unknown reason {reason!r}")
-    message = Message.objects.filter(pk=message_id, role=Message.Role.ASSISTANT).select_related("conversation").first()
+    message = (Message.objects.filter(pk=message_id, role=Message.Role.ASSISTANT)
+               .annotate(question_id=answered_question()).select_related("conversation").first())
     if message is None:
         raise CorrectionError("corrections apply to assistant answers only")
     supporting_ids = list(dict.fromkeys(int(i) for i in supporting_chunk_ids))
@@ -92,7 +94,7 @@ def correction_create(
         .filter(created_at__lte=message.created_at).exclude(pk=message.pk).order_by("created_at", "id")
     )
     earlier = [m for m in earlier if (m.created_at, m.pk) < (message.created_at, message.pk)]
-    question_index = max((i for i, m in enumerate(earlier) if m.role == Message.Role.USER), default=None)
+    question_index = next((i for i, m in enumerate(earlier) if m.pk == message.question_id), None)
     question = earlier[question_index].text if question_index is not None else ""
     history_messages = earlier[:question_index] if question_index is not None else earlier
     history = [{"role": m.role, "text": m.text} for m in history_messages[-HISTORY_MAX_TURNS:]]

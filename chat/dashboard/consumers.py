@@ -12,7 +12,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from chat.access import is_agent
-from chat.notifications import AGENTS_GROUP
+from chat.notifications import AGENTS_CHANNEL_GROUP
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
@@ -31,13 +31,13 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         if not await database_sync_to_async(is_agent)(user):
             await self.close(code=CLOSE_FORBIDDEN)
             return
-        await self.channel_layer.group_add(AGENTS_GROUP, self.channel_name)
+        await self.channel_layer.group_add(AGENTS_CHANNEL_GROUP, self.channel_name)
         self.joined = True
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
         if self.joined:
-            await self.channel_layer.group_discard(AGENTS_GROUP, self.channel_name)
+            await self.channel_layer.group_discard(AGENTS_CHANNEL_GROUP, self.channel_name)
 
     async def receive_json(self, content, **kwargs) -> None:
         """Agents send nothing over this socket; frames are ignored."""

@@ -8,6 +8,8 @@
 - ``chat.services.answers``: the answer pipeline, ``answer_stream`` (its module docstring describes
   every step and the event sequence), and ``answer_compose``, its steps without storing anything,
   which evaluations and benchmarks call;
+- ``chat.services.question_embeddings``: the stored vectors of the questions the assistant could
+  not answer (recorded by the pipeline, backfilled by a Celery task), which the analytics page reads;
 - ``chat.services.streaming``: ``answer_events``, the same pipeline for asyncio code (consumers), at
   most ``ANSWER_MAX_CONCURRENT`` at once per process (``chat.busy`` past that).
 
@@ -33,7 +35,6 @@ from __future__ import annotations
 from chat.model_files import file_sha256
 from chat.services.answers import (
     EXCERPT_MAX_CHARS,
-    MAX_QUESTION_CHARS,
     AnswerEvent,
     ComposedAnswer,
     answer_compose,
@@ -66,6 +67,11 @@ from chat.services.model_versions import (
     model_version_register,
     model_version_verify,
 )
+from chat.services.question_embeddings import (
+    question_embedding_store,
+    questions_without_embedding,
+    unanswered_questions_embed,
+)
 from chat.services.streaming import answer_events
 
 __all__ = [
@@ -90,7 +96,6 @@ __all__ = [
     "model_version_verify",
     # the answer pipeline
     "EXCERPT_MAX_CHARS",
-    "MAX_QUESTION_CHARS",
     "AnswerEvent",
     "ComposedAnswer",
     "answer_compose",
@@ -103,4 +108,8 @@ __all__ = [
     "should_abstain",
     # its asyncio bridge
     "answer_events",
+    # question embeddings (content gaps)
+    "question_embedding_store",
+    "questions_without_embedding",
+    "unanswered_questions_embed",
 ]

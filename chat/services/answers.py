@@ -57,12 +57,12 @@ from chat.prompts import grounded_messages, source_excerpt, without_markers
 from chat.selectors import conversation_get, conversation_history
 from chat.services.conversations import ABSTAIN_MESSAGE, BUSY_MESSAGE, _store_message
 from chat.services.model_versions import engine_serving, model_version_active
+from chat.services.question_embeddings import question_embedding_store
 from knowledge import embedding as embedding_module
 from knowledge.selectors import CuratedMatch, RetrievedChunk, conversation_search, curated_answer_match
 
 logger = logging.getLogger(__name__)
 
-MAX_QUESTION_CHARS = 2000
 # Characters of a cited chunk sent with chat.citations as "excerpt".
 EXCERPT_MAX_CHARS = 1200
 
@@ -152,7 +152,10 @@ class ComposedAnswer:
     "shown", "reason", "source", "coverage", "similarity"}], "removed", "reason"}``); ``timings`` (ms,
     see ``answer_stream``; ``first_text_ms`` is when the first checked text was shown);
     ``citation_markers`` ``{"total", "valid"}`` written by the model; ``version``: the model version
-    that wrote it (``None`` when the model was not asked); ``cancelled``: stopped by ``cancel``.
+    that wrote it (``None`` when the model was not asked); ``cancelled``: stopped by ``cancel``;
+    ``question_embedding``: the question's vector retrieval computed (float32, ``EMBEDDING_DIM``,
+    unit norm), set on declined answers only (``answer_stream`` records it for the content gaps,
+    ``chat.services.question_embeddings``); ``None`` otherwise.
     """
 
     text: str
@@ -166,6 +169,7 @@ class ComposedAnswer:
     citation_markers: dict = field(default_factory=lambda: {"total": 0, "valid": 0})
     version: ModelVersion | None = None
     cancelled: bool = False
+    question_embedding: object = None
 
 
 def answer_compose(
@@ -215,6 +219,7 @@ def answer_compose(
     chunks: list[RetrievedChunk] = []
     retrieval_ms = 0.0
     record: dict = {}
+    question_vector = None
     if retrieval:
         started = time.perf_counter()
         # Embedded once: the curated lookup and retrieval both compare the question's own words.
@@ -244,7 +249,7 @@ def answer_compose(
             timings={"retrieval_ms": retrieval_ms, "ttft_ms": _ms(time.perf_counter() - received),
                      "first_text_ms": _ms(time.perf_counter() - received),
                      "generation_ms": 0.0, "tokens": 0, "tokens_per_s": 0.0},
-            version=version_used,
+            version=version_used, question_embedding=question_vector,
         )})
 
     if retrieval:
@@ -448,7 +453,7 @@ def answer_stream(
     ``AnswerEvent`` (see the module docstring for the pipeline and the event sequence).
 
     Side effects: stores the customer message and the assistant message (or, on ``chat.busy``,
-    nothing), each bumping the conversation's ``updated_at`` and announced to the agents'
+    nothing), and for a declined answer the question's embedding (``QuestionEmbedding``), each bumping the conversation's ``updated_at`` and announced to the agents'
     dashboards once committed (``inbox.changed``, kind ``message``; ``chat.notifications``). ``cancel`` (set by the caller, e.g. on websocket disconnect) stops generation at the
     next token; the partial answer is still stored (``timings["cancelled"] = True``) so the transcript
     shows what was sent. Closing the generator early stops the model too, but stores nothing more.
@@ -462,8 +467,8 @@ def answer_stream(
     if not question:
         yield AnswerEvent("chat.error", {"message": "Please type a question."})
         return
-    if len(question) > MAX_QUESTION_CHARS:
-        yield AnswerEvent("chat.error", {"message": f"Please keep questions under {MAX_QUESTION_CHARS} characters."})
+    if len(question) > settings.WIDGET_MESSAGE_MAX_CHARS:
+        yield AnswerEvent("chat.error", {"message": f"Please keep questions under {settings.WIDGET_MESSAGE_MAX_CHARS} characters."})
         return
     try:
         conversation = conversation_get(conversation_id)
@@ -496,6 +501,9 @@ def answer_stream(
         citations=composed.citations, retrieval=composed.trace, timings=composed.timings,
         grounding=composed.grounding, model_version=composed.version,
     )
+    if composed.abstained and composed.question_embedding is not None:
+        # A content gap: its vector is kept, so the analytics page groups without the model.
+        question_embedding_store(user_message.pk, composed.question_embedding)
     yield AnswerEvent("chat.citations", {"citations": [
         {**citation, "title": chunk.source_title, "excerpt": chunk.text[:EXCERPT_MAX_CHARS]}
         for citation, chunk in ((c, composed.sources[c["n"] - 1]) for c in composed.citations)

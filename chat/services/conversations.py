@@ -52,7 +52,8 @@ def conversation_request_human(conversation: Conversation) -> Conversation:
         if locked.status not in (Conversation.Status.NEEDS_HUMAN, Conversation.Status.AGENT):
             locked.status = Conversation.Status.NEEDS_HUMAN
             locked.save(update_fields=["status", "updated_at"])
-            Message.objects.create(conversation=locked, role=Message.Role.SYSTEM, text=HANDOFF_MESSAGE)
+            Message.objects.create(conversation=locked, role=Message.Role.SYSTEM, kind=Message.Kind.HANDOFF,
+                                   text=HANDOFF_MESSAGE)
             inbox_notify(locked.pk, "status")
         message = AGENT_ACTIVE_MESSAGE if locked.status == Conversation.Status.AGENT else CUSTOMER_HANDOFF_MESSAGE
         customer_notify(locked.pk, {"type": "chat.status", "status": locked.status, "message": message})

@@ -46,7 +46,10 @@
   const IDENTITY = USER_ID ? { user_id: USER_ID, user_hash: USER_HASH } : {};
   // Per signed-in user: another account on this browser does not reopen this one's conversation.
   const STORAGE_KEY = `supportbot:${SERVER}:${COLLECTION || "default"}${USER_ID ? `:user:${USER_ID}` : ""}`;
-  const MAX_CHARS = 2000;
+  // The longest question the server accepts (its WIDGET_MESSAGE_MAX_CHARS): unknown until a response
+  // that gives this page a conversation says it ("message_max_chars"); the server refuses longer ones
+  // either way, this only lets the customer know before sending.
+  let maxChars = null;
   const RECONNECT_MAX_MS = 30000;
 
   // --- DOM helpers: text goes in through textContent / text nodes only ---------------------------
@@ -233,7 +236,7 @@
   const statusLine = el("div", { class: "status", role: "status", "aria-live": "polite", hidden: true });
   const messages = el("div", { class: "messages", role: "log", "aria-live": "polite", "aria-label": "Conversation" });
   const input = el("textarea", {
-    id: "supportbot-input", rows: "1", maxlength: String(MAX_CHARS), placeholder: "Ask a question…",
+    id: "supportbot-input", rows: "1", placeholder: "Ask a question…",
     "aria-label": "Your question", autocomplete: "off",
   });
   const sendButton = el("button", { class: "send", type: "submit", text: "Send" });
@@ -429,9 +432,18 @@
       console.warn(`supportbot: could not start a conversation (HTTP ${status}): ${data.error || "no reason given"}`);
       throw new Error(data.error || "could not start a conversation");
     }
+    applyLimits(data);
     saveConversation({ id: data.id, token: data.token });
     connect();
     return state.conversation;
+  }
+
+  /** Take the server's limits from a response that gives this page a conversation. */
+  function applyLimits(data) {
+    const limit = Number(data && data.message_max_chars);
+    if (!Number.isInteger(limit) || limit < 1) return;
+    maxChars = limit;
+    input.maxLength = limit;
   }
 
   /** Re-render the log from the stored transcript. Returns false if the conversation is gone. */
@@ -443,6 +455,7 @@
       return false;
     }
     if (!ok) throw new Error(data.error || `HTTP ${status}`);
+    applyLimits(data);
     messages.textContent = "";
     ratingCard = null;
     state.streaming = null;
@@ -509,6 +522,7 @@
       return;
     }
     closeSocket(); // a conversation started here meanwhile is left for this one
+    applyLimits(data);
     saveConversation({ id: data.id, token: data.token });
     if (await loadTranscript().catch(() => false)) connect();
   }
@@ -700,8 +714,8 @@
   async function sendQuestion() {
     const text = input.value.trim();
     if (!text || state.streaming || state.pendingQuestion) return;
-    if (text.length > MAX_CHARS) {
-      addNote(`Please keep messages under ${MAX_CHARS} characters.`, { error: true });
+    if (maxChars !== null && text.length > maxChars) {
+      addNote(`Please keep messages under ${maxChars} characters.`, { error: true });
       return;
     }
     input.value = "";

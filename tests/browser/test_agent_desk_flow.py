@@ -325,3 +325,53 @@ def test_signing_out_in_another_tab_turns_the_live_inbox_into_the_login_page(chr
                 "inbox lists": await inbox.locator("#inbox").count(), "errors": watch.errors}
 
     assert run_in_browser(chromium_path, steps) == {"heading": "Sign in", "inbox lists": 0, "errors": []}
+
+
+def test_a_burst_of_inbox_events_is_coalesced_into_few_refetches_and_the_last_change_shows(
+        chromium_path, live_server_url, agents):
+    from channels.layers import get_channel_layer
+
+    from chat.notifications import AGENTS_CHANNEL_GROUP, inbox_event
+
+    base = live_server_url
+
+    async def steps(browser):
+        # given alice's live inbox, whose fetches of the inbox list are recorded (browser clock, ms)
+        context = await browser.new_context(viewport={"width": 1200, "height": 800})
+        page = await context.new_page()
+        watch = PageWatch(page)
+        await page.add_init_script("""
+            window.__inboxFetches = [];
+            const original = window.fetch;
+            window.fetch = (url, ...rest) => {
+              if (String(url).includes('/dashboard/inbox/list/')) window.__inboxFetches.push(performance.now());
+              return original(url, ...rest);
+            };
+            window.__refreshes = 0;
+            document.addEventListener('dashboard:refreshed', () => { window.__refreshes += 1; });""")
+        await sign_in(page, base, "/dashboard/", "alice", agents["alice"])
+        await wait_live(page)
+        await page.wait_for_function("() => window.__refreshes === 1")  # the catch-up when it opened
+        # when 20 changes are announced over 2 s (as a busy hour's messages do), the last one a new
+        # conversation's first message
+        started = await (await page.request.post(base + "/api/conversations/", data={"collection": "default"})).json()
+        layer = get_channel_layer()
+        for i in range(20):
+            if i == 19:
+                await asyncio.to_thread(lambda: Message.objects.create(
+                    conversation_id=started["id"], role=Message.Role.USER, text="Where is my kayak?"))
+            await layer.group_send(AGENTS_CHANNEL_GROUP, inbox_event(started["id"], "message"))
+            await asyncio.sleep(0.1)
+        row = page.locator(f'#inbox tr.conversation[data-conversation-id="{started["id"]}"]')
+        await row.wait_for(timeout=LIVE_TIMEOUT_MS)
+        await page.wait_for_timeout(2000)  # any fetch still due has started by now
+        fetches = await page.evaluate("() => window.__inboxFetches")
+        return {"fetches": fetches, "row text": await row.get_by_role("link").text_content(), "errors": watch.errors}
+
+    seen = run_in_browser(chromium_path, steps)
+    # then the catch-up and the burst cost at most 4 fetches in all (a fetch per 150 ms quiet gap was 11
+    # here), never two within MIN_INTERVAL_MS (1500 ms) of each other, and the last change is shown
+    fetches = seen.pop("fetches")
+    assert 2 <= len(fetches) <= 4, fetches
+    assert min(b - a for a, b in zip(fetches, fetches[1:])) >= 1490, fetches
+    assert seen == {"row text": "Where is my kayak?", "errors": []}

@@ -463,3 +463,45 @@ def test_a_resolved_conversation_offers_the_rating_which_is_sent_with_the_keyboa
     }
     assert list(ConversationRating.objects.values_list("conversation_id", "rating", "comment")) == [
         (Conversation.objects.get(pk=conversation).pk, 4, "Quick and friendly")]
+
+
+def test_the_longest_question_comes_from_the_server_not_a_copy_in_the_widget(browse):
+    async def scenario(page, watch):
+        received: list[dict] = []
+
+        def serve(ws):
+            def on_message(message):
+                received.append(json.loads(message))
+                ws.send(json.dumps({"type": "chat.token", "text": "Yes."}))
+                ws.send(json.dumps({"type": "chat.citations", "citations": []}))
+                ws.send(json.dumps({"type": "chat.done", "message_id": 1, "abstained": False, "timings": {},
+                                    "text": "Yes."}))
+
+            ws.on_message(on_message)
+
+        async def smaller_limit(route):
+            # the server's answer to "start a conversation", as if WIDGET_MESSAGE_MAX_CHARS were 30
+            response = await route.fetch()
+            await route.fulfill(response=response, json={**(await response.json()), "message_max_chars": 30})
+
+        await page.route_web_socket("**/ws/chat/**", serve)
+        await page.route("**/api/conversations/", smaller_limit)
+        # given a conversation started by a first question
+        await open_widget(page)
+        await ask(page, "Do you ship to Canada?")
+        # when the customer sends a question of 31 characters
+        await page.evaluate(f"() => {{ {SHADOW}.querySelector('textarea#supportbot-input').value = 'x'.repeat(31); }}")
+        await page.get_by_role("textbox", name="Your question").press("Enter")
+        await page.locator("supportbot-widget .note", has_text="Please keep messages under 30 characters.").wait_for()
+        return {
+            "frames sent": received,
+            "input maxlength": await page.evaluate(f"() => {SHADOW}.querySelector('textarea#supportbot-input').maxLength"),
+            "questions": await page.locator("supportbot-widget .msg.user .body").all_text_contents(),
+            "errors": watch.errors,
+        }
+
+    # then the widget refused it with the server's number, before sending anything
+    assert browse(scenario) == {
+        "frames sent": [{"type": "chat.message", "text": "Do you ship to Canada?"}], "input maxlength": 30,
+        "questions": ["Do you ship to Canada?"], "errors": [],
+    }

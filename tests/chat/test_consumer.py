@@ -16,7 +16,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
-from chat import consumers
+from chat import consumers, notifications
 from chat.conversation_access import SUBPROTOCOL, client_subprotocols
 from chat.models import Conversation, Message
 from chat.services import AnswerEvent, conversation_start
@@ -430,12 +430,12 @@ def test_agent_messages_and_status_changes_of_the_group_reach_the_socket():
         await socket.connect()
         layer = get_channel_layer()
         # a message to another conversation's group does not arrive here
-        await layer.group_send(consumers.conversation_group(other.pk), {"type": "chat.status", "status": "agent"})
+        await layer.group_send(notifications.conversation_group(other.pk), {"type": "chat.status", "status": "agent"})
         assert await socket.receive_nothing(timeout=0.3)
         # this conversation's group messages do
-        await layer.group_send(consumers.conversation_group(conversation.pk), agent_message)
+        await layer.group_send(notifications.conversation_group(conversation.pk), agent_message)
         assert await socket.receive_json_from(timeout=5) == agent_message
-        await layer.group_send(consumers.conversation_group(conversation.pk), {"type": "chat.status", "status": "agent"})
+        await layer.group_send(notifications.conversation_group(conversation.pk), {"type": "chat.status", "status": "agent"})
         assert await socket.receive_json_from(timeout=5) == {"type": "chat.status", "status": "agent"}
         await socket.disconnect()
 

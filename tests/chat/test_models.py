@@ -54,7 +54,7 @@ def test_messages_are_ordered_by_creation_and_history_skips_system_and_abstentio
     conversation = services.conversation_start()
     Message.objects.create(conversation=conversation, role="user", text="How do I renew?")
     Message.objects.create(conversation=conversation, role="assistant", text=services.ABSTAIN_MESSAGE, abstained=True)
-    Message.objects.create(conversation=conversation, role="system", text="handoff")
+    Message.objects.create(conversation=conversation, role="system", kind="handoff", text="handoff")
     Message.objects.create(conversation=conversation, role="agent", text="Online at dmv.ny.gov.")
     assert [m.text for m in conversation.messages.all()] == [
         "How do I renew?", services.ABSTAIN_MESSAGE, "handoff", "Online at dmv.ny.gov."

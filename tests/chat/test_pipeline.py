@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import numpy as np
 import pytest
 from django.conf import settings
 
 from chat import engine as engine_module
 from chat import services
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, QuestionEmbedding
 from chat.prompts import INSTRUCTION
+from knowledge.embedding import get_embedding_model, model_id
 from knowledge.selectors import RetrievedChunk
 from tests.chat.test_engine import wait_until
 
@@ -96,6 +98,7 @@ def test_answer_streams_tokens_then_citations_then_done_and_persists_both_messag
                                    "tokens_per_s"}
     assert answer.timings["tokens"] == 8
     assert answer.timings["first_text_ms"] >= answer.timings["ttft_ms"]
+    assert not QuestionEmbedding.objects.exists()  # an answered question is no content gap
     assert events[-1].data == {"message_id": answer.pk, "abstained": False, "method": "generated",
                                "timings": answer.timings, "text": answer.text,
                                "citation_markers": {"total": 1, "valid": 1}}
@@ -211,6 +214,12 @@ def test_weak_retrieval_abstains_with_the_fixed_message_without_asking_the_model
     assert events[-1].data["abstained"] is True
     assert answer.timings["tokens"] == 0
     assert fake_engine.models == []  # the model was never loaded nor asked
+    # and the question's vector, as retrieval computed it, is kept for the analytics page's content gaps
+    stored = QuestionEmbedding.objects.get()
+    question = conversation.messages.get(role="user")
+    assert (stored.message_id, stored.embedding_model) == (question.pk, model_id())
+    expected = get_embedding_model().encode(["What is the best pizza topping?"])[0]
+    assert np.allclose(np.asarray(stored.embedding), expected, atol=1e-6)
 
 
 @pytest.mark.django_db
@@ -459,6 +468,17 @@ def test_invalid_questions_get_chat_error_and_store_nothing(fake_engine, retriev
     conversation = services.conversation_start()
     assert [(e.type, e.data) for e in events_of(conversation, question)] == [("chat.error", {"message": message})]
     assert not conversation.messages.exists()
+
+
+@pytest.mark.django_db
+def test_a_raised_message_limit_is_the_pipelines_limit_too(fake_engine, retrieval, settings):
+    # given a deployment that raised the limit the socket checks (the pipeline had its own 2000)
+    settings.WIDGET_MESSAGE_MAX_CHARS = 3000
+    conversation = services.conversation_start()
+    # when a question of 2500 characters is asked, then it is answered; one of 3001 is refused
+    assert events_of(conversation, "renew " * 416 + "x?")[-1].type == "chat.done"
+    assert [(e.type, e.data) for e in events_of(conversation, "x" * 3001)] == [
+        ("chat.error", {"message": "Please keep questions under 3000 characters."})]
 
 
 @pytest.mark.django_db

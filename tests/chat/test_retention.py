@@ -31,7 +31,7 @@ def test_empty_conversations_older_than_the_ttl_are_deleted(settings):
     asked = aged(conversation_start(), 7200)
     Message.objects.create(conversation=asked, role="user", text="Where is my parcel?")
     handed_off = aged(conversation_start(), 7200)
-    Message.objects.create(conversation=handed_off, role="system", text="The customer asked to talk to a person.")
+    Message.objects.create(conversation=handed_off, role="system", kind="handoff", text="The customer asked to talk to a person.")
     recent = aged(conversation_start(), 60)
 
     # when the periodic task runs
@@ -55,7 +55,7 @@ def test_the_inbox_does_not_list_conversations_without_a_message():
     asked = conversation_start()
     Message.objects.create(conversation=asked, role="user", text="Do you ship to Norway?")
     handed_off = conversation_start()
-    Message.objects.create(conversation=handed_off, role="system", text="The customer asked to talk to a person.")
+    Message.objects.create(conversation=handed_off, role="system", kind="handoff", text="The customer asked to talk to a person.")
 
     # then the inbox (first 100 rows) lists only the two that have messages
     assert [c.pk for c in inbox_list()] == [handed_off.pk, asked.pk]

@@ -52,6 +52,17 @@ def auth(conversation: Conversation) -> dict:
 # --- POST /api/conversations/ ----------------------------------------------------------------------
 
 
+def test_the_widget_learns_the_longest_question_from_the_setting(client, settings):
+    # given a deployment that raised the limit
+    settings.WIDGET_MESSAGE_MAX_CHARS = 3000
+    # when the widget starts a conversation and later reloads its transcript
+    created = client.post("/api/conversations/").json()
+    transcript = client.get(f"/api/conversations/{created['id']}/messages/", HTTP_X_CONVERSATION_TOKEN=created["token"])
+    # then both tell it the raised limit
+    assert (created["message_max_chars"], transcript.json()["message_max_chars"]) == (3000, 3000)
+
+
+
 def test_create_returns_id_and_token_of_a_new_bot_conversation(client):
     # when the widget starts a conversation from the site itself (no Origin header)
     response = client.post("/api/conversations/")
@@ -59,9 +70,10 @@ def test_create_returns_id_and_token_of_a_new_bot_conversation(client):
     # then it gets the new conversation's id and secret token, as an anonymous (unverified) visitor
     assert response.status_code == 201
     body = response.json()
-    assert sorted(body) == ["id", "token", "verified"]
+    assert sorted(body) == ["id", "message_max_chars", "token", "verified"]
     conversation = Conversation.objects.get()
-    assert body == {"id": str(conversation.pk), "token": conversation.token, "verified": False}
+    assert body == {"id": str(conversation.pk), "token": conversation.token, "verified": False,
+                    "message_max_chars": 2000}
     assert (conversation.status, conversation.collection, conversation.origin) == ("bot", "default", "")
     assert conversation.verified_user_id == ""
     assert len(conversation.token) == 43
@@ -173,7 +185,7 @@ def test_transcript_lists_customer_visible_messages_oldest_first(client):
     chunk = make_chunk()
     question = Message.objects.create(conversation=conversation, role="user", text="How long do refunds take?")
     answer = cite(conversation, chunk)
-    Message.objects.create(conversation=conversation, role="system", text=HANDOFF_MESSAGE)
+    Message.objects.create(conversation=conversation, role="system", kind="handoff", text=HANDOFF_MESSAGE)
     reply = Message.objects.create(conversation=conversation, role="agent", text="Hi, Sam here.")
 
     # when the widget reloads it with the token in the header
@@ -184,6 +196,7 @@ def test_transcript_lists_customer_visible_messages_oldest_first(client):
     assert response.json() == {
         "id": str(conversation.pk),
         "status": "bot",
+        "message_max_chars": 2000,
         "messages": [
             {"id": question.pk, "role": "user", "text": "How long do refunds take?", "abstained": False,
              "citations": [], "created_at": question.created_at.isoformat()},

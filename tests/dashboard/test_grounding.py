@@ -242,8 +242,7 @@ def test_grounding_summary_without_checked_answers(conversation):
 
 
 def test_analytics_page_shows_the_method_mix_and_links_removed_sentences_to_the_inbox(client, follow_up_answer):
-    # given the follow-up answer (generated, 2 of 3 sentences removed) and a quoted answer (no abstention,
-    # so the page needs no embedding model for content gaps)
+    # given the follow-up answer (generated, 2 of 3 sentences removed) and a quoted answer
     answered(follow_up_answer.conversation, "Express?", "Express shipping costs 15 dollars. [1]",
              grounding("extractive", [], reason="a source sentence answers the question", relevance=0.8))
     # when the analytics page renders

@@ -51,6 +51,20 @@ def test_inbox_filters_and_search(conversation):
     assert ids(filters=["unreviewed"]) == [abstained.pk, conversation.pk]
 
 
+def test_weak_retrieval_is_judged_on_each_answer_not_on_any_message_of_the_conversation():
+    # given a conversation whose answer retrieved well and whose abstention retrieved weakly
+    # (abstentions are not "weak retrieval" answers: they were not answered)
+    mixed = Conversation.objects.create()
+    Message.objects.create(conversation=mixed, role="user", text="Refunds?")
+    Message.objects.create(conversation=mixed, role="assistant", text="Five days.",
+                           retrieval=[{"chunk_id": 1, "vector_distance": 0.2}])
+    Message.objects.create(conversation=mixed, role="user", text="Kayaks?")
+    Message.objects.create(conversation=mixed, role="assistant", text="I couldn't find this.", abstained=True,
+                           retrieval=[{"chunk_id": 2, "vector_distance": 0.9}])
+    # when/then the weak-retrieval filter does not list it
+    assert list(agent_selectors.inbox_list(filters=["weak_retrieval"])) == []
+
+
 def test_conversation_view_shows_chunks_scores_citations_timings_and_model(client, conversation):
     # when an agent opens the conversation
     html = client.get(f"/dashboard/conversations/{conversation.pk}/").content.decode()
@@ -130,7 +144,7 @@ def test_analytics_page_numbers(client, conversation):
     answer = conversation.messages.filter(role="assistant").last()
     AnswerFeedback.objects.create(message=answer, value="down")
     Conversation.objects.filter(pk=conversation.pk).update(status="resolved")
-    # when the analytics page renders (no abstentions: the embedding model is not needed)
+    # when the analytics page renders
     html = client.get("/dashboard/analytics/").content.decode()
     # then
     assert '<dd id="stat-answered">2</dd>' in html

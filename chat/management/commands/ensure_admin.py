@@ -2,6 +2,9 @@
 
 The password is generated on first run and kept in ``<DATA_DIR>/admin-login.txt`` (readable by the
 machine's owner only) so it can be printed again; change it in the admin for anything but a demo.
+A superuser is staff, so this login also opens the agents' dashboard (``chat.access``): the command
+lives in the chat app, which owns who may use the product, not in the knowledge base. ``dev.py run``
+calls it.
 """
 
 from __future__ import annotations
