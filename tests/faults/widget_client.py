@@ -63,6 +63,11 @@ class WidgetClient:
                 if frame["type"] in FINAL_FRAMES:
                     return frames
 
+    async def next_frame(self, timeout_s: float = 30) -> dict:
+        """The next frame the server sends."""
+        async with asyncio.timeout(timeout_s):
+            return json.loads(await self.socket.recv())
+
     async def wait_closed(self, timeout_s: float = 60) -> int | None:
         """Wait until the server closes the socket (frames meanwhile are dropped); its close code."""
         async with asyncio.timeout(timeout_s):
