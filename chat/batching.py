@@ -43,7 +43,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from chat.engine import _DONE, EngineBusy, EngineError, Generation, ModelKey
+from chat.engine import _DONE, EngineBusy, EngineError, Generation, ModelKey, model_files_check
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,9 @@ class BatchModel:
 def load_batch_model(key: ModelKey, *, slots: int | None = None) -> BatchModel:
     """Load ``key`` for continuous batching with the ``LLM_*`` settings (``LLM_SLOTS`` sequences of
     ``LLM_SLOT_CONTEXT_TOKENS`` each, ``LLM_BATCH_TOKENS`` per decode, ``LLM_THREADS``, ``LLM_GPU_LAYERS``,
-    ``LLM_KV_UNIFIED``, ``LLM_FLASH_ATTENTION``); ``slots`` overrides ``LLM_SLOTS``. Raises ``EngineError``."""
+    ``LLM_KV_UNIFIED``, ``LLM_FLASH_ATTENTION``); ``slots`` overrides ``LLM_SLOTS``. Raises ``EngineError``
+    (with the reason for a missing or non-GGUF file: ``chat.engine.model_files_check``)."""
+    model_files_check(key)
     return BatchModel(
         key, slots=slots or settings.LLM_SLOTS, slot_context_tokens=settings.LLM_SLOT_CONTEXT_TOKENS,
         batch_tokens=settings.LLM_BATCH_TOKENS, threads=settings.LLM_THREADS,

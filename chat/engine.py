@@ -180,19 +180,27 @@ def model_files_verify(key: ModelKey) -> None:
             raise ModelFilesMismatch(f"{path} has sha256 {actual}, but {expected} was recorded for it")
 
 
+def model_files_check(key: ModelKey) -> None:
+    """Raise ``EngineError`` with ``chat.model_files.gguf_file_problem``'s reason (``"model file not
+    found: <path>"``, ``"not a GGUF file: <path>"``, ...) when ``key``'s base or adapter file cannot be
+    a GGUF llama.cpp loads; llama.cpp's own error for such a file says only "Failed to load model"."""
+    from chat.model_files import gguf_file_problem
+
+    for path in filter(None, (key.base_model_path, key.adapter_path)):
+        problem = gguf_file_problem(path)
+        if problem:
+            raise EngineError(problem)
+
+
 def load_llama(key: ModelKey, *, n_threads: int | None = None) -> ChatModel:
     """Load ``key`` with llama-cpp-python: context and GPU layers from settings, ``n_threads``
     (default ``LLM_THREADS``) for decoding and prompt evaluation.
 
     Raises ``EngineError`` when a file is missing or llama.cpp cannot load it.
     """
-    from pathlib import Path
-
     import llama_cpp
 
-    for path in filter(None, (key.base_model_path, key.adapter_path)):
-        if not Path(path).is_file():
-            raise EngineError(f"model file not found: {path}")
+    model_files_check(key)
     try:
         return llama_cpp.Llama(
             model_path=key.base_model_path,

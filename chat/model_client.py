@@ -143,13 +143,22 @@ class HttpModelClient:
 
     def models(self) -> list[str]:
         """Names of the models the server serves (``GET /models``). Raises ``EngineError``."""
+        return self.model_listing()[0]
+
+    def model_listing(self) -> tuple[list[str], dict[str, str]]:
+        """``GET /models``: the names of the models the server serves, and ``{name: reason}`` of those
+        it cannot serve (the bundled model server's ``unavailable`` list, ``""`` naming the default
+        model when no version is active; other servers send none). Raises ``EngineError``."""
         import httpx2
 
         try:
             response = self.http.get("/models")
             response.raise_for_status()
-            return [m["id"] for m in response.json().get("data", [])]
-        except (httpx2.HTTPError, ValueError, KeyError, TypeError) as error:
+            body = response.json()
+            served = [m["id"] for m in body.get("data", [])]
+            unavailable = {str(u["id"]): str(u["error"]) for u in body.get("unavailable", [])}
+            return served, unavailable
+        except (httpx2.HTTPError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise EngineError(f"could not list the models of {self.base_url}: {error}") from error
 
     def close(self) -> None:

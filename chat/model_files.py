@@ -10,8 +10,13 @@ modification time) is hashed again.
 from __future__ import annotations
 
 import hashlib
+import struct
 import threading
 from pathlib import Path
+
+GGUF_MAGIC = b"GGUF"
+# GGUF format versions llama.cpp reads (version 1 was dropped in 2023).
+GGUF_VERSIONS = frozenset({2, 3})
 
 _cache: dict[tuple[str, int, int], str] = {}
 _lock = threading.Lock()
@@ -33,3 +38,27 @@ def file_sha256(path: str | Path) -> str:
     with _lock:
         _cache[key] = digest.hexdigest()
     return _cache[key]
+
+
+def gguf_file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be a GGUF model llama.cpp loads, or ``None`` when its header is fine: not
+    set, not a file (``"model file not found: <path>"``), unreadable, not starting with the GGUF magic
+    (``"not a GGUF file: <path>"``, e.g. an HTML error page saved as the model), or a format version
+    outside ``GGUF_VERSIONS`` (uint32, little-endian, right after the magic). Reads 8 bytes; a file
+    truncated after its header is only found when it is loaded."""
+    if not path:
+        return "no model path configured (LLM_MODEL_PATH)"
+    file = Path(path)
+    if not file.is_file():
+        return f"model file not found: {path}"
+    try:
+        with open(file, "rb") as handle:
+            header = handle.read(8)
+    except OSError as error:
+        return f"model file not readable: {path}: {error.strerror}"
+    if len(header) < 8 or header[:4] != GGUF_MAGIC:
+        return f"not a GGUF file: {path}"
+    version = struct.unpack("<I", header[4:])[0]
+    if version not in GGUF_VERSIONS:
+        return f"unsupported GGUF version {version}: {path}"
+    return None

@@ -17,7 +17,10 @@ Endpoints (JSON; errors are ``{"error": {"message", "type"}}`` as OpenAI's, neve
   bounded queue is full, 503 when the model cannot be loaded. A client that disconnects cancels its
   sequence (its KV cache is freed at once).
 - ``GET /v1/models``: the registry's versions this server can serve (``{"data": [{"id", ...}]}``,
-  the active one first).
+  the active one first: their files exist with a GGUF header), and beside them, as an extension
+  OpenAI clients ignore, ``"unavailable": [{"id", "error"}]``: the versions it cannot serve and why
+  (``"id": ""`` for the default ``LLM_MODEL_PATH`` while no version is active), which the web
+  processes' ``/readyz`` shows.
 - ``GET /health``: ``{"status": "ok", "loaded": [{"model", "pending", "queued"}]}`` (``pending``:
   requests waiting or generating on that version, ``queued``: those waiting).
 
@@ -309,7 +312,8 @@ def create_app(pool: ModelPool | None = None, *, resolve: Callable[[str], ModelK
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def models(request: Request):
-        def listed() -> list[dict]:
+        def listed() -> dict:
+            from chat.model_files import gguf_file_problem
             from chat.models import ModelVersion
 
             close_old_connections()
@@ -317,11 +321,21 @@ def create_app(pool: ModelPool | None = None, *, resolve: Callable[[str], ModelK
                 versions = list(ModelVersion.objects.order_by("-is_active", "name"))
             finally:
                 close_old_connections()
-            return [{"id": v.name, "object": "model", "owned_by": "supportbot", "active": v.is_active,
-                     "adapter": bool(v.adapter_path)}
-                    for v in versions if Path(v.base_model_path).is_file() and (not v.adapter_path or Path(v.adapter_path).is_file())]
+            data, unavailable = [], []
+            for v in versions:
+                problem = next(filter(None, (gguf_file_problem(p) for p in (v.base_model_path, v.adapter_path) if p)), None)
+                if problem:
+                    unavailable.append({"id": v.name, "error": problem})
+                else:
+                    data.append({"id": v.name, "object": "model", "owned_by": "supportbot", "active": v.is_active,
+                                 "adapter": bool(v.adapter_path)})
+            if not any(v.is_active for v in versions):
+                problem = gguf_file_problem(settings.LLM_MODEL_PATH)
+                if problem:  # the default version cannot be registered: say why under the name ""
+                    unavailable.append({"id": "", "error": f"no active model version, and LLM_MODEL_PATH: {problem}"})
+            return {"object": "list", "data": data, "unavailable": unavailable}
 
-        return JSONResponse({"object": "list", "data": await run_in_threadpool(listed)})
+        return JSONResponse(await run_in_threadpool(listed))
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "loaded": [

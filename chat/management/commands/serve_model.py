@@ -36,7 +36,8 @@ class Command(BaseCommand):
             try:
                 pool.engine_for(registry_key(""))
             except (UnknownModel, EngineError, RuntimeError, DatabaseError) as error:  # serve anyway; requests report it
-                self.stderr.write(f"could not preload the active model version: {error}")
+                # logged (time, level, logger) for the log shipper; /readyz of the web processes says it too
+                logger.error("could not preload the active model version: %s", error)
         self.stdout.write(f"model server on http://{host}:{port}/v1 (loaded: {', '.join(map(str, pool.loaded())) or 'none'})")
         uvicorn.run(create_app(pool), host=host, port=port, log_level="warning", access_log=False,
                     timeout_graceful_shutdown=30)
