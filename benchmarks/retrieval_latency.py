@@ -104,8 +104,8 @@ def parse_args() -> argparse.Namespace:
 
 _TOP_K_SQL = """
 SELECT c.id, c.embedding <=> %(embedding)s::vector AS distance
-FROM knowledge_chunk c JOIN knowledge_source s ON s.id = c.source_id
-WHERE c.embedding_model = %(model)s AND s.collection = %(collection)s
+FROM knowledge_chunk c
+WHERE c.embedding_model = %(model)s AND c.collection = %(collection)s
 ORDER BY c.embedding <=> %(embedding)s::vector
 LIMIT %(k)s
 """
@@ -350,6 +350,7 @@ def measure(db: Database, queries: list[dict], ef_values: list[int], label: str)
         "matched": (float(np.median(matched)), float(np.max(matched))),
         "product_ef": product_ef,
         "candidates": settings.RETRIEVAL_CANDIDATES,
+        "max_matches": settings.RETRIEVAL_TEXT_MAX_MATCHES,
     }
 
 
@@ -357,7 +358,7 @@ def _plan_summary(plan: str) -> str:
     found = []
     for needle, name in (
         ("chunk_embedding_hnsw", "HNSW index scan"),
-        ("chunk_search_vector_gin", "GIN index (bitmap) scan"),
+        ("chunk_collection_search_gin", "GIN index (bitmap) scan"),
         ("Seq Scan on knowledge_chunk", "sequential scan of knowledge_chunk"),
         ("Parallel Seq Scan on knowledge_chunk", "(parallel)"),
     ):
@@ -405,7 +406,8 @@ def print_results(label: str, n_chunks: int, n_queries: int, result: dict, embed
     print(f"embeddings stored out of line (TOAST): {100 * result['toasted']:.0f}% of the chunks")
     print(f"full-text leg: the OR query of a question matches {result['matched'][0]:.0f} chunks (median of 20 "
           f"questions; max {result['matched'][1]:.0f}) = {100 * result['matched'][0] / n_chunks:.0f}% of the corpus, "
-          f"each ranked with ts_rank_cd before the top {result['candidates']} are kept")
+          f"of which the full-text leg ranks at most RETRIEVAL_TEXT_MAX_MATCHES={result['max_matches']} (the matches of "
+          f"the query's rarest words) before the top {result['candidates']} are kept")
 
 
 # --- the corpus -----------------------------------------------------------------------------------
@@ -671,7 +673,8 @@ def main() -> None:
         ("torch threads", f"{product_threads} (as the product runs) for the timed query embeddings, also 1 for "
                           f"comparison; {setup_threads} while ingesting and checking (setup, not timed)"),
         ("retrieval settings", f"HNSW_EF_SEARCH={settings.HNSW_EF_SEARCH}, RETRIEVAL_CANDIDATES="
-                               f"{settings.RETRIEVAL_CANDIDATES}, RRF_K={settings.RRF_K}; HNSW m=16, "
+                               f"{settings.RETRIEVAL_CANDIDATES}, RRF_K={settings.RRF_K}, RETRIEVAL_TEXT_MAX_MATCHES="
+                               f"{settings.RETRIEVAL_TEXT_MAX_MATCHES}; HNSW m=16, "
                                f"ef_construction=64, cosine"),
     ]), flush=True)
 

@@ -187,6 +187,10 @@ class Chunk(models.Model):
     """
 
     source = models.ForeignKey(Source, on_delete=models.CASCADE, related_name="chunks")
+    # Always its source's collection: database triggers set it when a chunk is inserted and follow a
+    # source moved to another collection (migration 0005), so retrieval filters by collection inside
+    # the full-text index instead of joining every matching chunk to its source.
+    collection = models.CharField(max_length=100, default="", editable=False)
     ordinal = models.PositiveIntegerField(help_text="Position of the chunk in its source, from 0.")
     start = models.PositiveIntegerField(help_text="Character offset of the first character.")
     end = models.PositiveIntegerField(help_text="Character offset one past the last character.")
@@ -210,7 +214,8 @@ class Chunk(models.Model):
                 ef_construction=64,
                 opclasses=["vector_cosine_ops"],
             ),
-            GinIndex(name="chunk_search_vector_gin", fields=["search_vector"]),
+            # btree_gin: one GIN index answers "this collection's chunks holding this word"
+            GinIndex(name="chunk_collection_search_gin", fields=["collection", "search_vector"]),
         ]
         ordering = ["source_id", "ordinal"]
 

@@ -319,12 +319,16 @@ def chunk_search(
         query_embedding = embedding_module.get_embedding_model().encode([query])[0]
     vector_literal = "[" + ",".join(f"{float(x):.7g}" for x in query_embedding) + "]"
     tsquery = _tsquery_text(query)
-    join = "JOIN knowledge_source s ON s.id = c.source_id" if collection or exclude_kinds else ""
-    where = "AND s.collection = %(collection)s" if collection else ""
+    # A chunk carries its source's collection (kept equal by triggers), so the collection is filtered
+    # inside the (collection, search_vector) GIN index; only excluded kinds need the source row.
+    join = "JOIN knowledge_source s ON s.id = c.source_id" if exclude_kinds else ""
+    where = "AND c.collection = %(collection)s" if collection else ""
+    source_filter = "AND s.collection = %(collection)s" if collection else ""
     if exclude_kinds:
         where += " AND s.kind <> ALL(%(exclude_kinds)s)"
+        source_filter += " AND s.kind <> ALL(%(exclude_kinds)s)"
     sql = _HYBRID_SQL.format(
-        vector_join=join, text_join=join, source_filter=where,
+        vector_join=join, text_join=join, source_filter=source_filter,
         vector_filter=where if mode != "text" else where + " AND false",
         text_filter=where if tsquery and mode != "vector" else where + " AND false",
     )

@@ -275,6 +275,34 @@ def test_the_full_text_leg_ranks_only_the_matches_of_the_rarest_words_within_its
             Source.objects.filter(collection=collection).delete()
 
 
+def test_a_chunk_always_carries_its_sources_collection(django_db_blocker, embedding_model, tmp_path):
+    from django.db import connection
+
+    # given a page ingested into one collection
+    (tmp_path / "kayaks.md").write_text("# Kayaks\n\nKayak rentals start at the harbour shop.")
+    with django_db_blocker.unblock():
+        Source.objects.filter(collection__in=["moved-from", "moved-to"]).delete()
+        source, = services.sources_register_paths([tmp_path / "kayaks.md"], collection="moved-from",
+                                                  enqueue=False).queued
+        assert services.document_ingest(source.pk).status == "ingested"
+        try:
+            # then its chunks carry that collection, whatever the inserting code wrote
+            assert set(Chunk.objects.filter(source=source).values_list("collection", flat=True)) == {"moved-from"}
+            with connection.cursor() as cursor:
+                cursor.execute("UPDATE knowledge_chunk SET collection = 'elsewhere' WHERE source_id = %s", [source.pk])
+            assert set(Chunk.objects.filter(source=source).values_list("collection", flat=True)) == {"moved-from"}
+            # when an admin moves the source to another collection, its chunks follow, and retrieval finds
+            # them there only
+            source.refresh_from_db()
+            source.collection = "moved-to"
+            source.save()
+            assert set(Chunk.objects.filter(source=source).values_list("collection", flat=True)) == {"moved-to"}
+            assert [r.source_id for r in chunk_search("kayak rentals", k=3, collection="moved-to")] == [source.pk]
+            assert chunk_search("kayak rentals", k=3, collection="moved-from") == []
+        finally:
+            Source.objects.filter(collection__in=["moved-from", "moved-to"]).delete()
+
+
 def test_chunk_search_argument_errors_and_empty_query(doc2dial_kb):
     assert chunk_search("   ", k=5) == []
     with pytest.raises(ValueError, match="k must be at least 1"):
