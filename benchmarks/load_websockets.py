@@ -12,7 +12,7 @@ What runs (``Procfile.production``'s processes, with production settings: ``DEBU
   model server (``LLM_SERVER_URL``), as the Procfile starts it;
 - ``worker`` (Celery, concurrency 1) and ``beat``; the tuner is not started (no fine-tune runs in a
   customer soak). The worker ingests the demo knowledge base (``manage.py load_demo``) before the
-  load, so answers are real: retrieved, quoted or generated, grounded and stored.
+  load, so answers are real: retrieved, generated or quoted (extractive), grounded and stored.
 
 Each customer is a Python widget (``tests.faults.widget_client.WidgetClient``): ``POST
 /api/conversations/`` from the site's origin, the websocket ``/ws/chat/<id>/`` authenticated by the
@@ -44,7 +44,11 @@ to N = 1 (the baseline level of the same run), the inbox page's latency for a lo
 (``GET /dashboard/`` every ``--dashboard-interval-s``; idle before the level, then during it), the web
 processes' RSS (uvicorn's parent and workers, summed) before and after, the peak of their threads and
 of the database's connections, and the load average. The run fails (exit 1) on an error or when the
-web processes' RSS grew by more than ``--rss-bound-mb`` from after warm-up to after the last level.
+web processes' RSS grew by more than ``--rss-bound-mb`` (100 MB, summed over the web processes) over the
+second half of a level's sending phase: the first half is the ramp to that N's high-water mark (threads,
+malloc arenas, open sockets), after which a level at constant N must hold flat; the RSS before, at
+mid-level, at the end of sending and after the drain is printed for every level. A longer
+``--duration-s`` makes this the soak.
 
     python benchmarks/load_websockets.py                       # N = 1 (baseline), 10, 50; 60 s each
     python benchmarks/load_websockets.py --levels 1,10,50,100 --duration-s 600   # a longer soak
@@ -110,7 +114,8 @@ RETRY_FRAMES = ("chat.busy", "chat.rate_limited")
 ERROR_FRAMES = ("chat.error", "chat.agent_active")
 
 
-async def ask_timed(socket, text: str, tally: Tally, *, clock=time.perf_counter, sleep=asyncio.sleep) -> dict | None:
+async def ask_timed(socket, text: str, tally: Tally, *, state: dict | None = None, clock=time.perf_counter,
+                    sleep=asyncio.sleep) -> dict | None:
     """Send ``text`` as ``chat.message`` on ``socket`` (anything with ``send(str)`` and ``recv() -> str``)
     and read frames until the answer ends, as the widget does: after ``chat.busy`` or
     ``chat.rate_limited`` wait its ``retry_after_s`` (seconds) and send the same question again.
@@ -118,7 +123,10 @@ async def ask_timed(socket, text: str, tally: Tally, *, clock=time.perf_counter,
     Returns the ``chat.done`` frame with ``"ttft_ms"`` added (first send to the first ``chat.token``,
     or to ``chat.done`` when no token came), after adding it to ``tally``; ``None`` after a
     ``chat.error`` or ``chat.agent_active`` frame, which is added to ``tally.errors``. Other frames
-    (``chat.citations``, ``chat.status``) are read and ignored. Exceptions of ``socket`` propagate."""
+    (``chat.citations``, ``chat.status``) are read and ignored. Exceptions of ``socket`` propagate.
+    ``state`` (the caller's, read if this call is cancelled): ``"first_token"`` set to True once a
+    ``chat.token`` arrived."""
+    state = {} if state is None else state
     frame_out = json.dumps({"type": "chat.message", "text": text})
     sent = clock()
     first = None
@@ -130,6 +138,7 @@ async def ask_timed(socket, text: str, tally: Tally, *, clock=time.perf_counter,
         if kind == "chat.token":
             if first is None:
                 first = clock()
+                state["first_token"] = True
         elif kind in RETRY_FRAMES:
             if kind == "chat.busy":
                 tally.busy += 1
@@ -169,13 +178,13 @@ async def customer(base_url: str, questions: list[str], offset: int, stop_at: fl
             for _ in range(per_conversation):
                 if time.monotonic() >= stop_at:
                     break
-                before = len(tally.ttft_ms)
+                state: dict = {}
                 try:
                     async with asyncio.timeout(max(0.0, cut_at - time.monotonic())):
-                        await ask_timed(client.socket, questions[asked % len(questions)], tally)
+                        await ask_timed(client.socket, questions[asked % len(questions)], tally, state=state)
                 except TimeoutError:
                     tally.cut += 1
-                    tally.cut_before_first_token += len(tally.ttft_ms) == before
+                    tally.cut_before_first_token += not state.get("first_token")
                     return
                 asked += 1
                 await asyncio.sleep(think_s)
@@ -375,8 +384,9 @@ def level(deployment: Deployment, session, postgres, n: int, questions: list[str
     busy, failures, samples = [], [], []
 
     def sample():
-        return (process_tree_threads(web_pid),
-                postgres.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{DATABASE}'")[0][0])
+        return (time.monotonic(), process_tree_threads(web_pid),
+                postgres.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{DATABASE}'")[0][0],
+                process_tree_rss_mb(web_pid))
 
     stop = threading.Event()
     prober = threading.Thread(target=inbox_while, args=(stop, session, deployment.base_url, args.dashboard_interval_s,
@@ -394,21 +404,35 @@ def level(deployment: Deployment, session, postgres, n: int, questions: list[str
     wall = time.monotonic() - started
     stop.set()
     prober.join()
+    # The soak: RSS at the midpoint of the sending phase (the ramp to this N's high-water mark is over)
+    # against RSS at its end; the drain, with fewer answers running, is left out.
+    sending = [s for s in samples if s[0] <= stop_at]
+    second_half = [s for s in sending if s[0] >= started + args.duration_s / 2] or sending[-1:]
     return {"n": n, "tally": tally, "wall_s": wall, "idle_ms": idle, "busy_ms": busy,
             "dashboard_failures": idle_failures + failures, "rss_before": rss_before,
-            "rss_after": process_tree_rss_mb(web_pid), "peak_threads": max((s[0] for s in samples), default=None),
-            "peak_connections": max((s[1] for s in samples), default=None), "load": os.getloadavg()[0]}
+            "rss_mid": second_half[0][3] if second_half else None, "rss_end": second_half[-1][3] if second_half else None,
+            "rss_after": process_tree_rss_mb(web_pid), "peak_threads": max((s[1] for s in samples), default=None),
+            "peak_connections": max((s[2] for s in samples), default=None), "load": os.getloadavg()[0]}
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
+def _rss(row: dict) -> str:
+    return " / ".join(_ms(row[key]) for key in ("rss_before", "rss_mid", "rss_end", "rss_after"))
+
+
+def soak_growth_mb(row: dict) -> float:
+    """How much the web processes' RSS grew over the second half of a level's sending phase (MB)."""
+    return (row["rss_end"] - row["rss_mid"]) if row["rss_mid"] is not None else 0.0
+
+
 def report(rows: list[dict]) -> None:
-    print("| N | conversations | questions sent | completed (generated / quoted / declined / curated) | busy replies "
+    print("| N | conversations | questions sent | completed (method: generated / extractive / declined / curated) | busy replies "
           "| rate-limited replies | errors | cut at the end | TTFT p50 ms | TTFT p95 ms | TTFT p50 / N=1 "
-          "| answers/min | inbox ms idle p50 | inbox ms under load p50 / p95 / max | web RSS MB before -> after "
-          "| peak web threads | peak DB connections | load (1 min) |")
+          "| answers/min | inbox ms idle p50 | inbox ms under load p50 / p95 / max | web RSS MB before / mid / end of sending "
+          "/ after | peak web threads | peak DB connections | load (1 min) |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|")
     base = None
     for row in rows:
@@ -422,11 +446,11 @@ def report(rows: list[dict]) -> None:
               f"| {t.cut} ({t.cut_before_first_token} before a token) | {_ms(p50)} | {_ms(percentile(t.ttft_ms, 95))} "
               f"| {p50 / base:.1f}x | {t.completed / row['wall_s'] * 60:.1f} | {_ms(percentile(row['idle_ms'], 50))} "
               f"| {_ms(percentile(load_ms, 50))} / {_ms(percentile(load_ms, 95))} / {_ms(max(load_ms, default=None))} "
-              f"({len(load_ms)} loads) | {row['rss_before']:.0f} -> {row['rss_after']:.0f} | {row['peak_threads']} "
+              f"({len(load_ms)} loads) | {_rss(row)} | {row['peak_threads']} "
               f"| {row['peak_connections']} | {row['load']:.2f} |"
               if p50 is not None and base else
               f"| {row['n']} | {t.conversations} | {t.asked} | {t.completed} | {t.busy} | {t.rate_limited} "
-              f"| {len(t.errors)} | {t.cut} | - | - | - | - | - | - | {row['rss_before']:.0f} -> {row['rss_after']:.0f} "
+              f"| {len(t.errors)} | {t.cut} | - | - | - | - | - | - | {_rss(row)} "
               f"| {row['peak_threads']} | {row['peak_connections']} | {row['load']:.2f} |")
     for row in rows:
         for error in Counter(row["tally"].errors).most_common():
@@ -446,8 +470,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="the model server's LLM_THREADS")
     parser.add_argument("--dashboard-interval-s", type=float, default=2, help="pause between inbox loads")
     parser.add_argument("--idle-probes", type=int, default=5, help="inbox loads before each level, with no load")
-    parser.add_argument("--rss-bound-mb", type=float, default=200,
-                        help="most the web processes' RSS may grow from after warm-up to after the last level")
+    parser.add_argument("--rss-bound-mb", type=float, default=100,
+                        help="most the web processes' RSS (summed) may grow over the second half of a level's sending "
+                             "phase, once that N's concurrency has been reached")
     parser.add_argument("--always-generate", action="store_true",
                         help="quote-first off (ANSWER_QUOTE_MIN_RELEVANCE=2): the model writes every answer it can")
     parser.add_argument("--default-rate-limits", action="store_true",
@@ -502,10 +527,14 @@ def main() -> None:
             rss_end = process_tree_rss_mb(deployment.processes["web"].pid)
             print()
             report(rows)
-            growth = rss_end - rss_start
+            growth = max(soak_growth_mb(row) for row in rows)
+            per_level = ", ".join(f"{row['n']}: {soak_growth_mb(row):+.0f}" for row in rows)
             errors = sum(len(row["tally"].errors) for row in rows)
             print(f"\nweb processes' RSS: {rss_start:.0f} MB after warm-up, {rss_end:.0f} MB after the last level "
-                  f"({growth:+.0f} MB; bound {args.rss_bound_mb:g} MB: {'held' if growth <= args.rss_bound_mb else 'EXCEEDED'})")
+                  f"(the high-water mark of the highest N); growth over the second half of a level's sending "
+                  f"phase, at most {growth:+.0f} MB (N = "
+                  f"{per_level}); bound {args.rss_bound_mb:g} MB: "
+                  f"{'held' if growth <= args.rss_bound_mb else 'EXCEEDED'}")
             print(f"errors: {errors} (must be 0); load average at the end {os.getloadavg()[0]:.2f} "
                   f"{os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
             failed = errors or growth > args.rss_bound_mb

@@ -73,3 +73,28 @@ def test_chat_error_is_an_error_and_nothing_else_is_counted():
     assert asyncio.run(ask_timed(socket, "Hello?", tally, clock=clock_of(0.0))) is None
     assert tally.errors == ["chat.error: something went wrong"]
     assert (tally.asked, tally.completed, tally.busy, tally.rate_limited, tally.ttft_ms) == (1, 0, 0, 0, [])
+
+
+def test_an_answer_cut_after_its_first_token_says_so_in_the_callers_state():
+    # given an answer that streams one token and then nothing more
+    class StalledSocket(ScriptedSocket):
+        async def recv(self) -> str:
+            if self.pending:
+                return self.pending.pop(0)
+            await asyncio.Event().wait()  # never set: the answer stalls
+
+    socket = StalledSocket([[{"type": "chat.token", "text": "Our"}]])
+    tally, state = Tally(), {}
+
+    async def cut_short():
+        try:
+            async with asyncio.timeout(0.05):
+                await ask_timed(socket, "How long is the warranty?", tally, state=state)
+        except TimeoutError:
+            return "cut"
+
+    # when the caller's deadline cuts it
+    assert asyncio.run(cut_short()) == "cut"
+    # then the caller knows a token had arrived, and nothing was completed or counted as an error
+    assert state == {"first_token": True}
+    assert (tally.asked, tally.completed, tally.errors, tally.ttft_ms) == (1, 0, [], [])
