@@ -88,6 +88,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -562,6 +563,9 @@ def main() -> None:
             failed = errors or growth > args.rss_bound_mb
         finally:
             deployment.stop()
+            # Keep the processes' logs; the collected static files and the data folder are copies.
+            shutil.rmtree(folder / "static", ignore_errors=True)
+            shutil.rmtree(folder / "data", ignore_errors=True)
     sys.exit(1 if failed else 0)
 
 
