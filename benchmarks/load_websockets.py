@@ -506,67 +506,77 @@ def main() -> None:
     from tests.dedicated_servers import dedicated_postgres, dedicated_redis
 
     folder = Path(tempfile.mkdtemp(prefix="loadbench-"))
-    with dedicated_postgres(DATABASE) as postgres, dedicated_redis() as redis_server:
-        # This process is a client that reads the same database (header, agent login, ingestion state).
-        os.environ.update({"DATABASE_URL": postgres.database_url, "REDIS_URL": redis_server.url,
-                           "EMBEDDED_SERVICES": "1", "DATA_DIR": str(folder / "data")})
+    # Redis first: dedicated_postgres's `manage.py migrate` inherits this environment, and without
+    # REDIS_URL its settings would start an embedded Redis in the project's .data that outlives the run.
+    with dedicated_redis() as redis_server:
+        os.environ.update({"REDIS_URL": redis_server.url, "EMBEDDED_SERVICES": "1", "DATA_DIR": str(folder / "data")})
         os.environ.pop("DATABASE_NAME", None)
-        django_setup()
-        deployment = Deployment(folder, postgres.database_url, redis_server.url, web_workers=args.web_workers,
-                                threads=args.threads, raise_limits=not args.default_rate_limits,
-                                always_generate=args.always_generate)
-        try:
-            progress(f"starting the production processes (logs in {folder})")
-            deployment.start()
-            chunks = demo_ingested()
-            from django.conf import settings
-            from django.contrib.auth import get_user_model
-
-            get_user_model().objects.create_user(AGENT[0], password=AGENT[1], is_staff=True)
-            session = agent_session(deployment.base_url, *AGENT)
-            questions = [json.loads(line)["question"] for line in QUESTIONS_FILE.read_text().splitlines() if line.strip()]
-            print(header("Load over websockets: N concurrent customers against the production process model", [
-                ("processes", f"model server (LLM_THREADS {args.threads}, {settings.MODEL_SERVER_SLOTS} slots, queue "
-                              f"{settings.LLM_QUEUE_SIZE}), uvicorn x {args.web_workers} (ANSWER_MAX_CONCURRENT "
-                              f"{settings.ANSWER_MAX_CONCURRENT} each), celery worker x 1, beat; DEBUG off"),
-                ("knowledge base", f"demo store (manage.py load_demo, ingested by the worker): {chunks} chunks"),
-                ("customers", f"{len(questions)} questions of {QUESTIONS_FILE.name} in turn, {args.questions_per_conversation}"
-                              f" per conversation, {args.think_s:g} s think time; {args.duration_s:g} s per level "
-                              f"+ {args.drain_s:g} s drain"),
-                ("rate limits", "defaults" if args.default_rate_limits
-                 else f"conversations per IP and per origin raised to {RAISED_LIMIT} (one IP, one origin here)"),
-                ("quote-first", "off (--always-generate: ANSWER_QUOTE_MIN_RELEVANCE=2)" if args.always_generate
-                 else f"on (ANSWER_QUOTE_MIN_RELEVANCE {settings.ANSWER_QUOTE_MIN_RELEVANCE}, the default)"),
-                ("questions/conversation", settings.RATE_LIMIT_QUESTIONS_PER_CONVERSATION + " (default, replies reported)"),
-            ]))
-            # Warm-up: one answer, so the first level's TTFT is not the first retrieval's.
-            asyncio.run(customer(deployment.base_url, questions, 0, time.monotonic() + 0.1, time.monotonic() + 120,
-                                 Tally(), think_s=0, per_conversation=1))
-            rss_start = process_tree_rss_mb(deployment.processes["web"].pid)
-            rows = []
-            for n in levels:
-                progress(f"N = {n}: {args.duration_s:g} s")
-                rows.append(level(deployment, session, postgres, n, questions, args))
-            rss_end = process_tree_rss_mb(deployment.processes["web"].pid)
-            print()
-            report(rows)
-            growth = max(soak_growth_mb(row) for row in rows)
-            per_level = ", ".join(f"{row['n']}: {soak_growth_mb(row):+.0f}" for row in rows)
-            errors = sum(len(row["tally"].errors) for row in rows)
-            print(f"\nweb processes' RSS: {rss_start:.0f} MB after warm-up, {rss_end:.0f} MB after the last level "
-                  f"(the high-water mark of the highest N); growth over the second half of a level's sending "
-                  f"phase, at most {growth:+.0f} MB (N = "
-                  f"{per_level}); bound {args.rss_bound_mb:g} MB: "
-                  f"{'held' if growth <= args.rss_bound_mb else 'EXCEEDED'}")
-            print(f"errors: {errors} (must be 0); load average at the end {os.getloadavg()[0]:.2f} "
-                  f"{os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
-            failed = errors or growth > args.rss_bound_mb
-        finally:
-            deployment.stop()
-            # Keep the processes' logs; the collected static files and the data folder are copies.
-            shutil.rmtree(folder / "static", ignore_errors=True)
-            shutil.rmtree(folder / "data", ignore_errors=True)
+        with dedicated_postgres(DATABASE) as postgres:
+            # This process is a client reading the same database (header, agent login, ingestion state).
+            os.environ["DATABASE_URL"] = postgres.database_url
+            failed = run(args, levels, folder, postgres, redis_server)
     sys.exit(1 if failed else 0)
+
+
+def run(args, levels: list[int], folder: Path, postgres, redis_server) -> bool:
+    """Start the deployment, run the levels, print the figures; whether the run failed (an error, or
+    RSS growth past the bound). Stops the deployment whatever happens."""
+    django_setup()
+    deployment = Deployment(folder, postgres.database_url, redis_server.url, web_workers=args.web_workers,
+                            threads=args.threads, raise_limits=not args.default_rate_limits,
+                            always_generate=args.always_generate)
+    try:
+        progress(f"starting the production processes (logs in {folder})")
+        deployment.start()
+        chunks = demo_ingested()
+        from django.conf import settings
+        from django.contrib.auth import get_user_model
+
+        get_user_model().objects.create_user(AGENT[0], password=AGENT[1], is_staff=True)
+        session = agent_session(deployment.base_url, *AGENT)
+        questions = [json.loads(line)["question"] for line in QUESTIONS_FILE.read_text().splitlines() if line.strip()]
+        print(header("Load over websockets: N concurrent customers against the production process model", [
+            ("processes", f"model server (LLM_THREADS {args.threads}, {settings.MODEL_SERVER_SLOTS} slots, queue "
+                          f"{settings.LLM_QUEUE_SIZE}), uvicorn x {args.web_workers} (ANSWER_MAX_CONCURRENT "
+                          f"{settings.ANSWER_MAX_CONCURRENT} each), celery worker x 1, beat; DEBUG off"),
+            ("knowledge base", f"demo store (manage.py load_demo, ingested by the worker): {chunks} chunks"),
+            ("customers", f"{len(questions)} questions of {QUESTIONS_FILE.name} in turn, {args.questions_per_conversation}"
+                          f" per conversation, {args.think_s:g} s think time; {args.duration_s:g} s per level "
+                          f"+ {args.drain_s:g} s drain"),
+            ("rate limits", "defaults" if args.default_rate_limits
+             else f"conversations per IP and per origin raised to {RAISED_LIMIT} (one IP, one origin here)"),
+            ("quote-first", "off (--always-generate: ANSWER_QUOTE_MIN_RELEVANCE=2)" if args.always_generate
+             else f"on (ANSWER_QUOTE_MIN_RELEVANCE {settings.ANSWER_QUOTE_MIN_RELEVANCE}, the default)"),
+            ("questions/conversation", settings.RATE_LIMIT_QUESTIONS_PER_CONVERSATION + " (default, replies reported)"),
+        ]))
+        # Warm-up: one answer, so the first level's TTFT is not the first retrieval's.
+        asyncio.run(customer(deployment.base_url, questions, 0, time.monotonic() + 0.1, time.monotonic() + 120,
+                             Tally(), think_s=0, per_conversation=1))
+        rss_start = process_tree_rss_mb(deployment.processes["web"].pid)
+        rows = []
+        for n in levels:
+            progress(f"N = {n}: {args.duration_s:g} s")
+            rows.append(level(deployment, session, postgres, n, questions, args))
+        rss_end = process_tree_rss_mb(deployment.processes["web"].pid)
+        print()
+        report(rows)
+        growth = max(soak_growth_mb(row) for row in rows)
+        per_level = ", ".join(f"{row['n']}: {soak_growth_mb(row):+.0f}" for row in rows)
+        errors = sum(len(row["tally"].errors) for row in rows)
+        print(f"\nweb processes' RSS: {rss_start:.0f} MB after warm-up, {rss_end:.0f} MB after the last level "
+              f"(the high-water mark of the highest N); growth over the second half of a level's sending "
+              f"phase, at most {growth:+.0f} MB (N = "
+              f"{per_level}); bound {args.rss_bound_mb:g} MB: "
+              f"{'held' if growth <= args.rss_bound_mb else 'EXCEEDED'}")
+        print(f"errors: {errors} (must be 0); load average at the end {os.getloadavg()[0]:.2f} "
+              f"{os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+        failed = errors or growth > args.rss_bound_mb
+    finally:
+        deployment.stop()
+        # Keep the processes' logs; the collected static files and the data folder are copies.
+        shutil.rmtree(folder / "static", ignore_errors=True)
+        shutil.rmtree(folder / "data", ignore_errors=True)
+    return bool(failed)
 
 
 if __name__ == "__main__":
