@@ -5,10 +5,11 @@ Ingestion of one source (``document_ingest``) reads its bytes, skips them if unc
 chunks and embeds them, then swaps the source's chunks, text and hash in one transaction: readers see
 the old version or the new one, never a mix or nothing. Any failure marks the source ``failed`` with
 the reason, deletes the pending file it could not ingest, and leaves its serving chunks untouched.
-Many sources at once go through ``documents_ingest``: the same steps per source, but the chunks of
-several sources are embedded together in length-sorted batches (the embedding model is faster on
-full batches of similar lengths than on one file's few chunks), and each source is still swapped in
-its own transaction and fails alone.
+Many sources at once (a folder, ``manage.py ingest``, the worker's ``knowledge.ingest_sources``) go
+through ``documents_ingest``: the same steps per source, but the chunks of several sources are
+embedded together in length-sorted batches (the embedding model is faster on full batches of similar
+lengths than on one file's few chunks), and each source is still swapped in its own transaction and
+fails alone.
 
 A source can be re-uploaded while an older version is still being ingested. Each queued version
 raises ``Source.pending_version``; an ingestion claims the version (and pending file) it read at its
@@ -73,11 +74,20 @@ class IngestResult:
 # --- registering sources ------------------------------------------------------------------------
 
 
-def _enqueue(source_ids: Iterable[int], *, force: bool = False) -> None:
-    from knowledge.tasks import ingest_source
+def sources_enqueue(source_ids: Iterable[int], *, force: bool = False) -> None:
+    """Queue ingestion of ``source_ids`` when the current transaction commits: one
+    ``knowledge.ingest_source`` task for a single source, else ``knowledge.ingest_sources`` tasks of
+    at most ``INGEST_TASK_SOURCES`` sources each (their chunks are embedded together). ``force`` as
+    in ``document_ingest``."""
+    from knowledge.tasks import ingest_source, ingest_sources
 
     ids = list(source_ids)
-    transaction.on_commit(lambda: [ingest_source.delay(source_id, force=force) for source_id in ids])
+    if len(ids) == 1:
+        transaction.on_commit(lambda: ingest_source.delay(ids[0], force=force))
+        return
+    size = max(1, settings.INGEST_TASK_SOURCES)
+    groups = [ids[offset : offset + size] for offset in range(0, len(ids), size)]
+    transaction.on_commit(lambda: [ingest_sources.delay(group, force=force) for group in groups])
 
 
 def _kind_for(filename: str) -> str:
@@ -122,8 +132,9 @@ def sources_register_paths(
     A file whose bytes hash to the serving ``content_hash`` is left alone. With ``prune``, sources
     of ``collection`` that lived under one of the given folders but whose file is gone are deleted
     with their chunks. ``force`` queues unchanged files too (re-parse and re-embed them, e.g. after
-    a parser or chunking change). With ``enqueue=False`` the caller ingests them itself
-    (``documents_ingest`` for many, as ``manage.py ingest --sync`` does). Raises ``FileNotFoundError`` if a path does not exist (nothing is queued).
+    a parser or chunking change). Queued sources go to the worker in batches (``sources_enqueue``);
+    with ``enqueue=False`` the caller ingests them itself (``documents_ingest``, as ``manage.py ingest
+    --sync`` does). Raises ``FileNotFoundError`` if a path does not exist (nothing is queued).
     """
     paths = list(paths)
     files = iter_files(paths)
@@ -149,7 +160,7 @@ def sources_register_paths(
                 source_delete(source)
                 result.pruned += 1
     if enqueue:
-        _enqueue((source.pk for source in result.queued), force=force)
+        sources_enqueue((source.pk for source in result.queued), force=force)
     return result
 
 
@@ -208,7 +219,7 @@ def source_upload(*, filename: str, data: bytes | File, collection: str = DEFAUL
     try:
         source.status, source.progress, source.error = Source.Status.QUEUED, 0, ""
         source.save()
-        _enqueue([source.pk])
+        sources_enqueue([source.pk])
     except Exception:
         source.pending_file.storage.delete(source.pending_file.name)
         raise
@@ -261,7 +272,7 @@ def product_sync(product: Product) -> Source:
     source.save()
     Product.objects.filter(pk=product.pk).update(source=source)
     product.source = source
-    _enqueue([source.pk])
+    sources_enqueue([source.pk])
     return source
 
 
@@ -344,6 +355,19 @@ def mark_failed(source_id: int, reason: str) -> None:
     Source.objects.filter(pk=source_id).update(
         status=Source.Status.FAILED, error=reason, progress=0, updated_at=timezone.now()
     )
+
+
+def sources_fail_unfinished(source_ids: Iterable[int], reason: str) -> set[int]:
+    """Mark ``failed`` with ``reason`` those of ``source_ids`` still queued, parsing or embedding
+    (the ones an interrupted batch did not finish; ready and failed sources are left as they are).
+    Returns their ids. Serving chunks are not touched."""
+    from knowledge.selectors import source_ids_unfinished
+
+    ids = set(source_ids_unfinished(list(source_ids)))
+    Source.objects.filter(
+        pk__in=ids, status__in=[Source.Status.QUEUED, Source.Status.PARSING, Source.Status.EMBEDDING]
+    ).update(status=Source.Status.FAILED, error=reason, progress=0, updated_at=timezone.now())
+    return ids
 
 
 def _fail(claim: _Claim, reason: str) -> IngestResult:

@@ -484,7 +484,7 @@ RETURNS_V2_CHUNKS = [
 def queued_by_hand(monkeypatch) -> list[int]:
     """Ingestion tasks are recorded, not sent to the broker: the tests run ``document_ingest`` by hand."""
     queued: list[int] = []
-    monkeypatch.setattr(services, "_enqueue", lambda ids, force=False: queued.extend(ids))
+    monkeypatch.setattr(services, "sources_enqueue", lambda ids, force=False: queued.extend(ids))
     return queued
 
 
@@ -916,3 +916,19 @@ def test_unexpected_error_in_one_source_of_a_batch_fails_only_that_source(stage,
     assert (shipping.status, "Parcels are insured." in shipping.text) == ("ready", True)
     assert Chunk.objects.filter(source=shipping, text__contains="Parcels are insured.").count() == 1
 
+
+def test_enqueueing_many_sources_queues_batches_and_one_source_its_own_task(
+        monkeypatch, settings, django_capture_on_commit_callbacks):
+    # given a task size of two sources
+    from knowledge import tasks
+
+    settings.INGEST_TASK_SOURCES = 2
+    sent = []
+    monkeypatch.setattr(tasks.ingest_sources, "delay", lambda ids, force=False: sent.append(("many", ids, force)))
+    monkeypatch.setattr(tasks.ingest_source, "delay", lambda pk, force=False: sent.append(("one", pk, force)))
+    # when five sources are queued, then one
+    with django_capture_on_commit_callbacks(execute=True):
+        services.sources_enqueue([11, 12, 13, 14, 15], force=True)
+        services.sources_enqueue([16])
+    # then the five go in tasks of two, three, and the single one in a task of its own
+    assert sent == [("many", [11, 12], True), ("many", [13, 14], True), ("many", [15], True), ("one", 16, False)]
