@@ -1,18 +1,23 @@
 """Ingestion throughput of the knowledge base on real help pages, beside the bare embedding model.
 
 What it measures
-    1. The real ingestion path on the Doc2Dial help pages (273 ``.txt`` files), into a fresh,
-       dedicated collection: ``services.sources_register_paths(..., enqueue=False)`` then
-       ``services.document_ingest(source_id)`` for each source, in this process (read + hash, parse,
-       chunk, embed, store: chunk rows + HNSW and GIN index entries + full-text vectors, one
-       transaction per source). Figures: chunks/s and files/s over the wall-clock time, and the
-       time per stage (stage timers wrap the functions ``document_ingest`` calls; nothing in the
-       product is changed).
-    2. Baseline, in the same run: the bare embedding model (``get_embedding_model().encode``,
-       batch ``EMBEDDING_BATCH_SIZE``) on exactly the chunk texts the pipeline embedded (title +
-       headings + passage, as ``passage_text`` builds them). Figure: chunks/s. The cores are shared
-       with other users, so the two are interleaved: after each slice of 25 files (``--slice``) goes
-       through the pipeline, the bare model encodes that slice's texts in one call.
+    1. The product's ingestion path on the Doc2Dial help pages (273 ``.txt`` files), into a fresh,
+       dedicated collection, in this process, as ``manage.py ingest --sync`` and the worker's
+       ``knowledge.ingest_sources`` run it: ``services.sources_register_paths(..., enqueue=False)``
+       then one ``services.documents_ingest(all source ids)`` (read + hash, parse, chunk each file
+       until a round holds ``INGEST_BATCH_CHUNKS`` chunks; embed the round's chunk texts together,
+       length-sorted into batches of ``EMBEDDING_BATCH_SIZE``; store each file in its own transaction:
+       chunk rows + HNSW and GIN index entries + full-text vectors). ``--path single`` measures the
+       one-source path instead (``services.document_ingest`` per file, what ``ingest_source`` runs),
+       for comparison. Figures: chunks/s and files/s over the wall-clock time, and the time per
+       stage (stage timers wrap the functions the services call; nothing in the product is changed).
+    2. Baseline, in the same run: the bare embedding model (``get_embedding_model().encode``, batch
+       ``EMBEDDING_BATCH_SIZE``) on exactly the chunk texts the pipeline embedded (title + headings +
+       passage, as ``passage_text`` builds them), in the same groups: one call per round of the batch
+       path (sentence-transformers sorts a call's texts by length, as the batch path does), or per
+       slice of ``--slice`` files of the single path. The cores are shared with other users, so the
+       two are interleaved: each group's bare encode runs right after the pipeline embedded and
+       stored it, and its time is not counted in the pipeline's wall-clock time. Figure: chunks/s.
     The ratio pipeline/bare says how much of the embedding model's throughput survives the whole
     pipeline (1.0 = ingestion is as fast as embedding alone).
 
@@ -23,13 +28,12 @@ The collection is deleted at the end (and before the run, if a previous run left
 How to run (from the project root, with the venv active; use a database of its own):
     DATABASE_NAME=bench python manage.py migrate           # once
     DATABASE_NAME=bench python benchmarks/ingestion_throughput.py [--docs PATH] [--limit N]
-        [--torch-threads N]
+        [--path batch|single] [--batch-chunks N] [--torch-threads N]
 
 ``--docs`` defaults to ``../shared/data/doc2dial/docs`` (relative to the project root); ``--limit``
-ingests only the first N files (a quick run). ``--torch-threads`` sets torch's intra-op threads
-(default: torch's own choice, one per core, as the product runs); on cores busy with other work,
-1 thread is much faster because each small encode call no longer waits for a descheduled second
-thread at every operator. Progress goes to stderr, figures to stdout.
+ingests only the first N files (a quick run). ``--batch-chunks`` overrides ``INGEST_BATCH_CHUNKS``
+for this run. ``--torch-threads`` sets torch's intra-op threads (default: ``EMBEDDING_THREADS``, as
+the product runs). Progress goes to stderr, figures to stdout.
 """
 
 from __future__ import annotations
@@ -49,9 +53,13 @@ def parse_args() -> argparse.Namespace:
                         help="dedicated collection, deleted before and after (default benchmark-ingestion)")
     parser.add_argument("--limit", type=int, default=0, help="ingest only the first N files (0 = all)")
     parser.add_argument("--torch-threads", type=int, default=0,
-                        help="torch intra-op threads for the embedding model (default: torch's own, as the product)")
+                        help="torch intra-op threads for the embedding model (default: EMBEDDING_THREADS, as the product)")
+    parser.add_argument("--path", choices=["batch", "single"], default="batch",
+                        help="batch: documents_ingest over all files (default); single: document_ingest per file")
+    parser.add_argument("--batch-chunks", type=int, default=0,
+                        help="INGEST_BATCH_CHUNKS for this run (default: the setting)")
     parser.add_argument("--slice", type=int, default=25,
-                        help="files per slice: the bare encode of a slice's texts runs right after it (default 25)")
+                        help="--path single: files per slice, each followed by the bare encode of its texts (default 25)")
     return parser.parse_args()
 
 
@@ -75,12 +83,14 @@ class StageTimer:
 
 
 @contextmanager
-def instrumented(services, model, timer: StageTimer, embedded_texts: list[str]):
-    """Time the stages ``document_ingest`` runs, and record the texts it embeds, by wrapping the
-    module-level functions it calls (restored on exit)."""
+def instrumented(services, model, timer: StageTimer, embedded_texts: list[str], after_round):
+    """Time the stages the ingestion services run, record the texts they embed, and call
+    ``after_round()`` after each round of ``documents_ingest`` (embedded and stored), by wrapping the
+    module-level functions they call (restored on exit)."""
     originals = {
         name: getattr(services, name)
-        for name in ("parse_file", "chunk_document", "_embed_with_progress", "_swap_chunks", "_read_bytes")
+        for name in ("parse_file", "chunk_document", "_embed_with_progress", "_swap_chunks", "_read_bytes",
+                     "_ingest_round")
     }
     original_encode = model.encode
     embed_with_progress = timer.wrap("embed (encode + progress updates)", originals["_embed_with_progress"])
@@ -89,11 +99,17 @@ def instrumented(services, model, timer: StageTimer, embedded_texts: list[str]):
         embedded_texts.extend(texts)
         return embed_with_progress(model_arg, texts, report)
 
+    def round_then_hook(*args, **kwargs):
+        result = originals["_ingest_round"](*args, **kwargs)
+        after_round()
+        return result
+
     services.parse_file = timer.wrap("parse", originals["parse_file"])
     services.chunk_document = timer.wrap("chunk (incl. token counting)", originals["chunk_document"])
     services._embed_with_progress = recording_embed
     services._swap_chunks = timer.wrap("store (delete old, insert chunks + indexes, tsvector)", originals["_swap_chunks"])
     services._read_bytes = timer.wrap("read file", originals["_read_bytes"])
+    services._ingest_round = round_then_hook
     model.encode = timer.wrap("model.encode", original_encode)
     try:
         yield
@@ -127,13 +143,17 @@ def main() -> None:
         stale.delete()
 
     torch_threads(args.torch_threads)
+    if args.batch_chunks:
+        settings.INGEST_BATCH_CHUNKS = args.batch_chunks
     progress("loading the embedding model")
     started = time.perf_counter()
     model = embedding_module.get_embedding_model()
     load_s = time.perf_counter() - started
     model.encode(["warm-up sentence for the embedding model"] * 8)  # first call allocates buffers
 
-    print(header("Ingestion throughput: services.document_ingest vs bare embedding-model encode", [
+    path_label = (f"services.documents_ingest (rounds of >= {settings.INGEST_BATCH_CHUNKS} chunks)"
+                  if args.path == "batch" else "services.document_ingest per file")
+    print(header(f"Ingestion throughput: {path_label} vs bare embedding-model encode", [
         ("data", f"{docs} : {len(files)} files, {total_bytes / 1e6:.2f} MB"),
         ("collection", f"{args.collection!r} (fresh; deleted at the end)"),
         ("model load", f"{load_s:.1f} s (not counted below; warm-up encode done)"),
@@ -143,31 +163,44 @@ def main() -> None:
     embedded_texts: list[str] = []
     results = []
     bare_encode = model.encode  # the class's method, taken before the stage timers wrap it
+    bare = {"s": 0.0, "calls": 0, "encoded": 0}
+    ingest_started = 0.0
+
+    def bare_encode_new_texts() -> None:
+        """Encode the texts embedded since the last call with the bare model, in one call."""
+        texts = embedded_texts[bare["encoded"]:]
+        if not texts:
+            return
+        started = time.perf_counter()
+        vectors = bare_encode(texts)
+        bare["s"] += time.perf_counter() - started
+        bare["calls"] += 1
+        bare["encoded"] = len(embedded_texts)
+        if vectors.shape != (len(texts), settings.EMBEDDING_DIM):
+            raise SystemExit(f"error: bare encode returned {vectors.shape}")
+        elapsed = time.perf_counter() - ingest_started - bare["s"]
+        progress(f"{len(embedded_texts)} chunks embedded: pipeline {elapsed:.0f} s "
+                 f"({len(embedded_texts) / elapsed:.1f} chunks/s), bare encode {bare['s']:.0f} s "
+                 f"({len(embedded_texts) / bare['s']:.1f} chunks/s)")
+
     try:
-        with instrumented(services, model, timer, embedded_texts):
+        with instrumented(services, model, timer, embedded_texts, bare_encode_new_texts):
             progress(f"registering {len(files)} files in collection {args.collection!r}")
             started = time.perf_counter()
             registered = services.sources_register_paths(files, collection=args.collection, enqueue=False)
             register_s = time.perf_counter() - started
             ids = [source.pk for source in registered.queued]
-            ingest_s = bare_s = 0.0
-            for offset in range(0, len(ids), args.slice):
-                # Pipeline on a slice of files, then the bare model on exactly the texts that slice
-                # embedded: both run under the same load from the machine's other users.
-                first_text = len(embedded_texts)
-                started = time.perf_counter()
-                for source_id in ids[offset: offset + args.slice]:
-                    results.append(services.document_ingest(source_id))
-                ingest_s += time.perf_counter() - started
-                slice_texts = embedded_texts[first_text:]
-                started = time.perf_counter()
-                vectors = bare_encode(slice_texts)
-                bare_s += time.perf_counter() - started
-                if vectors.shape != (len(slice_texts), settings.EMBEDDING_DIM):
-                    raise SystemExit(f"error: bare encode returned {vectors.shape}")
-                done = sum(r.chunk_count for r in results)
-                progress(f"{len(results)}/{len(ids)} files, {done} chunks: pipeline {ingest_s:.0f} s "
-                         f"({done / ingest_s:.1f} chunks/s), bare encode {bare_s:.0f} s ({done / bare_s:.1f} chunks/s)")
+            ingest_started = time.perf_counter()
+            if args.path == "batch":
+                # The bare encode of each round runs inside this call, right after the round.
+                results = services.documents_ingest(ids)
+            else:
+                for offset in range(0, len(ids), args.slice):
+                    for source_id in ids[offset: offset + args.slice]:
+                        results.append(services.document_ingest(source_id))
+                    bare_encode_new_texts()
+            ingest_s = time.perf_counter() - ingest_started - bare["s"]
+            bare_s = bare["s"]
 
         failed = [r for r in results if r.status != "ingested"]
         chunks = sum(r.chunk_count for r in results)
@@ -189,14 +222,15 @@ def main() -> None:
     print(f"chunks: {chunks} ({chunks / max(len(results), 1):.1f} per file), "
           f"{tokens} word-piece tokens embedded ({tokens / chunks:.0f} per chunk, title + headings + passage)")
     print()
-    print("| throughput | pipeline (register + document_ingest) | bare model.encode, same texts | ratio pipeline/bare |")
+    print(f"| throughput | pipeline (register + {'documents_ingest' if args.path == 'batch' else 'document_ingest'}) "
+          "| bare model.encode, same texts | ratio pipeline/bare |")
     print("|---|---:|---:|---:|")
     print(f"| wall time (s) | {pipeline_s:.1f} | {bare_s:.1f} | {pipeline_s / bare_s:.2f}x the time |")
     print(f"| chunks/s | {pipeline_rate:.1f} | {bare_rate:.1f} | {pipeline_rate / bare_rate:.2f} |")
     print(f"| files/s | {len(results) / pipeline_s:.2f} | {len(results) / bare_s:.2f} | {pipeline_rate / bare_rate:.2f} |")
     print(f"| tokens/s (embedded) | {tokens / pipeline_s:.0f} | {tokens / bare_s:.0f} | {pipeline_rate / bare_rate:.2f} |")
     print()
-    print("Time per stage (pipeline; stages are nested calls of document_ingest, wall-clock):")
+    print("Time per stage (pipeline; stages are nested calls of the ingestion service, wall-clock):")
     print("| stage | s | % of pipeline | ms per file | calls |")
     print("|---|---:|---:|---:|---:|")
     rows = [
@@ -222,12 +256,14 @@ def main() -> None:
         print(f"| {label} | {seconds:.2f} | {100 * seconds / pipeline_s:.1f} | "
               f"{1000 * seconds / max(len(results), 1):.1f} | {calls} |")
     print()
-    print(f"model.encode inside the pipeline (one call per batch of <= {settings.EMBEDDING_BATCH_SIZE} chunks of one "
-          f"file, {timer.calls['model.encode']} calls): {chunks / encode_s:.1f} chunks/s; bare (one call per slice of "
-          f"{args.slice} files' texts, sorted by length inside sentence-transformers): {bare_rate:.1f} chunks/s; "
-          f"ratio {chunks / encode_s / bare_rate:.2f}")
+    grouping = (f"one call per round of >= {settings.INGEST_BATCH_CHUNKS} chunks" if args.path == "batch"
+                else f"one call per slice of {args.slice} files")
+    print(f"model.encode inside the pipeline ({timer.calls['model.encode']} calls of <= {settings.EMBEDDING_BATCH_SIZE} "
+          f"texts{', length-sorted across the files of a round' if args.path == 'batch' else ' of one file'}): "
+          f"{chunks / encode_s:.1f} chunks/s; bare ({bare['calls']} calls, {grouping}, sorted by length inside "
+          f"sentence-transformers): {bare_rate:.1f} chunks/s; ratio {chunks / encode_s / bare_rate:.2f}")
     print(f"load average at the end: {load_average()} (1/5/15 min; pipeline and bare encode were interleaved "
-          f"slice by slice so both saw the same load)")
+          f"round by round so both saw the same load)")
     print(f"database: {connection.settings_dict['NAME']!r}; collection {args.collection!r} deleted")
 
 

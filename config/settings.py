@@ -253,6 +253,14 @@ INGEST_MAX_FILE_BYTES = env.int("INGEST_MAX_FILE_BYTES", default=20 * 1024 * 102
 # Uploaded files above this many bytes are streamed to a temporary file, not held in memory
 # (Django's setting; 2.5 MB is its default).
 FILE_UPLOAD_MAX_MEMORY_SIZE = env.int("FILE_UPLOAD_MAX_MEMORY_SIZE", default=2_621_440)
+# Batch ingestion (knowledge.services.documents_ingest, used by `manage.py ingest` and the worker for
+# several files): sources are parsed and chunked until a round holds this many chunks, whose texts are
+# then embedded together, sorted by length into EMBEDDING_BATCH_SIZE batches; each source is still
+# stored in its own transaction.
+INGEST_BATCH_CHUNKS = env.int("INGEST_BATCH_CHUNKS", default=512)
+# Sources per Celery ingestion task (knowledge.ingest_sources) when many are queued at once: more
+# fill rounds better, fewer spread a folder over more worker processes.
+INGEST_TASK_SOURCES = env.int("INGEST_TASK_SOURCES", default=64)
 # Hybrid retrieval: candidates per leg before fusion, and the reciprocal-rank-fusion constant k
 # (Cormack, Clarke & Buettcher, SIGIR 2009, use k = 60).
 RETRIEVAL_CANDIDATES = env.int("RETRIEVAL_CANDIDATES", default=50)

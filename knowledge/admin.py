@@ -153,13 +153,9 @@ class SourceAdmin(admin.ModelAdmin):
 
     @admin.action(description="Re-ingest selected sources")
     def reingest(self, request, queryset):
-        from django.db import transaction
-
-        from knowledge.tasks import ingest_source
-
         ids = list(queryset.values_list("pk", flat=True))
         queryset.update(status=Source.Status.QUEUED, progress=0, error="")
-        transaction.on_commit(lambda: [ingest_source.delay(pk, force=True) for pk in ids])
+        services.sources_enqueue(ids, force=True)
         self.message_user(request, f"{len(ids)} source(s) queued.", messages.SUCCESS)
 
     def delete_model(self, request, obj):

@@ -481,3 +481,15 @@ def curated_answer_list(*, collection: str | None = None, keys: Sequence[str] | 
     if keys is not None:
         curated = curated.filter(key__in=list(keys))
     return curated
+
+
+def source_ids_unfinished(source_ids: Sequence[int]) -> list[int]:
+    """Those of ``source_ids`` whose latest ingestion has not finished (status queued, parsing or
+    embedding), in the order given."""
+    unfinished = set(
+        Source.objects.filter(
+            pk__in=list(source_ids),
+            status__in=[Source.Status.QUEUED, Source.Status.PARSING, Source.Status.EMBEDDING],
+        ).values_list("pk", flat=True)
+    )
+    return [pk for pk in source_ids if pk in unfinished]

@@ -5,6 +5,11 @@ Ingestion of one source (``document_ingest``) reads its bytes, skips them if unc
 chunks and embeds them, then swaps the source's chunks, text and hash in one transaction: readers see
 the old version or the new one, never a mix or nothing. Any failure marks the source ``failed`` with
 the reason, deletes the pending file it could not ingest, and leaves its serving chunks untouched.
+Many sources at once (a folder, ``manage.py ingest``, the worker's ``knowledge.ingest_sources``) go
+through ``documents_ingest``: the same steps per source, but the chunks of several sources are
+embedded together in length-sorted batches (the embedding model is faster on full batches of similar
+lengths than on one file's few chunks), and each source is still swapped in its own transaction and
+fails alone.
 
 A source can be re-uploaded while an older version is still being ingested. Each queued version
 raises ``Source.pending_version``; an ingestion claims the version (and pending file) it read at its
@@ -21,23 +26,26 @@ re-ingested with other content or deleted, the curated answer is retired in the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import operator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 from django.conf import settings
 from django.core.files.base import ContentFile, File
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from knowledge import embedding as embedding_module
-from knowledge.chunking import chunk_document
+from knowledge.chunking import ChunkSpan, chunk_document
 from knowledge.models import DEFAULT_COLLECTION, Chunk, CuratedAnswer, CuratedEvidence, Product, Source
-from knowledge.parsers import ParseError, parse_file
+from knowledge.parsers import ParsedDocument, ParseError, parse_file
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +74,20 @@ class IngestResult:
 # --- registering sources ------------------------------------------------------------------------
 
 
-def _enqueue(source_ids: Iterable[int], *, force: bool = False) -> None:
-    from knowledge.tasks import ingest_source
+def sources_enqueue(source_ids: Iterable[int], *, force: bool = False) -> None:
+    """Queue ingestion of ``source_ids`` when the current transaction commits: one
+    ``knowledge.ingest_source`` task for a single source, else ``knowledge.ingest_sources`` tasks of
+    at most ``INGEST_TASK_SOURCES`` sources each (their chunks are embedded together). ``force`` as
+    in ``document_ingest``."""
+    from knowledge.tasks import ingest_source, ingest_sources
 
     ids = list(source_ids)
-    transaction.on_commit(lambda: [ingest_source.delay(source_id, force=force) for source_id in ids])
+    if len(ids) == 1:
+        transaction.on_commit(lambda: ingest_source.delay(ids[0], force=force))
+        return
+    size = max(1, settings.INGEST_TASK_SOURCES)
+    groups = [ids[offset : offset + size] for offset in range(0, len(ids), size)]
+    transaction.on_commit(lambda: [ingest_sources.delay(group, force=force) for group in groups])
 
 
 def _kind_for(filename: str) -> str:
@@ -115,7 +132,9 @@ def sources_register_paths(
     A file whose bytes hash to the serving ``content_hash`` is left alone. With ``prune``, sources
     of ``collection`` that lived under one of the given folders but whose file is gone are deleted
     with their chunks. ``force`` queues unchanged files too (re-parse and re-embed them, e.g. after
-    a parser or chunking change). With ``enqueue=False`` the caller runs ``document_ingest`` itself. Raises ``FileNotFoundError`` if a path does not exist (nothing is queued).
+    a parser or chunking change). Queued sources go to the worker in batches (``sources_enqueue``);
+    with ``enqueue=False`` the caller ingests them itself (``documents_ingest``, as ``manage.py ingest
+    --sync`` does). Raises ``FileNotFoundError`` if a path does not exist (nothing is queued).
     """
     paths = list(paths)
     files = iter_files(paths)
@@ -141,7 +160,7 @@ def sources_register_paths(
                 source_delete(source)
                 result.pruned += 1
     if enqueue:
-        _enqueue((source.pk for source in result.queued), force=force)
+        sources_enqueue((source.pk for source in result.queued), force=force)
     return result
 
 
@@ -200,7 +219,7 @@ def source_upload(*, filename: str, data: bytes | File, collection: str = DEFAUL
     try:
         source.status, source.progress, source.error = Source.Status.QUEUED, 0, ""
         source.save()
-        _enqueue([source.pk])
+        sources_enqueue([source.pk])
     except Exception:
         source.pending_file.storage.delete(source.pending_file.name)
         raise
@@ -253,7 +272,7 @@ def product_sync(product: Product) -> Source:
     source.save()
     Product.objects.filter(pk=product.pk).update(source=source)
     product.source = source
-    _enqueue([source.pk])
+    sources_enqueue([source.pk])
     return source
 
 
@@ -338,6 +357,19 @@ def mark_failed(source_id: int, reason: str) -> None:
     )
 
 
+def sources_fail_unfinished(source_ids: Iterable[int], reason: str) -> set[int]:
+    """Mark ``failed`` with ``reason`` those of ``source_ids`` still queued, parsing or embedding
+    (the ones an interrupted batch did not finish; ready and failed sources are left as they are).
+    Returns their ids. Serving chunks are not touched."""
+    from knowledge.selectors import source_ids_unfinished
+
+    ids = set(source_ids_unfinished(list(source_ids)))
+    Source.objects.filter(
+        pk__in=ids, status__in=[Source.Status.QUEUED, Source.Status.PARSING, Source.Status.EMBEDDING]
+    ).update(status=Source.Status.FAILED, error=reason, progress=0, updated_at=timezone.now())
+    return ids
+
+
 def _fail(claim: _Claim, reason: str) -> IngestResult:
     """Mark the claimed version failed with ``reason`` and delete its pending file (its bytes cannot
     be ingested; the admin uploads a corrected file). Raises ``_Superseded`` (nothing written) when a
@@ -362,20 +394,141 @@ def document_ingest(source_id: int, *, force: bool = False) -> IngestResult:
     another run) returns ``"superseded"`` as soon as that is seen, having written nothing: not its
     chunks, status or failure, and not the deletion of the newer version's file.
     Side effects: ``status``/``progress`` updates visible to other connections while it runs.
+    For many sources at once use ``documents_ingest``, which embeds their chunks together.
     """
+    prepared = _ingest_prepare(source_id, force=force)
+    if isinstance(prepared, IngestResult):
+        return prepared
+    model = embedding_module.get_embedding_model()
+    try:
+        vectors = _embed_with_progress(
+            model, prepared.texts, lambda pct: _set_progress(prepared.claim, Source.Status.EMBEDDING, pct)
+        )
+    except _Superseded:
+        return _superseded(source_id)
+    return _ingest_store(prepared, vectors)
+
+
+def documents_ingest(
+    source_ids: Iterable[int], *, force: bool = False, on_result: Callable[[IngestResult], None] | None = None,
+) -> list[IngestResult]:
+    """Ingest many sources, embedding the chunks of several sources in each call of the model.
+
+    Each source goes through the same steps and outcomes as ``document_ingest`` (hash skip unless
+    ``force``, the same failure reasons, the same atomic swap), but the sources are taken in rounds:
+    sources are read, parsed and chunked until the round holds ``INGEST_BATCH_CHUNKS`` chunks (or the
+    ids run out), then all the round's chunk texts are embedded together, sorted by length into
+    batches of ``EMBEDDING_BATCH_SIZE`` (as sentence-transformers' ``encode`` does within one call, so
+    a batch pads little), and then each source of the round is stored in its own transaction. One
+    source's failure (bad input, or an unexpected error while preparing or storing it) marks only
+    that source failed with the reason (an unexpected one as ``internal error during ingestion:
+    <type>: <message>``, logged with its traceback); the others go on, and the failed source's serving
+    chunks are untouched. An error of the embedding model itself fails the whole round's sources
+    and is re-raised.
+
+    ``source_ids``: ids in the order to ingest (repeats are ingested once). ``on_result`` is called
+    with each source's ``IngestResult`` as soon as it is known (e.g. a progress bar). Returns the
+    results in the order of ``source_ids``. Side effects: as ``document_ingest`` for each source.
+    """
+    results: dict[int, IngestResult] = {}
+
+    def done(result: IngestResult) -> None:
+        results[result.source_id] = result
+        if on_result:
+            on_result(result)
+
+    round_: list[_PreparedSource] = []
+    for source_id in dict.fromkeys(source_ids):
+        prepared = _ingest_prepare(source_id, force=force, contain_errors=True)
+        if isinstance(prepared, IngestResult):
+            done(prepared)
+            continue
+        round_.append(prepared)
+        if sum(len(p.texts) for p in round_) >= settings.INGEST_BATCH_CHUNKS:
+            _ingest_round(round_, done)
+            round_ = []
+    if round_:
+        _ingest_round(round_, done)
+    return [results[source_id] for source_id in dict.fromkeys(source_ids)]
+
+
+def internal_error_reason(error: BaseException) -> str:
+    """The reason recorded on a source whose ingestion raised an unexpected ``error``."""
+    return f"internal error during ingestion: {type(error).__name__}: {error}"
+
+
+def _ingest_round(round_: list[_PreparedSource], done: Callable[[IngestResult], None]) -> None:
+    """Embed the chunk texts of ``round_`` together, then store each source in its own transaction."""
+    texts = [text for p in round_ for text in p.texts]
+    claimed = functools.reduce(operator.or_, (
+        Q(pk=p.claim.source_id, pending_version=p.claim.version, pending_file=p.claim.pending_file) for p in round_))
+
+    def report(pct: int) -> None:
+        # One query for the round; a source superseded meanwhile is not matched (its store step sees it).
+        Source.objects.filter(claimed).update(status=Source.Status.EMBEDDING, progress=pct, updated_at=timezone.now())
+
+    try:
+        vectors = _embed_with_progress(embedding_module.get_embedding_model(), texts, report)
+    except Exception as error:
+        for prepared in round_:
+            _fail_unexpected(prepared.claim, error)
+        raise
+    offset = 0
+    for prepared in round_:
+        part = vectors[offset : offset + len(prepared.texts)]
+        offset += len(prepared.texts)
+        done(_ingest_store(prepared, part, contain_errors=True))
+
+
+@dataclass
+class _PreparedSource:
+    """A source read, parsed and chunked, waiting for its chunk texts' embeddings."""
+
+    source_id: int
+    claim: _Claim
+    digest: str
+    document: ParsedDocument
+    spans: list[ChunkSpan]
+    texts: list[str]  # what is embedded for each span (``passage_text``), in span order
+
+
+def _ingest_prepare(source_id: int, *, force: bool, contain_errors: bool = False) -> IngestResult | _PreparedSource:
+    """Claim the pending version of source ``source_id``, then read, hash-check, parse and chunk it:
+    an ``IngestResult`` when it is done (missing, unchanged, failed or superseded), else what its
+    embedding and storing need. With ``contain_errors`` an unexpected error fails the source (see
+    ``_fail_unexpected``) instead of propagating."""
     source = Source.objects.filter(pk=source_id).first()
     if source is None:
         return IngestResult(source_id, "missing")
+    claim = _Claim.of(source)
     try:
-        return _ingest_claimed(source, _Claim.of(source), force=force)
+        return _ingest_claimed(source, claim, force=force)
     except _Superseded:
-        if not Source.objects.filter(pk=source_id).exists():
-            return IngestResult(source_id, "missing")
-        logger.info("ingestion of source %s stopped: a newer version was queued meanwhile", source_id)
-        return IngestResult(source_id, "superseded")
+        return _superseded(source_id)
+    except Exception as error:
+        if not contain_errors:
+            raise
+        return _fail_unexpected(claim, error)
 
 
-def _ingest_claimed(source: Source, claim: _Claim, *, force: bool) -> IngestResult:
+def _superseded(source_id: int) -> IngestResult:
+    if not Source.objects.filter(pk=source_id).exists():
+        return IngestResult(source_id, "missing")
+    logger.info("ingestion of source %s stopped: a newer version was queued meanwhile", source_id)
+    return IngestResult(source_id, "superseded")
+
+
+def _fail_unexpected(claim: _Claim, error: Exception) -> IngestResult:
+    """Fail the claimed version with ``internal_error_reason(error)`` (logged with its traceback);
+    ``"superseded"`` when a newer version was queued meanwhile."""
+    logger.error("ingestion of source %s failed unexpectedly", claim.source_id, exc_info=error)
+    try:
+        return _fail(claim, internal_error_reason(error))
+    except _Superseded:
+        return _superseded(claim.source_id)
+
+
+def _ingest_claimed(source: Source, claim: _Claim, *, force: bool) -> IngestResult | _PreparedSource:
     source_id = source.pk
     if (
         not source.pending_file
@@ -396,12 +549,11 @@ def _ingest_claimed(source: Source, claim: _Claim, *, force: bool) -> IngestResu
     if len(data) > settings.INGEST_MAX_FILE_BYTES:
         return _fail(claim, too_large_reason())
     digest = hashlib.sha256(data).hexdigest()
-    current_model = embedding_module.model_id()
     if (
         not force
         and digest == source.content_hash
         and source.chunk_count > 0
-        and not source.chunks.exclude(embedding_model=current_model).exists()
+        and not source.chunks.exclude(embedding_model=embedding_module.model_id()).exists()
     ):
         _finish_unchanged(claim)
         return IngestResult(source_id, "unchanged", source.chunk_count)
@@ -421,7 +573,27 @@ def _ingest_claimed(source: Source, claim: _Claim, *, force: bool) -> IngestResu
         embedding_module.passage_text(document.title, span.heading_path, document.text[span.start : span.end])
         for span in spans
     ]
-    vectors = _embed_with_progress(model, texts, lambda pct: _set_progress(claim, Source.Status.EMBEDDING, pct))
+    return _PreparedSource(source_id, claim, digest, document, spans, texts)
+
+
+def _ingest_store(prepared: _PreparedSource, vectors, *, contain_errors: bool = False) -> IngestResult:
+    """Swap ``prepared``'s chunks (``vectors[i]`` the embedding of ``prepared.texts[i]``), text and
+    hash into its source in one transaction, if its claim still holds; retire curated answers citing
+    its old version. With ``contain_errors`` an unexpected error fails the source instead of
+    propagating."""
+    try:
+        return _ingest_store_claimed(prepared, vectors)
+    except _Superseded:
+        return _superseded(prepared.source_id)
+    except Exception as error:
+        if not contain_errors:
+            raise
+        return _fail_unexpected(prepared.claim, error)
+
+
+def _ingest_store_claimed(prepared: _PreparedSource, vectors) -> IngestResult:
+    source_id, claim, document, digest = prepared.source_id, prepared.claim, prepared.document, prepared.digest
+    current_model = embedding_module.model_id()
     chunks = [
         Chunk(
             ordinal=ordinal,
@@ -433,7 +605,7 @@ def _ingest_claimed(source: Source, claim: _Claim, *, force: bool) -> IngestResu
             embedding=vector,
             embedding_model=current_model,
         )
-        for ordinal, (span, vector) in enumerate(zip(spans, vectors))
+        for ordinal, (span, vector) in enumerate(zip(prepared.spans, vectors, strict=True))
     ]
     with transaction.atomic():
         locked = Source.objects.select_for_update().filter(pk=source_id).first()
@@ -470,11 +642,22 @@ def _finish_unchanged(claim: _Claim) -> None:
         claim.delete_pending_file_on_commit()
 
 
-def _embed_with_progress(model, texts: list[str], report: Callable[[int], None]):
+def _embed_with_progress(model, texts: list[str], report: Callable[[int], None]) -> np.ndarray:
+    """Embed ``texts`` (one unit vector per text, in their order: ``(len(texts), EMBEDDING_DIM)``)
+    in batches of ``EMBEDDING_BATCH_SIZE`` texts of similar length, calling ``report(pct)`` (10..95)
+    after each batch.
+
+    The texts are sorted by length, longest first, before batching, as sentence-transformers'
+    ``SentenceTransformer.encode`` sorts the texts of one call: a batch is padded to its longest
+    text, so similar lengths waste the least. Encoding batch by batch keeps the progress moving
+    (``knowledge.stuck_ingestions`` fails a source whose progress stalls).
+    """
     batch = settings.EMBEDDING_BATCH_SIZE
-    vectors = []
-    for offset in range(0, len(texts), batch):
-        vectors.extend(model.encode(texts[offset : offset + batch]))
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    vectors = np.zeros((len(texts), settings.EMBEDDING_DIM), dtype=np.float32)
+    for offset in range(0, len(order), batch):
+        picked = order[offset : offset + batch]
+        vectors[picked] = model.encode([texts[i] for i in picked], batch_size=batch)
         report(10 + int(85 * min(len(texts), offset + batch) / max(len(texts), 1)))
     return vectors
 

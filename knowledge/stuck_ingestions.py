@@ -4,9 +4,10 @@ Ingestion reports progress on the source as it goes (``status``, ``progress`` an
 move at each step and each embedded batch), so a source in ``parsing`` or ``embedding`` whose
 ``updated_at`` is older than ``INGEST_STUCK_S`` has no worker behind it any more: the worker's pool
 process was killed (out of memory, ``kill -9``, a host restart) after the task began. The task itself
-is redelivered (``knowledge.ingest_source`` is ``acks_late`` with ``reject_on_worker_lost``), at most
-``INGEST_MAX_DELIVERIES`` times (``ingest_delivery_count``: a file that kills its worker every time must
-not loop for ever); the periodic ``knowledge.fail_stuck_sources`` (Celery beat) fails whatever is
+is redelivered (``knowledge.ingest_source`` and ``knowledge.ingest_sources`` are ``acks_late`` with
+``reject_on_worker_lost``; a redelivered batch becomes one ``ingest_source`` per unfinished source), at
+most ``INGEST_MAX_DELIVERIES`` times (``ingest_delivery_count``: a file that kills its worker every time
+must not loop for ever); the periodic ``knowledge.fail_stuck_sources`` (Celery beat) fails whatever is
 still stuck with a reason, so ``manage.py ingest`` and the admin stop waiting. The chunks of the
 source's previous version are untouched and keep serving.
 """

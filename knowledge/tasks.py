@@ -1,10 +1,14 @@
 """Celery tasks of the knowledge base: thin wrappers around ``knowledge.services``.
 
-``ingest_source`` is ``acks_late`` with ``reject_on_worker_lost``: when its worker's pool process
-dies mid-ingestion (killed, out of memory) the message goes back to the queue and another delivery
-re-runs it (ingestion is idempotent), at most ``INGEST_MAX_DELIVERIES`` times. Without
-``reject_on_worker_lost`` Celery acknowledges such a task as failed and it is lost, leaving its source
-in ``embedding`` for ever. ``fail_stuck_sources`` (Celery beat) fails what is still stuck
+``ingest_source`` ingests one source (an upload, a product); ``ingest_sources`` ingests many (a
+registered folder, a re-ingest of several sources), embedding their chunks together
+(``services.documents_ingest``). Both are ``acks_late`` with ``reject_on_worker_lost``: when their
+worker's pool process dies mid-ingestion (killed, out of memory) the message goes back to the queue
+and another delivery re-runs it (ingestion is idempotent); ``ingest_source`` at most
+``INGEST_MAX_DELIVERIES`` times, while a redelivered ``ingest_sources`` splits into one
+``ingest_source`` per unfinished source, so a file that kills its worker fails alone. Without
+``reject_on_worker_lost`` Celery acknowledges such a task as failed and it is lost, leaving its
+sources in ``embedding`` for ever. ``fail_stuck_sources`` (Celery beat) fails what is still stuck
 (``knowledge.stuck_ingestions``).
 """
 
@@ -33,8 +37,42 @@ def ingest_source(self, source_id: int, force: bool = False) -> dict:
     try:
         result = services.document_ingest(source_id, force=force)
     except Exception as error:
-        services.mark_failed(source_id, f"internal error during ingestion: {type(error).__name__}: {error}")
+        services.mark_failed(source_id, services.internal_error_reason(error))
         raise
+    return _result_dict(result)
+
+
+@shared_task(name="knowledge.ingest_sources", bind=True, acks_late=True, reject_on_worker_lost=True)
+def ingest_sources(self, source_ids: list[int], force: bool = False) -> list[dict]:
+    """Ingest the sources ``source_ids`` together (see ``services.documents_ingest``: their chunks
+    are embedded in shared batches, each source is stored in its own transaction and fails alone);
+    safe to run twice. Returns one dict per source, as ``ingest_source`` does.
+
+    An unexpected error outside any one source (the embedding model itself) marks the sources still
+    queued, parsing or embedding as failed with the error's text and is re-raised. A redelivery (the
+    worker process died during the first delivery, e.g. a file that exhausts memory) does not run the
+    batch again: it queues one ``ingest_source`` task for each source not yet finished (those reported
+    ``"requeued"``), so such a file again fails alone after its own ``INGEST_MAX_DELIVERIES``
+    deliveries while the others are ingested.
+    """
+    from knowledge.selectors import source_ids_unfinished
+
+    source_ids = [int(source_id) for source_id in source_ids]
+    if stuck_ingestions.ingest_delivery_count(self.request.id) > 1:
+        unfinished = source_ids_unfinished(source_ids)
+        for source_id in unfinished:
+            ingest_source.delay(source_id, force=force)
+        return [{"source_id": pk, "status": "requeued" if pk in unfinished else "already finished", "chunks": 0,
+                 "error": ""} for pk in source_ids]
+    try:
+        results = services.documents_ingest(source_ids, force=force)
+    except Exception as error:
+        services.sources_fail_unfinished(source_ids, services.internal_error_reason(error))
+        raise
+    return [_result_dict(result) for result in results]
+
+
+def _result_dict(result: services.IngestResult) -> dict:
     return {"source_id": result.source_id, "status": result.status, "chunks": result.chunk_count, "error": result.error}
 
 

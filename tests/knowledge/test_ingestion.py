@@ -1,7 +1,8 @@
 """Ingestion services against the real Postgres + pgvector and the real embedding model: every file
 type, the hash skip, the atomic replace, deletion, products, re-embedding, and every kind of bad
 input (the source is marked failed with its reason; the rest of a batch goes on; what was serving is
-untouched)."""
+untouched), and batch ingestion (``documents_ingest``: several files per embedding call, each stored
+and failed on its own)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import io
 import threading
 from decimal import Decimal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -482,7 +484,7 @@ RETURNS_V2_CHUNKS = [
 def queued_by_hand(monkeypatch) -> list[int]:
     """Ingestion tasks are recorded, not sent to the broker: the tests run ``document_ingest`` by hand."""
     queued: list[int] = []
-    monkeypatch.setattr(services, "_enqueue", lambda ids, force=False: queued.extend(ids))
+    monkeypatch.setattr(services, "sources_enqueue", lambda ids, force=False: queued.extend(ids))
     return queued
 
 
@@ -762,3 +764,171 @@ def test_ingest_command_sync_reports_ready_and_failed_files(kb_folder, settings)
         f"  failed: {kb_folder / name}: {reason}" for name, (_, reason) in BATCH_BAD.items()
     )
     assert set(Source.objects.values_list("collection", flat=True)) == {"help"}
+
+
+# --- batch ingestion (several sources per embedding call) ---------------------------------------------
+
+
+class EncodeSpy:
+    """Records the texts of every call of the embedding model's ``encode`` (then runs the real one)."""
+
+    def __init__(self, model, monkeypatch):
+        self.calls: list[list[str]] = []
+        real = model.encode
+
+        def spy(texts, batch_size=None):
+            self.calls.append(list(texts))
+            return real(texts, batch_size=batch_size)
+
+        monkeypatch.setattr(model, "encode", spy)
+
+
+def ingest_batch(paths, **kwargs) -> dict[str, services.IngestResult]:
+    """Register ``paths`` and ingest the queued sources with ``documents_ingest`` (what ``manage.py
+    ingest --sync`` does); results by file name."""
+    registered = services.sources_register_paths(paths, enqueue=False)
+    names = {s.pk: Path(s.uri).name for s in registered.queued}
+    return {names[r.source_id]: r for r in services.documents_ingest(list(names), **kwargs)}
+
+
+def test_batch_embeds_several_files_per_call_and_stores_each_files_chunks_under_its_own_source(
+        kb_folder, embedding_model, monkeypatch, settings):
+    # given the six good files (13 chunks), rounds of at least 5 chunks and batches of 4 texts
+    settings.INGEST_BATCH_CHUNKS, settings.EMBEDDING_BATCH_SIZE = 5, 4
+    for name, data in good_files().items():
+        (kb_folder / name).write_bytes(data)
+    spy = EncodeSpy(embedding_model, monkeypatch)
+    # when the folder is ingested as one batch
+    results = ingest_batch([kb_folder])
+    # then every file is ingested with exactly its own chunks, as one-file ingestion stores them
+    assert {name: (r.status, r.chunk_count, r.error) for name, r in results.items()} == {
+        name: ("ingested", len(chunks), "") for name, (_, chunks) in EXPECTED_CHUNKS.items()}
+    for name, (title, expected) in EXPECTED_CHUNKS.items():
+        source = Source.objects.get(uri=str(kb_folder / name))
+        assert (source.status, source.progress, source.title, source.chunk_count) == ("ready", 100, title, len(expected))
+        assert chunk_rows(source.pk) == expected
+    # and files were taken in rounds (sorted names: care.pdf 2 + handbook.docx 2 + returns.md 3 chunks,
+    # then shipping.txt 2 + store_faq.csv 2 + warranty.html 2), each round's texts in calls of at most 4,
+    # longest first, mixing files
+    texts = {
+        source.uri.rsplit("/", 1)[1]: [passage_text(source.title, c.heading_path, c.text)
+                                       for c in source.chunks.order_by("ordinal")]
+        for source in Source.objects.all()
+    }
+    rounds = [texts["care.pdf"] + texts["handbook.docx"] + texts["returns.md"],
+              texts["shipping.txt"] + texts["store_faq.csv"] + texts["warranty.html"]]
+    by_length = [sorted(r, key=len, reverse=True) for r in rounds]
+    assert spy.calls == [by_length[0][:4], by_length[0][4:], by_length[1][:4], by_length[1][4:]]
+    # and each chunk's embedding is its own passage's (nothing shifted between files)
+    for chunk in Chunk.objects.select_related("source"):
+        expected_vector = embedding_model.encode([passage_text(chunk.source.title, chunk.heading_path, chunk.text)])[0]
+        assert np.asarray(chunk.embedding) == pytest.approx(expected_vector, abs=1e-5)
+
+
+def test_batch_with_a_corrupt_file_fails_only_it_keeps_its_serving_version_and_skips_unchanged_files(
+        kb_folder, settings):
+    # given three serving files
+    settings.INGEST_MAX_FILE_BYTES = OVER_LIMIT
+    for name in ("care.pdf", "returns.md", "shipping.txt"):
+        (kb_folder / name).write_bytes(good_files()[name])
+    ingest_batch([kb_folder])
+    ids = {name: Source.objects.get(uri=str(kb_folder / name)).pk for name in ("care.pdf", "returns.md", "shipping.txt")}
+    before = {name: serving_snapshot(pk) for name, pk in ids.items()}
+    # when the PDF is replaced by a corrupt one, the Markdown page changes, a new page arrives, the
+    # text file stays as it was, and all four are ingested in one batch (the unchanged one too, as a
+    # task delivered twice would)
+    (kb_folder / "care.pdf").write_bytes(b"%PDF-1.4\nthis is not a pdf at all\n")
+    (kb_folder / "returns.md").write_text("# Returns policy\n\nReturns are accepted within 60 days.\n")
+    (kb_folder / "warranty.html").write_bytes(good_files()["warranty.html"])
+    registered = services.sources_register_paths([kb_folder], enqueue=False)
+    ids["warranty.html"] = Source.objects.get(uri=str(kb_folder / "warranty.html")).pk
+    assert sorted(s.pk for s in registered.queued) == sorted(ids[n] for n in ("care.pdf", "returns.md", "warranty.html"))
+    order = [ids[n] for n in ("care.pdf", "returns.md", "shipping.txt", "warranty.html")]
+    seen = []
+    results = services.documents_ingest(order, on_result=seen.append)
+    # then the corrupt file alone failed with its reason, the changed and new ones are ingested, the
+    # unchanged one was skipped by its hash
+    reason = "corrupt or unreadable PDF (Stream has ended unexpectedly)"
+    assert results == [
+        services.IngestResult(ids["care.pdf"], "failed", 0, reason),
+        services.IngestResult(ids["returns.md"], "ingested", 1),
+        services.IngestResult(ids["shipping.txt"], "unchanged", 2),
+        services.IngestResult(ids["warranty.html"], "ingested", 2),
+    ]
+    assert sorted(seen, key=lambda r: r.source_id) == sorted(results, key=lambda r: r.source_id)
+    states = {name: Source.objects.filter(pk=pk).values_list("status", "error", "progress").get()
+              for name, pk in ids.items()}
+    assert states == {"care.pdf": ("failed", reason, 0), "returns.md": ("ready", "", 100),
+                      "shipping.txt": ("ready", "", 100), "warranty.html": ("ready", "", 100)}
+    # and the corrupt file's previous version is served exactly as before, the unchanged file untouched
+    assert serving_snapshot(ids["care.pdf"]) == before["care.pdf"]
+    [top] = chunk_search(before["care.pdf"]["chunks"][0][4], k=1, collection="default")
+    assert (top.chunk_id, top.source_id) == (before["care.pdf"]["chunks"][0][0], ids["care.pdf"])
+    assert serving_snapshot(ids["shipping.txt"]) == before["shipping.txt"]
+    # and every file's chunks are stored under its own source
+    assert chunk_rows(ids["returns.md"]) == [(["Returns policy"], "Returns are accepted within 60 days.")]
+    assert chunk_rows(ids["warranty.html"]) == EXPECTED_CHUNKS["warranty.html"][1]
+    assert chunk_rows(ids["care.pdf"]) == EXPECTED_CHUNKS["care.pdf"][1]
+    assert Chunk.objects.count() == 2 + 1 + 2 + 2
+
+
+@pytest.mark.parametrize("stage", ["parse", "store"])
+def test_unexpected_error_in_one_source_of_a_batch_fails_only_that_source(stage, kb_folder, monkeypatch):
+    # given two serving files, both changed since
+    for name in ("returns.md", "shipping.txt"):
+        (kb_folder / name).write_bytes(good_files()[name])
+    ingest_batch([kb_folder])
+    returns, shipping = (Source.objects.get(uri=str(kb_folder / n)) for n in ("returns.md", "shipping.txt"))
+    before = serving_snapshot(returns.pk)
+    (kb_folder / "returns.md").write_text(RETURNS_MD + "\nOne more line.\n")
+    (kb_folder / "shipping.txt").write_text(SHIPPING_TXT + "\nParcels are insured.\n")
+    # when the Markdown page breaks in an unforeseen way while it is parsed, or while it is stored
+    if stage == "parse":
+        real_parse = services.parse_file
+
+        def broken(filename, data):
+            if filename == "returns.md":
+                raise RuntimeError("parser bug")
+            return real_parse(filename, data)
+
+        monkeypatch.setattr(services, "parse_file", broken)
+    else:
+        real_swap = services._swap_chunks
+
+        def broken(source, chunks, *, title):
+            if source.pk == returns.pk:
+                Chunk.objects.filter(source_id=source.pk).delete()  # half done, then
+                raise RuntimeError("disk on fire")
+            return real_swap(source, chunks, title=title)
+
+        monkeypatch.setattr(services, "_swap_chunks", broken)
+    results = ingest_batch([kb_folder])
+    # then only that page failed, with the error's text, and it serves its previous version
+    message = "parser bug" if stage == "parse" else "disk on fire"
+    reason = f"internal error during ingestion: RuntimeError: {message}"
+    assert results == {"returns.md": services.IngestResult(returns.pk, "failed", 0, reason),
+                       "shipping.txt": services.IngestResult(shipping.pk, "ingested", 2)}
+    returns.refresh_from_db()
+    assert (returns.status, returns.error) == ("failed", reason)
+    assert serving_snapshot(returns.pk) == before
+    # and the other file of the batch is ready with its new version
+    shipping.refresh_from_db()
+    assert (shipping.status, "Parcels are insured." in shipping.text) == ("ready", True)
+    assert Chunk.objects.filter(source=shipping, text__contains="Parcels are insured.").count() == 1
+
+
+def test_enqueueing_many_sources_queues_batches_and_one_source_its_own_task(
+        monkeypatch, settings, django_capture_on_commit_callbacks):
+    # given a task size of two sources
+    from knowledge import tasks
+
+    settings.INGEST_TASK_SOURCES = 2
+    sent = []
+    monkeypatch.setattr(tasks.ingest_sources, "delay", lambda ids, force=False: sent.append(("many", ids, force)))
+    monkeypatch.setattr(tasks.ingest_source, "delay", lambda pk, force=False: sent.append(("one", pk, force)))
+    # when five sources are queued, then one
+    with django_capture_on_commit_callbacks(execute=True):
+        services.sources_enqueue([11, 12, 13, 14, 15], force=True)
+        services.sources_enqueue([16])
+    # then the five go in tasks of two, three, and the single one in a task of its own
+    assert sent == [("many", [11, 12], True), ("many", [13, 14], True), ("many", [15], True), ("one", 16, False)]

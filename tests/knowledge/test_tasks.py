@@ -17,7 +17,7 @@ from celery.signals import task_postrun
 
 from knowledge import services
 from knowledge.models import Chunk, Source
-from knowledge.tasks import ingest_source
+from knowledge.tasks import ingest_source, ingest_sources
 from tests.knowledge.conftest import serving_snapshot
 from tests.knowledge.sample_files import FAQ_CSV, RETURNS_MD, SCRIPTS_ONLY_HTML
 
@@ -25,18 +25,22 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 class FinishedTasks:
-    """Return values of ``knowledge.ingest_source`` runs, in the order the worker finished them."""
+    """Per-source return values of ``knowledge.ingest_source`` and ``knowledge.ingest_sources`` runs
+    (a batch contributes one entry per source), in the order the worker finished them."""
 
     def __init__(self):
         self.results: list[tuple[str, dict | Exception]] = []
+        self.task_names: list[str] = []
         self.threads: set[str] = set()
         self._changed = threading.Condition()
 
     def record(self, sender=None, task=None, retval=None, state=None, **kwargs):
-        if task is not None and task.name == "knowledge.ingest_source":
+        if task is not None and task.name in ("knowledge.ingest_source", "knowledge.ingest_sources"):
             with self._changed:
                 self.threads.add(threading.current_thread().name)
-                self.results.append((state, retval))
+                self.task_names.append(task.name)
+                per_source = retval if isinstance(retval, list) else [retval]
+                self.results.extend((state, r) for r in per_source)
                 self._changed.notify_all()
 
     def wait_for(self, count: int, timeout_s: float = 120) -> list[tuple[str, dict | Exception]]:
@@ -79,7 +83,7 @@ def test_folder_registered_for_ingestion_is_ingested_by_the_worker(finished, kb_
     (kb_folder / "store_faq.csv").write_text(FAQ_CSV)
     (kb_folder / "empty.md").write_bytes(b"")
     (kb_folder / "app.html").write_text(SCRIPTS_ONLY_HTML)
-    # when it is registered (which queues one task per file when its transaction commits)
+    # when it is registered (which queues one batch task for the four files when its transaction commits)
     registered = services.sources_register_paths([kb_folder], collection="help")
     assert len(registered.queued) == 4
     # then the worker ingests each: the good files end ready, the bad ones failed with their reason
@@ -99,6 +103,7 @@ def test_folder_registered_for_ingestion_is_ingested_by_the_worker(finished, kb_
         ("store_faq.csv", "ready", 100, 2),
     ]
     assert Chunk.objects.count() == 5
+    assert finished.task_names == ["knowledge.ingest_sources"]
     # and the tasks ran on the worker's threads, not in this one
     assert finished.threads and threading.current_thread().name not in finished.threads
 
@@ -235,3 +240,64 @@ def test_reupload_during_ingestion_ends_with_the_new_version_serving(order, fini
         "Exchanges for another size are free.",
     ]
     assert [path for path in media_root.rglob("*") if path.is_file()] == []
+
+
+def test_embedding_model_error_in_a_batch_task_fails_its_unfinished_sources_and_keeps_what_was_serving(
+        kb_folder, monkeypatch):
+    # given two serving files, one changed since and one new file, and one unchanged file
+    (kb_folder / "returns.md").write_text(RETURNS_MD)
+    (kb_folder / "faq.csv").write_text(FAQ_CSV)
+    first = services.sources_register_paths([kb_folder], enqueue=False).queued
+    services.documents_ingest([s.pk for s in first])
+    faq, returns = sorted(first, key=lambda s: s.uri)
+    before = serving_snapshot(returns.pk)
+    (kb_folder / "returns.md").write_text(RETURNS_MD + "\nOne more line.\n")
+    (kb_folder / "new.md").write_text("# New\n\nA new page.\n")
+    new = [s for s in services.sources_register_paths([kb_folder], enqueue=False).queued if s.pk != returns.pk][0]
+
+    # when the embedding model breaks while the batch task runs (called in this process)
+    def broken(model, texts, report):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(services, "_embed_with_progress", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        ingest_sources([faq.pk, returns.pk, new.pk])
+    # then the sources it was ingesting are failed with the error's text, the unchanged one is ready,
+    # and the changed one still serves its previous version
+    reason = "internal error during ingestion: RuntimeError: out of memory"
+    states = {s.pk: (s.status, s.error) for s in Source.objects.all()}
+    assert states == {faq.pk: ("ready", ""), returns.pk: ("failed", reason), new.pk: ("failed", reason)}
+    assert serving_snapshot(returns.pk) == before
+    assert Chunk.objects.filter(source=new.pk).count() == 0
+
+
+def test_a_redelivered_batch_task_requeues_each_unfinished_source_as_its_own_task(kb_folder, monkeypatch):
+    # given a batch of three sources whose worker died mid-batch: one was finished, two were not
+    from django.utils import timezone
+
+    from knowledge import stuck_ingestions
+
+    (kb_folder / "returns.md").write_text(RETURNS_MD)
+    (kb_folder / "faq.csv").write_text(FAQ_CSV)
+    (kb_folder / "poison.md").write_text("# Poison\n\nKills its worker.\n")
+    faq, poison, returns = sorted(services.sources_register_paths([kb_folder], enqueue=False).queued,
+                                  key=lambda s: s.uri)
+    services.document_ingest(faq.pk)
+    Source.objects.filter(pk=poison.pk).update(status="embedding", progress=40)
+    sent, ran = [], []
+    monkeypatch.setattr(ingest_source, "delay", lambda pk, force=False: sent.append((pk, force)))
+    monkeypatch.setattr(services, "documents_ingest", lambda *a, **k: ran.append(a))
+    task_id = f"test-batch-{faq.pk}-{timezone.now().timestamp()}"
+    stuck_ingestions.ingest_delivery_count(task_id)
+    # when the task is delivered again
+    result = ingest_sources.apply(args=[[faq.pk, poison.pk, returns.pk]], kwargs={"force": True}, task_id=task_id).get()
+    # then the batch is not run again: each unfinished source gets its own task (which fails alone
+    # after its own deliveries if it kills its worker), the finished one is left alone
+    assert ran == []
+    assert sent == [(poison.pk, True), (returns.pk, True)]
+    assert result == [
+        {"source_id": faq.pk, "status": "already finished", "chunks": 0, "error": ""},
+        {"source_id": poison.pk, "status": "requeued", "chunks": 0, "error": ""},
+        {"source_id": returns.pk, "status": "requeued", "chunks": 0, "error": ""},
+    ]
+    assert Source.objects.get(pk=faq.pk).status == "ready"

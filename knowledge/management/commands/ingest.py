@@ -1,6 +1,8 @@
 """``manage.py ingest PATH_OR_URL... [--collection NAME]``: queue files and folders for ingestion
-and show progress until every source is ready or failed; an ``http(s)://`` argument registers (or
-updates) a website source and syncs it, printing its report."""
+(Celery ``knowledge.ingest_sources`` tasks of ``INGEST_TASK_SOURCES`` files) and show progress until
+every source is ready or failed; with ``--sync`` ingest them in this process
+(``services.documents_ingest``: chunks of several files embedded together). An ``http(s)://``
+argument registers (or updates) a website source and syncs it, printing its report."""
 
 from __future__ import annotations
 
@@ -58,8 +60,8 @@ class Command(BaseCommand):
         )
         ids = [source.pk for source in result.queued]
         if sync:
-            for source_id in tqdm(ids, desc="ingesting", unit="file"):
-                services.document_ingest(source_id, force=force)
+            with tqdm(total=len(ids), desc="ingesting", unit="file") as bar:
+                services.documents_ingest(ids, force=force, on_result=lambda result: bar.update(1))
         elif ids and not no_wait:
             self._wait(ids, timeout)
         if not no_wait:
