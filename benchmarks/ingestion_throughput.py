@@ -83,12 +83,13 @@ class StageTimer:
 
 
 @contextmanager
-def instrumented(services, model, timer: StageTimer, embedded_texts: list[str], after_round):
+def instrumented(ingestion, model, timer: StageTimer, embedded_texts: list[str], after_round):
     """Time the stages the ingestion services run, record the texts they embed, and call
     ``after_round()`` after each round of ``documents_ingest`` (embedded and stored), by wrapping the
-    module-level functions they call (restored on exit)."""
+    module-level functions they call in ``ingestion`` (``knowledge.services.ingestion``, where they are
+    looked up; restored on exit)."""
     originals = {
-        name: getattr(services, name)
+        name: getattr(ingestion, name)
         for name in ("parse_file", "chunk_document", "_embed_with_progress", "_swap_chunks", "_read_bytes",
                      "_ingest_round")
     }
@@ -104,18 +105,18 @@ def instrumented(services, model, timer: StageTimer, embedded_texts: list[str], 
         after_round()
         return result
 
-    services.parse_file = timer.wrap("parse", originals["parse_file"])
-    services.chunk_document = timer.wrap("chunk (incl. token counting)", originals["chunk_document"])
-    services._embed_with_progress = recording_embed
-    services._swap_chunks = timer.wrap("store (delete old, insert chunks + indexes, tsvector)", originals["_swap_chunks"])
-    services._read_bytes = timer.wrap("read file", originals["_read_bytes"])
-    services._ingest_round = round_then_hook
+    ingestion.parse_file = timer.wrap("parse", originals["parse_file"])
+    ingestion.chunk_document = timer.wrap("chunk (incl. token counting)", originals["chunk_document"])
+    ingestion._embed_with_progress = recording_embed
+    ingestion._swap_chunks = timer.wrap("store (delete old, insert chunks + indexes, tsvector)", originals["_swap_chunks"])
+    ingestion._read_bytes = timer.wrap("read file", originals["_read_bytes"])
+    ingestion._ingest_round = round_then_hook
     model.encode = timer.wrap("model.encode", original_encode)
     try:
         yield
     finally:
         for name, function in originals.items():
-            setattr(services, name, function)
+            setattr(ingestion, name, function)
         del model.encode  # back to the class's method
 
 
@@ -129,6 +130,7 @@ def main() -> None:
 
     from knowledge import embedding as embedding_module
     from knowledge import services
+    from knowledge.services import ingestion
     from knowledge.models import Chunk, Source
 
     files = services.iter_files([docs])
@@ -184,7 +186,7 @@ def main() -> None:
                  f"({len(embedded_texts) / bare['s']:.1f} chunks/s)")
 
     try:
-        with instrumented(services, model, timer, embedded_texts, bare_encode_new_texts):
+        with instrumented(ingestion, model, timer, embedded_texts, bare_encode_new_texts):
             progress(f"registering {len(files)} files in collection {args.collection!r}")
             started = time.perf_counter()
             registered = services.sources_register_paths(files, collection=args.collection, enqueue=False)

@@ -61,12 +61,6 @@ def answered_question(field: str = "id") -> Subquery:
     )
 
 
-def conversation_list(*, status: str | None = None) -> QuerySet[Conversation]:
-    """Conversations, most recently updated first, optionally of one ``status``."""
-    conversations = Conversation.objects.all()
-    return conversations.filter(status=status) if status else conversations
-
-
 # How many of a verified customer's conversations the widget is shown (most recent first).
 VERIFIED_CONVERSATIONS_MAX = 50
 PREVIEW_MAX_CHARS = 120

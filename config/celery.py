@@ -11,8 +11,8 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
 
-# Tasks that run for minutes (fine-tunes, evaluations) and go to the TUNING_QUEUE queue.
-TUNING_TASKS = frozenset({"tuning.fine_tune_run", "tuning.evaluate_model", "tuning.embedder_run"})
+# Tasks that run for minutes (fine-tunes with their evaluations) and go to the TUNING_QUEUE queue.
+TUNING_TASKS = frozenset({"tuning.fine_tune_run", "tuning.embedder_run"})
 
 
 def route_task(name, args, kwargs, options, task=None, **kw):

@@ -76,13 +76,6 @@ def _result_dict(result: services.IngestResult) -> dict:
     return {"source_id": result.source_id, "status": result.status, "chunks": result.chunk_count, "error": result.error}
 
 
-@shared_task(name="knowledge.reembed")
-def reembed(collection: str | None = None, everything: bool = False) -> dict:
-    """Re-embed chunks of another embedding model (see ``services.reembed``)."""
-    result = services.reembed(collection=collection, everything=everything)
-    return {"sources": result.sources, "chunks": result.chunks}
-
-
 @shared_task(name="knowledge.sync_website", acks_late=True)
 def sync_website(website_id: int, sync_id: int | None = None) -> dict:
     """Sync website ``website_id`` (see ``websites.website_sync``): the queued run ``sync_id``, or a

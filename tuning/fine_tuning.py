@@ -301,17 +301,6 @@ def evaluate_candidate(run: FineTuneRun, candidate: ModelVersion, reporter: _Run
     return evaluation_run(run.dataset, candidate, run=run, on_progress=progress)
 
 
-def model_version_promote(version: ModelVersion) -> ModelVersion:
-    """Make ``version`` the served model (``chat.services.model_version_activate``: every web process
-    switches on its next answer, without a restart) and mark the ``succeeded`` run that made it
-    ``promoted``, in one transaction. Raises what ``model_version_activate`` raises (nothing changed)."""
-    with transaction.atomic():
-        version = model_version_activate(version)
-        FineTuneRun.objects.filter(model_version=version, status=FineTuneRun.Status.SUCCEEDED).update(
-            status=FineTuneRun.Status.PROMOTED)
-    return version
-
-
 def model_version_rollback(version_id: int) -> ModelVersion:
     """Serve an earlier version again (any registered version: the base or an earlier adapter).
 

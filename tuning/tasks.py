@@ -54,18 +54,6 @@ def fine_tune_scheduled() -> int | None:
     return run.pk if run else None
 
 
-@shared_task(name="tuning.evaluate_model")
-def evaluate_model(dataset_id: int, candidate_version_id: int) -> int:
-    """Evaluate model version ``candidate_version_id`` against the base and the active version on
-    dataset ``dataset_id``'s held-out split (``tuning.evaluation.evaluation_run``). Returns the id
-    of the stored ``ModelEvaluation``."""
-    from chat.models import ModelVersion
-    from tuning.evaluation import evaluation_run
-    from tuning.models import TrainingDataset
-
-    return evaluation_run(TrainingDataset.objects.get(pk=dataset_id), ModelVersion.objects.get(pk=candidate_version_id)).pk
-
-
 @shared_task(name="tuning.embedder_run", acks_late=True)
 def embedder_run(run_id: int) -> str:
     """Execute embedder run ``run_id`` (``tuning.embedder_runs.embedder_run_execute``): fine-tune the

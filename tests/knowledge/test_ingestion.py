@@ -19,6 +19,7 @@ from django.core.management import call_command
 from django.db import connection, transaction
 
 from knowledge import services
+from knowledge.services import ingestion, sources
 from knowledge.chunking import chunk_document
 from knowledge.embedding import model_id, passage_text
 from knowledge.models import Chunk, Product, Source
@@ -235,14 +236,14 @@ def test_reingest_is_atomic_for_readers_on_another_connection(kb_folder, embeddi
     # The swap is paused after the old chunks are deleted and the new ones inserted, until a
     # reader has looked: that reader must still see the old version.
     mid_swap, reader_looked = threading.Event(), threading.Event()
-    real_swap = services._swap_chunks
+    real_swap = ingestion._swap_chunks
 
     def swap_then_wait_for_a_reader(*args, **kwargs):
         real_swap(*args, **kwargs)
         mid_swap.set()
         assert reader_looked.wait(30)
 
-    monkeypatch.setattr(services, "_swap_chunks", swap_then_wait_for_a_reader)
+    monkeypatch.setattr(ingestion, "_swap_chunks", swap_then_wait_for_a_reader)
     reads, searches, during_swap, errors = [], [], [], []
     first_read, writer_done, stop = threading.Event(), threading.Event(), threading.Event()
 
@@ -484,14 +485,14 @@ RETURNS_V2_CHUNKS = [
 def queued_by_hand(monkeypatch) -> list[int]:
     """Ingestion tasks are recorded, not sent to the broker: the tests run ``document_ingest`` by hand."""
     queued: list[int] = []
-    monkeypatch.setattr(services, "sources_enqueue", lambda ids, force=False: queued.extend(ids))
+    monkeypatch.setattr(sources, "sources_enqueue", lambda ids, force=False: queued.extend(ids))
     return queued
 
 
 def during_next_embedding(monkeypatch, action) -> None:
     """Run ``action()`` once, inside the next ingestion, after it read and parsed its version and
     before it embeds it."""
-    real, done = services._embed_with_progress, []
+    real, done = ingestion._embed_with_progress, []
 
     def embed(model, texts, report):
         if not done:
@@ -499,7 +500,7 @@ def during_next_embedding(monkeypatch, action) -> None:
             action()
         return real(model, texts, report)
 
-    monkeypatch.setattr(services, "_embed_with_progress", embed)
+    monkeypatch.setattr(ingestion, "_embed_with_progress", embed)
 
 
 def files_in(folder) -> list:
@@ -884,16 +885,16 @@ def test_unexpected_error_in_one_source_of_a_batch_fails_only_that_source(stage,
     (kb_folder / "shipping.txt").write_text(SHIPPING_TXT + "\nParcels are insured.\n")
     # when the Markdown page breaks in an unforeseen way while it is parsed, or while it is stored
     if stage == "parse":
-        real_parse = services.parse_file
+        real_parse = ingestion.parse_file
 
         def broken(filename, data):
             if filename == "returns.md":
                 raise RuntimeError("parser bug")
             return real_parse(filename, data)
 
-        monkeypatch.setattr(services, "parse_file", broken)
+        monkeypatch.setattr(ingestion, "parse_file", broken)
     else:
-        real_swap = services._swap_chunks
+        real_swap = ingestion._swap_chunks
 
         def broken(source, chunks, *, title):
             if source.pk == returns.pk:
@@ -901,7 +902,7 @@ def test_unexpected_error_in_one_source_of_a_batch_fails_only_that_source(stage,
                 raise RuntimeError("disk on fire")
             return real_swap(source, chunks, title=title)
 
-        monkeypatch.setattr(services, "_swap_chunks", broken)
+        monkeypatch.setattr(ingestion, "_swap_chunks", broken)
     results = ingest_batch([kb_folder])
     # then only that page failed, with the error's text, and it serves its previous version
     message = "parser bug" if stage == "parse" else "disk on fire"

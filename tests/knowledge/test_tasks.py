@@ -16,6 +16,7 @@ import pytest
 from celery.signals import task_postrun
 
 from knowledge import services
+from knowledge.services import ingestion
 from knowledge.models import Chunk, Source
 from knowledge.tasks import ingest_source, ingest_sources
 from tests.knowledge.conftest import serving_snapshot
@@ -190,7 +191,7 @@ def test_reupload_during_ingestion_ends_with_the_new_version_serving(order, fini
     (its task runs on the other thread); with "older-finishes-first" v2's task also waits until v1's
     has returned, so v1's ingestion ends while v2 is still pending."""
     v1_embedding, release_v1, v1_returned = threading.Event(), threading.Event(), threading.Event()
-    real_embed, real_ingest = services._embed_with_progress, services.document_ingest
+    real_embed, real_ingest = ingestion._embed_with_progress, services.document_ingest
 
     def embed(model, texts, report):
         if any("30 days" in text for text in texts):  # v1's passages only
@@ -210,7 +211,7 @@ def test_reupload_during_ingestion_ends_with_the_new_version_serving(order, fini
             if version == "v1":
                 v1_returned.set()
 
-    monkeypatch.setattr(services, "_embed_with_progress", embed)
+    monkeypatch.setattr(ingestion, "_embed_with_progress", embed)
     monkeypatch.setattr(services, "document_ingest", ingest)
 
     # given v1 uploaded, its ingestion under way on one worker thread
@@ -259,7 +260,7 @@ def test_embedding_model_error_in_a_batch_task_fails_its_unfinished_sources_and_
     def broken(model, texts, report):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(services, "_embed_with_progress", broken)
+    monkeypatch.setattr(ingestion, "_embed_with_progress", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
         ingest_sources([faq.pk, returns.pk, new.pk])
     # then the sources it was ingesting are failed with the error's text, the unchanged one is ready,

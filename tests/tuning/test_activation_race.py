@@ -17,7 +17,8 @@ import pytest
 from django.db import connection, connections
 
 from chat.models import ModelVersion
-from tuning.fine_tuning import model_version_promote, model_version_rollback
+from chat.services import model_version_activate
+from tuning.fine_tuning import model_version_rollback
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -41,7 +42,7 @@ def waiting_for_a_lock() -> int:
 
 
 OPERATIONS = {
-    "promote": lambda v: model_version_promote(v),
+    "promote": lambda v: model_version_activate(v),
     "rollback": lambda v: model_version_rollback(v.pk),
 }
 

@@ -18,6 +18,7 @@ from django.test import Client
 from chat.models import Conversation, Message
 from chat.services import answer_stream
 from knowledge import services as knowledge_services
+from knowledge.embedding import get_embedding_model
 from knowledge.models import Chunk, CuratedAnswer, CuratedEvidence, Source
 from knowledge.selectors import chunk_search, curated_answer_match
 from tuning import services
@@ -106,7 +107,7 @@ def test_an_approved_correction_is_retrievable_and_served_with_its_evidence_cite
         "curated", "default")
     chunk = curated.source.chunks.get()
     assert (chunk.text, chunk.start, chunk.end) == (curated.answer, 0, len(curated.answer))
-    assert np.allclose(np.array(list(chunk.embedding), dtype=float), knowledge_services.embedding_module.get_embedding_model()
+    assert np.allclose(np.array(list(chunk.embedding), dtype=float), get_embedding_model()
                        .encode([QUESTION])[0], atol=1e-5)
     assert [(e.source_id, e.start, e.end) for e in curated.evidence.all()] == [
         (kb["returns"], kb["evidence"].start, kb["evidence"].end)]

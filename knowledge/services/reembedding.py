@@ -1,0 +1,105 @@
+"""Re-embedding: new vectors for the stored chunks after the embedding model changed (``reembed``),
+source by source, or, when ``EMBEDDING_DIM`` changed, all at once with the schema change of the
+vector column and its HNSW index."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from django.conf import settings
+from django.db import connection, transaction
+
+from knowledge import embedding as embedding_module
+from knowledge.models import Chunk, Source
+
+
+def embedding_text(source: Source, chunk: Chunk) -> str:
+    """The text embedded for ``chunk`` of ``source``: the question alone for a curated answer (a new
+    question is compared with the question it answers), else the passage with its title and headings
+    (``embedding.passage_text``)."""
+    if source.kind == Source.Kind.CURATED:
+        return source.curated.question
+    return embedding_module.passage_text(source.title, chunk.heading_path, chunk.text)
+
+
+@dataclass
+class ReembedResult:
+    """Sources whose chunks were re-embedded, and chunks written."""
+
+    sources: int = 0
+    chunks: int = 0
+
+
+def reembed(*, collection: str | None = None, everything: bool = False,
+            report: Callable[[int, int], None] | None = None) -> ReembedResult:
+    """Re-embed chunks written by another embedding model (or all chunks with ``everything``).
+
+    Chunks keep their text and offsets; only vectors change. Each source is swapped in its own
+    transaction, so old vectors serve until its new ones commit. If ``EMBEDDING_DIM`` differs from
+    the stored column's dimension, every chunk is re-embedded first and the column and its HNSW index
+    are rebuilt in one transaction (searches wait for it, they never see a mix).
+    ``report(done, total)`` is called after each source.
+    """
+    current = embedding_module.model_id()
+    model = embedding_module.get_embedding_model()
+    if _stored_vector_dimension() != settings.EMBEDDING_DIM:
+        return _reembed_new_dimension(model, current, report)
+    sources = Source.objects.filter(chunk_count__gt=0)
+    if collection:
+        sources = sources.filter(collection=collection)
+    if not everything:
+        sources = sources.filter(pk__in=Chunk.objects.exclude(embedding_model=current).values("source_id"))
+    sources = list(sources.order_by("pk"))
+    result = ReembedResult()
+    for index, source in enumerate(sources, start=1):
+        result.chunks += _reembed_source(source.pk, model, current)
+        result.sources += 1
+        if report:
+            report(index, len(sources))
+    return result
+
+
+@transaction.atomic
+def _reembed_source(source_id: int, model, current: str) -> int:
+    """Re-embed one source's chunks in place (one transaction); returns the number of chunks."""
+    locked = Source.objects.select_for_update().get(pk=source_id)
+    chunks = list(locked.chunks.order_by("ordinal"))
+    texts = [embedding_text(locked, c) for c in chunks]
+    for chunk, vector in zip(chunks, model.encode(texts)):
+        chunk.embedding, chunk.embedding_model = vector, current
+    Chunk.objects.bulk_update(chunks, ["embedding", "embedding_model"], batch_size=500)
+    return len(chunks)
+
+
+def _stored_vector_dimension() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT atttypmod FROM pg_attribute WHERE attrelid = 'knowledge_chunk'::regclass "
+            "AND attname = 'embedding'"
+        )
+        return cursor.fetchone()[0]
+
+
+def _reembed_new_dimension(model, current: str, report) -> ReembedResult:
+    rows = list(Chunk.objects.select_related("source").order_by("pk"))
+    texts = [embedding_text(c.source, c) for c in rows]
+    vectors = model.encode(texts)
+    dim = int(settings.EMBEDDING_DIM)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("LOCK TABLE knowledge_chunk IN ACCESS EXCLUSIVE MODE")
+        cursor.execute("DROP INDEX IF EXISTS chunk_embedding_hnsw")
+        cursor.execute("ALTER TABLE knowledge_chunk ALTER COLUMN embedding DROP NOT NULL")
+        cursor.execute(f"ALTER TABLE knowledge_chunk ALTER COLUMN embedding TYPE vector({dim}) USING NULL")
+        for chunk, vector in zip(rows, vectors):
+            chunk.embedding, chunk.embedding_model = vector, current
+        Chunk.objects.bulk_update(rows, ["embedding", "embedding_model"], batch_size=500)
+        cursor.execute("ALTER TABLE knowledge_chunk ALTER COLUMN embedding SET NOT NULL")
+        cursor.execute(
+            "CREATE INDEX chunk_embedding_hnsw ON knowledge_chunk USING hnsw "
+            "(embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
+        )
+    sources = len({c.source_id for c in rows})
+    if report:
+        report(sources, sources)
+    return ReembedResult(sources=sources, chunks=len(rows))

@@ -1,0 +1,193 @@
+"""Registering sources: files and folders on disk (``sources_register_paths``), uploads
+(``source_upload``, ``pending_file_store``), deleting a source, and queueing ingestion tasks when the
+transaction commits (``sources_enqueue``).
+
+A source can be re-uploaded while an older version is still being ingested: each stored version
+raises ``Source.pending_version`` (see ``knowledge.services.ingestion`` for how an ingestion of an
+older version then stops), and a replaced pending file is deleted only once the transaction that
+replaced it commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from django.conf import settings
+from django.core.files.base import ContentFile, File
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from knowledge.models import DEFAULT_COLLECTION, Product, Source
+from knowledge.services.curated import _curated_retire_citing
+from knowledge.services.ingestion import too_large_reason
+
+
+class UploadRefused(ValueError):
+    """An upload that is not stored (larger than ``INGEST_MAX_FILE_BYTES``); the message says why."""
+
+
+def sources_enqueue(source_ids: Iterable[int], *, force: bool = False) -> None:
+    """Queue ingestion of ``source_ids`` when the current transaction commits: one
+    ``knowledge.ingest_source`` task for a single source, else ``knowledge.ingest_sources`` tasks of
+    at most ``INGEST_TASK_SOURCES`` sources each (their chunks are embedded together). ``force`` as
+    in ``document_ingest``."""
+    from knowledge.tasks import ingest_source, ingest_sources
+
+    ids = list(source_ids)
+    if len(ids) == 1:
+        transaction.on_commit(lambda: ingest_source.delay(ids[0], force=force))
+        return
+    size = max(1, settings.INGEST_TASK_SOURCES)
+    groups = [ids[offset : offset + size] for offset in range(0, len(ids), size)]
+    transaction.on_commit(lambda: [ingest_sources.delay(group, force=force) for group in groups])
+
+
+def _kind_for(filename: str) -> str:
+    return Source.Kind.FAQ if filename.lower().endswith(".csv") else Source.Kind.FILE
+
+
+def iter_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Files named by ``paths``, folders walked recursively (hidden files and folders skipped),
+    sorted. Raises ``FileNotFoundError`` for a path that does not exist."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser().resolve()
+        if not path.exists():
+            raise FileNotFoundError(f"no such file or folder: {raw}")
+        if path.is_file():
+            found.append(path)
+            continue
+        for child in sorted(path.rglob("*")):
+            relative = child.relative_to(path)
+            if child.is_file() and not any(part.startswith(".") for part in relative.parts):
+                found.append(child)
+    return sorted(dict.fromkeys(found))
+
+
+@dataclass
+class RegisterResult:
+    """Sources queued for ingestion, sources left as they were (same content hash), and sources
+    deleted by ``prune``."""
+
+    queued: list[Source]
+    unchanged: list[Source]
+    pruned: int = 0
+
+
+@transaction.atomic
+def sources_register_paths(
+    paths: Iterable[str | Path], *, collection: str = DEFAULT_COLLECTION, prune: bool = False,
+    enqueue: bool = True, force: bool = False,
+) -> RegisterResult:
+    """Register files and folders (recursively) as sources and queue changed ones for ingestion.
+
+    A file whose bytes hash to the serving ``content_hash`` is left alone. With ``prune``, sources
+    of ``collection`` that lived under one of the given folders but whose file is gone are deleted
+    with their chunks. ``force`` queues unchanged files too (re-parse and re-embed them, e.g. after
+    a parser or chunking change). Queued sources go to the worker in batches (``sources_enqueue``);
+    with ``enqueue=False`` the caller ingests them itself (``documents_ingest``, as ``manage.py ingest
+    --sync`` does). Raises ``FileNotFoundError`` if a path does not exist (nothing is queued).
+    """
+    paths = list(paths)
+    files = iter_files(paths)
+    result = RegisterResult(queued=[], unchanged=[])
+    for file in files:
+        uri = str(file)
+        source, _ = Source.objects.get_or_create(
+            collection=collection, uri=uri, defaults={"kind": _kind_for(file.name), "title": file.stem}
+        )
+        if not force and source.status == Source.Status.READY and source.content_hash == _file_hash(file):
+            result.unchanged.append(source)
+            continue
+        Source.objects.filter(pk=source.pk).update(
+            status=Source.Status.QUEUED, progress=0, error="", pending_version=F("pending_version") + 1,
+            updated_at=timezone.now(),
+        )
+        result.queued.append(source)
+    if prune:
+        folders = [str(Path(p).expanduser().resolve()) for p in paths if Path(p).is_dir()]
+        seen = {str(f) for f in files}
+        for source in Source.objects.filter(collection=collection, kind__in=[Source.Kind.FILE, Source.Kind.FAQ]):
+            if source.uri not in seen and any(source.uri.startswith(f + "/") for f in folders):
+                source_delete(source)
+                result.pruned += 1
+    if enqueue:
+        sources_enqueue((source.pk for source in result.queued), force=force)
+    return result
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return ""
+    return digest.hexdigest()
+
+
+def pending_file_store(source: Source, name: str, content: File) -> None:
+    """Make ``content`` the pending version of ``source`` (locked by the caller's transaction with
+    ``select_for_update``; the caller saves it): stored under ``name`` in the source's storage (a
+    file is copied in chunks, never read whole), ``pending_version`` raised so an ingestion of an
+    older version still running stops without writing, and the replaced pending file deleted only
+    when the transaction commits (a rollback leaves the row pointing at a file that still exists).
+    The new file, stored while the old one still exists, gets a name of its own."""
+    old = source.pending_file.name if source.pending_file else ""
+    storage = source.pending_file.storage
+    source.pending_file.save(name, content, save=False)
+    source.pending_version += 1
+    if old:
+        transaction.on_commit(lambda: storage.delete(old))
+
+
+def _locked_source(**lookup) -> Source:
+    """The source of ``collection`` and ``uri`` in ``lookup`` (created with ``defaults`` when absent),
+    locked until the caller's transaction ends, so concurrent uploads of one name queue one after the
+    other and none leaves its file behind."""
+    source, _ = Source.objects.get_or_create(**lookup)
+    return Source.objects.select_for_update().get(pk=source.pk)
+
+
+@transaction.atomic
+def source_upload(*, filename: str, data: bytes | File, collection: str = DEFAULT_COLLECTION) -> Source:
+    """Store an uploaded file as the pending version of source ``upload:<filename>`` and queue it.
+
+    ``data``: the file's bytes, or a Django ``File`` (a request's ``UploadedFile``, streamed to
+    storage in chunks). The serving version (if any) keeps answering until the new one is ready; an
+    ingestion of an earlier upload still running is superseded (see ``pending_file_store``).
+    Raises ``UploadRefused`` (nothing stored or changed) when the file is larger than
+    ``INGEST_MAX_FILE_BYTES``. If storing the row fails, the file just stored is deleted again.
+    """
+    content = data if isinstance(data, File) else ContentFile(data)
+    name = Path(filename).name or "upload"
+    if content.size > settings.INGEST_MAX_FILE_BYTES:
+        raise UploadRefused(f"{name}: {too_large_reason()}")
+    source = _locked_source(
+        collection=collection, uri=f"upload:{name}", defaults={"kind": _kind_for(name), "title": Path(name).stem}
+    )
+    pending_file_store(source, name, content)
+    try:
+        source.status, source.progress, source.error = Source.Status.QUEUED, 0, ""
+        source.save()
+        sources_enqueue([source.pk])
+    except Exception:
+        source.pending_file.storage.delete(source.pending_file.name)
+        raise
+    return source
+
+
+@transaction.atomic
+def source_delete(source: Source) -> None:
+    """Delete ``source``, its chunks (cascade) and its pending upload file."""
+    if source.pending_file:
+        name, storage = source.pending_file.name, source.pending_file.storage
+        transaction.on_commit(lambda: storage.delete(name))
+    Product.objects.filter(source=source).update(source=None)
+    _curated_retire_citing(source.pk, f"source {source.pk} was deleted")
+    source.delete()
