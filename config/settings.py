@@ -210,8 +210,22 @@ WHITENOISE_AUTOREFRESH = DEBUG
 # CORS on static files only for the widget script and the widget's origins (chat.widget_static),
 # instead of whitenoise's default "Access-Control-Allow-Origin: *" on every file.
 WHITENOISE_ALLOW_ALL_ORIGINS = False
+# Uploaded files (knowledge sources' pending files: uploads and rendered products) go through Django's
+# storage API, so every web process and worker host must see the same storage (README "Running on
+# several hosts"). By default a folder, MEDIA_ROOT (a shared volume on several hosts); STORAGE_BACKEND
+# (a dotted class path) and STORAGE_OPTIONS (a JSON object of its keyword arguments) replace that, e.g.
+# django-storages' "storages.backends.s3.S3Storage" with
+# '{"bucket_name": "support-uploads", "endpoint_url": "https://s3.example.com", "file_overwrite": false}'.
+STORAGE_BACKEND = env("STORAGE_BACKEND", default="django.core.files.storage.FileSystemStorage")
+try:
+    STORAGE_OPTIONS = env.json("STORAGE_OPTIONS", default={})
+except ValueError:
+    raise ImproperlyConfigured("STORAGE_OPTIONS is not valid JSON; it must be a JSON object such as "
+                               '{"bucket_name": "support-uploads"}') from None
+if not isinstance(STORAGE_OPTIONS, dict):
+    raise ImproperlyConfigured(f"STORAGE_OPTIONS must be a JSON object, not {STORAGE_OPTIONS!r}")
 STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "default": {"BACKEND": STORAGE_BACKEND, "OPTIONS": STORAGE_OPTIONS},
     "staticfiles": {
         "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
         if WHITENOISE_USE_FINDERS
