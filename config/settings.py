@@ -522,13 +522,17 @@ WIDGET_SCRIPT_MAX_AGE_S = env.int("WIDGET_SCRIPT_MAX_AGE_S", default=3600)
 RATE_LIMIT_CONVERSATIONS_PER_IP = env("RATE_LIMIT_CONVERSATIONS_PER_IP", default="5/minute;30/hour")
 RATE_LIMIT_CONVERSATIONS_PER_ORIGIN = env("RATE_LIMIT_CONVERSATIONS_PER_ORIGIN", default="120/minute")
 RATE_LIMIT_QUESTIONS_PER_CONVERSATION = env("RATE_LIMIT_QUESTIONS_PER_CONVERSATION", default="10/minute")
+# Requests per client IP to the signed-in customers' endpoints (list their conversations, resume one:
+# one count for both, refused ones included); past it HTTP 429 with Retry-After. A widget makes one
+# list request per page view and one resume per conversation opened.
+RATE_LIMIT_IDENTITY_PER_IP = env("RATE_LIMIT_IDENTITY_PER_IP", default="20/minute;200/hour")
 
 
 def _check_rate_limits() -> None:
     from limits import parse_many
 
     for name in ("RATE_LIMIT_CONVERSATIONS_PER_IP", "RATE_LIMIT_CONVERSATIONS_PER_ORIGIN",
-                 "RATE_LIMIT_QUESTIONS_PER_CONVERSATION"):
+                 "RATE_LIMIT_QUESTIONS_PER_CONVERSATION", "RATE_LIMIT_IDENTITY_PER_IP"):
         value = globals()[name].strip()
         try:
             if value:
