@@ -14,7 +14,11 @@ empty setting turns that limit off:
   the customer's, not the proxy's);
 - ``RATE_LIMIT_CONVERSATIONS_PER_ORIGIN``: new conversations per embedding site (``Origin`` header;
   requests without one share the key ``"-"``);
-- ``RATE_LIMIT_QUESTIONS_PER_CONVERSATION``: questions per conversation.
+- ``RATE_LIMIT_QUESTIONS_PER_CONVERSATION``: questions per conversation;
+- ``RATE_LIMIT_IDENTITY_PER_IP``: requests per client IP to the signed-in customers' endpoints
+  (``POST /api/conversations/verified/`` and ``.../<id>/resume/``, one count for both), refused ones
+  included: each checks a ``user_hash`` and may hand out a conversation's token, so guessing hashes,
+  user ids or conversation ids is slowed to this rate.
 
 A refused call raises ``RateLimited`` with ``retry_after_s``, the seconds until the oldest hit of the
 exhausted window expires (when one more call would pass). Redis being unreachable does not refuse
@@ -44,7 +48,7 @@ _NAMESPACE = "chat"
 class RateLimited(Exception):
     """A rate limit refused the call. ``retry_after_s`` (float seconds, > 0) is when it would pass;
     ``kind`` names the exhausted limit (``"conversations_per_ip"``, ``"conversations_per_origin"``,
-    ``"questions_per_conversation"``)."""
+    ``"questions_per_conversation"``, ``"identity_per_ip"``)."""
 
     def __init__(self, kind: str, retry_after_s: float):
         super().__init__(f"rate limit {kind} exceeded; retry after {retry_after_s:.1f} s")
@@ -131,6 +135,15 @@ def question_check(conversation_id) -> None:
     items = _items("RATE_LIMIT_QUESTIONS_PER_CONVERSATION")
     if items:
         _check_and_hit([_Check("questions_per_conversation", str(conversation_id), items)])
+
+
+def identity_request_check(*, client_ip: str | None) -> None:
+    """Count one request of a signed-in customer's endpoint from ``client_ip`` (``None``: unknown, not
+    limited). Raises ``RateLimited`` (kind ``"identity_per_ip"``, nothing counted) when
+    ``RATE_LIMIT_IDENTITY_PER_IP`` is exhausted."""
+    items = _items("RATE_LIMIT_IDENTITY_PER_IP")
+    if client_ip and items:
+        _check_and_hit([_Check("identity_per_ip", client_ip, items)])
 
 
 def rate_limits_reset() -> None:

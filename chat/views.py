@@ -13,8 +13,8 @@ is 403). The hash is a lasting credential of that customer, so it is refused in 
 | method and path | what |
 |---|---|
 | ``POST /api/conversations/`` | start a conversation: ``{"id", "token", "verified", "message_max_chars"}`` (201); 429 with ``Retry-After`` past the rate limits |
-| ``POST /api/conversations/verified/`` | a verified customer's conversations on this site: ``{"conversations": [...]}`` |
-| ``POST /api/conversations/<id>/resume/`` | a verified customer resumes one of them on this device: ``{"id", "token", "status", "message_max_chars"}`` |
+| ``POST /api/conversations/verified/`` | a verified customer's conversations on this site: ``{"conversations": [...]}``; 429 with ``Retry-After`` past the rate limit |
+| ``POST /api/conversations/<id>/resume/`` | a verified customer resumes one of them on this device: ``{"id", "token", "status", "message_max_chars"}``; 429 with ``Retry-After`` past the rate limit |
 | ``GET /api/conversations/<id>/messages/`` | its transcript (``chat.transcripts.transcript_get``) and ``"message_max_chars"`` |
 | ``GET /api/conversations/<id>/passages/<chunk_id>/`` | a cited passage: ``{"status", "notice", "title", "url", "before", "passage", "after"}`` |
 | ``POST /api/conversations/<id>/handoff/`` | ask for a human: ``{"id", "status"}`` |
@@ -130,11 +130,12 @@ def conversation_required(view):
 
 
 RATE_LIMITED_MESSAGE = "Too many new conversations from here; please try again in a moment."
+IDENTITY_RATE_LIMITED_MESSAGE = "Too many requests from here; please try again in a moment."
 
 
-def rate_limited_response(limited: rate_limits.RateLimited) -> JsonResponse:
-    """429 ``{"error", "retry_after_s"}`` with the ``Retry-After`` header (whole seconds)."""
-    response = JsonResponse({"error": RATE_LIMITED_MESSAGE, "retry_after_s": round(limited.retry_after_s, 1)}, status=429)
+def rate_limited_response(limited: rate_limits.RateLimited, message: str = RATE_LIMITED_MESSAGE) -> JsonResponse:
+    """429 ``{"error": message, "retry_after_s"}`` with the ``Retry-After`` header (whole seconds)."""
+    response = JsonResponse({"error": message, "retry_after_s": round(limited.retry_after_s, 1)}, status=429)
     response["Retry-After"] = limited.retry_after_header
     return response
 
@@ -191,10 +192,19 @@ def verified_identity_required(view):
     """Decorate a widget API view for a signed-in customer: the JSON body must carry ``user_id`` and
     a valid ``user_hash`` for the request's origin (``chat.identity.identity_check``); the view
     receives the ``Identity`` after the request. Otherwise 400 (malformed body or ``user_id``, a hash in
-    the URL) or 403 (no claim, a missing or wrong hash, a site without identity verification)."""
+    the URL) or 403 (no claim, a missing or wrong hash, a site without identity verification).
+
+    Every request is first counted against the client IP's ``RATE_LIMIT_IDENTITY_PER_IP``
+    (``chat.rate_limits.identity_request_check``), refused ones too, so hashes, user ids and
+    conversation ids cannot be tried faster than that; past it 429 (``rate_limited_response``) and
+    nothing is checked or read."""
 
     @wraps(view)
     def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        try:
+            rate_limits.identity_request_check(client_ip=request.META.get("REMOTE_ADDR"))
+        except rate_limits.RateLimited as limited:
+            return rate_limited_response(limited, IDENTITY_RATE_LIMITED_MESSAGE)
         try:
             body = _json_body(request)
             identity = identity_check(origin=_origin(request), user_id=body.get("user_id"),

@@ -210,8 +210,22 @@ WHITENOISE_AUTOREFRESH = DEBUG
 # CORS on static files only for the widget script and the widget's origins (chat.widget_static),
 # instead of whitenoise's default "Access-Control-Allow-Origin: *" on every file.
 WHITENOISE_ALLOW_ALL_ORIGINS = False
+# Uploaded files (knowledge sources' pending files: uploads and rendered products) go through Django's
+# storage API, so every web process and worker host must see the same storage (README "Running on
+# several hosts"). By default a folder, MEDIA_ROOT (a shared volume on several hosts); STORAGE_BACKEND
+# (a dotted class path) and STORAGE_OPTIONS (a JSON object of its keyword arguments) replace that, e.g.
+# django-storages' "storages.backends.s3.S3Storage" with
+# '{"bucket_name": "support-uploads", "endpoint_url": "https://s3.example.com", "file_overwrite": false}'.
+STORAGE_BACKEND = env("STORAGE_BACKEND", default="django.core.files.storage.FileSystemStorage")
+try:
+    STORAGE_OPTIONS = env.json("STORAGE_OPTIONS", default={})
+except ValueError:
+    raise ImproperlyConfigured("STORAGE_OPTIONS is not valid JSON; it must be a JSON object such as "
+                               '{"bucket_name": "support-uploads"}') from None
+if not isinstance(STORAGE_OPTIONS, dict):
+    raise ImproperlyConfigured(f"STORAGE_OPTIONS must be a JSON object, not {STORAGE_OPTIONS!r}")
 STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "default": {"BACKEND": STORAGE_BACKEND, "OPTIONS": STORAGE_OPTIONS},
     "staticfiles": {
         "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
         if WHITENOISE_USE_FINDERS
@@ -508,13 +522,17 @@ WIDGET_SCRIPT_MAX_AGE_S = env.int("WIDGET_SCRIPT_MAX_AGE_S", default=3600)
 RATE_LIMIT_CONVERSATIONS_PER_IP = env("RATE_LIMIT_CONVERSATIONS_PER_IP", default="5/minute;30/hour")
 RATE_LIMIT_CONVERSATIONS_PER_ORIGIN = env("RATE_LIMIT_CONVERSATIONS_PER_ORIGIN", default="120/minute")
 RATE_LIMIT_QUESTIONS_PER_CONVERSATION = env("RATE_LIMIT_QUESTIONS_PER_CONVERSATION", default="10/minute")
+# Requests per client IP to the signed-in customers' endpoints (list their conversations, resume one:
+# one count for both, refused ones included); past it HTTP 429 with Retry-After. A widget makes one
+# list request per page view and one resume per conversation opened.
+RATE_LIMIT_IDENTITY_PER_IP = env("RATE_LIMIT_IDENTITY_PER_IP", default="20/minute;200/hour")
 
 
 def _check_rate_limits() -> None:
     from limits import parse_many
 
     for name in ("RATE_LIMIT_CONVERSATIONS_PER_IP", "RATE_LIMIT_CONVERSATIONS_PER_ORIGIN",
-                 "RATE_LIMIT_QUESTIONS_PER_CONVERSATION"):
+                 "RATE_LIMIT_QUESTIONS_PER_CONVERSATION", "RATE_LIMIT_IDENTITY_PER_IP"):
         value = globals()[name].strip()
         try:
             if value:

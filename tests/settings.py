@@ -14,7 +14,7 @@ os.environ.setdefault("EMBEDDED_SERVICES", "1")
 # Every test (and live server) talks from 127.0.0.1 and starts many conversations a minute: the rate
 # limits are lifted here, and tests/chat/test_rate_limits.py sets the ones it checks.
 for _name in ("RATE_LIMIT_CONVERSATIONS_PER_IP", "RATE_LIMIT_CONVERSATIONS_PER_ORIGIN",
-              "RATE_LIMIT_QUESTIONS_PER_CONVERSATION"):
+              "RATE_LIMIT_QUESTIONS_PER_CONVERSATION", "RATE_LIMIT_IDENTITY_PER_IP"):
     os.environ.setdefault(_name, "")
 
 from config.settings import *  # noqa: E402,F401,F403

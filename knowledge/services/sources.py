@@ -137,12 +137,14 @@ def pending_file_store(source: Source, name: str, content: File) -> None:
     file is copied in chunks, never read whole), ``pending_version`` raised so an ingestion of an
     older version still running stops without writing, and the replaced pending file deleted only
     when the transaction commits (a rollback leaves the row pointing at a file that still exists).
-    The new file, stored while the old one still exists, gets a name of its own."""
+    The new file, stored while the old one still exists, gets a name of its own, except in a storage
+    that writes over an existing name (django-storages' ``S3Storage`` with its default
+    ``file_overwrite=True``): there the new file took the old one's place and is not deleted."""
     old = source.pending_file.name if source.pending_file else ""
     storage = source.pending_file.storage
     source.pending_file.save(name, content, save=False)
     source.pending_version += 1
-    if old:
+    if old and old != source.pending_file.name:
         transaction.on_commit(lambda: storage.delete(old))
 
 

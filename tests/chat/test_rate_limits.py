@@ -8,6 +8,9 @@ starts from empty counters.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +22,7 @@ from channels.testing import WebsocketCommunicator
 
 from chat import rate_limits
 from chat.conversation_access import client_subprotocols
-from chat.models import Conversation
+from chat.models import Conversation, Message, WidgetSite
 from chat.services import AnswerEvent, conversation_start
 from config.asgi import application
 from tests.chat.test_consumer import SAME_SITE, SCRIPT, FakeAnswers, frames_of
@@ -34,6 +37,7 @@ def empty_counters(settings):
     settings.RATE_LIMIT_CONVERSATIONS_PER_IP = ""
     settings.RATE_LIMIT_CONVERSATIONS_PER_ORIGIN = ""
     settings.RATE_LIMIT_QUESTIONS_PER_CONVERSATION = ""
+    settings.RATE_LIMIT_IDENTITY_PER_IP = ""
     rate_limits.rate_limits_reset()
     yield
     rate_limits.rate_limits_reset()
@@ -141,6 +145,113 @@ def test_a_malformed_limit_setting_stops_start_up():
     assert result.returncode != 0
     assert ("ImproperlyConfigured: RATE_LIMIT_QUESTIONS_PER_CONVERSATION='ten a minute' is not a rate limit like "
             '"10/minute" or "5/minute;30/hour"') in result.stderr
+
+
+# --- signed-in customers' endpoints per client IP (HTTP) ---------------------------------------------
+
+
+@pytest.fixture
+def shop_site(settings) -> WidgetSite:
+    settings.WIDGET_ALLOWED_ORIGINS = [SHOP]
+    return WidgetSite.objects.create(origin=SHOP, collection="default")
+
+
+def identity_of(site: WidgetSite, user_id: str) -> dict:
+    """The body a host site sends for its signed-in ``user_id`` (HMAC-SHA256 computed here, as the site would)."""
+    return {"user_id": user_id, "user_hash": hmac.new(site.identity_secret.encode(), user_id.encode(),
+                                                      hashlib.sha256).hexdigest()}
+
+
+def identity_post(client, path: str, body: dict, *, ip: str):
+    return client.post(path, data=json.dumps(body), content_type="application/json", REMOTE_ADDR=ip, HTTP_ORIGIN=SHOP)
+
+
+def verified_conversation(site: WidgetSite, user_id: str) -> Conversation:
+    conversation = conversation_start(origin=site.origin, verified_user_id=user_id)
+    Message.objects.create(conversation=conversation, role=Message.Role.USER, text="Where is my order?")
+    return conversation
+
+
+@pytest.mark.django_db
+def test_listing_past_the_per_ip_identity_limit_gets_429_with_retry_after(client, settings, shop_site):
+    # given a limit of 2 identity requests a minute per client IP, and customer 42's conversation
+    settings.RATE_LIMIT_IDENTITY_PER_IP = "2/minute"
+    verified_conversation(shop_site, "cust-42")
+    body = identity_of(shop_site, "cust-42")
+
+    # when one IP lists the customer's conversations three times
+    statuses = [identity_post(client, "/api/conversations/verified/", body, ip="203.0.113.7").status_code
+                for _ in range(2)]
+    refused = identity_post(client, "/api/conversations/verified/", body, ip="203.0.113.7")
+
+    # then the third is refused with 429, Retry-After within the minute, the delay in the body and
+    # the CORS headers the widget needs to read them; nothing of the customer's is in it
+    assert statuses == [200, 200]
+    assert refused.status_code == 429
+    assert 1 <= int(refused["Retry-After"]) <= 60
+    assert refused["Access-Control-Allow-Origin"] == SHOP
+    assert refused["Access-Control-Expose-Headers"] == "Retry-After"
+    assert sorted(refused.json()) == ["error", "retry_after_s"]
+    assert refused.json()["error"] == "Too many requests from here; please try again in a moment."
+    assert 0 < refused.json()["retry_after_s"] <= 60
+    # while another IP still lists them
+    assert identity_post(client, "/api/conversations/verified/", body, ip="198.51.100.4").status_code == 200
+
+
+@pytest.mark.django_db
+def test_resume_shares_the_identity_limit_and_a_refused_resume_gives_no_token(client, settings, shop_site):
+    # given a limit of 2 a minute, and customer 42's conversation
+    settings.RATE_LIMIT_IDENTITY_PER_IP = "2/minute"
+    conversation = verified_conversation(shop_site, "cust-42")
+    body = identity_of(shop_site, "cust-42")
+    resume = f"/api/conversations/{conversation.pk}/resume/"
+
+    # when one IP lists, resumes, then resumes again
+    listed = identity_post(client, "/api/conversations/verified/", body, ip="203.0.113.8")
+    resumed = identity_post(client, resume, body, ip="203.0.113.8")
+    refused = identity_post(client, resume, body, ip="203.0.113.8")
+
+    # then the list and the first resume counted against one limit, and the third request got no token
+    assert (listed.status_code, resumed.status_code, refused.status_code) == (200, 200, 429)
+    assert resumed.json()["token"] == conversation.token
+    assert conversation.token not in refused.content.decode()
+    assert refused.json()["error"] == "Too many requests from here; please try again in a moment."
+    # and the conversation is unchanged
+    assert Conversation.objects.get(pk=conversation.pk).token == conversation.token
+
+
+@pytest.mark.django_db
+def test_refused_identity_claims_count_so_hashes_cannot_be_tried_faster_than_the_limit(client, settings, shop_site):
+    # given a limit of 3 a minute
+    settings.RATE_LIMIT_IDENTITY_PER_IP = "3/minute"
+    conversation = verified_conversation(shop_site, "cust-42")
+    wrong = {"user_id": "cust-42", "user_hash": "0" * 64}
+
+    # when one IP tries wrong hashes for the list and the resume endpoints, then the right one
+    tried = [identity_post(client, path, wrong, ip="203.0.113.9").status_code
+             for path in ("/api/conversations/verified/", f"/api/conversations/{conversation.pk}/resume/",
+                          "/api/conversations/verified/")]
+    right = identity_post(client, "/api/conversations/verified/", identity_of(shop_site, "cust-42"), ip="203.0.113.9")
+
+    # then the wrong ones were refused (403) and used up the limit: even the right hash now waits
+    assert tried == [403, 403, 403]
+    assert right.status_code == 429
+
+
+@pytest.mark.django_db
+def test_the_identity_limit_is_separate_from_the_new_conversations_limit(client, settings, shop_site):
+    # given both per-IP limits at 1 a minute
+    settings.RATE_LIMIT_IDENTITY_PER_IP = "1/minute"
+    settings.RATE_LIMIT_CONVERSATIONS_PER_IP = "1/minute"
+    body = identity_of(shop_site, "cust-42")
+    verified_conversation(shop_site, "cust-42")
+
+    # when one IP lists its conversations and starts a new one
+    listed = identity_post(client, "/api/conversations/verified/", body, ip="203.0.113.10")
+    started = identity_post(client, "/api/conversations/", body, ip="203.0.113.10")
+
+    # then neither used up the other's limit
+    assert (listed.status_code, started.status_code) == (200, 201)
 
 
 # --- questions per conversation (websocket) --------------------------------------------------------

@@ -933,3 +933,24 @@ def test_enqueueing_many_sources_queues_batches_and_one_source_its_own_task(
         services.sources_enqueue([16])
     # then the five go in tasks of two, three, and the single one in a task of its own
     assert sent == [("many", [11, 12], True), ("many", [13, 14], True), ("many", [15], True), ("one", 16, False)]
+
+
+def test_reupload_to_a_storage_that_overwrites_same_names_keeps_the_new_file(
+    media_root, queued_by_hand, settings, django_capture_on_commit_callbacks
+):
+    # given a storage that writes a file of an existing name over it instead of choosing a new name
+    # (django-storages' S3Storage does with its default file_overwrite=True), and v1 uploaded
+    settings.STORAGES = {**settings.STORAGES, "default": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"allow_overwrite": True}}}
+    with django_capture_on_commit_callbacks(execute=True):
+        first = services.source_upload(filename="returns.md", data=RETURNS_MD.encode())
+    # when v2 is uploaded under the same name
+    with django_capture_on_commit_callbacks(execute=True):
+        second = services.source_upload(filename="returns.md", data=RETURNS_V2_MD.encode())
+    # then v2 took v1's storage name, and its file was not deleted as "the replaced pending file"
+    second.refresh_from_db()
+    assert second.pending_file.name == first.pending_file.name
+    assert (second.status, second.pending_version) == ("queued", 2)
+    assert files_in(media_root) == [media_root / second.pending_file.name]
+    assert (media_root / second.pending_file.name).read_bytes() == RETURNS_V2_MD.encode()
+    assert queued_by_hand == [first.pk, first.pk]
