@@ -247,33 +247,51 @@ WITH vec AS (
 lexemes AS MATERIALIZED (
     -- the query's lexemes and how many searched chunks hold each, counted up to max_matches + 1
     -- (a GIN lookup each, stopped early for a common word)
-    SELECT q.query, (SELECT count(*) FROM (SELECT 1 FROM knowledge_chunk c {text_join}
-                     WHERE c.search_vector @@ q.query {text_filter} LIMIT %(max_matches)s + 1) held) AS df
-    FROM (SELECT quote_literal(v.lexeme)::tsquery AS query FROM unnest(to_tsvector('english', %(terms)s)) v) q
+    SELECT q.lexeme, q.query, (SELECT count(*) FROM (SELECT 1 FROM knowledge_chunk c {text_join}
+                               WHERE c.search_vector @@ q.query {text_filter} LIMIT %(max_matches)s + 1) held) AS df
+    FROM (SELECT v.lexeme, quote_literal(v.lexeme)::tsquery AS query
+          FROM unnest(to_tsvector('english', %(terms)s)) v) q
+),
+common AS MATERIALIZED (
+    -- the share of chunks holding each of the table's most common lexemes (ANALYZE's sample), to
+    -- estimate the document frequency of a word too common to count
+    SELECT e.lexeme, e.share
+    FROM pg_stats p,
+         unnest(p.most_common_elems::text::text[], p.most_common_elem_freqs) AS e(lexeme, share)
+    WHERE p.schemaname = current_schema() AND p.tablename = 'knowledge_chunk' AND p.attname = 'search_vector'
+      AND e.lexeme IS NOT NULL
 ),
 terms AS MATERIALIZED (
-    -- BM25's inverse document frequency of the rarest lexemes, kept while the chunks they match
-    -- add up to at most max_matches (the rarest is always kept): a bounded candidate set, whatever
-    -- the corpus size; the common words left out weigh least (BM25 idf falls with df)
-    SELECT query, idf FROM (
-        SELECT l.query, ln(1 + (n.total - l.df + 0.5) / (l.df + 0.5)) AS idf,
+    -- BM25's inverse document frequency of every lexeme (a count over max_matches is replaced by the
+    -- estimate from the table's statistics when that is larger), and which lexemes find the
+    -- candidates: the rarest, kept while the chunks they match add up to at most max_matches (the
+    -- rarest always), so the ranked set is bounded whatever the corpus size
+    SELECT query, idf, rarity = 1 OR matched <= %(max_matches)s AS finds FROM (
+        SELECT l.query, ln(1 + greatest(n.total - d.df + 0.5, 0.5) / (d.df + 0.5)) AS idf,
                sum(l.df) OVER rarest AS matched, row_number() OVER rarest AS rarity
         FROM lexemes l
         CROSS JOIN (SELECT coalesce(sum(s.chunk_count), 0) AS total FROM knowledge_source s
                     WHERE true {source_filter}) n
+        LEFT JOIN common ON common.lexeme = l.lexeme
+        CROSS JOIN LATERAL (SELECT CASE WHEN l.df > %(max_matches)s
+                                        THEN greatest(l.df, coalesce(common.share, 0) * n.total)
+                                        ELSE l.df END AS df) d
         WHERE l.df > 0
         WINDOW rarest AS (ORDER BY l.df, l.query::text ROWS UNBOUNDED PRECEDING)
     ) ranked
-    WHERE rarity = 1 OR matched <= %(max_matches)s
 ),
 fts AS (
     SELECT id, text_score, row_number() OVER (ORDER BY text_score DESC, id) AS rank
     FROM (
+        -- the candidates, found by the rarest lexemes, scored by all of them
         SELECT held.id, sum(terms.idf * ts_rank(held.search_vector, terms.query)) AS text_score
-        FROM terms
-        CROSS JOIN LATERAL (SELECT c.id, c.search_vector FROM knowledge_chunk c {text_join}
-                            WHERE c.search_vector @@ terms.query {text_filter}
-                            LIMIT %(max_matches)s) held
+        FROM (SELECT DISTINCT ON (found.id) found.id, found.search_vector
+              FROM terms finder
+              CROSS JOIN LATERAL (SELECT c.id, c.search_vector FROM knowledge_chunk c {text_join}
+                                  WHERE c.search_vector @@ finder.query {text_filter}
+                                  LIMIT %(max_matches)s) found
+              WHERE finder.finds) held
+        JOIN terms ON held.search_vector @@ terms.query
         GROUP BY held.id
         ORDER BY text_score DESC, held.id
         LIMIT %(candidates)s
@@ -299,6 +317,13 @@ def chunk_search(
     exclude_kinds: Sequence[str] = (),
 ) -> list[RetrievedChunk]:
     """Hybrid retrieval: the ``k`` best chunks for ``query`` (best first), fused with RRF.
+
+    The vector leg is the nearest chunks by cosine distance (HNSW). The full-text leg scores a chunk by
+    BM25-style weighting: the sum over the query's lexemes of their inverse document frequency in the
+    searched chunks times ``ts_rank``; to bound its cost at any corpus size it ranks only the chunks
+    found by the query's rarest lexemes (kept while their matches add up to at most
+    ``RETRIEVAL_TEXT_MAX_MATCHES``), and a lexeme too common to count gets its document frequency
+    from the table's statistics (``pg_stats``; the larger of that and the count).
 
     ``collection`` restricts the search to one collection. ``candidates`` (default
     ``RETRIEVAL_CANDIDATES``) is how many chunks each leg contributes before fusion.

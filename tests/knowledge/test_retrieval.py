@@ -12,6 +12,7 @@ answer_end)`` (the data set's README).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -262,11 +263,19 @@ def test_the_full_text_leg_ranks_only_the_matches_of_the_rarest_words_within_its
             results = chunk_search("Do you ship to Canada?", k=5, collection=collection, mode="text")
             assert [Path(r.source_uri).name for r in results][0] == "international.md"
             assert len(results) == 5
-            # when it admits 3 matches: "canada" (1 chunk) is kept, "ship" (5 more) is left out, so
-            # only the page naming Canada is ranked, and its score is "canada"'s term alone
+            # when it admits 3 matches: "canada" (1 chunk) finds the candidates, "ship" (5 more) does
+            # not, so only the page naming Canada is ranked
             settings.RETRIEVAL_TEXT_MAX_MATCHES = 3
             results = chunk_search("Do you ship to Canada?", k=5, collection=collection, mode="text")
             assert [Path(r.source_uri).name for r in results] == ["international.md"]
+            # and it is still scored by both words: more than "canada"'s term alone (5 chunks, 1 with it)
+            from django.db import connection
+
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT ts_rank(search_vector, 'canada'::tsquery) FROM knowledge_chunk WHERE id = %s",
+                               [results[0].chunk_id])
+                canada_alone = math.log(1 + 4.5 / 1.5) * cursor.fetchone()[0]
+            assert results[0].text_rank > canada_alone * 1.01
             # a query of common words only keeps its rarest word, and ranks at most the budget's matches
             results = chunk_search("Do you ship?", k=5, collection=collection, mode="text")
             assert len(results) == 3
