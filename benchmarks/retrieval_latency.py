@@ -653,6 +653,7 @@ def main() -> None:
     from django.conf import settings
 
     from knowledge import embedding as embedding_module
+    from knowledge.models import HNSW_EF_CONSTRUCTION, HNSW_M
 
     ef_values = sorted({int(x) for x in args.ef_search.split(",") if x.strip()} or
                        {40, settings.HNSW_EF_SEARCH, 200, 400})
@@ -674,8 +675,8 @@ def main() -> None:
                           f"comparison; {setup_threads} while ingesting and checking (setup, not timed)"),
         ("retrieval settings", f"HNSW_EF_SEARCH={settings.HNSW_EF_SEARCH}, RETRIEVAL_CANDIDATES="
                                f"{settings.RETRIEVAL_CANDIDATES}, RRF_K={settings.RRF_K}, RETRIEVAL_TEXT_MAX_MATCHES="
-                               f"{settings.RETRIEVAL_TEXT_MAX_MATCHES}; HNSW m=16, "
-                               f"ef_construction=64, cosine"),
+                               f"{settings.RETRIEVAL_TEXT_MAX_MATCHES}; HNSW m={HNSW_M}, "
+                               f"ef_construction={HNSW_EF_CONSTRUCTION}, cosine"),
     ]), flush=True)
 
     try:

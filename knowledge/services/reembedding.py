@@ -11,7 +11,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from knowledge import embedding as embedding_module
-from knowledge.models import Chunk, Source
+from knowledge.models import HNSW_EF_CONSTRUCTION, HNSW_M, Chunk, Source
 
 
 def embedding_text(source: Source, chunk: Chunk) -> str:
@@ -97,7 +97,7 @@ def _reembed_new_dimension(model, current: str, report) -> ReembedResult:
         cursor.execute("ALTER TABLE knowledge_chunk ALTER COLUMN embedding SET NOT NULL")
         cursor.execute(
             "CREATE INDEX chunk_embedding_hnsw ON knowledge_chunk USING hnsw "
-            "(embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
+            f"(embedding vector_cosine_ops) WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION})"
         )
     sources = len({c.source_id for c in rows})
     if report:
