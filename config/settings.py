@@ -284,12 +284,13 @@ RRF_K = env.int("RRF_K", default=60)
 # (knowledge.selectors.chunk_search), so its cost stays bounded as the knowledge base grows.
 # Measured (README, "Retrieval at 100k chunks"): at 1000, Doc2Dial passage-hit@5 / document-hit@5 equal
 # to unbounded ranking (first turns 0.655 / 0.885, all turns 0.643 / 0.828) and the text leg at 100k
-# chunks p50 39 ms (was 1.2 s unbounded on the same loaded machine).
+# chunks p50 43 ms (was 1.2 s unbounded; benchmarks/retrieval_latency.py on the same loaded machine).
 RETRIEVAL_TEXT_MAX_MATCHES = env.int("RETRIEVAL_TEXT_MAX_MATCHES", default=1000)
-# HNSW search breadth (pgvector's hnsw.ef_search; its default is 40).
-# At 100k chunks recall@10 against an exact scan was 0.924 at 100, 0.942 at 200 (+2.5 ms), 0.962 at
-# 400 (+8 ms) (benchmarks/retrieval_latency.py).
-HNSW_EF_SEARCH = env.int("HNSW_EF_SEARCH", default=200)
+# HNSW search breadth (pgvector's hnsw.ef_search; its default is 40). At 100k chunks, with the graph
+# built at ef_construction 128 (knowledge.models), recall@10 against an exact scan was 0.963 at 200 and
+# 0.965 at 400 for a graph grown by inserts (benchmarks/retrieval_latency.py, 100 questions), and
+# 0.967 at 200 and 0.983 at 400 for one rebuilt by CREATE INDEX (60 questions), for +0.5-1.5 ms p50.
+HNSW_EF_SEARCH = env.int("HNSW_EF_SEARCH", default=400)
 # Website sources (knowledge.crawler, knowledge.websites). The User-Agent every request sends; its
 # first word is the token robots.txt groups are matched against.
 WEBSITE_USER_AGENT = env(

@@ -178,10 +178,11 @@ class WebsiteSync(models.Model):
         return f"sync #{self.pk} of {self.website}"
 
 
-# The HNSW graph of the chunk embeddings. benchmarks/retrieval_latency.py at 100k chunks (60 Doc2Dial
+# The HNSW graph of the chunk embeddings. At 100k chunks (README, "Retrieval at 100k chunks"; Doc2Dial
 # questions against an exact scan): ef_construction 64 gave recall@10 0.938 at ef_search 200 and 0.978
 # even at 1,000, some queries finding none of their true top 10 (the greedy search stuck in a dense
-# region); 128 gave 0.988 at ef_search 200 (the worst query 0.7), p50 4.4 ms, built in 40 s.
+# region); 128 gave 0.967-0.988 at ef_search 200 and 0.983 at 400 when built by CREATE INDEX (30-40 s),
+# 0.963 at 200 when grown by inserts.
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 128
 
