@@ -132,9 +132,7 @@ class SourceAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/knowledge/source/upload.html", context)
 
     def changelist_view(self, request, extra_context=None):
-        busy = Source.objects.filter(
-            status__in=[Source.Status.QUEUED, Source.Status.PARSING, Source.Status.EMBEDDING]
-        ).exists()
+        busy = Source.objects.filter(status__in=Source.UNFINISHED_STATUSES).exists()
         return super().changelist_view(request, {**(extra_context or {}), "ingestion_busy": busy})
 
     @admin.display(description="page")

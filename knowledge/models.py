@@ -39,6 +39,9 @@ class Source(models.Model):
         READY = "ready", "Ready"
         FAILED = "failed", "Failed"
 
+    # An ingestion that has not finished (queued, or in a worker).
+    UNFINISHED_STATUSES = (Status.QUEUED, Status.PARSING, Status.EMBEDDING)
+
     collection = models.CharField(max_length=100, default=DEFAULT_COLLECTION, db_index=True)
     uri = models.CharField(max_length=2000, help_text="Path, upload name, product:<sku>, a page's canonical URL "
                            "or curated:<key>.")

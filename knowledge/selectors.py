@@ -347,11 +347,9 @@ def chunk_search(
     # A chunk carries its source's collection (kept equal by triggers), so the collection is filtered
     # inside the (collection, search_vector) GIN index; only excluded kinds need the source row.
     join = "JOIN knowledge_source s ON s.id = c.source_id" if exclude_kinds else ""
-    where = "AND c.collection = %(collection)s" if collection else ""
-    source_filter = "AND s.collection = %(collection)s" if collection else ""
-    if exclude_kinds:
-        where += " AND s.kind <> ALL(%(exclude_kinds)s)"
-        source_filter += " AND s.kind <> ALL(%(exclude_kinds)s)"
+    kinds = " AND s.kind <> ALL(%(exclude_kinds)s)" if exclude_kinds else ""
+    where = ("AND c.collection = %(collection)s" if collection else "") + kinds
+    source_filter = ("AND s.collection = %(collection)s" if collection else "") + kinds
     sql = _HYBRID_SQL.format(
         vector_join=join, text_join=join, source_filter=source_filter,
         vector_filter=where if mode != "text" else where + " AND false",
@@ -514,7 +512,7 @@ def source_ids_unfinished(source_ids: Sequence[int]) -> list[int]:
     unfinished = set(
         Source.objects.filter(
             pk__in=list(source_ids),
-            status__in=[Source.Status.QUEUED, Source.Status.PARSING, Source.Status.EMBEDDING],
+            status__in=Source.UNFINISHED_STATUSES,
         ).values_list("pk", flat=True)
     )
     return [pk for pk in source_ids if pk in unfinished]

@@ -143,7 +143,7 @@ def sources_fail_unfinished(source_ids: Iterable[int], reason: str) -> set[int]:
 
     ids = set(source_ids_unfinished(list(source_ids)))
     Source.objects.filter(
-        pk__in=ids, status__in=[Source.Status.QUEUED, Source.Status.PARSING, Source.Status.EMBEDDING]
+        pk__in=ids, status__in=Source.UNFINISHED_STATUSES
     ).update(status=Source.Status.FAILED, error=reason, progress=0, updated_at=timezone.now())
     return ids
 
