@@ -12,7 +12,9 @@ refuses database calls.
 from __future__ import annotations
 
 import json
+import re
 import time
+from urllib.parse import urlparse
 
 import pytest
 
@@ -48,11 +50,14 @@ def test_demo_page_loads_the_widget_in_a_shadow_root_the_page_css_cannot_reach(b
         await page.keyboard.press("Escape")
         seen["panel hidden"] = await panel.is_hidden()
         seen["focus when closed"] = await page.evaluate(f"() => {SHADOW}.activeElement.className")
+        seen["widget scripts"] = [re.sub(r"\.[0-9a-f]{12}\.js$", ".<hash>.js", urlparse(url).path)
+                                  for url in watch.requests if "/static/widget/" in url]
         seen["errors"] = watch.errors
         return seen
 
     # then the launcher keeps its own look, the panel opens with the question box focused, and
-    # Escape closes it with the focus back on the launcher
+    # Escape closes it with the focus back on the launcher; the script came from collectstatic's
+    # manifest under its content-hashed name, as in production
     assert browse(scenario) == {
         "launcher visible": True,
         "in shadow root": True,
@@ -63,6 +68,7 @@ def test_demo_page_loads_the_widget_in_a_shadow_root_the_page_css_cannot_reach(b
         "focus when open": "Your question",
         "panel hidden": True,
         "focus when closed": "launcher",
+        "widget scripts": ["/static/widget/widget.<hash>.js"],
         "errors": [],
     }
 
