@@ -11,6 +11,7 @@ refuses database calls.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -355,6 +356,54 @@ def test_a_dropped_socket_reconnects_and_the_next_question_goes_through(browse):
 
 
 # --- customer feedback: thumbs on answers, the conversation's rating ----------------------------------
+
+
+def test_unavailable_puts_the_question_back_and_reconnects_after_the_servers_delay(browse):
+    async def scenario(page, watch):
+        connections = []
+
+        def serve(ws):
+            connections.append(ws)
+
+            def on_message(message):
+                if len(connections) == 1:  # Redis is down: what chat.consumers sends, then its close
+                    ws.send(json.dumps({"type": "chat.unavailable", "retry_after_s": 1,
+                                        "message": "The chat is briefly unavailable; reconnecting in a moment."}))
+                    asyncio.ensure_future(ws.close(code=4503))
+                    return
+                ws.send(json.dumps({"type": "chat.done", "message_id": 2, "abstained": False, "timings": {},
+                                    "text": "Back online."}))
+
+            ws.on_message(on_message)
+
+        await page.route_web_socket("**/ws/chat/**", serve)
+        await open_widget(page)
+        box = page.get_by_role("textbox", name="Your question")
+        await box.fill("How long does shipping take?")
+        await box.press("Enter")
+        status = page.locator("supportbot-widget .status")
+        await status.filter(has_text="unavailable").wait_for()
+        seen = {"status": await status.text_content(), "input": await box.input_value(),
+                "notes": await page.locator("supportbot-widget .note.error").all_text_contents()}
+        # the widget reconnects by itself after the delay; the question is sent again by the customer
+        await page.wait_for_function(f"() => {SHADOW}.querySelector('.status').hidden", timeout=30_000)
+        await box.press("Enter")
+        await page.wait_for_function(LAST_ANSWER_DONE, timeout=30_000)
+        seen["connections"] = len(connections)
+        seen["answers"] = await page.locator("supportbot-widget .msg.assistant .body").all_text_contents()
+        seen["errors"] = watch.errors
+        return seen
+
+    # then the customer is told, the unanswered question is back in the box, and once reconnected it
+    # is answered
+    assert browse(scenario) == {
+        "status": "The chat is briefly unavailable, reconnecting in 1 s…",
+        "input": "How long does shipping take?",
+        "notes": ["The chat is briefly unavailable; reconnecting in a moment."],
+        "connections": 2,
+        "answers": ["Back online."],
+        "errors": [],
+    }
 
 
 def test_thumbs_down_with_a_comment_is_stored_for_that_answer_using_the_keyboard_only(browse):
