@@ -19,6 +19,13 @@ channel-layer group (``conversation.<id>``) relays: ``chat.agent_message`` and `
 resolve). A bad frame (not JSON, not an object, unknown type, empty, unstorable or too long text, a
 question while an answer is streaming) gets ``chat.error`` ``{"message", "code"}`` and the socket stays open.
 
+While Redis (the channel layer) is unavailable (``chat.redis_outage``), the socket cannot hear its
+conversation's group, so it is not kept: a handshake is accepted, told ``chat.unavailable``
+``{"retry_after_s": 5, "message"}`` and closed with code 4503 (``CLOSE_UNAVAILABLE``); an open socket
+whose Redis goes away gets the same frame and close, its answer cancelled as on a disconnect. Nothing
+a client sent on it is stored; the widget reconnects after ``retry_after_s`` (sooner never), and the
+first handshake after Redis is back is kept. One WARNING line per socket, no traceback.
+
 The consumer is a thin interface: it authenticates in ``connect()`` (the token must match the
 conversation, else the handshake is closed with code 4403; a ``?token=`` in the URL closes it with
 4400) and accepts last; the database is reached
@@ -36,7 +43,6 @@ from contextlib import aclosing
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
 from chat import rate_limits, services, text_input
@@ -48,6 +54,7 @@ from chat.conversation_access import (
 )
 from chat.models import Conversation
 from chat.notifications import conversation_group
+from chat.redis_outage import CLOSE_UNAVAILABLE, RETRY_AFTER_S, RedisOutageConsumer
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +62,13 @@ CLOSE_FORBIDDEN = 4403
 # A token in the handshake's URL (chat.conversation_access.TokenInUrl).
 CLOSE_TOKEN_IN_URL = 4400
 RATE_LIMITED_MESSAGE = "You're sending questions faster than we can answer; yours will go in a moment."
+UNAVAILABLE_MESSAGE = "The chat is briefly unavailable; reconnecting in a moment."
 # How long disconnect() lets a cancelled answer wind down (the service persists what it streamed)
 # before cancelling its task outright, in seconds.
 CANCEL_GRACE_S = 2.0
 
 
-class ChatConsumer(AsyncJsonWebsocketConsumer):
+class ChatConsumer(RedisOutageConsumer):
     """One customer socket on one conversation (see the module docstring for the frames)."""
 
     conversation: Conversation | None = None
@@ -88,6 +96,31 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.accept(subprotocol=websocket_subprotocol(self.scope))
 
     async def disconnect(self, code: int) -> None:
+        await self.answer_stop()
+        if self.group_name is not None and self.channel_layer is not None:
+            await self.group_discard_quietly(self.group_name)
+
+    async def redis_lost(self, error: BaseException) -> None:
+        """The channel layer failed (``chat.redis_outage.RedisOutageConsumer``): cancel the answer as
+        on a disconnect; then, unless the handshake was refused (4403, 4400) or the socket closed
+        already, accept it if need be, send ``chat.unavailable`` ``{"retry_after_s", "message"}`` and
+        close with ``CLOSE_UNAVAILABLE``. A handshake that failed before its token was checked is
+        refused with that code instead (never accepted unauthenticated)."""
+        await self.answer_stop()
+        if self.closed:
+            return
+        if not self.accepted:
+            if self.conversation is None:
+                await self.close(code=CLOSE_UNAVAILABLE)
+                return
+            await self.accept(subprotocol=websocket_subprotocol(self.scope))
+        await self.send_json({"type": "chat.unavailable", "retry_after_s": RETRY_AFTER_S,
+                              "message": UNAVAILABLE_MESSAGE})
+        await self.close(code=CLOSE_UNAVAILABLE)
+
+    async def answer_stop(self) -> None:
+        """Cancel the answer streaming on this socket, if any: set its cancel event, give it
+        ``CANCEL_GRACE_S`` to persist what it streamed, then cancel its task."""
         if self.answer_cancel is not None:
             self.answer_cancel.set()
         task = self.answer_task
@@ -99,8 +132,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 await asyncio.gather(task, return_exceptions=True)
             except Exception:  # already logged by the task
                 pass
-        if self.group_name is not None and self.channel_layer is not None:
-            await self.channel_layer.group_discard(self.group_name, self.channel_name)
 
     # --- frames from the browser ------------------------------------------------------------------
 

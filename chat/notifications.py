@@ -25,6 +25,8 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
+from chat.redis_outage import REDIS_ERRORS, redis_error_text
+
 logger = logging.getLogger(__name__)
 
 # The channel-layer group every agent dashboard socket joins (not the auth group of agents,
@@ -51,6 +53,9 @@ def _send(group: str, event: dict) -> None:
         return
     try:
         async_to_sync(layer.group_send)(group, event)
+    except REDIS_ERRORS as error:  # best effort: the change is committed, pages re-read it on reconnect
+        logger.warning("could not send %s to %s: its Redis is unavailable (%s)", event.get("type"), group,
+                       redis_error_text(error))
     except Exception:  # a notification is best effort: the change itself is committed
         logger.exception("could not send %s to %s", event.get("type"), group)
 

@@ -21,8 +21,19 @@ empty setting turns that limit off:
   user ids or conversation ids is slowed to this rate.
 
 A refused call raises ``RateLimited`` with ``retry_after_s``, the seconds until the oldest hit of the
-exhausted window expires (when one more call would pass). Redis being unreachable does not refuse
-customers: the check is skipped and logged (the chat itself needs Redis and reports it).
+exhausted window expires (when one more call would pass).
+
+While Redis is unreachable (``chat.redis_outage.REDIS_ERRORS``), each check logs one WARNING line (no
+traceback) and, chosen per limit by what it protects:
+
+- fails open (the call passes uncounted) for the limits that protect capacity: conversations per IP
+  and per origin, questions per conversation. A customer is not locked out because Redis blinked;
+  what they guard is bounded otherwise meanwhile (the bounded answer executor answers ``chat.busy``,
+  the inbox hides conversations without a message and they expire), and the chat's websocket itself
+  needs Redis and says so (``chat.unavailable``);
+- fails closed (``RateLimiterUnavailable``, HTTP 503 with ``Retry-After``) for the identity limit: it
+  is what keeps user hashes, user ids and conversation ids from being tried at full speed by someone
+  after another customer's conversations, so it must not switch off with Redis.
 """
 
 from __future__ import annotations
@@ -37,6 +48,8 @@ from django.conf import settings
 from limits import RateLimitItem, parse_many
 from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
+
+from chat.redis_outage import REDIS_ERRORS, RETRY_AFTER_S, redis_error_text
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +72,21 @@ class RateLimited(Exception):
     def retry_after_header(self) -> str:
         """``retry_after_s`` for HTTP's ``Retry-After`` header: whole seconds, rounded up, >= 1."""
         return str(max(1, math.ceil(self.retry_after_s)))
+
+
+class RateLimiterUnavailable(Exception):
+    """A limit that fails closed could not be checked: its Redis is unavailable. ``retry_after_s``
+    (``chat.redis_outage.RETRY_AFTER_S``, seconds) is when to try again; ``kind`` as ``RateLimited``'s."""
+
+    def __init__(self, kind: str):
+        super().__init__(f"rate limit {kind} cannot be checked: its Redis is unavailable")
+        self.kind = kind
+        self.retry_after_s = float(RETRY_AFTER_S)
+
+    @property
+    def retry_after_header(self) -> str:
+        """``retry_after_s`` for HTTP's ``Retry-After`` header (whole seconds)."""
+        return str(RETRY_AFTER_S)
 
 
 @dataclass(frozen=True)
@@ -96,9 +124,11 @@ def _items(setting_name: str) -> list[RateLimitItem]:
     return parse_many(value) if value else []
 
 
-def _check_and_hit(checks: list[_Check]) -> None:
+def _check_and_hit(checks: list[_Check], *, fail_closed: bool = False) -> None:
     """Raise ``RateLimited`` for the first exhausted limit of ``checks`` without counting anything;
-    when none is exhausted, count one hit on each. Redis errors are logged and let the call through."""
+    when none is exhausted, count one hit on each. When Redis is unavailable (``REDIS_ERRORS``), log
+    one WARNING line and let the call through, or with ``fail_closed`` raise
+    ``RateLimiterUnavailable``. Other errors propagate."""
     try:
         rate_limiter = limiter()
         for check in checks:
@@ -112,16 +142,20 @@ def _check_and_hit(checks: list[_Check]) -> None:
                     # a concurrent caller took the last slot between test and hit
                     stats = rate_limiter.get_window_stats(item, _NAMESPACE, check.kind, check.identifier)
                     raise RateLimited(check.kind, max(0.1, stats.reset_time - time.time()))
-    except RateLimited:
-        raise
-    except Exception:  # Redis unreachable or timing out: do not lock customers out over the limiter
-        logger.warning("rate limit check skipped: its Redis is unavailable", exc_info=True)
+    except REDIS_ERRORS as error:
+        kinds = ", ".join(check.kind for check in checks)
+        if fail_closed:
+            logger.warning("rate limit %s: request refused (503), its Redis is unavailable (%s)", kinds,
+                           redis_error_text(error))
+            raise RateLimiterUnavailable(checks[0].kind) from None
+        logger.warning("rate limit %s: check skipped, its Redis is unavailable (%s)", kinds,
+                       redis_error_text(error))
 
 
 def conversation_start_check(*, client_ip: str | None, origin: str | None) -> None:
     """Count one new conversation for ``client_ip`` (``None``: unknown, not limited per IP) and
     ``origin`` (the ``Origin`` header, ``None`` or empty when absent). Raises ``RateLimited`` (nothing
-    counted) when either limit is exhausted."""
+    counted) when either limit is exhausted; passes uncounted while Redis is unavailable (fails open)."""
     checks = []
     if client_ip:
         checks.append(_Check("conversations_per_ip", client_ip, _items("RATE_LIMIT_CONVERSATIONS_PER_IP")))
@@ -131,7 +165,8 @@ def conversation_start_check(*, client_ip: str | None, origin: str | None) -> No
 
 def question_check(conversation_id) -> None:
     """Count one question in conversation ``conversation_id`` (UUID or its string). Raises
-    ``RateLimited`` (nothing counted) when ``RATE_LIMIT_QUESTIONS_PER_CONVERSATION`` is exhausted."""
+    ``RateLimited`` (nothing counted) when ``RATE_LIMIT_QUESTIONS_PER_CONVERSATION`` is exhausted;
+    passes uncounted while Redis is unavailable (fails open)."""
     items = _items("RATE_LIMIT_QUESTIONS_PER_CONVERSATION")
     if items:
         _check_and_hit([_Check("questions_per_conversation", str(conversation_id), items)])
@@ -140,10 +175,11 @@ def question_check(conversation_id) -> None:
 def identity_request_check(*, client_ip: str | None) -> None:
     """Count one request of a signed-in customer's endpoint from ``client_ip`` (``None``: unknown, not
     limited). Raises ``RateLimited`` (kind ``"identity_per_ip"``, nothing counted) when
-    ``RATE_LIMIT_IDENTITY_PER_IP`` is exhausted."""
+    ``RATE_LIMIT_IDENTITY_PER_IP`` is exhausted, and ``RateLimiterUnavailable`` while its Redis is
+    unavailable (this limit fails closed: see the module docstring)."""
     items = _items("RATE_LIMIT_IDENTITY_PER_IP")
     if client_ip and items:
-        _check_and_hit([_Check("identity_per_ip", client_ip, items)])
+        _check_and_hit([_Check("identity_per_ip", client_ip, items)], fail_closed=True)
 
 
 def rate_limits_reset() -> None:

@@ -13,8 +13,8 @@ is 403). The hash is a lasting credential of that customer, so it is refused in 
 | method and path | what |
 |---|---|
 | ``POST /api/conversations/`` | start a conversation: ``{"id", "token", "verified", "message_max_chars"}`` (201); 429 with ``Retry-After`` past the rate limits |
-| ``POST /api/conversations/verified/`` | a verified customer's conversations on this site: ``{"conversations": [...]}``; 429 with ``Retry-After`` past the rate limit |
-| ``POST /api/conversations/<id>/resume/`` | a verified customer resumes one of them on this device: ``{"id", "token", "status", "message_max_chars"}``; 429 with ``Retry-After`` past the rate limit |
+| ``POST /api/conversations/verified/`` | a verified customer's conversations on this site: ``{"conversations": [...]}``; 429 with ``Retry-After`` past the rate limit; 503 with ``Retry-After`` while Redis is unavailable |
+| ``POST /api/conversations/<id>/resume/`` | a verified customer resumes one of them on this device: ``{"id", "token", "status", "message_max_chars"}``; 429 with ``Retry-After`` past the rate limit; 503 with ``Retry-After`` while Redis is unavailable |
 | ``GET /api/conversations/<id>/messages/`` | its transcript (``chat.transcripts.transcript_get``) and ``"message_max_chars"`` |
 | ``GET /api/conversations/<id>/passages/<chunk_id>/`` | a cited passage: ``{"status", "notice", "title", "url", "before", "passage", "after"}`` |
 | ``POST /api/conversations/<id>/handoff/`` | ask for a human: ``{"id", "status"}`` |
@@ -140,6 +140,20 @@ def rate_limited_response(limited: rate_limits.RateLimited, message: str = RATE_
     return response
 
 
+UNAVAILABLE_MESSAGE = "This is briefly unavailable; please try again in a moment."
+
+
+def unavailable_response(unavailable: rate_limits.RateLimiterUnavailable) -> JsonResponse:
+    """503 ``{"error": UNAVAILABLE_MESSAGE, "retry_after_s"}`` with the ``Retry-After`` header (whole
+    seconds), for a request whose rate limit fails closed while Redis is unavailable."""
+    response = JsonResponse({"error": UNAVAILABLE_MESSAGE, "retry_after_s": unavailable.retry_after_s}, status=503)
+    response["Retry-After"] = unavailable.retry_after_header
+    # chat.rate_limits logged the one WARNING line that says why; Django would add an ERROR line for
+    # every 5xx response. Its own flag against logging a response twice (django.utils.log.log_response).
+    response._has_been_logged = True
+    return response
+
+
 def widget_limits() -> dict:
     """What the widget must know of the server's limits, sent with every response that gives it a
     conversation: ``{"message_max_chars": int}`` (``settings.WIDGET_MESSAGE_MAX_CHARS``, characters
@@ -160,8 +174,8 @@ def conversation_create(request: HttpRequest) -> JsonResponse:
     (``widget_limits``); 400 on a malformed body or
     ``user_id``; 403 when the named collection is not the origin's, for a user id without a valid
     hash, or without one on a site that requires it; 429 (``rate_limited_response``) past the
-    client IP's or the origin's limit (``chat.rate_limits.conversation_start_check``). Nothing is
-    created on an error."""
+    client IP's or the origin's limit (``chat.rate_limits.conversation_start_check``; while Redis is
+    unavailable that limit is skipped, not a refusal). Nothing is created on an error."""
     try:
         body = _json_body(request)
     except BadRequest as error:
@@ -197,7 +211,8 @@ def verified_identity_required(view):
     Every request is first counted against the client IP's ``RATE_LIMIT_IDENTITY_PER_IP``
     (``chat.rate_limits.identity_request_check``), refused ones too, so hashes, user ids and
     conversation ids cannot be tried faster than that; past it 429 (``rate_limited_response``) and
-    nothing is checked or read."""
+    nothing is checked or read. That limit fails closed: while Redis is unavailable the answer is 503
+    (``unavailable_response``) and nothing is checked or read either."""
 
     @wraps(view)
     def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
@@ -205,6 +220,8 @@ def verified_identity_required(view):
             rate_limits.identity_request_check(client_ip=request.META.get("REMOTE_ADDR"))
         except rate_limits.RateLimited as limited:
             return rate_limited_response(limited, IDENTITY_RATE_LIMITED_MESSAGE)
+        except rate_limits.RateLimiterUnavailable as unavailable:
+            return unavailable_response(unavailable)
         try:
             body = _json_body(request)
             identity = identity_check(origin=_origin(request), user_id=body.get("user_id"),

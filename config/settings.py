@@ -204,7 +204,8 @@ STATIC_ROOT = env.path("STATIC_ROOT", default=str(BASE_DIR / "staticfiles"))
 # Development and tests (DEBUG or EMBEDDED_SERVICES): files are served straight from the app and
 # project folders (whitenoise's finders) under their plain names, so no collectstatic is needed; the
 # manifest storage would refuse to render a page without collectstatic's manifest once DEBUG is off,
-# which is how the tests run.
+# which is how the tests run. The tests' live servers (tests/live_server.py) serve the production way
+# instead: collectstatic into a temporary STATIC_ROOT, WHITENOISE_USE_FINDERS=false.
 WHITENOISE_USE_FINDERS = env.bool("WHITENOISE_USE_FINDERS", default=DEVELOPMENT)
 WHITENOISE_AUTOREFRESH = DEBUG
 # CORS on static files only for the widget script and the widget's origins (chat.widget_static),

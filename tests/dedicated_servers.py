@@ -74,16 +74,19 @@ class DedicatedPostgres:
 @contextmanager
 def dedicated_postgres(database: str, *, migrate: bool = True) -> Iterator[DedicatedPostgres]:
     """Start a PostgreSQL server of the caller's own, create ``database`` (with pgvector) and, with
-    ``migrate``, run ``manage.py migrate`` on it in a subprocess; yield it; stop it and delete its
-    folder afterwards. Raises ``subprocess.CalledProcessError`` when migrating fails."""
+    ``migrate``, run ``manage.py migrate`` on it in a subprocess (with a ``REDIS_URL`` of a socket that
+    does not exist: migrating needs no Redis, and none is started for it); yield it; stop it and
+    delete its folder afterwards. Raises ``subprocess.CalledProcessError`` when migrating fails."""
     folder = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp"))
     postgres = None
     try:
         postgres = DedicatedPostgres(folder / "data", database)
         postgres.psql(f'CREATE DATABASE "{database}"', database="postgres")
         if migrate:
+            # migrate needs no Redis, but without REDIS_URL the settings would start (and leave
+            # running) the embedded one; this socket does not exist, so a use of it would fail loudly
             environment = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings", "EMBEDDED_SERVICES": "1",
-                           "DATABASE_URL": postgres.database_url}
+                           "DATABASE_URL": postgres.database_url, "REDIS_URL": f"unix://{folder}/no-redis.sock"}
             subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT,
                            env=environment, check=True, capture_output=True, timeout=300)
         yield postgres

@@ -3,22 +3,25 @@
 Frames out: ``{"type": "inbox.changed", "conversation_id": str, "kind": str}`` (see
 ``chat.notifications``). No frames in. Authenticated in ``connect()`` from the session cookie
 (``AuthMiddlewareStack``): anonymous users are refused with close code 4401, logged-in users who are
-not agents with 4403; the socket joins the ``agents`` group and is accepted last.
+not agents with 4403; the socket joins the ``agents`` group and is accepted last. While Redis (the
+channel layer) is unavailable a handshake is refused and an open socket closed, with code 4503
+(``chat.redis_outage``: one WARNING line, no traceback); the page reconnects with its back-off and
+re-reads its lists once connected.
 """
 
 from __future__ import annotations
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from chat.access import is_agent
 from chat.notifications import AGENTS_CHANNEL_GROUP
+from chat.redis_outage import RedisOutageConsumer
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 
 
-class AgentConsumer(AsyncJsonWebsocketConsumer):
+class AgentConsumer(RedisOutageConsumer):
     """One agent dashboard page (see the module docstring)."""
 
     joined = False
@@ -37,7 +40,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         if self.joined:
-            await self.channel_layer.group_discard(AGENTS_CHANNEL_GROUP, self.channel_name)
+            await self.group_discard_quietly(AGENTS_CHANNEL_GROUP)
 
     async def receive_json(self, content, **kwargs) -> None:
         """Agents send nothing over this socket; frames are ignored."""

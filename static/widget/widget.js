@@ -51,6 +51,9 @@
   // either way, this only lets the customer know before sending.
   let maxChars = null;
   const RECONNECT_MAX_MS = 30000;
+  // Close code of a socket the server cannot keep (its Redis is down): reconnect after the delay of the
+  // chat.unavailable frame sent before it, never sooner (chat.redis_outage.CLOSE_UNAVAILABLE).
+  const CLOSE_UNAVAILABLE = 4503;
 
   // --- DOM helpers: text goes in through textContent / text nodes only ---------------------------
 
@@ -194,6 +197,7 @@
     outbox: [], // frames waiting for the socket
     streaming: null, // {node, body, text} of the answer being streamed
     pendingQuestion: null, // the question being answered (re-sent after chat.busy)
+    unavailableMs: 0, // the retry delay of a chat.unavailable frame on the current socket
     busyTimer: null,
   };
 
@@ -552,14 +556,17 @@
       try { frame = JSON.parse(event.data); } catch (error) { return; }
       if (frame && typeof frame.type === "string") handleFrame(frame);
     });
-    socket.addEventListener("close", () => {
+    socket.addEventListener("close", (event) => {
       if (state.socket !== socket) return; // closed on purpose
       const wasOpen = state.socketOpen;
+      const unavailableMs = state.unavailableMs || (event.code === CLOSE_UNAVAILABLE ? 5000 : 0);
+      state.unavailableMs = 0;
       state.socket = null;
       state.socketOpen = false;
       updateSendButton();
       if (state.streaming) finishStreaming();
-      scheduleReconnect(wasOpen);
+      if (unavailableMs) scheduleReconnect(false, unavailableMs);
+      else scheduleReconnect(wasOpen);
     });
   }
 
@@ -571,9 +578,14 @@
     if (socket) socket.close();
   }
 
-  function scheduleReconnect(wasOpen) {
-    setStatus("Connection lost, reconnecting…");
-    const delay = wasOpen ? 500 : state.reconnectDelay;
+  /** Reload the transcript and reopen the socket after a delay: 0.5 s after an open socket dropped,
+   * else the back-off (doubling up to RECONNECT_MAX_MS), and never before minDelayMs (the server's
+   * retry delay when it said it is unavailable). */
+  function scheduleReconnect(wasOpen, minDelayMs = 0) {
+    setStatus(minDelayMs
+      ? `The chat is briefly unavailable, reconnecting in ${Math.ceil(minDelayMs / 1000)} s…`
+      : "Connection lost, reconnecting…");
+    const delay = Math.max(wasOpen ? 500 : state.reconnectDelay, minDelayMs);
     state.reconnectDelay = Math.min(state.reconnectDelay * 2, RECONNECT_MAX_MS);
     state.reconnectTimer = setTimeout(async () => {
       // Catch up on what was said while disconnected; a refused token means the conversation is gone.
@@ -637,6 +649,21 @@
             send({ type: "chat.message", text: question });
           }
         }, seconds * 1000);
+        break;
+      }
+      case "chat.unavailable": {
+        // The server cannot keep this socket (its Redis is down) and closes it (CLOSE_UNAVAILABLE):
+        // nothing sent on it was stored. Reconnect after its delay; an unanswered question goes back
+        // into the input box to be sent again.
+        state.unavailableMs = Math.max(1, Number(frame.retry_after_s) || 5) * 1000;
+        const question = state.pendingQuestion;
+        state.pendingQuestion = null;
+        clearTimeout(state.busyTimer);
+        dropEmptyStreaming();
+        if (question) {
+          if (!input.value) input.value = question;
+          addNote(frame.message || "The chat is briefly unavailable.", { error: true });
+        }
         break;
       }
       case "chat.error":

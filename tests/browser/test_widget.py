@@ -11,8 +11,11 @@ refuses database calls.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import time
+from urllib.parse import urlparse
 
 import pytest
 
@@ -48,11 +51,14 @@ def test_demo_page_loads_the_widget_in_a_shadow_root_the_page_css_cannot_reach(b
         await page.keyboard.press("Escape")
         seen["panel hidden"] = await panel.is_hidden()
         seen["focus when closed"] = await page.evaluate(f"() => {SHADOW}.activeElement.className")
+        seen["widget scripts"] = [re.sub(r"\.[0-9a-f]{12}\.js$", ".<hash>.js", urlparse(url).path)
+                                  for url in watch.requests if "/static/widget/" in url]
         seen["errors"] = watch.errors
         return seen
 
     # then the launcher keeps its own look, the panel opens with the question box focused, and
-    # Escape closes it with the focus back on the launcher
+    # Escape closes it with the focus back on the launcher; the script came from collectstatic's
+    # manifest under its content-hashed name, as in production
     assert browse(scenario) == {
         "launcher visible": True,
         "in shadow root": True,
@@ -63,6 +69,7 @@ def test_demo_page_loads_the_widget_in_a_shadow_root_the_page_css_cannot_reach(b
         "focus when open": "Your question",
         "panel hidden": True,
         "focus when closed": "launcher",
+        "widget scripts": ["/static/widget/widget.<hash>.js"],
         "errors": [],
     }
 
@@ -349,6 +356,54 @@ def test_a_dropped_socket_reconnects_and_the_next_question_goes_through(browse):
 
 
 # --- customer feedback: thumbs on answers, the conversation's rating ----------------------------------
+
+
+def test_unavailable_puts_the_question_back_and_reconnects_after_the_servers_delay(browse):
+    async def scenario(page, watch):
+        connections = []
+
+        def serve(ws):
+            connections.append(ws)
+
+            def on_message(message):
+                if len(connections) == 1:  # Redis is down: what chat.consumers sends, then its close
+                    ws.send(json.dumps({"type": "chat.unavailable", "retry_after_s": 1,
+                                        "message": "The chat is briefly unavailable; reconnecting in a moment."}))
+                    asyncio.ensure_future(ws.close(code=4503))
+                    return
+                ws.send(json.dumps({"type": "chat.done", "message_id": 2, "abstained": False, "timings": {},
+                                    "text": "Back online."}))
+
+            ws.on_message(on_message)
+
+        await page.route_web_socket("**/ws/chat/**", serve)
+        await open_widget(page)
+        box = page.get_by_role("textbox", name="Your question")
+        await box.fill("How long does shipping take?")
+        await box.press("Enter")
+        status = page.locator("supportbot-widget .status")
+        await status.filter(has_text="unavailable").wait_for()
+        seen = {"status": await status.text_content(), "input": await box.input_value(),
+                "notes": await page.locator("supportbot-widget .note.error").all_text_contents()}
+        # the widget reconnects by itself after the delay; the question is sent again by the customer
+        await page.wait_for_function(f"() => {SHADOW}.querySelector('.status').hidden", timeout=30_000)
+        await box.press("Enter")
+        await page.wait_for_function(LAST_ANSWER_DONE, timeout=30_000)
+        seen["connections"] = len(connections)
+        seen["answers"] = await page.locator("supportbot-widget .msg.assistant .body").all_text_contents()
+        seen["errors"] = watch.errors
+        return seen
+
+    # then the customer is told, the unanswered question is back in the box, and once reconnected it
+    # is answered
+    assert browse(scenario) == {
+        "status": "The chat is briefly unavailable, reconnecting in 1 s…",
+        "input": "How long does shipping take?",
+        "notes": ["The chat is briefly unavailable; reconnecting in a moment."],
+        "connections": 2,
+        "answers": ["Back online."],
+        "errors": [],
+    }
 
 
 def test_thumbs_down_with_a_comment_is_stored_for_that_answer_using_the_keyboard_only(browse):

@@ -7,7 +7,8 @@ are on a Redis server of this test's own, and whose database is a PostgreSQL ser
 ``WidgetClient``, which reconnects as ``static/widget/widget.js`` does: reload the transcript over
 HTTP, then reopen the socket, backing off while that fails. Redis is shut down without saving (its
 groups and channels are gone, as on a restart without persistence) and started again on the same
-socket.
+socket. While it is down the server tells sockets ``chat.unavailable`` and closes them with 4503
+(``tests/faults/test_redis_outage.py`` checks the rest of the outage: HTTP, logs).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pytest
 from channels_redis.core import RedisChannelLayer
 from websockets.exceptions import InvalidStatus
 
-from chat.consumers import conversation_group
+from chat.consumers import UNAVAILABLE_MESSAGE, conversation_group
+from chat.redis_outage import CLOSE_UNAVAILABLE
 from tests.dedicated_servers import dedicated_postgres, dedicated_redis
 from tests.faults.widget_client import WidgetClient
 from tests.live_server import LiveServerError, live_server
@@ -45,14 +47,17 @@ def test_the_widget_reconnects_after_redis_restarts_and_the_conversation_continu
                 first = await customer.ask("How long does shipping take?")
                 # when Redis goes away
                 await asyncio.to_thread(redis_server.stop)
-                # then the server closes the socket (its channel-layer receive failed)
+                # then the server tells the widget the chat is unavailable and closes the socket (its
+                # channel-layer receive failed)
+                unavailable = await customer.next_frame()
                 close_code = await customer.wait_closed()
-                # and while Redis is down a new socket is refused, but the transcript still loads
+                # and while Redis is down a new socket is told the same and closed, but the transcript
+                # still loads
                 try:
                     await customer.connect()
-                    refused = None
+                    refused = {"frame": await customer.next_frame(), "close code": await customer.wait_closed()}
                 except InvalidStatus as error:
-                    refused = error.response.status_code
+                    refused = {"status": error.response.status_code}
                 transcript_while_down = await asyncio.to_thread(customer.transcript)
                 # when Redis is back (empty: no groups, no channels)
                 await asyncio.to_thread(redis_server.start)
@@ -67,15 +72,18 @@ def test_the_widget_reconnects_after_redis_restarts_and_the_conversation_continu
                 # and the next question is answered on it
                 second = await customer.ask("Do you ship to Canada?")
                 await customer.close()
-                return {"first": first, "close code": close_code, "refused": refused,
+                return {"first": first, "unavailable": unavailable, "close code": close_code, "refused": refused,
                         "transcript while down": transcript_while_down, "failed attempts": failed_attempts,
                         "relayed": relayed, "second": second}
 
             result = asyncio.run(scenario())
             assert result["first"][-1]["type"] == "chat.done", result["first"]
-            # the socket was closed as a server error, and a handshake during the outage was refused
-            assert result["close code"] == 1011
-            assert result["refused"] == 500
+            # the socket was closed as unavailable, with the retry delay, and so was a handshake during
+            # the outage (never a 1011 close or a 500 handshake)
+            unavailable = {"type": "chat.unavailable", "retry_after_s": 5, "message": UNAVAILABLE_MESSAGE}
+            assert result["unavailable"] == unavailable
+            assert result["close code"] == CLOSE_UNAVAILABLE
+            assert result["refused"] == {"frame": unavailable, "close code": CLOSE_UNAVAILABLE}
             transcript = result["transcript while down"]
             assert transcript.status_code == 200
             assert [m["role"] for m in transcript.json()["messages"]] == ["user", "assistant"]
