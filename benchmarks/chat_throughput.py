@@ -65,7 +65,7 @@ from django.conf import settings  # noqa: E402
 
 from chat import services  # noqa: E402
 from chat.conversation_access import client_subprotocols  # noqa: E402
-from chat.engine import load_llama, ModelKey  # noqa: E402
+from chat.engine import load_llama  # noqa: E402
 from chat.models import Conversation  # noqa: E402
 from chat.prompts import grounded_messages  # noqa: E402
 from config.asgi import application  # noqa: E402
@@ -339,9 +339,9 @@ def scheduler_streams(version, levels, max_tokens, threads, slots) -> None:
     import threading
 
     from chat.batching import BatchedModel, BatchModel
-    from chat.engine import Generation, ModelKey
+    from chat.engine import Generation
 
-    key = ModelKey(version.base_model_path, version.adapter_path)
+    key = services.model_key(version)  # a stored adapter: this host's cached copy
     print(f"## Scheduler in process (no HTTP): a short prompt, {max_tokens} tokens each, {threads} thread(s), "
           f"kv_unified {settings.LLM_KV_UNIFIED}, flash attention {settings.LLM_FLASH_ATTENTION}\n")
     print("| N | aggregate tok/s | ratio to N = 1 | decode steps | wall s |")
@@ -484,7 +484,7 @@ def main() -> None:
           f"threads {settings.LLM_THREADS}, context {settings.LLM_CONTEXT_TOKENS}\n")
     try:
         if not args.skip_same_prompts:
-            llama = load_llama(ModelKey(version.base_model_path, version.adapter_path))
+            llama = load_llama(services.model_key(version))
             bare_run(llama, [{"role": "user", "content": "hi"}])  # warm up
             same_prompts(questions, args.collection, args.prompts, llama, args.repeats)
             llama.close()
@@ -524,7 +524,8 @@ def main_server(args) -> None:
         if not args.skip_same_prompts:
             from llama_cpp import Llama
 
-            llama = Llama(model_path=version.base_model_path, lora_path=version.adapter_path or None,
+            key = services.model_key(version)  # a stored adapter: this host's cached copy
+            llama = Llama(model_path=key.base_model_path, lora_path=key.adapter_path or None,
                           n_ctx=settings.LLM_CONTEXT_TOKENS, n_threads=args.threads, n_threads_batch=args.threads,
                           seed=0, verbose=False)
             bare_run(llama, [{"role": "user", "content": "hi"}])

@@ -38,6 +38,8 @@ class ServedVersion(Protocol):
     name: str
     base_model_path: str
     adapter_path: str
+    base_model_sha256: str
+    adapter_sha256: str
 
 
 class ModelClient(Protocol):
@@ -66,7 +68,9 @@ class LocalModelClient:
     def submit(self, messages, *, version, max_tokens=None, temperature=None, cancel=None) -> Generation:
         engine = self.engine
         if self.switch:
-            engine.ensure(ModelKey(version.base_model_path, version.adapter_path))
+            from chat.services.model_versions import model_key  # files of the artifact storage: this host's copies
+
+            engine.ensure(model_key(version))
         return engine.submit(messages, max_tokens=max_tokens, temperature=temperature, cancel=cancel)
 
 

@@ -40,6 +40,15 @@ def file_sha256(path: str | Path) -> str:
     return _cache[key]
 
 
+def file_sha256_remember(path: str | Path, sha256: str) -> None:
+    """Record that the file at ``path`` (as it is now: size, modification time) has digest ``sha256``,
+    computed while it was written (``chat.model_artifacts`` hashes a download on the way), so the
+    next ``file_sha256`` does not read it again. Raises ``FileNotFoundError``."""
+    stat = Path(path).stat()
+    with _lock:
+        _cache[(str(path), stat.st_size, stat.st_mtime_ns)] = sha256
+
+
 def gguf_file_problem(path: str | Path) -> str | None:
     """Why ``path`` cannot be a GGUF model llama.cpp loads, or ``None`` when its header is fine: not
     set, not a file (``"model file not found: <path>"``), unreadable, not starting with the GGUF magic

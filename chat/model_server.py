@@ -78,11 +78,14 @@ class BadRequest(ValueError):
 
 
 def registry_key(name: str) -> ModelKey:
-    """The (base, adapter) files of model version ``name`` (empty: the active version), after checking
-    that each file still has its recorded SHA-256. Raises ``UnknownModel``, ``ModelFileChanged``
-    (also for a missing file)."""
+    """The (base, adapter) files of model version ``name`` (empty: the active version) as local paths,
+    after checking that each file still has its recorded SHA-256. A file of the artifact storage is
+    copied into this host's ``MODEL_CACHE_DIR`` first (once; ``chat.services.model_key``). Raises
+    ``UnknownModel``, ``ModelFileChanged`` (also for a missing file; a digest mismatch is recorded on
+    the version, ``chat.services.model_version_refuse``)."""
+    from chat.engine import EngineError, ModelFilesMismatch
     from chat.models import ModelVersion
-    from chat.services import file_sha256, model_version_active
+    from chat.services import file_sha256, model_key, model_version_active, model_version_refuse
 
     close_old_connections()
     try:
@@ -95,10 +98,16 @@ def registry_key(name: str) -> ModelKey:
                 version = model_version_active()
             except FileNotFoundError as error:
                 raise UnknownModel(str(error)) from error
+        try:
+            key = model_key(version)
+        except ModelFilesMismatch as error:
+            model_version_refuse(version, str(error))
+            raise ModelFileChanged(f"{version.name}: {error}") from None
+        except EngineError as error:
+            raise ModelFileChanged(f"{version.name}: {error}") from None
     finally:
         close_old_connections()
-    for path, recorded in ((version.base_model_path, version.base_model_sha256),
-                           (version.adapter_path, version.adapter_sha256)):
+    for path, recorded in ((key.base_model_path, key.base_sha256), (key.adapter_path, key.adapter_sha256)):
         if not path:
             continue
         try:
@@ -107,7 +116,7 @@ def registry_key(name: str) -> ModelKey:
             raise ModelFileChanged(f"{version.name}: {path} is missing") from None
         if recorded and actual != recorded:
             raise ModelFileChanged(f"{version.name}: {path} has SHA-256 {actual[:12]}..., registered {recorded[:12]}...")
-    return ModelKey(version.base_model_path, version.adapter_path)
+    return ModelKey(key.base_model_path, key.adapter_path)
 
 
 class ModelPool:
@@ -313,6 +322,7 @@ def create_app(pool: ModelPool | None = None, *, resolve: Callable[[str], ModelK
 
     async def models(request: Request):
         def listed() -> dict:
+            from chat.model_artifacts import model_file_problem
             from chat.model_files import gguf_file_problem
             from chat.models import ModelVersion
 
@@ -323,7 +333,8 @@ def create_app(pool: ModelPool | None = None, *, resolve: Callable[[str], ModelK
                 close_old_connections()
             data, unavailable = [], []
             for v in versions:
-                problem = next(filter(None, (gguf_file_problem(p) for p in (v.base_model_path, v.adapter_path) if p)), None)
+                problem = next(filter(None, (model_file_problem(p, sha) for p, sha in (
+                    (v.base_model_path, v.base_model_sha256), (v.adapter_path, v.adapter_sha256)) if p)), None)
                 if problem:
                     unavailable.append({"id": v.name, "error": problem})
                 else:

@@ -34,6 +34,12 @@ USER_ID_MAX_CHARS = 255
 class ModelVersion(models.Model):
     """A servable model: a base GGUF plus an optional LoRA adapter GGUF, identified by ``name``.
 
+    ``base_model_path``/``adapter_path`` refer to each file either by a local path (the packaged base
+    GGUF, ``LLM_MODEL_PATH``: needed at that path on every host that loads it) or by
+    ``"artifacts:<storage name>"``, an object of the artifact storage (``STORAGES["artifacts"]``; a
+    fine-tune's published adapter, ``"artifacts:models/<sha256>/adapter.gguf"``), which each host copies
+    into its ``MODEL_CACHE_DIR`` before loading it (``chat.model_artifacts``).
+
     ``base_model_sha256``/``adapter_sha256`` are hex SHA-256 digests of the files (recorded at
     registration, so a later swap of a file under the same path is detectable). ``is_active`` marks the
     version the engine serves; the database allows at most one active row. ``refused_reason`` (and

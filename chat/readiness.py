@@ -26,6 +26,7 @@ from typing import Callable
 from django.conf import settings
 from django.db import connection
 
+from chat.model_artifacts import model_file_problem
 from chat.model_files import gguf_file_problem
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ def gguf_file_check(path: str) -> None:
 
 def model_check() -> dict:
     """The GGUF files of the active model version (or ``LLM_MODEL_PATH`` when none is active) pass
-    ``gguf_file_check``. Returns ``{"version", "base_model_path", "adapter_path", "loaded"}``
+    ``gguf_file_check`` (a file of the artifact storage: this host's cached copy when it has one, else
+    the storage has the object; ``chat.model_artifacts.model_file_problem``). Returns ``{"version", "base_model_path", "adapter_path", "loaded"}``
     (``version`` is ``None`` for the not-yet-registered default). Raises ``NotReady`` or
     ``DatabaseError``."""
     from chat.engine import ModelKey, get_engine
@@ -90,12 +92,21 @@ def model_check() -> dict:
     active = ModelVersion.objects.filter(is_active=True).first()
     if settings.LLM_SERVER_URL:
         return _server_model_check(active)
-    key = ModelKey(active.base_model_path, active.adapter_path) if active else ModelKey(settings.LLM_MODEL_PATH)
-    gguf_file_check(key.base_model_path)
-    if key.adapter_path:
-        gguf_file_check(key.adapter_path)
-    return {"version": active.name if active else None, "base_model_path": key.base_model_path,
-            "adapter_path": key.adapter_path, "loaded": get_engine().current_key == key}
+    if active is None:
+        gguf_file_check(settings.LLM_MODEL_PATH)
+        return {"version": None, "base_model_path": settings.LLM_MODEL_PATH, "adapter_path": "",
+                "loaded": get_engine().current_key == ModelKey(settings.LLM_MODEL_PATH)}
+    for path, sha256 in ((active.base_model_path, active.base_model_sha256), (active.adapter_path, active.adapter_sha256)):
+        problem = path and model_file_problem(path, sha256)
+        if problem:
+            raise NotReady(problem)
+    current = get_engine().current_key
+    loaded = current is not None and (
+        current == ModelKey(active.base_model_path, active.adapter_path)
+        or (bool(current.base_sha256) and (current.base_sha256, current.adapter_sha256)
+            == (active.base_model_sha256, active.adapter_sha256)))
+    return {"version": active.name, "base_model_path": active.base_model_path,
+            "adapter_path": active.adapter_path, "loaded": loaded}
 
 
 def _server_model_check(active) -> dict:

@@ -217,16 +217,39 @@ WHITENOISE_ALLOW_ALL_ORIGINS = False
 # (a dotted class path) and STORAGE_OPTIONS (a JSON object of its keyword arguments) replace that, e.g.
 # django-storages' "storages.backends.s3.S3Storage" with
 # '{"bucket_name": "support-uploads", "endpoint_url": "https://s3.example.com", "file_overwrite": false}'.
-STORAGE_BACKEND = env("STORAGE_BACKEND", default="django.core.files.storage.FileSystemStorage")
-try:
-    STORAGE_OPTIONS = env.json("STORAGE_OPTIONS", default={})
-except ValueError:
-    raise ImproperlyConfigured("STORAGE_OPTIONS is not valid JSON; it must be a JSON object such as "
-                               '{"bucket_name": "support-uploads"}') from None
-if not isinstance(STORAGE_OPTIONS, dict):
-    raise ImproperlyConfigured(f"STORAGE_OPTIONS must be a JSON object, not {STORAGE_OPTIONS!r}")
+def _storage_options(variable: str) -> dict:
+    """The JSON object in ``variable`` (``{}`` when unset); malformed JSON or another JSON value stops
+    start-up with ``ImproperlyConfigured``."""
+    try:
+        options = env.json(variable, default={})
+    except ValueError:
+        raise ImproperlyConfigured(f"{variable} is not valid JSON; it must be a JSON object such as "
+                                   '{"bucket_name": "support-uploads"}') from None
+    if not isinstance(options, dict):
+        raise ImproperlyConfigured(f"{variable} must be a JSON object, not {options!r}")
+    return options
+
+
+FILE_SYSTEM_STORAGE = "django.core.files.storage.FileSystemStorage"
+STORAGE_BACKEND = env("STORAGE_BACKEND", default=FILE_SYSTEM_STORAGE)
+STORAGE_OPTIONS = _storage_options("STORAGE_OPTIONS")
+# Published model files (LoRA adapters a model version serves: chat.model_artifacts) go through their own
+# storage alias, STORAGES["artifacts"], which every tuner, model-server and web host must share (README
+# "Running on several hosts"); TUNING_DIR is then each tuner's private scratch folder. A separate alias,
+# not "default": uploads are transient (deleted once ingested) and read by ingestion workers, adapters
+# are permanent and read by model servers, so a deployer gives them different buckets, credentials
+# and lifecycle rules. By default a folder, ARTIFACT_STORAGE_DIR (a shared volume on several hosts, or
+# switch the backend to object storage as for uploads).
+ARTIFACT_STORAGE_BACKEND = env("ARTIFACT_STORAGE_BACKEND", default=FILE_SYSTEM_STORAGE)
+ARTIFACT_STORAGE_OPTIONS = _storage_options("ARTIFACT_STORAGE_OPTIONS")
+ARTIFACT_STORAGE_DIR = env.path("ARTIFACT_STORAGE_DIR", default=str(embedded.data_dir() / "artifacts"))
+if ARTIFACT_STORAGE_BACKEND == FILE_SYSTEM_STORAGE:
+    ARTIFACT_STORAGE_OPTIONS = {"location": str(ARTIFACT_STORAGE_DIR), **ARTIFACT_STORAGE_OPTIONS}
+# This host's copies of stored model files, one folder per SHA-256 (filled on first use, reused after).
+MODEL_CACHE_DIR = env.path("MODEL_CACHE_DIR", default=str(embedded.data_dir() / "model-cache"))
 STORAGES = {
     "default": {"BACKEND": STORAGE_BACKEND, "OPTIONS": STORAGE_OPTIONS},
+    "artifacts": {"BACKEND": ARTIFACT_STORAGE_BACKEND, "OPTIONS": ARTIFACT_STORAGE_OPTIONS},
     "staticfiles": {
         "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
         if WHITENOISE_USE_FINDERS
@@ -467,7 +490,8 @@ TUNING_LEARNING_RATE = env.float("TUNING_LEARNING_RATE", default=2e-4)
 TUNING_EPOCHS = env.int("TUNING_EPOCHS", default=2)
 TUNING_BATCH_SIZE = env.int("TUNING_BATCH_SIZE", default=4)
 TUNING_MAX_SEQ_TOKENS = env.int("TUNING_MAX_SEQ_TOKENS", default=768)
-# Where adapters and run files go.
+# Each tuner's scratch folder (training runs, exported adapters before they are published to the artifact
+# storage, embedder-run candidates); no other process reads it.
 TUNING_DIR = env.path("TUNING_DIR", default=str(embedded.data_dir() / "tuning"))
 # The scheduled fine-tune starts a run when at least this many approved corrections are new since the
 # last dataset snapshot (checked every TUNING_SCHEDULE_S seconds; the entry is editable in the admin).

@@ -11,8 +11,11 @@ promotion / rollback of model versions.
 3. exports it as a GGUF LoRA adapter (``tuning.gguf_lora``) and checks parity between
    llama-cpp-python (base + adapter GGUF) and transformers + peft on a few training prompts
    (``tuning.parity``); a mismatch fails the run;
-4. registers the candidate model version (inactive) and evaluates it against the base and the active
-   version on the held-out split through the serving path (``tuning.evaluation``);
+4. publishes the adapter to the artifact storage (``STORAGES["artifacts"]``: every host that serves or
+   evaluates the version copies it from there into its own ``MODEL_CACHE_DIR``; ``TUNING_DIR`` is
+   this worker's scratch folder), registers the candidate model version (inactive) with that
+   reference and the adapter's SHA-256, and evaluates it against the base and the active version on
+   the held-out split through the serving path (``tuning.evaluation``);
 5. promotes it (``chat.services.model_version_activate``) only when the gate says so; otherwise the
    run succeeds without promotion and records the reason.
 
@@ -227,9 +230,12 @@ def fine_tune_run_execute(run_id: int) -> FineTuneRun:
         del model, result  # free the training copy before the evaluation loads GGUF models
 
         stage = "evaluation"
+        # Published to the artifact storage: the model servers, web processes and later evaluations
+        # on other hosts load it from there (each into its own cache), never from this TUNING_DIR.
         candidate = model_version_register(
             name=f"run-{run.pk}-dataset-v{run.dataset.version}", base_model_path=run.base_model_path,
-            adapter_path=str(adapter), notes=f"LoRA fine-tune run {run.pk} on dataset v{run.dataset.version}",
+            adapter_path=str(adapter), publish_adapter=True,
+            notes=f"LoRA fine-tune run {run.pk} on dataset v{run.dataset.version}",
         )
         reporter.update(model_version=candidate, status=FineTuneRun.Status.EVALUATING, progress=0.0)
         evaluation = evaluate_candidate(run, candidate, reporter)
@@ -304,11 +310,14 @@ def evaluate_candidate(run: FineTuneRun, candidate: ModelVersion, reporter: _Run
 def model_version_rollback(version_id: int) -> ModelVersion:
     """Serve an earlier version again (any registered version: the base or an earlier adapter).
 
-    Raises ``ModelVersion.DoesNotExist`` for an unknown id, ``FileNotFoundError`` when its files are
-    gone and ``chat.engine.ModelFilesMismatch`` when a file is not the one registered (the reason is
-    recorded on the version); the active version is then unchanged."""
+    Raises ``ModelVersion.DoesNotExist`` for an unknown id, ``FileNotFoundError`` when a local file is
+    gone, ``chat.engine.EngineError`` when a file of the artifact storage is missing there (or the
+    storage fails) and ``chat.engine.ModelFilesMismatch`` when a file is not the one registered (the
+    reason is recorded on the version); the active version is then unchanged."""
+    from chat.model_artifacts import is_artifact
+
     version = ModelVersion.objects.get(pk=version_id)
     for path in filter(None, (version.base_model_path, version.adapter_path)):
-        if not Path(path).is_file():
+        if not is_artifact(path) and not Path(path).is_file():
             raise FileNotFoundError(f"model file not found: {path}")
     return model_version_activate(version)

@@ -155,8 +155,10 @@ class FineTuneRun(models.Model):
     its model version was made active. ``progress`` is 0..1 within the current stage.
     ``hyperparameters`` are ``tuning.training.LoraHyperparameters`` as a dict; ``loss_curve``
     ``[{"step", "epoch", "loss"}]``; ``parity`` the llama-cpp vs peft parity report; ``decision``
-    ``{"promote": bool, "reason": str, ...}``. At most one run is in progress at a time (a database
-    constraint), so a re-queued or scheduled run cannot train twice.
+    ``{"promote": bool, "reason": str, ...}``. ``adapter_path`` is the exported adapter in the
+    worker's scratch folder (``TUNING_DIR/runs/<id>/adapter.gguf``, on that host only); what is served
+    is the published copy its ``model_version`` refers to (the artifact storage). At most one run is
+    in progress at a time (a database constraint), so a re-queued or scheduled run cannot train twice.
     """
 
     class Status(models.TextChoices):

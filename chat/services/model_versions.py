@@ -17,23 +17,37 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from chat import engine as engine_module
+from chat import model_artifacts
 from chat.model_files import file_sha256
 from chat.models import ModelVersion
 
 logger = logging.getLogger(__name__)
 
 
-def model_version_register(*, name: str, base_model_path: str, adapter_path: str = "", notes: str = "") -> ModelVersion:
+def model_version_register(*, name: str, base_model_path: str, adapter_path: str = "", notes: str = "",
+                           publish_adapter: bool = False) -> ModelVersion:
     """Register an (inactive) model version, recording the SHA-256 of its files.
 
-    Raises ``FileNotFoundError`` for a missing file and ``IntegrityError`` for a taken ``name``.
+    ``base_model_path``/``adapter_path`` are local paths (the version then refers to them as they
+    are: every host that loads it needs the file there). With ``publish_adapter`` the adapter file is
+    first copied into the artifact storage (``chat.model_artifacts.artifact_publish``) and the
+    version refers to that copy (``adapter_path`` = ``"artifacts:models/<sha256>/<file name>"``),
+    which every host materialises into its own ``MODEL_CACHE_DIR`` before loading it.
+
+    Raises ``FileNotFoundError`` for a missing file, ``IntegrityError`` for a taken ``name``, and
+    whatever the artifact storage raises when publishing fails (nothing is registered then).
     """
+    adapter_sha256 = ""
+    if adapter_path and publish_adapter:
+        adapter_path, adapter_sha256 = model_artifacts.artifact_publish(adapter_path)
+    elif adapter_path:
+        adapter_sha256 = file_sha256(adapter_path)
     return ModelVersion.objects.create(
         name=name,
         base_model_path=str(base_model_path),
         base_model_sha256=file_sha256(base_model_path),
         adapter_path=str(adapter_path or ""),
-        adapter_sha256=file_sha256(adapter_path) if adapter_path else "",
+        adapter_sha256=adapter_sha256,
         notes=notes,
     )
 
@@ -49,10 +63,27 @@ def _activation_lock() -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", [ACTIVATION_LOCK_ID])
 
 
-def model_key(version: ModelVersion) -> engine_module.ModelKey:
-    """The engine's key for ``version``: its files and their recorded SHA-256 digests."""
-    return engine_module.ModelKey(version.base_model_path, version.adapter_path,
-                                  base_sha256=version.base_model_sha256, adapter_sha256=version.adapter_sha256)
+def model_key(version) -> engine_module.ModelKey:
+    """The engine's key for ``version`` (a ``ModelVersion``, or anything with its path and digest
+    fields): local paths of its files and their recorded SHA-256 digests. A file stored in the
+    artifact storage is materialised into this host's ``MODEL_CACHE_DIR`` first (copied once, its
+    digest checked; ``chat.model_artifacts.model_file_local``), so the key names the cached copy.
+
+    Raises ``chat.engine.ModelFilesMismatch`` when a stored file's bytes are not the recorded ones
+    (nothing is cached), ``chat.engine.EngineError`` when it is missing from the storage or the
+    storage fails."""
+    try:
+        return engine_module.ModelKey(
+            model_artifacts.model_file_local(version.base_model_path, version.base_model_sha256),
+            model_artifacts.model_file_local(version.adapter_path, version.adapter_sha256),
+            base_sha256=version.base_model_sha256, adapter_sha256=version.adapter_sha256)
+    except model_artifacts.ArtifactMismatch as error:
+        raise engine_module.ModelFilesMismatch(str(error)) from None
+    except model_artifacts.ArtifactMissing as error:
+        raise engine_module.EngineError(str(error)) from None
+    except (OSError, ValueError) as error:  # the object store failed (network, permissions) or no digest
+        raise engine_module.EngineError(f"cannot copy {version.name}'s model files from the artifact storage: "
+                                        f"{error}") from error
 
 
 def model_version_refuse(version: ModelVersion, reason: str) -> None:
@@ -64,7 +95,8 @@ def model_version_refuse(version: ModelVersion, reason: str) -> None:
 
 
 def model_version_verify(version: ModelVersion) -> None:
-    """Check ``version``'s files against their recorded SHA-256 (``chat.engine.model_files_verify``).
+    """Check ``version``'s files against their recorded SHA-256 (``chat.engine.model_files_verify``;
+    a file in the artifact storage is copied into this host's cache first and checked on the way).
 
     Raises ``chat.engine.ModelFilesMismatch`` after recording the reason on ``version``
     (``model_version_refuse``; call it outside a transaction that may roll back, or the record goes
@@ -72,6 +104,7 @@ def model_version_verify(version: ModelVersion) -> None:
     try:
         engine_module.model_files_verify(model_key(version))
     except engine_module.ModelFilesMismatch as error:
+        logger.error("refusing model version %s: %s", version.name, error)
         model_version_refuse(version, str(error))
         raise
 
@@ -155,8 +188,14 @@ def engine_serving(version: ModelVersion) -> tuple[engine_module.Engine, ModelVe
     except engine_module.ModelFilesMismatch:
         engine = engine_module.get_engine()
         current = engine.current_key
-        serving = current and ModelVersion.objects.filter(
-            base_model_path=current.base_model_path, adapter_path=current.adapter_path).order_by("-id").first()
+        # The loaded key names local files: the versions' own paths, or this host's cached copies of
+        # stored files (then matched by the digests the key was loaded with).
+        serving = current and (
+            ModelVersion.objects.filter(base_model_path=current.base_model_path, adapter_path=current.adapter_path)
+            .order_by("-id").first()
+            or (current.base_sha256 and ModelVersion.objects.filter(
+                base_model_sha256=current.base_sha256, adapter_sha256=current.adapter_sha256)
+                .exclude(pk=version.pk).order_by("-id").first()))
         if not serving:
             raise
         return engine, serving

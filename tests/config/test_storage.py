@@ -89,3 +89,53 @@ def test_storage_options_that_are_not_a_json_object_stop_start_up(tmp_path):
         "django.core.exceptions.ImproperlyConfigured: STORAGE_OPTIONS must be a JSON object, not ['support-uploads']",
     ]
     assert not (tmp_path / "media").exists()
+
+
+# The artifact storage (``STORAGES["artifacts"]``: published model files, ``chat.model_artifacts``) is
+# set the same way by its own variables, and publishing goes through it.
+ARTIFACT_PROBE = (
+    "import django, sys; django.setup()\n"
+    "from chat.model_artifacts import artifact_publish, artifact_storage\n"
+    "reference, digest = artifact_publish(sys.argv[1])\n"
+    "print(artifact_storage().__class__.__name__, reference, artifact_storage().exists(reference.split(':', 1)[1]))\n"
+)
+
+
+def artifact_probe(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
+    """Publish ``tmp_path/adapter.gguf`` in a subprocess with the test settings, ``DATA_DIR``'s
+    defaults moved under ``tmp_path`` and ``variables``."""
+    adapter = tmp_path / "adapter.gguf"
+    adapter.write_bytes(b"GGUF adapter bytes")
+    base = {key: value for key, value in os.environ.items() if not key.startswith("ARTIFACT_STORAGE")}
+    environment = {**base, "DJANGO_SETTINGS_MODULE": "tests.settings", "MEDIA_ROOT": str(tmp_path / "media"),
+                   "ARTIFACT_STORAGE_DIR": str(tmp_path / "artifacts"), **variables}
+    return subprocess.run([sys.executable, "-c", ARTIFACT_PROBE, str(adapter)], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_by_default_artifacts_are_files_under_artifact_storage_dir_apart_from_uploads(tmp_path):
+    import hashlib
+
+    digest = hashlib.sha256(b"GGUF adapter bytes").hexdigest()
+    result = artifact_probe(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["FileSystemStorage", f"artifacts:models/{digest}/adapter.gguf", "True"]
+    assert files_under(tmp_path / "artifacts") == [Path(f"models/{digest}/adapter.gguf")]
+    assert not (tmp_path / "media").exists()
+
+
+def test_artifact_storage_variables_take_effect(tmp_path):
+    # given the in-memory storage standing in for an object store, then a folder named in the options
+    result = artifact_probe(tmp_path, ARTIFACT_STORAGE_BACKEND="django.core.files.storage.InMemoryStorage")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0::2] == ["InMemoryStorage", "True"]
+    assert not (tmp_path / "artifacts").exists()
+    shared = tmp_path / "bucket-mount"
+    result = artifact_probe(tmp_path, ARTIFACT_STORAGE_OPTIONS=json.dumps({"location": str(shared)}))
+    assert result.returncode == 0, result.stderr
+    assert len(files_under(shared)) == 1 and not (tmp_path / "artifacts").exists()
+    # and malformed options stop start-up, naming the variable
+    result = artifact_probe(tmp_path, ARTIFACT_STORAGE_OPTIONS="[]")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "django.core.exceptions.ImproperlyConfigured: ARTIFACT_STORAGE_OPTIONS must be a JSON object, not []")

@@ -69,6 +69,10 @@ def loop_settings(settings, tiny_model, tmp_path):
     settings.LLM_MODEL_PATH = str(tiny_model)
     settings.LLM_MAX_TOKENS = 16
     settings.TUNING_DIR = str(tmp_path / "tuning")
+    # Published adapters and this "host"'s copies of them, out of the project's data folder.
+    settings.STORAGES = {**settings.STORAGES, "artifacts": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(tmp_path / "artifacts")}}}
+    settings.MODEL_CACHE_DIR = str(tmp_path / "model-cache")
     settings.TUNING_EPOCHS = 3
     settings.TUNING_BATCH_SIZE = 2
     settings.TUNING_LEARNING_RATE = 3e-3
@@ -171,7 +175,11 @@ def test_whole_loop_trains_exports_checks_evaluates_promotes_and_serves(seeded, 
     assert "<svg" in evaluation.report_html and "Promote" in evaluation.report_html
     assert run.decision["promote"] is True and run.decision["evaluation_id"] == evaluation.pk
     candidate = ModelVersion.objects.get(is_active=True)
-    assert candidate == run.model_version and candidate.adapter_path == run.adapter_path
+    assert candidate == run.model_version
+    # and the version serves the adapter published to the artifact storage, not the run's scratch file
+    assert (candidate.adapter_path, candidate.adapter_sha256) == (
+        f"artifacts:models/{run.adapter_sha256}/adapter.gguf", run.adapter_sha256)
+    cached = Path(loop_settings.MODEL_CACHE_DIR) / run.adapter_sha256 / "adapter.gguf"
 
     # and the chat pipeline now answers with the new version, without a restart (the model is asked:
     # no source sentence is quoted before it)
@@ -184,7 +192,7 @@ def test_whole_loop_trains_exports_checks_evaluates_promotes_and_serves(seeded, 
     assert events[-1].type == "chat.done"
     message = Message.objects.get(pk=events[-1].data["message_id"])
     assert message.model_version == candidate
-    assert engine_module.get_engine().current_key == engine_module.ModelKey(candidate.base_model_path, candidate.adapter_path)
+    assert engine_module.get_engine().current_key == engine_module.ModelKey(candidate.base_model_path, str(cached))
 
     # and rolling back to the base is one call; the next answer comes from the base
     model_version_rollback(base.pk)
