@@ -94,6 +94,8 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    # after MessageMiddleware: tells the requester when a task could not be queued (config.task_queue)
+    "config.task_queue.TaskQueueOutageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
@@ -163,9 +165,11 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 # Work whose worker died: sources stuck in parsing/embedding, fine-tune runs that stopped reporting
-# (TUNING_RUN_STALE_S), and conversations that never got a message are swept this often, in seconds.
+# (TUNING_RUN_STALE_S), and conversations that never got a message are swept this often, in seconds;
+# so are sources whose ingestion task could not be sent while the task queue was down (sent again).
 STUCK_WORK_SWEEP_S = env.float("STUCK_WORK_SWEEP_S", default=300.0)
-for _task in ("knowledge.fail_stuck_sources", "tuning.fail_stale_runs", "chat.expire_empty_conversations"):
+for _task in ("knowledge.fail_stuck_sources", "knowledge.send_unsent_sources", "tuning.fail_stale_runs",
+              "chat.expire_empty_conversations"):
     CELERY_BEAT_SCHEDULE[_task] = {"task": _task, "schedule": STUCK_WORK_SWEEP_S}
 # The questions the assistant could not answer are embedded for the analytics page's content gaps by
 # a worker this often, in seconds (the ones answered since are recorded by the pipeline itself; this
