@@ -136,10 +136,22 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: Channels layer and Celery broker -------------------------------------------------------
 REDIS_URL = _required("REDIS_URL", "") or embedded.redis_url()
+# Seconds to establish a connection to Redis (the Channels layer and the rate limiter), and for the
+# Channels layer to wait for an answer on one. Without a connect timeout a Redis host that silently
+# drops packets makes every websocket handshake (the layer's group_add) and rate-limit check hang for
+# the kernel's TCP timeouts (minutes) instead of failing fast into the outage paths
+# (chat.redis_outage: 4503 close, 503, fail open). The layer's read timeout must stay above its
+# blocking receive (BZPOPMIN, channels-redis' brpop_timeout of 5 s): redis-py (>= 6) times reads out
+# after 5 s by default, which crashed any websocket idle for 5 s ("Timeout reading from ...").
+REDIS_CONNECT_TIMEOUT_S = env.float("REDIS_CONNECT_TIMEOUT_S", default=2.0)
+CHANNEL_LAYER_SOCKET_TIMEOUT_S = env.float("CHANNEL_LAYER_SOCKET_TIMEOUT_S", default=15.0)
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
+        # a host as a dict: "address" plus redis-py connection-pool keyword arguments (channels-redis'
+        # create_pool passes them to ConnectionPool.from_url)
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
+                              "socket_timeout": CHANNEL_LAYER_SOCKET_TIMEOUT_S}]},
     }
 }
 # kombu spells a Unix-socket Redis URL "redis+socket://".
@@ -581,9 +593,4 @@ _check_rate_limits()
 WIDGET_MESSAGE_MAX_CHARS = env.int("WIDGET_MESSAGE_MAX_CHARS", default=2000)
 # Source text shown before and after a cited passage in the widget's passage panel, in characters.
 WIDGET_PASSAGE_CONTEXT_CHARS = env.int("WIDGET_PASSAGE_CONTEXT_CHARS", default=300)
-# Channels' Redis layer waits up to 5 s per receive (BZPOPMIN) while redis-py (>= 6) times socket reads
-# out after 5 s by default, which crashed any websocket idle for 5 s ("Timeout reading from ...");
-# reads get a timeout above the layer's wait.
-CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
-    {"address": REDIS_URL, "socket_timeout": env.float("CHANNEL_LAYER_SOCKET_TIMEOUT_S", default=15.0)}
-]
+
