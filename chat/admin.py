@@ -8,6 +8,7 @@ from django import forms
 from django.contrib import admin, messages
 
 from chat import services
+from chat.engine import EngineError
 from chat.models import COLLECTION_PATTERN, Conversation, Message, ModelVersion, WidgetSite
 from chat.origins import origin_normalize
 
@@ -24,8 +25,19 @@ class ModelVersionAdmin(admin.ModelAdmin):
         if queryset.count() != 1:
             self.message_user(request, "Select exactly one version to activate.", messages.ERROR)
             return
-        version = services.model_version_activate(queryset.get())
-        self.message_user(request, f"{version.name} is now served; chats in progress finish on the old model.")
+        version = queryset.get()
+        try:
+            version = services.model_version_activate(version)
+        except (FileNotFoundError, EngineError, ModelVersion.DoesNotExist) as error:
+            # refused (a file's SHA-256 differs: recorded on the version), a file missing here or in the
+            # artifact storage, the storage failing, or the version deleted meanwhile: the active
+            # version is unchanged, as with the dashboard's button and ``manage.py rollback_model``
+            active = ModelVersion.objects.filter(is_active=True).first()
+            self.message_user(request, f"{version.name} was not activated: {error}. "
+                                       f"{active.name if active else 'No version'} is still served.", messages.ERROR)
+            return
+        self.message_user(request, f"{version.name} is now served; chats in progress finish on the old model.",
+                          messages.SUCCESS)
 
 
 class MessageInline(admin.TabularInline):

@@ -16,7 +16,8 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from chat.readiness import readiness_checks
+from chat.readiness import readiness_checks, readiness_state_log
+from chat.service_unavailable import service_unavailable_response
 
 
 @never_cache
@@ -29,10 +30,12 @@ def healthz(request: HttpRequest) -> JsonResponse:
 @never_cache
 @require_GET
 def readyz(request: HttpRequest) -> JsonResponse:
-    """Readiness: 200 when every check of ``chat.readiness`` passes, else 503 naming the failing ones."""
+    """Readiness: 200 when every check of ``chat.readiness`` passes, else 503 naming the failing ones.
+    Only changes of state are logged (``chat.readiness.readiness_state_log``), not every probe."""
     results = readiness_checks()
+    readiness_state_log(results)
     checks = {name: result.as_json() for name, result in results.items()}
     failing = [name for name, result in results.items() if not result.ok]
     if failing:
-        return JsonResponse({"status": "unavailable", "failing": failing, "checks": checks}, status=503)
+        return service_unavailable_response({"status": "unavailable", "failing": failing, "checks": checks})
     return JsonResponse({"status": "ready", "checks": checks})

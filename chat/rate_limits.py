@@ -112,7 +112,10 @@ def limiter() -> MovingWindowRateLimiter:
     global _limiter, _limiter_url
     with _limiter_lock:
         if _limiter is None or _limiter_url != settings.REDIS_URL:
-            storage = RedisStorage(_storage_uri(settings.REDIS_URL), key_prefix=KEY_PREFIX, socket_timeout=2.0)
+            # a request waits at most these for Redis, then the limit fails open or closed
+            storage = RedisStorage(_storage_uri(settings.REDIS_URL), key_prefix=KEY_PREFIX,
+                                   socket_connect_timeout=settings.REDIS_CONNECT_TIMEOUT_S,
+                                   socket_timeout=2.0)
             _limiter, _limiter_url = MovingWindowRateLimiter(storage), settings.REDIS_URL
         return _limiter
 

@@ -12,6 +12,12 @@
 - ``embedding``: the sentence-embedding model is loaded (loading it on the first call, ~2 s), and its
   vectors have ``EMBEDDING_DIM`` dimensions.
 
+``readiness_state_log(results)`` logs this process's changes of readiness, once each: a WARNING
+line with the failing checks and why when it becomes unready (or the set of failing checks changes),
+an INFO line when it is ready again; probes that find the same state log nothing (load balancers
+probe every few seconds, and ``/readyz``'s 503 is not logged by Django either:
+``chat.service_unavailable``).
+
 Checks only read: nothing is written (unlike ``chat.services.model_version_active``, which creates
 the default version).
 """
@@ -19,6 +25,7 @@ the default version).
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -153,13 +160,36 @@ CHECKS: dict[str, Callable[[], dict]] = {
 
 def readiness_checks() -> dict[str, CheckResult]:
     """Run every check of ``CHECKS`` (all of them, even after a failure) and return their results by
-    name. A check that raises fails with the exception's message; failures are logged at WARNING."""
+    name. A check that raises fails with the exception's message (logged by ``readiness_state_log``,
+    on a change only)."""
     results = {}
     for name, check in CHECKS.items():
         try:
             results[name] = CheckResult(ok=True, details=check())
         except Exception as error:  # any failure of a dependency is "not ready", never a 500
-            message = str(error) or type(error).__name__
-            logger.warning("readiness check %s failed: %s", name, message)
-            results[name] = CheckResult(ok=False, error=message)
+            results[name] = CheckResult(ok=False, error=str(error) or type(error).__name__)
     return results
+
+
+# The names of the checks that failed at the last ``readiness_state_log`` of this process; ``None``
+# before the first one.
+_last_failing: frozenset[str] | None = None
+_state_lock = threading.Lock()
+
+
+def readiness_state_log(results: dict[str, CheckResult]) -> None:
+    """Log a change of this process's readiness since the last call: WARNING ``"not ready: <name>:
+    <error>; ..."`` when checks fail and the failing ones are not the same as last time, INFO ``"ready
+    again"`` when none fails after some did. The same state again (however its error texts vary, e.g.
+    a timeout's duration) logs nothing; neither does being ready from the start."""
+    global _last_failing
+    failing = frozenset(name for name, result in results.items() if not result.ok)
+    with _state_lock:
+        previous, _last_failing = _last_failing, failing
+    if failing == (previous or frozenset()):
+        return
+    if failing:
+        logger.warning("not ready: %s", "; ".join(f"{name}: {results[name].error}" for name in results
+                                                   if name in failing))
+    else:
+        logger.info("ready again (%s pass)", ", ".join(results))

@@ -40,6 +40,7 @@ from chat.identity import Identity, IdentityRefused, identity_check
 from chat.models import Conversation
 from chat.origins import CollectionRefused, conversation_collection, origin_allowed
 from chat.selectors import verified_conversation_get, verified_conversation_list
+from chat.service_unavailable import service_unavailable_response
 from chat.transcripts import cited_passage_get, transcript_get
 
 # Matched with fullmatch: "$" would also match before a trailing newline ("abc\n" was accepted).
@@ -145,13 +146,10 @@ UNAVAILABLE_MESSAGE = "This is briefly unavailable; please try again in a moment
 
 def unavailable_response(unavailable: rate_limits.RateLimiterUnavailable) -> JsonResponse:
     """503 ``{"error": UNAVAILABLE_MESSAGE, "retry_after_s"}`` with the ``Retry-After`` header (whole
-    seconds), for a request whose rate limit fails closed while Redis is unavailable."""
-    response = JsonResponse({"error": UNAVAILABLE_MESSAGE, "retry_after_s": unavailable.retry_after_s}, status=503)
-    response["Retry-After"] = unavailable.retry_after_header
-    # chat.rate_limits logged the one WARNING line that says why; Django would add an ERROR line for
-    # every 5xx response. Its own flag against logging a response twice (django.utils.log.log_response).
-    response._has_been_logged = True
-    return response
+    seconds), for a request whose rate limit fails closed while Redis is unavailable. Not logged by
+    Django: ``chat.rate_limits`` logged the one WARNING line that says why."""
+    return service_unavailable_response({"error": UNAVAILABLE_MESSAGE, "retry_after_s": unavailable.retry_after_s},
+                                        retry_after_s=int(unavailable.retry_after_header))
 
 
 def widget_limits() -> dict:

@@ -94,6 +94,8 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    # after MessageMiddleware: tells the requester when a task could not be queued (config.task_queue)
+    "config.task_queue.TaskQueueOutageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
@@ -134,10 +136,22 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: Channels layer and Celery broker -------------------------------------------------------
 REDIS_URL = _required("REDIS_URL", "") or embedded.redis_url()
+# Seconds to establish a connection to Redis (the Channels layer and the rate limiter), and for the
+# Channels layer to wait for an answer on one. Without a connect timeout a Redis host that silently
+# drops packets makes every websocket handshake (the layer's group_add) and rate-limit check hang for
+# the kernel's TCP timeouts (minutes) instead of failing fast into the outage paths
+# (chat.redis_outage: 4503 close, 503, fail open). The layer's read timeout must stay above its
+# blocking receive (BZPOPMIN, channels-redis' brpop_timeout of 5 s): redis-py (>= 6) times reads out
+# after 5 s by default, which crashed any websocket idle for 5 s ("Timeout reading from ...").
+REDIS_CONNECT_TIMEOUT_S = env.float("REDIS_CONNECT_TIMEOUT_S", default=2.0)
+CHANNEL_LAYER_SOCKET_TIMEOUT_S = env.float("CHANNEL_LAYER_SOCKET_TIMEOUT_S", default=15.0)
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
+        # a host as a dict: "address" plus redis-py connection-pool keyword arguments (channels-redis'
+        # create_pool passes them to ConnectionPool.from_url)
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
+                              "socket_timeout": CHANNEL_LAYER_SOCKET_TIMEOUT_S}]},
     }
 }
 # kombu spells a Unix-socket Redis URL "redis+socket://".
@@ -163,9 +177,11 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 # Work whose worker died: sources stuck in parsing/embedding, fine-tune runs that stopped reporting
-# (TUNING_RUN_STALE_S), and conversations that never got a message are swept this often, in seconds.
+# (TUNING_RUN_STALE_S), and conversations that never got a message are swept this often, in seconds;
+# so are sources whose ingestion task could not be sent while the task queue was down (sent again).
 STUCK_WORK_SWEEP_S = env.float("STUCK_WORK_SWEEP_S", default=300.0)
-for _task in ("knowledge.fail_stuck_sources", "tuning.fail_stale_runs", "chat.expire_empty_conversations"):
+for _task in ("knowledge.fail_stuck_sources", "knowledge.send_unsent_sources", "tuning.fail_stale_runs",
+              "chat.expire_empty_conversations"):
     CELERY_BEAT_SCHEDULE[_task] = {"task": _task, "schedule": STUCK_WORK_SWEEP_S}
 # The questions the assistant could not answer are embedded for the analytics page's content gaps by
 # a worker this often, in seconds (the ones answered since are recorded by the pipeline itself; this
@@ -577,9 +593,4 @@ _check_rate_limits()
 WIDGET_MESSAGE_MAX_CHARS = env.int("WIDGET_MESSAGE_MAX_CHARS", default=2000)
 # Source text shown before and after a cited passage in the widget's passage panel, in characters.
 WIDGET_PASSAGE_CONTEXT_CHARS = env.int("WIDGET_PASSAGE_CONTEXT_CHARS", default=300)
-# Channels' Redis layer waits up to 5 s per receive (BZPOPMIN) while redis-py (>= 6) times socket reads
-# out after 5 s by default, which crashed any websocket idle for 5 s ("Timeout reading from ...");
-# reads get a timeout above the layer's wait.
-CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
-    {"address": REDIS_URL, "socket_timeout": env.float("CHANNEL_LAYER_SOCKET_TIMEOUT_S", default=15.0)}
-]
+

@@ -66,6 +66,10 @@ class Source(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     ingested_at = models.DateTimeField(null=True, blank=True)
+    # Set when its ingestion task could not be sent (the task queue was unreachable; the source stays
+    # queued): the periodic ``knowledge.send_unsent_sources`` sends it again (``force`` as asked).
+    unsent_at = models.DateTimeField(null=True, blank=True)
+    unsent_force = models.BooleanField(default=False)
     # Pages of a website (kind "page"): the website that found them, and the HTTP validators of the
     # serving version, sent back as If-None-Match / If-Modified-Since on the next sync.
     website = models.ForeignKey("Website", null=True, blank=True, on_delete=models.CASCADE, related_name="pages")

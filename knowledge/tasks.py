@@ -94,3 +94,11 @@ def fail_stuck_sources() -> int:
     """Fail sources left in parsing/embedding without progress for ``INGEST_STUCK_S``
     (``stuck_ingestions.sources_fail_stuck``). Returns how many; safe to run twice."""
     return stuck_ingestions.sources_fail_stuck()
+
+
+@shared_task(name="knowledge.send_unsent_sources")
+def send_unsent_sources() -> int:
+    """Send the ingestion tasks that could not be sent while the task queue was unreachable
+    (``services.sources_send_unsent``; Celery beat, every ``STUCK_WORK_SWEEP_S``). Returns how many
+    sources; safe to run twice."""
+    return services.sources_send_unsent()

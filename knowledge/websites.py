@@ -32,6 +32,7 @@ from django.core.files.base import ContentFile
 from django.db import transaction
 from django.utils import timezone
 
+from config.task_queue import task_enqueue_on_commit, unsent_reason
 from knowledge import crawler, services
 from knowledge import embedding as embedding_module
 from knowledge.models import DEFAULT_COLLECTION, Source, Website, WebsiteSync
@@ -128,11 +129,16 @@ def website_delete(website: Website) -> None:
 
 @transaction.atomic
 def website_sync_queue(website: Website) -> WebsiteSync:
-    """Record a queued sync of ``website`` and enqueue its task when the transaction commits."""
+    """Record a queued sync of ``website`` and enqueue its task when the transaction commits. When
+    the task queue is unreachable (``config.task_queue``) the run is marked failed with the reason
+    instead (the website and its pages are untouched; sync again, or its schedule will)."""
     from knowledge.tasks import sync_website
 
     run = WebsiteSync.objects.create(website=website)
-    transaction.on_commit(lambda: sync_website.delay(website.pk, run.pk))
+    task_enqueue_on_commit(sync_website, (website.pk, run.pk), on_unsent=lambda: WebsiteSync.objects.filter(
+        pk=run.pk, status=WebsiteSync.Status.QUEUED).update(status=WebsiteSync.Status.FAILED,
+                                                            error=unsent_reason("sync"), finished_at=timezone.now()),
+        later="the sync was marked failed; sync again once the queue is back")
     return run
 
 

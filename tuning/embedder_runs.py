@@ -32,6 +32,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from config.task_queue import task_enqueue_on_commit, unsent_reason
 from tuning.models import Correction, EmbedderRun
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,10 @@ def embedder_run_start(*, trigger: str = "manual", requested_by=None, hyperparam
             if enqueue:
                 from tuning.tasks import embedder_run
 
-                transaction.on_commit(lambda: embedder_run.delay(run.pk))
+                task_enqueue_on_commit(embedder_run, (run.pk,), on_unsent=lambda: EmbedderRun.objects.filter(
+                    pk=run.pk, status=EmbedderRun.Status.QUEUED).update(
+                        status=EmbedderRun.Status.FAILED, error=unsent_reason("run"), finished_at=timezone.now()),
+                    later="the embedder run was marked failed; start it again once the queue is back")
     except IntegrityError:  # another start won the one-in-progress constraint
         raise EmbedderRunError("an embedder run is already in progress") from None
     return run

@@ -42,6 +42,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from chat.models import ModelVersion
+from config.task_queue import task_enqueue_on_commit, unsent_reason
 from chat.services import file_sha256, model_version_activate, model_version_register, model_version_verify
 from tuning.datasets import DatasetError, dataset_records, dataset_snapshot_create, new_approved_since
 from tuning.models import FineTuneRun, TrainingDataset
@@ -122,7 +123,10 @@ def fine_tune_run_start(*, trigger: str = "manual", requested_by=None, dataset: 
             if enqueue:
                 from tuning.tasks import fine_tune_run
 
-                transaction.on_commit(lambda: fine_tune_run.delay(run.pk))
+                task_enqueue_on_commit(fine_tune_run, (run.pk,), on_unsent=lambda: FineTuneRun.objects.filter(
+                    pk=run.pk, status=FineTuneRun.Status.QUEUED).update(
+                        status=FineTuneRun.Status.FAILED, error=unsent_reason("run"), finished_at=timezone.now()),
+                    later="the fine-tune run was marked failed; start it again once the queue is back")
     except DatasetError as error:
         raise FineTuneError(str(error)) from None
     except IntegrityError:  # another start won the one-in-progress constraint

@@ -51,6 +51,7 @@ from knowledge.services.sources import (
     source_delete,
     source_upload,
     sources_enqueue,
+    sources_send_unsent,
     sources_register_paths,
 )
 
@@ -63,6 +64,7 @@ __all__ = [
     "source_delete",
     "source_upload",
     "sources_enqueue",
+    "sources_send_unsent",
     "sources_register_paths",
     # products
     "product_delete",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterable
 
@@ -21,6 +22,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from config.task_queue import task_enqueue_on_commit
 from knowledge.models import DEFAULT_COLLECTION, Product, Source
 from knowledge.services.curated import _curated_retire_citing
 from knowledge.services.ingestion import too_large_reason
@@ -34,16 +36,49 @@ def sources_enqueue(source_ids: Iterable[int], *, force: bool = False) -> None:
     """Queue ingestion of ``source_ids`` when the current transaction commits: one
     ``knowledge.ingest_source`` task for a single source, else ``knowledge.ingest_sources`` tasks of
     at most ``INGEST_TASK_SOURCES`` sources each (their chunks are embedded together). ``force`` as
-    in ``document_ingest``."""
+    in ``document_ingest``.
+
+    When the task queue is unreachable (``config.task_queue``), the sources of a task not sent stay
+    ``queued`` and are marked unsent (``unsent_at``, ``unsent_force``); ``sources_send_unsent`` (Celery
+    beat) sends them once it is back. Nothing raises."""
     from knowledge.tasks import ingest_source, ingest_sources
 
     ids = list(source_ids)
     if len(ids) == 1:
-        transaction.on_commit(lambda: ingest_source.delay(ids[0], force=force))
-        return
-    size = max(1, settings.INGEST_TASK_SOURCES)
-    groups = [ids[offset : offset + size] for offset in range(0, len(ids), size)]
-    transaction.on_commit(lambda: [ingest_sources.delay(group, force=force) for group in groups])
+        groups, task = [ids], ingest_source
+    else:
+        size = max(1, settings.INGEST_TASK_SOURCES)
+        groups, task = [ids[offset : offset + size] for offset in range(0, len(ids), size)], ingest_sources
+    for group in groups:
+        task_enqueue_on_commit(task, (group[0] if task is ingest_source else group,), {"force": force},
+                               on_unsent=partial(_sources_mark_unsent, group, force),
+                               later="the ingestion starts when the queue is back")
+
+
+def _sources_mark_unsent(source_ids: list[int], force: bool) -> None:
+    """Mark the still-queued sources of ``source_ids`` unsent (a forced ingestion stays forced)."""
+    Source.objects.filter(pk__in=source_ids, status=Source.Status.QUEUED).update(
+        unsent_at=timezone.now(), **({"unsent_force": True} if force else {}))
+
+
+def sources_send_unsent() -> int:
+    """Send again the ingestion of every source marked unsent (``sources_enqueue``) that is still
+    queued, forced ones with ``force``; clear the mark on the others. Returns how many were sent (or
+    marked unsent again: the queue may still be down). Safe to run concurrently: each mark is taken
+    by one conditional update."""
+    Source.objects.filter(unsent_at__isnull=False).exclude(status=Source.Status.QUEUED).update(
+        unsent_at=None, unsent_force=False)
+    sent = 0
+    for force in (False, True):
+        with transaction.atomic():
+            ids = list(Source.objects.select_for_update(skip_locked=True)
+                       .filter(unsent_at__isnull=False, unsent_force=force, status=Source.Status.QUEUED)
+                       .values_list("pk", flat=True))
+            if ids:
+                Source.objects.filter(pk__in=ids).update(unsent_at=None, unsent_force=False)
+                sources_enqueue(ids, force=force)
+        sent += len(ids)
+    return sent
 
 
 def _kind_for(filename: str) -> str:

@@ -4,11 +4,14 @@ embedding model."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from django.conf import settings
 from django.test import override_settings
 
 from chat import engine as engine_module
+from chat import readiness
 from chat.models import ModelVersion
 
 
@@ -102,3 +105,27 @@ def test_readyz_is_503_naming_redis_when_it_does_not_answer(client, embedding_mo
     assert body["failing"] == ["redis"]
     assert body["checks"]["redis"]["ok"] is False
     assert "no-redis.sock" in body["checks"]["redis"]["error"]
+
+
+@pytest.mark.django_db
+def test_readyz_logs_changes_of_state_once_not_every_probe(client, embedding_model, fake_engine, tmp_path, caplog,
+                                                            monkeypatch):
+    # given a process that has not been probed yet
+    monkeypatch.setattr(readiness, "_last_failing", None, raising=False)
+    caplog.set_level(logging.INFO)
+    # when its Redis goes away and a load balancer probes three times
+    with override_settings(REDIS_URL=f"unix://{tmp_path / 'no-redis.sock'}"):
+        down = [client.get("/readyz").status_code for _ in range(3)]
+    down_records = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    caplog.clear()
+    # and it is back for two more probes
+    up = [client.get("/readyz").status_code for _ in range(2)]
+    up_records = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+
+    # then each probe answered as before, but one WARNING line says it became unready, and why,
+    # with no ERROR line from Django for the 503s
+    assert down == [503, 503, 503] and up == [200, 200]
+    assert [(name, level) for name, level, _ in down_records] == [("chat.readiness", "WARNING")], down_records
+    assert down_records[0][2].startswith("not ready: redis: ") and "no-redis.sock" in down_records[0][2]
+    # and one INFO line says it is ready again
+    assert up_records == [("chat.readiness", "INFO", "ready again (database, redis, model, embedding pass)")]
