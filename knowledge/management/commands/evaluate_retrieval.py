@@ -1,5 +1,7 @@
 """``manage.py evaluate_retrieval --questions FILE``: retrieval quality and latency on gold questions,
-beside a plain BM25 baseline over the same chunks computed in the same run.
+beside a plain BM25 baseline over the same chunks computed in the same run. ``--split tune|heldout``
+keeps one fixed half of the dialogues (as in ``evaluate_answers``): settings are chosen on ``tune``
+and reported on ``heldout``.
 
 The documents must be ingested first (``manage.py ingest <folder of the questions file>/docs``);
 a chunk's file is its source path relative to the questions file's folder (``--docs-root``).
@@ -35,17 +37,22 @@ class Command(BaseCommand):
         parser.add_argument("--modes", default="hybrid", help="comma-separated: hybrid,vector,text")
         parser.add_argument("--turns", choices=["first", "all", "both"], default="both",
                             help="first turns only, all turns (with history), or both tables")
+        parser.add_argument("--split", choices=["tune", "heldout", "all"], default="all",
+                            help="one fixed half of the dialogues (GoldQuestion.split): choose settings on "
+                                 "tune, report on heldout")
         parser.add_argument("--history", default="adaptive",
                             help="comma-separated ways to use a question's history: adaptive (the pipeline's "
                                  "conversation_search: history only for follow-ups), always (question + earlier "
                                  "questions), never (the question alone); one column each")
 
-    def handle(self, *args, questions, docs_root, collection, limit, modes, turns, history, **options):
+    def handle(self, *args, questions, docs_root, collection, limit, modes, turns, history, split, **options):
         path = Path(questions)
         if not path.exists():
             raise CommandError(f"no such file: {questions}")
         root = Path(docs_root or path.parent).resolve()
         gold = load_questions(path, limit=limit)
+        if split != "all":
+            gold = [q for q in gold if q.split == split]
         chunks = Chunk.objects.select_related("source").only(
             "start", "end", "text", "heading_path", "source__uri", "source__title", "source__collection"
         )
