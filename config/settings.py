@@ -481,6 +481,11 @@ ABSTAIN_MAX_DISTANCE = env.float("ABSTAIN_MAX_DISTANCE", default=0.62)
 # at most this (cosine, 0..2); farther, it is judged on its own words (off-topic questions after
 # on-topic ones are declined). Doc2Dial follow-ups vs unrelated questions: README, "Conversations".
 FOLLOW_UP_MAX_DISTANCE = env.float("FOLLOW_UP_MAX_DISTANCE", default=0.70)
+# A question that refers back ("...after I placed it?") is still led by its own words when they find
+# a passage at least this much closer (cosine distance, 0..2) than the question read with its history
+# does: it names its own topic, and the pronoun points inside the question. Chosen on Doc2Dial's tune
+# dialogues, reported on the held-out ones (README, "Conversations"). A negative value turns it off.
+FOLLOW_UP_OWN_MARGIN = env.float("FOLLOW_UP_OWN_MARGIN", default=0.10)
 # A conversation's first question whose embedding is within this cosine distance (0..2) of a curated
 # answer's question (an approved correction) is answered with the curated answer, citing its evidence,
 # and nothing else is retrieved or generated. Chosen with benchmarks/curated_answers.py on Doc2Dial

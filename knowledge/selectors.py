@@ -146,6 +146,7 @@ def conversation_search(
     question: str, history: Sequence[dict] = (), *, k: int = 5, collection: str | None = None,
     mode: str = "hybrid", weak_distance: float | None = None, lean_max_distance: float | None = None,
     question_embedding: Sequence[float] | None = None, exclude_kinds: Sequence[str] = (),
+    own_margin: float | None = None,
 ) -> ConversationalRetrieval:
     """Retrieval that follows a conversation without being captured by it.
 
@@ -155,8 +156,11 @@ def conversation_search(
     retrieval is weak (closest chunk farther than ``weak_distance``, default ``ABSTAIN_MAX_DISTANCE``)
     but not hopeless (within ``lean_max_distance``, default ``FOLLOW_UP_MAX_DISTANCE``), the
     history's retrieval is not weak and its best chunks contain one of the question's content words.
-    A question that refers back is still led by its own words when they retrieve well and the
-    history's retrieval is weak ("And how long does a refund take?" after questions about a tent).
+    A question that refers back is still led by its own words when they retrieve well and either the
+    history's retrieval is weak ("And how long does a refund take?" after questions about a tent) or
+    its own closest chunk is at least ``own_margin`` (cosine distance, default
+    ``FOLLOW_UP_OWN_MARGIN``; negative: never) closer than the history's ("Can I cancel my order
+    after I placed it?": the pronoun points inside the question).
     Otherwise the question leads on its own words: when they retrieve well its own results come first
     and the history's are fused after them (``OWN_WORDS_FIRST``), so a new topic is answered from its
     own sources; when they do not, only its own (far) results are returned, for the caller's
@@ -166,6 +170,7 @@ def conversation_search(
     """
     weak = settings.ABSTAIN_MAX_DISTANCE if weak_distance is None else weak_distance
     lean = settings.FOLLOW_UP_MAX_DISTANCE if lean_max_distance is None else lean_max_distance
+    margin = settings.FOLLOW_UP_OWN_MARGIN if own_margin is None else own_margin
     question = question.strip()
     if not question:
         return ConversationalRetrieval([], "", None, None, None)
@@ -195,11 +200,14 @@ def conversation_search(
           and history_distance <= weak and _shares_terms(question, with_history[:3])):
         reason = "weak on its own"
     own_strong = own_distance is not None and own_distance <= weak
-    if reason and not (own_strong and (history_distance is None or history_distance > weak)):
+    own_closer = (reason == "refers back" and own_strong and margin >= 0
+                  and (history_distance is None or history_distance - own_distance >= margin))
+    if reason and not own_closer and not (own_strong and (history_distance is None or history_distance > weak)):
         return ConversationalRetrieval(with_history, query, reason, own_distance, history_distance)
     if own_strong:
-        # (Also a question that refers back when its history retrieves weakly but its own words
-        # retrieve well: "And how long does a refund take?" after questions about a tent's weight.)
+        # (Also a question that refers back when its history retrieves weakly, or when its own words
+        # find a passage ``own_margin`` closer than it does with its history: "Can I cancel my order
+        # after I placed it?" after questions about a tent, whose "it" points inside the question.)
         # On topic on its own words: its own chunks lead and the history's join them by RRF, so a
         # follow-up that names no topic without referring back ("What documents do I need?") still
         # finds its page (Doc2Dial all turns, 700 questions: document-hit@5 0.731 -> 0.766), while

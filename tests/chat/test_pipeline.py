@@ -349,6 +349,30 @@ def test_a_follow_up_whose_history_retrieves_weakly_is_answered_from_its_own_wor
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("margin, follow_up, first_chunk", [(0.10, "own words first", 101), (-1.0, "refers back", 102)])
+def test_a_question_with_a_pronoun_that_names_its_own_topic_is_led_by_its_own_words(
+    fake_engine, retrieval, settings, margin, follow_up, first_chunk
+):
+    # given a conversation about a tent, then "Can I cancel my order after I placed it?": "it" points
+    # inside the question; its own words find the cancellation passage (0.28) far closer than the
+    # question read with the tent question does (0.55, still within the abstention threshold)
+    settings.ABSTAIN_MAX_DISTANCE, settings.FOLLOW_UP_OWN_MARGIN = 0.62, margin
+    cancel = "You can change or cancel an order within 60 minutes of placing it."
+    retrieval.results_for = lambda query: (
+        [chunk(2, distance=0.55, text="Packed weight 1.6 kg."), chunk(1, distance=0.6, text=cancel)]
+        if "\n" in query else [chunk(1, distance=0.28, text=cancel)])
+    fake_engine.script(["You", " can", " cancel", " within", " 60", " minutes", " [1]", "."])
+    conversation = services.conversation_start()
+    events_of(conversation, "How much does the tent weigh?")
+    events_of(conversation, "Can I cancel my order after I placed it?")
+    # then its own chunk leads (and the answer is judged on the question alone); with the margin
+    # turned off the history's retrieval is used, as before
+    answer = conversation.messages.filter(role="assistant").last()
+    assert answer.grounding["follow_up"] == follow_up
+    assert answer.retrieval[0]["chunk_id"] == first_chunk
+
+
+@pytest.mark.django_db
 def test_a_question_weak_on_its_own_but_close_with_its_history_leans_on_the_history(
     fake_engine, retrieval, settings
 ):
