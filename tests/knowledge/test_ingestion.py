@@ -925,8 +925,11 @@ def test_enqueueing_many_sources_queues_batches_and_one_source_its_own_task(
 
     settings.INGEST_TASK_SOURCES = 2
     sent = []
-    monkeypatch.setattr(tasks.ingest_sources, "delay", lambda ids, force=False: sent.append(("many", ids, force)))
-    monkeypatch.setattr(tasks.ingest_source, "delay", lambda pk, force=False: sent.append(("one", pk, force)))
+    # (sent through config.task_queue, which calls apply_async)
+    monkeypatch.setattr(tasks.ingest_sources, "apply_async",
+                        lambda args, kwargs: sent.append(("many", args[0], kwargs.get("force", False))))
+    monkeypatch.setattr(tasks.ingest_source, "apply_async",
+                        lambda args, kwargs: sent.append(("one", args[0], kwargs.get("force", False))))
     # when five sources are queued, then one
     with django_capture_on_commit_callbacks(execute=True):
         services.sources_enqueue([11, 12, 13, 14, 15], force=True)

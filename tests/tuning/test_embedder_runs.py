@@ -168,7 +168,7 @@ def test_retrain_retriever_now_queues_a_run_for_an_admin_and_refuses_others(corr
     sent = []
     from tuning import tasks
 
-    monkeypatch.setattr(tasks.embedder_run, "delay", lambda run_id: sent.append(run_id))
+    monkeypatch.setattr(tasks.embedder_run, "apply_async", lambda args, kwargs: sent.append(args[0]))
     client.force_login(User.objects.create_superuser("ada", password="pw"))
     with django_capture_on_commit_callbacks(execute=True):
         response = client.post(url)
