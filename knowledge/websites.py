@@ -12,8 +12,9 @@ menu, scripts or other markup changed), is left alone; a page that cannot be par
 and its serving version stays. A page waiting for its batch is counted as handled and listed in
 the report as ``ingesting``; it gets its outcome (new, changed or failed) when its batch is done.
 Pages gone from the site (404/410, no longer in the sitemap, now disallowed by robots.txt or by the
-website's patterns, over its page limit) are deleted. A page is kept once: under its canonical URL (``<link rel="canonical">`` within the site,
-else the URL its redirects end at), and a page whose extracted text equals a kept page's is skipped.
+website's patterns, over its page limit) are deleted. A page is kept once: under its canonical URL
+(``<link rel="canonical">`` within the site, else the URL its redirects end at), and a page whose
+extracted text equals a kept page's is skipped.
 Every run writes a ``WebsiteSync`` report, updated after each page.
 
 Conditional requests: a page's ETag / Last-Modified are stored with its serving version and sent back
@@ -534,7 +535,7 @@ class _Sync:
             self.resolve(page, "changed" if page.was_serving else "new",
                          "" if result.status == "ingested" else result.status)
 
-    def resolve(self, page: "_PendingPage", outcome: str, reason: str) -> None:
+    def resolve(self, page: _PendingPage, outcome: str, reason: str) -> None:
         """Replace the report's ``ingesting`` line of ``page`` by its outcome and count it there."""
         run = self.report
         setattr(run, outcome, getattr(run, outcome) + 1)
