@@ -89,8 +89,11 @@ def test_multi_file_upload_creates_queued_sources_and_queues_them_in_one_batch_t
     from knowledge import tasks
 
     sent = []
-    monkeypatch.setattr(tasks.ingest_sources, "delay", lambda ids, force=False: sent.append(("batch", ids, force)))
-    monkeypatch.setattr(tasks.ingest_source, "delay", lambda pk, force=False: sent.append(("one", pk, force)))
+    # (sent through config.task_queue, which calls apply_async)
+    monkeypatch.setattr(tasks.ingest_sources, "apply_async",
+                        lambda args, kwargs: sent.append(("batch", args[0], kwargs.get("force", False))))
+    monkeypatch.setattr(tasks.ingest_source, "apply_async",
+                        lambda args, kwargs: sent.append(("one", args[0], kwargs.get("force", False))))
     # given three files chosen in the upload form
     files = [
         SimpleUploadedFile("returns.md", RETURNS_MD.encode(), content_type="text/markdown"),
