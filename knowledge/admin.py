@@ -112,20 +112,19 @@ class SourceAdmin(admin.ModelAdmin):
         return False  # sources are added by upload, `manage.py ingest` or a website's sync
 
     def upload_view(self, request: HttpRequest):
-        """Multi-file upload: each file becomes (or replaces) a source and is queued for ingestion."""
+        """Multi-file upload: each file becomes (or replaces) a source, and they are queued for
+        ingestion together (``services.sources_upload``: batched ``knowledge.ingest_sources`` tasks)."""
         if not self.has_change_permission(request):
             return HttpResponseRedirect(reverse("admin:index"))
         form = UploadForm(request.POST or None, request.FILES or None, refused=upload_limits.refused_uploads(request))
         if request.method == "POST" and form.is_valid():
-            collection = form.cleaned_data["collection"]
-            queued = 0
-            for upload in form.cleaned_data["files"]:
-                try:  # the file object, streamed to storage in chunks
-                    services.source_upload(filename=upload.name, data=upload, collection=collection)
-                    queued += 1
-                except services.UploadRefused as error:  # the service's own check; the form's came first
-                    self.message_user(request, f"{error}; not uploaded.", messages.ERROR)
-            self.message_user(request, f"{queued} file(s) queued for ingestion.")
+            files = [(upload.name, upload) for upload in form.cleaned_data["files"]]  # streamed to storage
+            try:
+                queued = len(services.sources_upload(files, collection=form.cleaned_data["collection"]))
+            except services.UploadRefused as error:  # the service's own check; the form's came first
+                self.message_user(request, f"{error}; nothing was uploaded.", messages.ERROR)
+            else:
+                self.message_user(request, f"{queued} file(s) queued for ingestion.")
             return HttpResponseRedirect(reverse("admin:knowledge_source_changelist"))
         context = {**self.admin_site.each_context(request), "form": form, "opts": self.model._meta,
                    "title": "Upload knowledge-base files"}

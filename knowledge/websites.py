@@ -2,14 +2,19 @@
 
 A sync (``website_sync``) finds the website's pages (a crawl from the start page, or the sitemap's
 list), fetches each through ``knowledge.crawler.Fetcher`` and makes each kept page a source of kind
-``page`` whose ``uri`` is its canonical URL. Page bytes go through the same ingestion as uploaded files
-(``services.document_ingest`` from a pending file): a changed page's chunks are swapped in one
-transaction, a page whose bytes hash to the serving version, or whose title and extracted text are
-the serving version's (only its menu, scripts or other markup changed), is left alone, a page that cannot be
-parsed is marked failed and its serving version stays. Pages gone from the site (404/410, no longer in
-the sitemap, now disallowed by robots.txt or by the website's patterns, over its page limit) are
-deleted. A page is kept once: under its canonical URL (``<link rel="canonical">`` within the site,
-else the URL its redirects end at), and a page whose extracted text equals a kept page's is skipped.
+``page`` whose ``uri`` is its canonical URL. Page bytes go through the same batched ingestion as
+uploaded files and folders (``services.documents_ingest`` from pending files): the changed and new
+pages are stored as pending versions while the crawl goes on and ingested together, up to
+``INGEST_TASK_SOURCES`` pages at a time (their chunks embedded in shared rounds of
+``INGEST_BATCH_CHUNKS``), each page's chunks still swapped in its own transaction. A page whose bytes
+hash to the serving version, or whose title and extracted text are the serving version's (only its
+menu, scripts or other markup changed), is left alone; a page that cannot be parsed is marked failed
+and its serving version stays. A page waiting for its batch is counted as handled and listed in
+the report as ``ingesting``; it gets its outcome (new, changed or failed) when its batch is done.
+Pages gone from the site (404/410, no longer in the sitemap, now disallowed by robots.txt or by the
+website's patterns, over its page limit) are deleted. A page is kept once: under its canonical URL
+(``<link rel="canonical">`` within the site, else the URL its redirects end at), and a page whose
+extracted text equals a kept page's is skipped.
 Every run writes a ``WebsiteSync`` report, updated after each page.
 
 Conditional requests: a page's ETag / Last-Modified are stored with its serving version and sent back
@@ -218,6 +223,20 @@ def _run_finish(run: WebsiteSync, status: str, error: str = "") -> None:
         status=status, error=error, finished_at=run.finished_at, current_url="", updated_at=run.finished_at)
 
 
+@dataclass(frozen=True)
+class _PendingPage:
+    """A page stored as its source's pending version, waiting for its batch (``_Sync.flush``):
+    ``report_index`` is its ``ingesting`` line in the report, ``validators`` the ETag /
+    Last-Modified stored once it is ingested, ``was_serving`` whether an earlier version serves."""
+
+    uri: str
+    source_id: int
+    was_serving: bool
+    validators: dict
+    text_digest: str
+    report_index: int
+
+
 @dataclass
 class _Visit:
     """What visiting one URL gave: the links found (crawl), and whether the page was kept."""
@@ -244,18 +263,22 @@ class _Sync:
         }
         self.moved: dict[str, str] = {}  # known URL -> the other canonical URL it led to this run
         self.pending_total = 0
+        self.to_ingest: list[_PendingPage] = []  # stored as pending versions, waiting for their batch
 
     # -- the report --
 
     def record(self, url: str, outcome: str, reason: str = "") -> None:
-        """Add a page to the report and save the run (progress visible to other connections)."""
+        """Add a page to the report and save the run (progress visible to other connections).
+        ``outcome`` ``"ingesting"`` (a page waiting for its batch) counts as handled but in no
+        outcome's count until ``resolve`` gives it its outcome."""
         run = self.report
-        setattr(run, outcome, getattr(run, outcome) + 1)
+        if outcome != "ingesting":
+            setattr(run, outcome, getattr(run, outcome) + 1)
         run.pages = [*run.pages, {"url": url, "outcome": outcome, "reason": reason}]
         run.done += 1
         run.total = max(run.total, run.done + self.pending_total)
         run.current_url = url
-        self.save_progress(outcome, "pages", "done", "total", "current_url")
+        self.save_progress(*([outcome] if outcome != "ingesting" else []), "pages", "done", "total", "current_url")
         logger.info("website %s: %s %s %s", self.website.pk, outcome, url, reason)
 
     def pending(self, count: int) -> None:
@@ -273,15 +296,27 @@ class _Sync:
             raise SyncCancelled(f"sync #{run.pk} was deleted while it ran")
 
     def full(self) -> bool:
+        """The page limit is reached. Pages waiting for their batch count as kept, so when they alone
+        would reach the limit they are ingested first (one that fails frees its place)."""
+        if len(self.kept) >= self.website.page_limit and self.to_ingest:
+            self.flush()
         return len(self.kept) >= self.website.page_limit
 
     # -- modes --
 
     def run(self) -> None:
-        if self.website.mode == Website.Mode.SITEMAP:
-            self.run_sitemap()
-        else:
-            self.run_crawl()
+        try:
+            if self.website.mode == Website.Mode.SITEMAP:
+                self.run_sitemap()
+            else:
+                self.run_crawl()
+            self.flush()
+        except BaseException as error:
+            if self.to_ingest:  # stored but never ingested: say so rather than leave them queued
+                services.sources_fail_unfinished(
+                    [page.source_id for page in self.to_ingest],
+                    f"the website sync stopped before ingesting this page ({type(error).__name__}: {error})")
+            raise
 
     def run_crawl(self) -> None:
         start = crawler.normalize_url(self.website.url)
@@ -301,6 +336,7 @@ class _Sync:
                     queued.add(link)
                     queue.append((link, depth + 1))
             self.pending(len(queue))
+        self.flush()
         # Known pages the crawl did not reach this time: still on the site unless they say otherwise.
         rest = [uri for uri in self.known if uri not in self.kept and uri not in self.requested]
         self.pending(len(rest))
@@ -330,6 +366,7 @@ class _Sync:
             if self.full():
                 break
             self.visit(url, expand=False)
+        self.flush()
         for uri, source in list(self.known.items()):
             if uri in self.kept or uri in self.requested or not Source.objects.filter(pk=source.pk).exists():
                 continue
@@ -343,6 +380,7 @@ class _Sync:
 
     def remove_unreached(self) -> None:
         """Pages requested this run whose URL now redirects to (or names as canonical) another page."""
+        self.flush()
         for uri, target in self.moved.items():
             source = self.known[uri]
             if uri not in self.kept and Source.objects.filter(pk=source.pk).exists():
@@ -426,16 +464,18 @@ class _Sync:
         if same and same != uri:
             self.record(uri, "skipped", f"same content as {same}")
             return visit
-        visit.kept = self.ingest(uri, body, filename, digest, response, document)
+        visit.kept = self.ingest(uri, body, filename, digest, response, text_digest, document)
         if visit.kept:
             self.text_hashes.setdefault(text_digest, uri)
         return visit
 
     def ingest(self, uri: str, body: bytes, filename: str, digest: str, response: crawler.Response,
-               document: ParsedDocument | None) -> bool:
+               text_digest: str, document: ParsedDocument | None) -> bool:
         """Keep the page ``uri``: unchanged when its bytes hash to the serving version's, or when its
         title and extracted text are the serving version's (only markup outside the main content
-        changed: a menu item, a script, a token), else ingested from a pending file like an upload."""
+        changed: a menu item, a script, a token), else stored as a pending version, like an upload,
+        and queued for the next batch (``flush``). Returns whether it is kept (for now: a queued
+        page that then fails to ingest is dropped from ``kept`` by ``flush``)."""
         website = self.website
         existing = Source.objects.filter(collection=website.collection, uri=uri).first()
         if existing is not None and existing.website_id != website.pk:
@@ -460,17 +500,50 @@ class _Sync:
             services.pending_file_store(source, filename, ContentFile(body))
             source.status, source.progress, source.error = Source.Status.QUEUED, 0, ""
             source.save()
-        result = services.document_ingest(source.pk)
-        if result.status == "failed":
-            Source.objects.filter(pk=source.pk).update(http_etag="", http_last_modified="")
-            self.record(uri, "failed", result.error + ("; the serving version is kept" if existing and existing.chunk_count else ""))
-            return False
-        Source.objects.filter(pk=source.pk).update(**validators)
         self.kept.add(uri)
         self.known.setdefault(uri, source)
-        was_serving = existing is not None and existing.chunk_count > 0
-        self.record(uri, "changed" if was_serving else "new", "" if result.status == "ingested" else result.status)
+        self.to_ingest.append(_PendingPage(
+            uri=uri, source_id=source.pk, was_serving=existing is not None and existing.chunk_count > 0,
+            validators=validators, text_digest=text_digest, report_index=len(self.report.pages)))
+        self.record(uri, "ingesting")
+        if len(self.to_ingest) >= settings.INGEST_TASK_SOURCES:
+            self.flush()
         return True
+
+    def flush(self) -> None:
+        """Ingest the pages waiting for their batch together (``services.documents_ingest``: their
+        chunks embedded in shared rounds, each page swapped in its own transaction and failing alone)
+        and give each its outcome in the report, in its place: new or changed, or failed with the
+        reason (its serving version, if any, kept; it is no longer kept by this run)."""
+        batch, self.to_ingest = self.to_ingest, []
+        if not batch:
+            return
+        try:
+            results = services.documents_ingest([page.source_id for page in batch])
+        except BaseException:
+            self.to_ingest = batch  # ``run`` fails the ones still unfinished
+            raise
+        for page, result in zip(batch, results, strict=True):
+            if result.status == "failed":
+                Source.objects.filter(pk=page.source_id).update(http_etag="", http_last_modified="")
+                self.kept.discard(page.uri)
+                if self.text_hashes.get(page.text_digest) == page.uri:
+                    del self.text_hashes[page.text_digest]
+                self.resolve(page, "failed", result.error + ("; the serving version is kept" if page.was_serving else ""))
+                continue
+            Source.objects.filter(pk=page.source_id).update(**page.validators)
+            self.resolve(page, "changed" if page.was_serving else "new",
+                         "" if result.status == "ingested" else result.status)
+
+    def resolve(self, page: _PendingPage, outcome: str, reason: str) -> None:
+        """Replace the report's ``ingesting`` line of ``page`` by its outcome and count it there."""
+        run = self.report
+        setattr(run, outcome, getattr(run, outcome) + 1)
+        pages = list(run.pages)
+        pages[page.report_index] = {"url": page.uri, "outcome": outcome, "reason": reason}
+        run.pages = pages
+        self.save_progress(outcome, "pages")
+        logger.info("website %s: %s %s %s", self.website.pk, outcome, page.uri, reason)
 
     def remove(self, source: Source, reason: str) -> None:
         services.source_delete(source)

@@ -52,6 +52,7 @@ from knowledge.services.sources import (
     source_upload,
     sources_enqueue,
     sources_send_unsent,
+    sources_upload,
     sources_register_paths,
 )
 
@@ -65,6 +66,7 @@ __all__ = [
     "source_upload",
     "sources_enqueue",
     "sources_send_unsent",
+    "sources_upload",
     "sources_register_paths",
     # products
     "product_delete",

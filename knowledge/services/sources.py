@@ -1,5 +1,5 @@
 """Registering sources: files and folders on disk (``sources_register_paths``), uploads
-(``source_upload``, ``pending_file_store``), deleting a source, and queueing ingestion tasks when the
+(``sources_upload``, ``source_upload``, ``pending_file_store``), deleting a source, and queueing ingestion tasks when the
 transaction commits (``sources_enqueue``).
 
 A source can be re-uploaded while an older version is still being ingested: each stored version
@@ -193,7 +193,8 @@ def _locked_source(**lookup) -> Source:
 
 @transaction.atomic
 def source_upload(*, filename: str, data: bytes | File, collection: str = DEFAULT_COLLECTION) -> Source:
-    """Store an uploaded file as the pending version of source ``upload:<filename>`` and queue it.
+    """Store an uploaded file as the pending version of source ``upload:<filename>`` and queue it
+    (one file: ``sources_upload`` with a single file).
 
     ``data``: the file's bytes, or a Django ``File`` (a request's ``UploadedFile``, streamed to
     storage in chunks). The serving version (if any) keeps answering until the new one is ready; an
@@ -201,22 +202,42 @@ def source_upload(*, filename: str, data: bytes | File, collection: str = DEFAUL
     Raises ``UploadRefused`` (nothing stored or changed) when the file is larger than
     ``INGEST_MAX_FILE_BYTES``. If storing the row fails, the file just stored is deleted again.
     """
-    content = data if isinstance(data, File) else ContentFile(data)
-    name = Path(filename).name or "upload"
-    if content.size > settings.INGEST_MAX_FILE_BYTES:
-        raise UploadRefused(f"{name}: {too_large_reason()}")
-    source = _locked_source(
-        collection=collection, uri=f"upload:{name}", defaults={"kind": _kind_for(name), "title": Path(name).stem}
-    )
-    pending_file_store(source, name, content)
+    return sources_upload([(filename, data)], collection=collection)[0]
+
+
+@transaction.atomic
+def sources_upload(files: Iterable[tuple[str, bytes | File]], *, collection: str = DEFAULT_COLLECTION) -> list[Source]:
+    """Store uploaded files as the pending versions of sources ``upload:<filename>`` and queue them
+    together when the transaction commits (``sources_enqueue``: several files go to
+    ``knowledge.ingest_sources`` tasks, their chunks embedded in shared rounds, each file still
+    swapped in alone and failing alone), as the admin's upload page does.
+
+    ``files``: ``(filename, data)`` pairs, ``data`` as in ``source_upload``. Returns the sources in
+    the order of ``files``. Raises ``UploadRefused`` naming the first file larger than
+    ``INGEST_MAX_FILE_BYTES`` before anything is stored (a submission is stored whole or not at
+    all). If storing fails, the files already stored by this call are deleted again.
+    """
+    contents = [(Path(filename).name or "upload", data if isinstance(data, File) else ContentFile(data))
+                for filename, data in files]
+    for name, content in contents:
+        if content.size > settings.INGEST_MAX_FILE_BYTES:
+            raise UploadRefused(f"{name}: {too_large_reason()}")
+    stored: list[Source] = []
     try:
-        source.status, source.progress, source.error = Source.Status.QUEUED, 0, ""
-        source.save()
-        sources_enqueue([source.pk])
+        for name, content in contents:
+            source = _locked_source(
+                collection=collection, uri=f"upload:{name}", defaults={"kind": _kind_for(name), "title": Path(name).stem}
+            )
+            pending_file_store(source, name, content)
+            stored.append(source)
+            source.status, source.progress, source.error = Source.Status.QUEUED, 0, ""
+            source.save()
+        sources_enqueue(dict.fromkeys(source.pk for source in stored))
     except Exception:
-        source.pending_file.storage.delete(source.pending_file.name)
+        for source in stored:
+            source.pending_file.storage.delete(source.pending_file.name)
         raise
-    return source
+    return stored
 
 
 @transaction.atomic

@@ -83,9 +83,17 @@ def test_superuser_opens_the_upload_page(admin_client):
     assert "Upload and ingest" in page
 
 
-def test_multi_file_upload_creates_queued_sources_and_queues_one_task_each(
-    admin_client, media_root, django_capture_on_commit_callbacks
+def test_multi_file_upload_creates_queued_sources_and_queues_them_in_one_batch_task(
+    admin_client, media_root, django_capture_on_commit_callbacks, monkeypatch
 ):
+    from knowledge import tasks
+
+    sent = []
+    # (sent through config.task_queue, which calls apply_async)
+    monkeypatch.setattr(tasks.ingest_sources, "apply_async",
+                        lambda args, kwargs: sent.append(("batch", args[0], kwargs.get("force", False))))
+    monkeypatch.setattr(tasks.ingest_source, "apply_async",
+                        lambda args, kwargs: sent.append(("one", args[0], kwargs.get("force", False))))
     # given three files chosen in the upload form
     files = [
         SimpleUploadedFile("returns.md", RETURNS_MD.encode(), content_type="text/markdown"),
@@ -105,8 +113,12 @@ def test_multi_file_upload_creates_queued_sources_and_queues_one_task_each(
     ]
     assert [(media_root / s.pending_file.name).read_bytes() for s in sources] == [
         RETURNS_MD.encode(), FAQ_CSV.encode(), WARRANTY_HTML.encode()]
-    # and one ingestion task per file is queued for when the request's transaction commits
-    assert len(callbacks) == 3
+    # and, when the upload's transaction commits, one knowledge.ingest_sources task is queued for the
+    # three (their chunks are embedded together), not one task per file
+    assert sent == []
+    for callback in callbacks:
+        callback()
+    assert sent == [("batch", [s.pk for s in sorted(sources, key=lambda s: s.pk)], False)]
     assert Chunk.objects.count() == 0
     # and the list says so
     listing = admin_client.get(response.url)
@@ -178,13 +190,13 @@ def test_upload_within_the_limit_is_streamed_from_its_temporary_file_to_storage(
     # given a file under the limit but over FILE_UPLOAD_MAX_MEMORY_SIZE
     body = b"Shipping times\n\n" + b"Parcels ship daily. " * 40_000  # 800 kB
     received = []
-    real_upload = services.source_upload
+    real_upload = services.sources_upload
 
-    def spy(*, filename, data, collection):
-        received.append(type(data))
-        return real_upload(filename=filename, data=data, collection=collection)
+    def spy(files, *, collection):
+        received.extend(type(data) for _, data in files)
+        return real_upload(files, collection=collection)
 
-    monkeypatch.setattr(services, "source_upload", spy)
+    monkeypatch.setattr(services, "sources_upload", spy)
     # when it is uploaded
     with django_capture_on_commit_callbacks() as callbacks:
         response = admin_client.post(reverse(UPLOAD), {"files": [SimpleUploadedFile("shipping.txt", body)],

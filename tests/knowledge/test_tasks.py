@@ -20,7 +20,7 @@ from knowledge.services import ingestion
 from knowledge.models import Chunk, Source
 from knowledge.tasks import ingest_source, ingest_sources
 from tests.knowledge.conftest import serving_snapshot
-from tests.knowledge.sample_files import FAQ_CSV, RETURNS_MD, SCRIPTS_ONLY_HTML
+from tests.knowledge.sample_files import CARE_PDF_PAGES, FAQ_CSV, RETURNS_MD, SCRIPTS_ONLY_HTML, pdf_bytes
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -107,6 +107,50 @@ def test_folder_registered_for_ingestion_is_ingested_by_the_worker(finished, kb_
     assert finished.task_names == ["knowledge.ingest_sources"]
     # and the tasks ran on the worker's threads, not in this one
     assert finished.threads and threading.current_thread().name not in finished.threads
+
+
+def test_admin_upload_of_several_files_is_ingested_by_one_batch_task_and_a_corrupt_file_fails_alone(
+        finished, admin_client, media_root):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from django.urls import reverse
+
+    # given a serving PDF, uploaded alone (one file: its own knowledge.ingest_source task)
+    admin_client.post(reverse("admin:knowledge_source_upload"), {
+        "files": [SimpleUploadedFile("care.pdf", pdf_bytes(CARE_PDF_PAGES), content_type="application/pdf")],
+        "collection": "default"})
+    [(_, first)] = finished.wait_for(1)
+    assert (finished.task_names, first["status"]) == (["knowledge.ingest_source"], "ingested")
+    care = Source.objects.get(uri="upload:care.pdf")
+    before = serving_snapshot(care.pk)
+    # when the admin's upload page gets two good files and a corrupt version of that PDF together
+    response = admin_client.post(reverse("admin:knowledge_source_upload"), {"files": [
+        SimpleUploadedFile("returns.md", RETURNS_MD.encode(), content_type="text/markdown"),
+        SimpleUploadedFile("store_faq.csv", FAQ_CSV.encode(), content_type="text/csv"),
+        SimpleUploadedFile("care.pdf", pdf_bytes(CARE_PDF_PAGES)[:60], content_type="application/pdf"),
+    ], "collection": "default"})
+    assert response.status_code == 302
+    # then one knowledge.ingest_sources task ingested the three together (their chunks embedded in one
+    # round), not one task per file
+    results = finished.wait_for(4)
+    assert finished.task_names == ["knowledge.ingest_source", "knowledge.ingest_sources"]
+    uris = dict(Source.objects.values_list("pk", "uri"))
+    reason = "corrupt or unreadable PDF (Stream has ended unexpectedly)"
+    assert [(uris[r["source_id"]], state, r["status"], r["chunks"], r["error"]) for state, r in results[1:]] == [
+        ("upload:returns.md", "SUCCESS", "ingested", 3, ""),
+        ("upload:store_faq.csv", "SUCCESS", "ingested", 2, ""),
+        ("upload:care.pdf", "SUCCESS", "failed", 0, reason),
+    ]
+    # and the admin's list shows the good files ready and the corrupt one failed with its reason
+    assert sorted((s.uri, s.status, s.progress, s.chunk_count, s.error, s.pending_file.name)
+                  for s in Source.objects.all()) == [
+        ("upload:care.pdf", "failed", 0, before["chunk_count"], reason, ""),
+        ("upload:returns.md", "ready", 100, 3, "", ""),
+        ("upload:store_faq.csv", "ready", 100, 2, "", ""),
+    ]
+    assert reason in admin_client.get(reverse("admin:knowledge_source_changelist")).content.decode()
+    # and the PDF's serving version is exactly what it was; no uploaded file is left behind
+    assert serving_snapshot(care.pk) == before
+    assert [path for path in media_root.rglob("*") if path.is_file()] == []
 
 
 def test_ingestion_task_is_safe_to_run_twice(finished, kb_folder):

@@ -73,13 +73,16 @@ def test_queued_sync_runs_in_the_worker_with_live_progress_and_is_safe_to_run_tw
     website = websites.website_register(site.url("/"))
     # when a sync is queued (enqueued when the transaction commits)
     run = websites.website_sync_queue(website)
-    # then, while the worker waits for /slow, this connection sees the run's progress
+    # then, while the worker waits for /slow, this connection sees the run's progress: the home page
+    # handled and waiting for its batch (the pages are ingested together once fetched)
     deadline = time.monotonic() + 120
     while WebsiteSync.objects.get(pk=run.pk).done < 1:
         assert time.monotonic() < deadline, "the sync made no progress"
         time.sleep(0.2)
     live = WebsiteSync.objects.get(pk=run.pk)
-    assert (live.status, live.done, live.new, live.current_url) == ("running", 1, 1, site.url("/"))
+    assert (live.status, live.done, live.new, live.current_url) == ("running", 1, 0, site.url("/"))
+    assert live.pages == [{"url": site.url("/"), "outcome": "ingesting", "reason": ""}]
+    assert Source.objects.get(uri=site.url("/")).status == "queued"
     assert live.total >= 2
     release.set()
     # and the worker finishes it: both pages are sources

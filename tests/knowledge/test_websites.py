@@ -325,6 +325,73 @@ def test_resync_reingests_changed_pages_removes_gone_ones_and_skips_unchanged(si
     assert Website.objects.get().last_synced_at is not None
 
 
+class IngestCalls:
+    """Records how a sync ingests its pages: each ``services.documents_ingest`` call's source ids
+    (the batched path), and any ``services.document_ingest`` call (one page at a time); both run."""
+
+    def __init__(self, monkeypatch):
+        from knowledge import services
+
+        self.batches: list[list[int]] = []
+        self.singles: list[int] = []
+        real_batch, real_single = services.documents_ingest, services.document_ingest
+
+        def batch(source_ids, **kwargs):
+            self.batches.append(list(source_ids))
+            return real_batch(source_ids, **kwargs)
+
+        def single(source_id, **kwargs):
+            self.singles.append(source_id)
+            return real_single(source_id, **kwargs)
+
+        monkeypatch.setattr(services, "documents_ingest", batch)
+        monkeypatch.setattr(services, "document_ingest", single)
+
+
+def test_sync_ingests_its_new_and_changed_pages_in_one_batch_and_a_corrupt_page_fails_alone(site, monkeypatch):
+    calls = IngestCalls(monkeypatch)
+    # given a small site: the demo store's pages and a PDF
+    demo_store(site)
+    site.page("/", html_page("Example Store help", "<h1>Help centre</h1><p>Answers about orders.</p>",
+                             links=["/help/returns", "/help/shipping", "/help/warranty.html", "/stores.txt",
+                                    "/care.pdf"]))
+    site.file("/care.pdf", pdf_bytes(CARE_PDF_PAGES), "application/pdf")
+    # when it is synced
+    first = sync(site.url("/"))
+    # then its six pages were ingested together by one documents_ingest call, none alone (the
+    # warranty page's link to the shop answers 404)
+    assert counts(first) == {"new": 6, "changed": 0, "unchanged": 0, "removed": 0, "failed": 1, "skipped": 0}
+    ids = {path: source.pk for path, source in pages().items()}
+    assert calls.batches == [[ids[path] for path in ("/", "/help/returns", "/help/shipping", "/help/warranty.html",
+                                                      "/stores.txt", "/care.pdf")]]
+    assert calls.singles == []
+    care_before = serving_snapshot(ids["/care.pdf"])
+    shipping_before = serving_snapshot(ids["/help/shipping"])
+    # when the returns page changes, the PDF is replaced by a corrupt one and the site is synced again
+    returns_html = site.routes["/help/returns"].body.decode().replace("30 days", "45 days")
+    assert "45 days" in returns_html
+    site.page("/help/returns", returns_html)
+    site.file("/care.pdf", pdf_bytes(CARE_PDF_PAGES)[:60], "application/pdf")
+    run = websites.website_sync(first.website_id)
+    # then the two were ingested in one batch: the changed page serves its new text, the corrupt PDF
+    # failed with the parser's reason, in its place in the report, and serves its previous version
+    assert calls.batches[1:] == [[ids["/help/returns"], ids["/care.pdf"]]]
+    assert calls.singles == []
+    reason = "corrupt or unreadable PDF (Stream has ended unexpectedly)"
+    assert outcomes(run) == [
+        ("unchanged", "/", "same content"), ("changed", "/help/returns", ""),
+        ("unchanged", "/help/shipping", "same content"), ("unchanged", "/help/warranty.html", "same content"),
+        ("unchanged", "/stores.txt", "same content"), ("failed", "/care.pdf", reason + "; the serving version is kept"),
+        ("failed", "/shop", "HTTP 404 (a broken link?)"),
+    ]
+    assert (run.status, run.done, run.total) == ("finished", 7, 7)
+    care = Source.objects.get(pk=ids["/care.pdf"])
+    assert (care.status, care.error, care.pending_file.name, care.http_etag) == ("failed", reason, "", "")
+    assert serving_snapshot(ids["/care.pdf"]) == care_before
+    assert "45 days" in Source.objects.get(pk=ids["/help/returns"]).text
+    assert serving_snapshot(ids["/help/shipping"]) == shipping_before
+
+
 def test_a_page_404_removes_it_and_one_no_longer_linked_is_kept_while_it_exists(site):
     site.page("/", html_page("Home", "<p>Welcome to the help centre.</p>", links=["/a", "/b"]))
     site.page("/a", html_page("A", "<p>Page A explains refunds.</p>"))
