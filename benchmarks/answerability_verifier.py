@@ -18,8 +18,10 @@ Data (Doc2Dial, ``knowledge.evaluation.GoldQuestion.split``):
   near-miss rows; near-miss questions are never trained on.
 
 A question is answered when retrieval passes the distance threshold (``ABSTAIN_MAX_DISTANCE``, as
-the pipeline) and the best verifier score over the sentences of its top ``--k`` retrieved chunks
-reaches the threshold. Baselines computed in the same run on the same questions: the distance
+the pipeline) and the best verifier score reaches the threshold; the verifier scores the ``--rerank``
+sentences closest to the question by the embedder among the sentences of the top ``--k`` retrieved
+chunks (a CPU budget: ~25-40 ms per pair on one shared thread). Training also fits one shared thread:
+the embeddings and the lowest ``--freeze-layers`` layers keep the embedder's weights. Baselines computed in the same run on the same questions: the distance
 threshold alone; the current check without the model (``extractive_answer`` at
 ``EXTRACTIVE_MIN_RELEVANCE`` over the pipeline's quote candidates: it answers whenever a quote
 qualifies, and the generated path can only add answers, so its near-miss "declined" is an upper
@@ -30,7 +32,8 @@ bound of the pipeline's); and the embedder's own best cosine similarity swept li
         --seed 13 --output /tmp/answerability-verifier --cache /tmp/answerability_retrieval.json
 
 Step 1 (retrieval, cached in ``--cache``) needs the database; step 2 trains (``--epochs``, CPU, one
-thread) and step 3 scores and prints the tables.
+thread) and step 3 scores and prints the tables; ``--model FOLDER`` skips step 2 and scores a saved
+verifier. Measured result: README, "Groundedness check", "A trained answerability verifier".
 """
 
 from __future__ import annotations
