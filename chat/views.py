@@ -12,10 +12,10 @@ is 403). The hash is a lasting credential of that customer, so it is refused in 
 
 | method and path | what |
 |---|---|
-| ``POST /api/conversations/`` | start a conversation: ``{"id", "token", "verified", "message_max_chars"}`` (201); 429 with ``Retry-After`` past the rate limits |
+| ``POST /api/conversations/`` | start a conversation: ``{"id", "token", "verified"}`` and ``widget_limits()`` (201); 429 with ``Retry-After`` past the rate limits |
 | ``POST /api/conversations/verified/`` | a verified customer's conversations on this site: ``{"conversations": [...]}``; 429 with ``Retry-After`` past the rate limit; 503 with ``Retry-After`` while Redis is unavailable |
-| ``POST /api/conversations/<id>/resume/`` | a verified customer resumes one of them on this device: ``{"id", "token", "status", "message_max_chars"}``; 429 with ``Retry-After`` past the rate limit; 503 with ``Retry-After`` while Redis is unavailable |
-| ``GET /api/conversations/<id>/messages/`` | its transcript (``chat.transcripts.transcript_get``) and ``"message_max_chars"`` |
+| ``POST /api/conversations/<id>/resume/`` | a verified customer resumes one of them on this device: ``{"id", "token", "status"}`` and ``widget_limits()``; 429 with ``Retry-After`` past the rate limit; 503 with ``Retry-After`` while Redis is unavailable |
+| ``GET /api/conversations/<id>/messages/`` | its transcript (``chat.transcripts.transcript_get``) and ``widget_limits()`` |
 | ``GET /api/conversations/<id>/passages/<chunk_id>/`` | a cited passage: ``{"status", "notice", "title", "url", "before", "passage", "after"}`` |
 | ``POST /api/conversations/<id>/handoff/`` | ask for a human: ``{"id", "status"}`` |
 """
@@ -154,10 +154,13 @@ def unavailable_response(unavailable: rate_limits.RateLimiterUnavailable) -> Jso
 
 def widget_limits() -> dict:
     """What the widget must know of the server's limits, sent with every response that gives it a
-    conversation: ``{"message_max_chars": int}`` (``settings.WIDGET_MESSAGE_MAX_CHARS``, characters
-    of a question after stripping; the socket and the answer pipeline refuse longer ones). The widget
-    has no copy of its own, so raising the setting raises it everywhere."""
-    return {"message_max_chars": settings.WIDGET_MESSAGE_MAX_CHARS}
+    conversation: ``{"message_max_chars": int, "feedback_comment_max_chars": int}``, characters after
+    stripping: of a question (``settings.WIDGET_MESSAGE_MAX_CHARS``; the socket and the answer
+    pipeline refuse longer ones) and of a feedback or rating comment
+    (``settings.FEEDBACK_COMMENT_MAX_CHARS``; ``chat.feedback`` refuses longer ones). The widget has
+    no copy of its own, so raising a setting raises it everywhere."""
+    return {"message_max_chars": settings.WIDGET_MESSAGE_MAX_CHARS,
+            "feedback_comment_max_chars": settings.FEEDBACK_COMMENT_MAX_CHARS}
 
 
 @widget_api("POST")
@@ -168,8 +171,8 @@ def conversation_create(request: HttpRequest) -> JsonResponse:
     which is the one used; ``"user_id": str, "user_hash": str`` for a signed-in customer of the host
     site (``chat.identity.identity_check``), recorded on the conversation once verified.
 
-    Returns 201 ``{"id": str, "token": str, "verified": bool, "message_max_chars": int}``
-    (``widget_limits``); 400 on a malformed body or
+    Returns 201 ``{"id": str, "token": str, "verified": bool}`` and the limits of ``widget_limits()``;
+    400 on a malformed body or
     ``user_id``; 403 when the named collection is not the origin's, for a user id without a valid
     hash, or without one on a site that requires it; 429 (``rate_limited_response``) past the
     client IP's or the origin's limit (``chat.rate_limits.conversation_start_check``; while Redis is
@@ -246,7 +249,7 @@ def verified_conversations(request: HttpRequest, identity: Identity) -> JsonResp
 @verified_identity_required
 def conversation_resume(request: HttpRequest, identity: Identity, conversation_id: UUID) -> JsonResponse:
     """Resume one of the verified customer's conversations on this device: ``{"id", "token",
-    "status", "message_max_chars"}`` (the token opens its websocket and API as usual). 403, one answer for an unknown id
+    "status"}`` and ``widget_limits()`` (the token opens its websocket and API as usual). 403, one answer for an unknown id
     and another customer's or site's conversation."""
     try:
         conversation = verified_conversation_get(conversation_id, origin=identity.origin, user_id=identity.user_id)

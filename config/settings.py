@@ -596,6 +596,10 @@ _check_rate_limits()
 # refuse longer ones, and the widget learns it from the API (``message_max_chars``), so this is the
 # only place it is set.
 WIDGET_MESSAGE_MAX_CHARS = env.int("WIDGET_MESSAGE_MAX_CHARS", default=2000)
+# Longest comment a customer can leave with a thumb on an answer or with the conversation's rating, in
+# characters after stripping: ``chat.feedback`` refuses longer ones and the widget learns it the same
+# way (``feedback_comment_max_chars``), so this too is the only place it is set.
+FEEDBACK_COMMENT_MAX_CHARS = env.int("FEEDBACK_COMMENT_MAX_CHARS", default=2000)
 # Source text shown before and after a cited passage in the widget's passage panel, in characters.
 WIDGET_PASSAGE_CONTEXT_CHARS = env.int("WIDGET_PASSAGE_CONTEXT_CHARS", default=300)
 

@@ -33,8 +33,10 @@ from typing import Callable, Iterable
 
 import numpy as np
 from django.conf import settings
+from django.core.files.storage import Storage
 from django.db import transaction
 from django.db.models import Q
+from django.db.models.fields.files import FieldFile
 from django.utils import timezone
 
 from knowledge import embedding as embedding_module
@@ -67,13 +69,7 @@ class IngestResult:
 
 def _read_bytes(source: Source) -> tuple[str, bytes]:
     if source.pending_file:
-        try:
-            if source.pending_file.size > settings.INGEST_MAX_FILE_BYTES:
-                raise SourceUnavailable(too_large_reason())  # not read into memory at all
-            with source.pending_file.open("rb") as handle:
-                return source.pending_file.name, handle.read()
-        except OSError as error:
-            raise SourceUnavailable(f"the uploaded file is missing ({error})") from None
+        return _read_pending_file(source.pending_file)
     if source.uri.startswith(("upload:", "product:", "curated:")):
         raise SourceUnavailable("there is no pending file to ingest; upload the file again")
     path = Path(source.uri)
@@ -83,6 +79,44 @@ def _read_bytes(source: Source) -> tuple[str, bytes]:
         return path.name, path.read_bytes()
     except OSError as error:
         raise SourceUnavailable(f"cannot read {path} ({error.strerror or error})") from None
+
+
+def _read_pending_file(pending_file: FieldFile) -> tuple[str, bytes]:
+    """The storage name and bytes of an uploaded version, read through its storage (the file system,
+    or object storage through django-storages). Raises ``SourceUnavailable`` when it is over
+    ``INGEST_MAX_FILE_BYTES`` (not read into memory at all) or when reading fails and the storage
+    says it no longer holds the name (``_missing_upload_reason``; backends raise different exceptions
+    for a missing name, an ``OSError`` or their client's own, so ``exists()`` decides, not the
+    exception's type). Any other error of the storage (an outage, a permission problem) is raised as
+    it is, with its own text."""
+    storage, name = pending_file.storage, pending_file.name
+    try:
+        if pending_file.size > settings.INGEST_MAX_FILE_BYTES:
+            raise SourceUnavailable(too_large_reason())
+        with pending_file.open("rb") as handle:
+            return name, handle.read()
+    except SourceUnavailable:
+        raise
+    except Exception:
+        if _storage_lacks(storage, name):
+            raise SourceUnavailable(_missing_upload_reason(name)) from None
+        raise
+
+
+def _storage_lacks(storage: Storage, name: str) -> bool:
+    """Whether ``storage`` says it holds no file ``name``; ``False`` when it cannot tell either (its
+    ``exists`` fails too, e.g. while it is unreachable), so that the caller's own error is reported."""
+    try:
+        return not storage.exists(name)
+    except Exception:
+        logger.warning("cannot tell whether %s is still in the upload storage", name, exc_info=True)
+        return False
+
+
+def _missing_upload_reason(name: str) -> str:
+    """Why an uploaded version whose stored file ``name`` is gone cannot be ingested; the same on
+    every storage backend."""
+    return f"the uploaded file is missing ({name}); upload the file again"
 
 
 def too_large_reason() -> str:

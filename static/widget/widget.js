@@ -50,6 +50,9 @@
   // that gives this page a conversation says it ("message_max_chars"); the server refuses longer ones
   // either way, this only lets the customer know before sending.
   let maxChars = null;
+  // The longest feedback or rating comment the server accepts (its FEEDBACK_COMMENT_MAX_CHARS), learnt
+  // from the same responses ("feedback_comment_max_chars"); until then the comment boxes have no maxlength.
+  let feedbackMaxChars = null;
   const RECONNECT_MAX_MS = 30000;
   // Close code of a socket the server cannot keep (its Redis is down): reconnect after the delay of the
   // chat.unavailable frame sent before it, never sooner (chat.redis_outage.CLOSE_UNAVAILABLE).
@@ -444,10 +447,18 @@
 
   /** Take the server's limits from a response that gives this page a conversation. */
   function applyLimits(data) {
-    const limit = Number(data && data.message_max_chars);
-    if (!Number.isInteger(limit) || limit < 1) return;
-    maxChars = limit;
-    input.maxLength = limit;
+    const limit = serverLimit(data, "message_max_chars");
+    if (limit !== null) {
+      maxChars = limit;
+      input.maxLength = limit;
+    }
+    feedbackMaxChars = serverLimit(data, "feedback_comment_max_chars") ?? feedbackMaxChars;
+  }
+
+  /** ``data[key]`` when it is a whole number of at least 1, else null (an older server, a bad value). */
+  function serverLimit(data, key) {
+    const limit = Number(data && data[key]);
+    return Number.isInteger(limit) && limit >= 1 ? limit : null;
   }
 
   /** Re-render the log from the stored transcript. Returns false if the conversation is gone. */
@@ -783,8 +794,6 @@
 
   // --- feedback: thumbs on each answer, a rating of the conversation ---------------------------------
 
-  const FEEDBACK_MAX_CHARS = 2000;
-
   /** Under an answer (its stored message id), "Helpful?" thumbs up/down; after a thumb is sent, an
    *  optional comment box. Sending again replaces the customer's earlier feedback on the answer. */
   function addFeedback(node, messageId) {
@@ -827,7 +836,7 @@
         commentForm.querySelector("textarea").focus();
         return;
       }
-      const box = el("textarea", { rows: "2", maxlength: String(FEEDBACK_MAX_CHARS), "aria-label": "Tell us more (optional)",
+      const box = el("textarea", { rows: "2", maxlength: feedbackMaxChars, "aria-label": "Tell us more (optional)",
         placeholder: "Tell us more (optional)" });
       const sendComment = el("button", { class: "small primary", type: "submit", text: "Send comment" });
       const skip = el("button", { class: "small", type: "button", text: "No comment", onclick: () => closeComment("Thanks for your feedback.") });
@@ -880,7 +889,7 @@
       class: "star", type: "button", text: "★", "aria-label": `${n} out of 5`, "aria-pressed": "false",
       "data-rating": String(n), onclick: () => pick(n),
     }));
-    const comment = el("textarea", { rows: "2", maxlength: String(FEEDBACK_MAX_CHARS), "aria-label": "Comment (optional)",
+    const comment = el("textarea", { rows: "2", maxlength: feedbackMaxChars, "aria-label": "Comment (optional)",
       placeholder: "Comment (optional)" });
     const sendRating = el("button", { class: "small primary", type: "submit", text: "Send rating", disabled: true });
     const later = el("button", { class: "small", type: "button", text: "Not now", onclick: () => close() });

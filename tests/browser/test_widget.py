@@ -520,7 +520,7 @@ def test_a_resolved_conversation_offers_the_rating_which_is_sent_with_the_keyboa
         (Conversation.objects.get(pk=conversation).pk, 4, "Quick and friendly")]
 
 
-def test_the_longest_question_comes_from_the_server_not_a_copy_in_the_widget(browse):
+def test_the_longest_question_and_comment_come_from_the_server_not_a_copy_in_the_widget(browse):
     async def scenario(page, watch):
         received: list[dict] = []
 
@@ -534,13 +534,20 @@ def test_the_longest_question_comes_from_the_server_not_a_copy_in_the_widget(bro
 
             ws.on_message(on_message)
 
-        async def smaller_limit(route):
-            # the server's answer to "start a conversation", as if WIDGET_MESSAGE_MAX_CHARS were 30
+        async def smaller_limits(route):
+            # the server's answer to "start a conversation", as if WIDGET_MESSAGE_MAX_CHARS were 30 and
+            # FEEDBACK_COMMENT_MAX_CHARS 40
             response = await route.fetch()
-            await route.fulfill(response=response, json={**(await response.json()), "message_max_chars": 30})
+            await route.fulfill(response=response, json={**(await response.json()), "message_max_chars": 30,
+                                                         "feedback_comment_max_chars": 40})
+
+        async def feedback_stored(route):
+            # the scripted answer (message 1) is not in the database: the server's answer, as if it were
+            await route.fulfill(json={"message_id": 1, "value": "up", "comment": ""})
 
         await page.route_web_socket("**/ws/chat/**", serve)
-        await page.route("**/api/conversations/", smaller_limit)
+        await page.route("**/api/conversations/", smaller_limits)
+        await page.route("**/feedback/", feedback_stored)
         # given a conversation started by a first question
         await open_widget(page)
         await ask(page, "Do you ship to Canada?")
@@ -548,15 +555,22 @@ def test_the_longest_question_comes_from_the_server_not_a_copy_in_the_widget(bro
         await page.evaluate(f"() => {{ {SHADOW}.querySelector('textarea#supportbot-input').value = 'x'.repeat(31); }}")
         await page.get_by_role("textbox", name="Your question").press("Enter")
         await page.locator("supportbot-widget .note", has_text="Please keep messages under 30 characters.").wait_for()
+        # and when the customer finds the answer helpful, which opens the comment box
+        answer = page.locator("supportbot-widget .msg.assistant").last
+        await answer.get_by_role("button", name="Helpful", exact=True).click()
+        comment_box = answer.get_by_role("textbox", name="Tell us more (optional)")
+        await comment_box.wait_for()
         return {
             "frames sent": received,
             "input maxlength": await page.evaluate(f"() => {SHADOW}.querySelector('textarea#supportbot-input').maxLength"),
+            "comment maxlength": await comment_box.evaluate("box => box.maxLength"),
             "questions": await page.locator("supportbot-widget .msg.user .body").all_text_contents(),
             "errors": watch.errors,
         }
 
-    # then the widget refused it with the server's number, before sending anything
+    # then the widget refused it with the server's number, before sending anything, and the comment
+    # box holds at most the server's number of characters
     assert browse(scenario) == {
         "frames sent": [{"type": "chat.message", "text": "Do you ship to Canada?"}], "input maxlength": 30,
-        "questions": ["Do you ship to Canada?"], "errors": [],
+        "comment maxlength": 40, "questions": ["Do you ship to Canada?"], "errors": [],
     }

@@ -61,3 +61,43 @@ def test_a_comment_with_other_control_characters_and_emoji_is_stored(client, ans
     # then it is stored as sent
     assert response.status_code == 200
     assert AnswerFeedback.objects.get().comment == "wrong\tdays \U0001F600\u200b"
+
+
+def post_comment(client, conversation, answer, endpoint: str, comment: str):
+    """POST ``comment`` with a thumb down on ``answer`` or with a rating of 2 on ``conversation``."""
+    if endpoint == "feedback":
+        path, body = f"/api/conversations/{conversation.pk}/messages/{answer.pk}/feedback/", {"value": "down"}
+    else:
+        path, body = f"/api/conversations/{conversation.pk}/rating/", {"rating": 2}
+    return client.post(path, data=json.dumps({**body, "comment": comment}), content_type="application/json",
+                       HTTP_X_CONVERSATION_TOKEN=conversation.token)
+
+
+def stored_comments() -> list[str]:
+    return [*AnswerFeedback.objects.values_list("comment", flat=True),
+            *ConversationRating.objects.values_list("comment", flat=True)]
+
+
+@pytest.mark.parametrize("endpoint", ["feedback", "rating"])
+def test_a_comment_over_the_setting_is_a_400_with_the_limit_and_stores_nothing(client, settings, answered, endpoint):
+    # given a deployment that raised the comment limit (the widget is sent the same number)
+    settings.FEEDBACK_COMMENT_MAX_CHARS = 3000
+    conversation, answer = answered
+    # when a comment one character over it arrives
+    response = post_comment(client, conversation, answer, endpoint, "x" * 3001)
+    # then it is refused with the limit, and nothing is stored
+    assert response.status_code == 400
+    assert response.json() == {"error": "the comment is longer than 3000 characters"}
+    assert stored_comments() == []
+
+
+@pytest.mark.parametrize("endpoint", ["feedback", "rating"])
+def test_a_comment_of_exactly_the_setting_after_stripping_is_stored(client, settings, answered, endpoint):
+    # given a deployment that raised the comment limit past the former built-in 2000
+    settings.FEEDBACK_COMMENT_MAX_CHARS = 3000
+    conversation, answer = answered
+    # when a comment of 3000 characters arrives, padded with spaces the server strips
+    response = post_comment(client, conversation, answer, endpoint, "  " + "x" * 3000 + "\n")
+    # then it is stored, stripped
+    assert response.status_code == 200
+    assert stored_comments() == ["x" * 3000]

@@ -95,7 +95,7 @@ def test_a_verified_customer_lists_and_resumes_their_conversation_on_a_second_de
     resumed = post(phone, f"/api/conversations/{conversation.pk}/resume/", SHOP, identity)
     assert resumed.status_code == 200
     assert resumed.json() == {"id": str(conversation.pk), "token": conversation.token, "status": "bot",
-                              "message_max_chars": 2000}
+                              "message_max_chars": 2000, "feedback_comment_max_chars": 2000}
     transcript = phone.get(f"/api/conversations/{conversation.pk}/messages/", HTTP_ORIGIN=SHOP,
                            HTTP_X_CONVERSATION_TOKEN=resumed.json()["token"])
     assert transcript.status_code == 200

@@ -62,6 +62,17 @@ def test_the_widget_learns_the_longest_question_from_the_setting(client, setting
     assert (created["message_max_chars"], transcript.json()["message_max_chars"]) == (3000, 3000)
 
 
+def test_the_widget_learns_the_longest_feedback_comment_from_the_setting(client, settings):
+    # given a deployment that raised the comment limit
+    settings.FEEDBACK_COMMENT_MAX_CHARS = 5000
+    # when the widget starts a conversation and later reloads its transcript
+    created = client.post("/api/conversations/").json()
+    transcript = client.get(f"/api/conversations/{created['id']}/messages/", HTTP_X_CONVERSATION_TOKEN=created["token"])
+    # then both tell it the raised limit, and the question limit is unchanged
+    assert (created["feedback_comment_max_chars"], transcript.json()["feedback_comment_max_chars"]) == (5000, 5000)
+    assert (created["message_max_chars"], transcript.json()["message_max_chars"]) == (2000, 2000)
+
+
 
 def test_create_returns_id_and_token_of_a_new_bot_conversation(client):
     # when the widget starts a conversation from the site itself (no Origin header)
@@ -70,10 +81,10 @@ def test_create_returns_id_and_token_of_a_new_bot_conversation(client):
     # then it gets the new conversation's id and secret token, as an anonymous (unverified) visitor
     assert response.status_code == 201
     body = response.json()
-    assert sorted(body) == ["id", "message_max_chars", "token", "verified"]
+    assert sorted(body) == ["feedback_comment_max_chars", "id", "message_max_chars", "token", "verified"]
     conversation = Conversation.objects.get()
     assert body == {"id": str(conversation.pk), "token": conversation.token, "verified": False,
-                    "message_max_chars": 2000}
+                    "message_max_chars": 2000, "feedback_comment_max_chars": 2000}
     assert (conversation.status, conversation.collection, conversation.origin) == ("bot", "default", "")
     assert conversation.verified_user_id == ""
     assert len(conversation.token) == 43
@@ -197,6 +208,7 @@ def test_transcript_lists_customer_visible_messages_oldest_first(client):
         "id": str(conversation.pk),
         "status": "bot",
         "message_max_chars": 2000,
+        "feedback_comment_max_chars": 2000,
         "messages": [
             {"id": question.pk, "role": "user", "text": "How long do refunds take?", "abstained": False,
              "citations": [], "created_at": question.created_at.isoformat()},

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from django.conf import settings
+from django.core.files.storage import storages
 from django.core.management import call_command
 from django.db import connection, transaction
 
@@ -25,6 +26,7 @@ from knowledge.embedding import model_id, passage_text
 from knowledge.models import Chunk, Product, Source
 from knowledge.parsers import parse_file
 from knowledge.selectors import chunk_search
+from tests.knowledge import object_storage
 from tests.knowledge.conftest import ingest_paths, serving_snapshot
 from tests.knowledge.sample_files import (
     CARE_PDF_PAGES,
@@ -700,6 +702,57 @@ def test_bad_upload_fails_the_serving_upload_is_untouched_and_its_file_is_delete
     source.refresh_from_db()
     assert (source.status, source.error, source.pending_file.name) == ("failed", reason, "")
     assert [path for path in media_root.rglob("*") if path.is_file()] == []
+
+
+@pytest.mark.parametrize("storage", ["file system", "object storage"])
+def test_an_upload_missing_from_the_storage_fails_with_the_same_reason_and_the_serving_version_is_untouched(
+    media_root, queued_by_hand, settings, django_capture_on_commit_callbacks, storage
+):
+    # given the upload storage on disk, or an object storage whose reads of a missing name raise its own
+    # exception (not an OSError), and a serving uploaded page
+    if storage == "object storage":
+        settings.STORAGES = {**settings.STORAGES, "default": {"BACKEND": object_storage.BACKEND}}
+    source = services.source_upload(filename="returns.md", data=RETURNS_MD.encode())
+    with django_capture_on_commit_callbacks(execute=True):
+        services.document_ingest(source.pk)
+    before = serving_snapshot(source.pk)
+    # when a new version is uploaded, its stored file disappears (removed from the bucket or volume),
+    # and it is ingested
+    new = services.source_upload(filename="returns.md", data=RETURNS_V2_MD.encode())
+    new.pending_file.storage.delete(new.pending_file.name)
+    with django_capture_on_commit_callbacks(execute=True):
+        result = services.document_ingest(source.pk)
+    # then it fails with the same reason on either storage, naming the file, and serves its previous version
+    reason = f"the uploaded file is missing ({new.pending_file.name}); upload the file again"
+    assert result == services.IngestResult(source.pk, "failed", 0, reason)
+    source.refresh_from_db()
+    assert (source.status, source.error, source.progress, source.pending_file.name) == ("failed", reason, 0, "")
+    assert serving_snapshot(source.pk) == before
+
+
+@pytest.mark.parametrize("storage", ["file system", "object storage"])
+def test_an_upload_the_storage_cannot_read_but_still_holds_keeps_the_storages_error(
+    media_root, queued_by_hand, settings, monkeypatch, storage
+):
+    # given an uploaded page whose storage fails to read it although it still holds it (an outage, a
+    # permission problem)
+    if storage == "object storage":
+        settings.STORAGES = {**settings.STORAGES, "default": {"BACKEND": object_storage.BACKEND}}
+    source = services.source_upload(filename="returns.md", data=RETURNS_MD.encode())
+    storage_class = type(storages["default"])
+    error = PermissionError(13, "Permission denied") if storage == "file system" else RuntimeError("SlowDown")
+
+    def broken_open(self, name, mode="rb"):
+        raise error
+
+    monkeypatch.setattr(storage_class, "_open", broken_open)
+    # when it is ingested
+    # then the storage's own error is raised (the task records it as an internal error), not called missing
+    with pytest.raises(type(error)):
+        services.document_ingest(source.pk)
+    source.refresh_from_db()
+    assert (source.status, source.error, source.chunk_count) == ("queued", "", 0)
+    assert source.pending_file.storage.exists(source.pending_file.name)
 
 
 BATCH_BAD = {
