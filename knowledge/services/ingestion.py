@@ -182,15 +182,17 @@ def sources_fail_unfinished(source_ids: Iterable[int], reason: str) -> set[int]:
     return ids
 
 
-def _fail(claim: _Claim, reason: str) -> IngestResult:
+def _fail(claim: _Claim, reason: str, *, keep_file: bool = False) -> IngestResult:
     """Mark the claimed version failed with ``reason`` and delete its pending file (its bytes cannot
-    be ingested; the admin uploads a corrected file). Raises ``_Superseded`` (nothing written) when a
-    newer version was queued meanwhile."""
+    be ingested; the admin uploads a corrected file), or with ``keep_file`` keep it (the failure was
+    not the file's: the admin's "Re-ingest" retries it). Raises ``_Superseded`` (nothing written) when
+    a newer version was queued meanwhile."""
     with transaction.atomic():
-        if not claim.rows().update(status=Source.Status.FAILED, error=reason, progress=0, pending_file="",
-                                   updated_at=timezone.now()):
+        if not claim.rows().update(status=Source.Status.FAILED, error=reason, progress=0,
+                                   **({} if keep_file else {"pending_file": ""}), updated_at=timezone.now()):
             raise _Superseded
-        claim.delete_pending_file_on_commit()
+        if not keep_file:
+            claim.delete_pending_file_on_commit()
     logger.warning("ingestion of source %s failed: %s", claim.source_id, reason)
     return IngestResult(claim.source_id, "failed", error=reason)
 
@@ -331,11 +333,13 @@ def _superseded(source_id: int) -> IngestResult:
 
 
 def _fail_unexpected(claim: _Claim, error: Exception) -> IngestResult:
-    """Fail the claimed version with ``internal_error_reason(error)`` (logged with its traceback);
-    ``"superseded"`` when a newer version was queued meanwhile."""
+    """Fail the claimed version with ``internal_error_reason(error)`` (logged with its traceback),
+    keeping its pending file: an unexpected error (a storage outage, a bug) says nothing against the
+    uploaded bytes, so "Re-ingest" can retry them, as after a failed single-source task
+    (``mark_failed``). ``"superseded"`` when a newer version was queued meanwhile."""
     logger.error("ingestion of source %s failed unexpectedly", claim.source_id, exc_info=error)
     try:
-        return _fail(claim, internal_error_reason(error))
+        return _fail(claim, internal_error_reason(error), keep_file=True)
     except _Superseded:
         return _superseded(claim.source_id)
 

@@ -971,6 +971,38 @@ def test_unexpected_error_in_one_source_of_a_batch_fails_only_that_source(stage,
     assert Chunk.objects.filter(source=shipping, text__contains="Parcels are insured.").count() == 1
 
 
+def test_an_unexpected_error_in_a_batch_keeps_the_uploaded_file_so_re_ingesting_retries_it(
+        media_root, queued_by_hand, monkeypatch, django_capture_on_commit_callbacks):
+    # given an upload serving v1, and v2 uploaded
+    first = services.source_upload(filename="returns.md", data=RETURNS_MD.encode())
+    services.documents_ingest([first.pk])
+    before = serving_snapshot(first.pk)
+    second = services.source_upload(filename="returns.md", data=RETURNS_V2_MD.encode())
+    pending = second.pending_file.name
+    # when the batch meets an unforeseen error that is not the file's (a storage outage, a bug)
+    real_parse = ingestion.parse_file
+
+    def broken(filename, data):
+        raise RuntimeError("storage timed out")
+
+    monkeypatch.setattr(ingestion, "parse_file", broken)
+    [result] = services.documents_ingest([second.pk])
+    # then the source failed with the reason, v1 keeps serving, and the uploaded v2 is kept
+    reason = "internal error during ingestion: RuntimeError: storage timed out"
+    assert (result.status, result.error) == ("failed", reason)
+    source = Source.objects.get(pk=second.pk)
+    assert (source.status, source.error, source.pending_file.name) == ("failed", reason, pending)
+    assert (media_root / pending).read_bytes() == RETURNS_V2_MD.encode()
+    assert serving_snapshot(second.pk) == before
+    # and once the error is gone, re-ingesting (the admin's action) serves v2 without a new upload
+    monkeypatch.setattr(ingestion, "parse_file", real_parse)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.documents_ingest([second.pk], force=True)[0].status == "ingested"
+    source.refresh_from_db()
+    assert source.status == "ready" and "60 days" in source.text and "60 days" not in before["text"]
+    assert not (media_root / pending).exists()
+
+
 def test_enqueueing_many_sources_queues_batches_and_one_source_its_own_task(
         monkeypatch, settings, django_capture_on_commit_callbacks):
     # given a task size of two sources
