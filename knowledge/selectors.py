@@ -253,12 +253,15 @@ WITH vec AS (
     ) nearest
 ),
 lexemes AS MATERIALIZED (
-    -- the query's lexemes and how many searched chunks hold each, counted up to max_matches + 1
-    -- (a GIN lookup each, stopped early for a common word)
-    SELECT q.lexeme, q.query, (SELECT count(*) FROM (SELECT 1 FROM knowledge_chunk c {text_join}
-                               WHERE c.search_vector @@ q.query {text_filter} LIMIT %(max_matches)s + 1) held) AS df
+    -- the query's lexemes and how many searched chunks hold each: the collection's stored document
+    -- frequency (known), else counted up to max_matches + 1 (a GIN lookup, stopped early for a
+    -- common word; the subquery runs only where coalesce reaches it)
+    SELECT q.lexeme, q.query, f.document_frequency IS NOT NULL AS known,
+           coalesce(f.document_frequency, (SELECT count(*) FROM (SELECT 1 FROM knowledge_chunk c {text_join}
+                    WHERE c.search_vector @@ q.query {text_filter} LIMIT %(max_matches)s + 1) held)) AS df
     FROM (SELECT v.lexeme, quote_literal(v.lexeme)::tsquery AS query
           FROM unnest(to_tsvector('english', %(terms)s)) v) q
+    LEFT JOIN knowledge_lexemefrequency f ON f.collection = %(collection)s AND f.lexeme = q.lexeme
 ),
 common AS MATERIALIZED (
     -- the share of chunks holding each of the table's most common lexemes (ANALYZE's sample), to
@@ -270,8 +273,8 @@ common AS MATERIALIZED (
       AND e.lexeme IS NOT NULL
 ),
 terms AS MATERIALIZED (
-    -- BM25's inverse document frequency of every lexeme (a count over max_matches is replaced by the
-    -- estimate from the table's statistics when that is larger), and which lexemes find the
+    -- BM25's inverse document frequency of every lexeme (a count capped at max_matches is replaced by
+    -- the estimate from the table's statistics when that is larger), and which lexemes find the
     -- candidates: the rarest, kept while the chunks they match add up to at most max_matches (the
     -- rarest always), so the ranked set is bounded whatever the corpus size
     SELECT query, idf, rarity = 1 OR matched <= %(max_matches)s AS finds FROM (
@@ -281,7 +284,7 @@ terms AS MATERIALIZED (
         CROSS JOIN (SELECT coalesce(sum(s.chunk_count), 0) AS total FROM knowledge_source s
                     WHERE true {source_filter}) n
         LEFT JOIN common ON common.lexeme = l.lexeme
-        CROSS JOIN LATERAL (SELECT CASE WHEN l.df > %(max_matches)s
+        CROSS JOIN LATERAL (SELECT CASE WHEN NOT l.known AND l.df > %(max_matches)s
                                         THEN greatest(l.df, coalesce(common.share, 0) * n.total)
                                         ELSE l.df END AS df) d
         WHERE l.df > 0
@@ -330,8 +333,10 @@ def chunk_search(
     BM25-style weighting: the sum over the query's lexemes of their inverse document frequency in the
     searched chunks times ``ts_rank``; to bound its cost at any corpus size it ranks only the chunks
     found by the query's rarest lexemes (kept while their matches add up to at most
-    ``RETRIEVAL_TEXT_MAX_MATCHES``), and a lexeme too common to count gets its document frequency
-    from the table's statistics (``pg_stats``; the larger of that and the count).
+    ``RETRIEVAL_TEXT_MAX_MATCHES``). A lexeme's document frequency is the collection's stored one
+    (``LexemeFrequency``, kept by ingestion and deletion); a lexeme it does not hold (or any, without
+    ``collection``) is counted up to that budget, and one too common to count gets the table's
+    statistics' estimate (``pg_stats``; the larger of that and the count).
 
     ``collection`` restricts the search to one collection. ``candidates`` (default
     ``RETRIEVAL_CANDIDATES``) is how many chunks each leg contributes before fusion.

@@ -10,6 +10,8 @@
   full-text vectors (``update_search_vectors``);
 - ``knowledge.services.curated``: curated answers (approved corrections stored as sources of kind
   ``curated``), and their retirement when the evidence they cite changes;
+- ``knowledge.services.lexemes``: the lexeme document frequencies per collection that the full-text
+  leg of retrieval reads (``lexeme_frequencies_refresh``, after ingestion and deletion);
 - ``knowledge.services.reembedding``: new vectors after the embedding model changed (``reembed``),
   including the schema change when ``EMBEDDING_DIM`` changed.
 
@@ -41,6 +43,7 @@ from knowledge.services.ingestion import (
     sources_fail_unfinished,
     too_large_reason,
 )
+from knowledge.services.lexemes import lexeme_frequencies_refresh
 from knowledge.services.products import product_delete, product_markdown, product_sync
 from knowledge.services.reembedding import ReembedResult, embedding_text, reembed
 from knowledge.services.sources import (
@@ -83,6 +86,7 @@ __all__ = [
     "too_large_reason",
     # chunks and their full-text vectors
     "update_search_vectors",
+    "lexeme_frequencies_refresh",
     # curated answers
     "CuratedAnswerError",
     "curated_answer_delete",

@@ -45,6 +45,7 @@ from knowledge.models import Chunk, Source
 from knowledge.parsers import ParsedDocument, ParseError, parse_file
 from knowledge.services.chunks import _swap_chunks
 from knowledge.services.curated import _curated_retire_citing
+from knowledge.services.lexemes import lexeme_frequencies_refresh
 from knowledge.services.reembedding import _reembed_source
 
 logger = logging.getLogger(__name__)
@@ -220,7 +221,9 @@ def document_ingest(source_id: int, *, force: bool = False) -> IngestResult:
         )
     except _Superseded:
         return _superseded(source_id)
-    return _ingest_store(prepared, vectors)
+    result = _ingest_store(prepared, vectors)
+    _lexemes_refresh([result])
+    return result
 
 
 def documents_ingest(
@@ -263,7 +266,15 @@ def documents_ingest(
             round_ = []
     if round_:
         _ingest_round(round_, done)
+    _lexemes_refresh(results.values())
     return [results[source_id] for source_id in dict.fromkeys(source_ids)]
+
+
+def _lexemes_refresh(results: Iterable[IngestResult]) -> None:
+    """Recompute the lexeme document frequencies of the collections whose chunks ``results`` changed."""
+    ingested = [result.source_id for result in results if result.status == "ingested"]
+    if ingested:
+        lexeme_frequencies_refresh(Source.objects.filter(pk__in=ingested).values_list("collection", flat=True))
 
 
 def internal_error_reason(error: BaseException) -> str:

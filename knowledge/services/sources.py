@@ -26,6 +26,7 @@ from config.task_queue import task_enqueue_on_commit
 from knowledge.models import DEFAULT_COLLECTION, Product, Source
 from knowledge.services.curated import _curated_retire_citing
 from knowledge.services.ingestion import too_large_reason
+from knowledge.services.lexemes import lexeme_frequencies_refresh
 
 
 class UploadRefused(ValueError):
@@ -242,10 +243,14 @@ def sources_upload(files: Iterable[tuple[str, bytes | File]], *, collection: str
 
 @transaction.atomic
 def source_delete(source: Source) -> None:
-    """Delete ``source``, its chunks (cascade) and its pending upload file."""
+    """Delete ``source``, its chunks (cascade) and its pending upload file, and recompute its
+    collection's lexeme document frequencies."""
     if source.pending_file:
         name, storage = source.pending_file.name, source.pending_file.storage
         transaction.on_commit(lambda: storage.delete(name))
     Product.objects.filter(source=source).update(source=None)
     _curated_retire_citing(source.pk, f"source {source.pk} was deleted")
+    had_chunks = source.chunk_count > 0 or source.chunks.exists()
     source.delete()
+    if had_chunks:
+        lexeme_frequencies_refresh([source.collection])

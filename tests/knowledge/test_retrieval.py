@@ -284,6 +284,64 @@ def test_the_full_text_leg_ranks_only_the_matches_of_the_rarest_words_within_its
             Source.objects.filter(collection=collection).delete()
 
 
+def test_the_full_text_leg_reads_document_frequencies_that_follow_ingestion_and_deletion(
+        django_db_blocker, embedding_model, tmp_path):
+    from django.db import connection
+
+    from knowledge.models import LexemeFrequency
+
+    def stored(collection):
+        return dict(LexemeFrequency.objects.filter(collection=collection).values_list("lexeme", "document_frequency"))
+
+    def counted(collection, lexeme):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM knowledge_chunk WHERE collection = %s AND search_vector @@ %s::tsquery",
+                           [collection, lexeme])
+            return cursor.fetchone()[0]
+
+    # given five pages about shipping, one of which also names Canada
+    pages = {f"ship{n}.md": f"# Shipping {n}\n\nWe ship order {n} from Portland." for n in range(4)}
+    pages["international.md"] = "# International\n\nWe ship to Canada and the United Kingdom."
+    for name, text in pages.items():
+        (tmp_path / name).write_text(text)
+    collection = "lexeme-frequencies"
+    with django_db_blocker.unblock():
+        Source.objects.filter(collection=collection).delete()
+        LexemeFrequency.objects.filter(collection=collection).delete()
+        for source in services.sources_register_paths(sorted(tmp_path.iterdir()), collection=collection,
+                                                      enqueue=False).queued:
+            assert services.document_ingest(source.pk).status == "ingested"
+        try:
+            # then every lexeme's stored document frequency is the number of the collection's chunks holding it
+            frequencies = stored(collection)
+            assert frequencies["ship"] == 5 and frequencies["canada"] == 1 and frequencies["portland"] == 4
+            assert all(counted(collection, lexeme) == df for lexeme, df in frequencies.items())
+            # and the full-text leg ranks exactly as when it counts every word itself (no stored figures)
+            with_stored = chunk_search("Do you ship to Canada from Portland?", k=5, collection=collection, mode="text")
+            LexemeFrequency.objects.filter(collection=collection).delete()
+            with_counts = chunk_search("Do you ship to Canada from Portland?", k=5, collection=collection, mode="text")
+            assert [(r.chunk_id, round(r.text_rank, 6)) for r in with_stored] == [
+                (r.chunk_id, round(r.text_rank, 6)) for r in with_counts]
+            assert Path(with_stored[0].source_uri).name == "international.md"
+            # when the Canada page is re-ingested without Canada, the word leaves the figures
+            (tmp_path / "international.md").write_text("# International\n\nWe ship to the United Kingdom.")
+            source, = services.sources_register_paths([tmp_path / "international.md"], collection=collection,
+                                                      enqueue=False).queued
+            assert services.document_ingest(source.pk).status == "ingested"
+            assert "canada" not in stored(collection) and stored(collection)["ship"] == 5
+            # when a page is deleted, its words are counted out
+            services.source_delete(Source.objects.get(collection=collection, uri__endswith="ship0.md"))
+            assert stored(collection)["ship"] == 4 and stored(collection)["portland"] == 3
+            # and the batch path keeps them too
+            (tmp_path / "ship0.md").write_text("# Shipping 0\n\nWe ship kayaks from Portland.")
+            added = services.sources_register_paths([tmp_path / "ship0.md"], collection=collection, enqueue=False).queued
+            assert [r.status for r in services.documents_ingest([s.pk for s in added])] == ["ingested"]
+            assert stored(collection)["kayak"] == 1 and stored(collection)["ship"] == 5
+        finally:
+            Source.objects.filter(collection=collection).delete()
+            LexemeFrequency.objects.filter(collection=collection).delete()
+
+
 def test_a_chunk_always_carries_its_sources_collection(django_db_blocker, embedding_model, tmp_path):
     from django.db import connection
 
