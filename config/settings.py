@@ -297,6 +297,12 @@ EMBEDDING_DEVICE = env("EMBEDDING_DEVICE", default="cpu")
 # ingestion_throughput.py on 2 shared cores: one query embedding p50 34 ms with 1 thread vs 237 ms
 # with 2; ingestion 12.9 vs 7.9 chunks/s. The web process also runs llama.cpp's threads.
 EMBEDDING_THREADS = env.int("EMBEDDING_THREADS", default=1)
+# Embedding-model versions (knowledge.services.embedding_versions): EMBEDDING_MODEL is the first active
+# version (the bootstrap default); a candidate's shadow re-embedding encodes this many chunks per call
+# and records progress after each; a build silent this long (s) is failed (its worker died) and its
+# shadow vectors dropped, the active version serving throughout.
+EMBEDDING_VERSION_BUILD_BATCH = env.int("EMBEDDING_VERSION_BUILD_BATCH", default=256)
+EMBEDDING_VERSION_STALE_S = env.float("EMBEDDING_VERSION_STALE_S", default=900.0)
 # Chunk size in tokens of the embedding model's tokenizer. 256 is all-MiniLM-L6-v2's window; on Doc2Dial
 # first turns 256 beat 160 on passage-hit@5 (0.62 vs 0.58, see README).
 CHUNK_MAX_TOKENS = env.int("CHUNK_MAX_TOKENS", default=256)
