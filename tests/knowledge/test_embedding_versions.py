@@ -443,3 +443,38 @@ def test_an_unknown_or_changed_candidate_folder_is_refused_and_nothing_changes(d
     assert version.status == "ready" and "changed since it was registered" in version.reason
     assert served_vectors() == before
     assert EmbeddingModelVersion.objects.get(status="active").model_id == embedding_module.settings_model_id()
+
+
+def messages(response) -> list[str]:
+    return [str(m) for m in response.context["messages"]]
+
+
+def test_the_admin_promotes_a_ready_version_and_rolls_back_in_one_action(db, candidate_folders, admin_client):
+    from django.urls import reverse
+
+    # Given a served knowledge base and a ready candidate
+    ingest(PAGES)
+    before = served_vectors()
+    version = built(candidate_folders["same"])
+    first = EmbeddingModelVersion.objects.get(status="active")
+    url = reverse("admin:knowledge_embeddingmodelversion_changelist")
+    page = admin_client.get(url)
+    assert page.status_code == 200 and b"Promote the selected version" in page.content
+
+    # When an admin promotes it, then it serves
+    response = admin_client.post(url, {"action": "promote", "_selected_action": [version.pk]}, follow=True)
+    assert response.status_code == 200 and messages(response) == [f"{version.model_id} is active"]
+    version.refresh_from_db()
+    assert version.status == "active" and version.reason.startswith("promoted by ")
+    assert {model for model, _ in served_vectors().values()} == {version.model_id}
+
+    # When they promote a version that is not ready (the active one), then they are told why and nothing changes
+    response = admin_client.post(url, {"action": "promote", "_selected_action": [version.pk]}, follow=True)
+    assert messages(response) == [f"not promoted: {version.model_id} is active; only a ready or retired version "
+                                  "can be activated"]
+    assert EmbeddingModelVersion.objects.get(status="active").pk == version.pk
+
+    # When they roll back, then the previous version serves again with its own vectors
+    response = admin_client.post(url, {"action": "roll_back", "_selected_action": [version.pk]}, follow=True)
+    assert response.status_code == 200 and messages(response) == [f"rolled back: {first.model_id} is active"]
+    assert served_vectors() == before

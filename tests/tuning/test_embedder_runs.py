@@ -229,7 +229,8 @@ def test_the_gate_refuses_a_candidate_that_does_not_win_and_nothing_served_chang
     assert EmbeddingModelVersion.objects.get(status="active").model_id == before[2]
 
 
-def test_an_embedder_run_promotes_a_candidate_that_passes_the_gate_and_one_action_rolls_it_back(corrections, settings):
+def test_an_embedder_run_promotes_a_candidate_that_passes_the_gate_and_one_action_rolls_it_back(corrections, settings,
+                                                                                                client):
     # Given a gate forced open (any MRR gain, any drop in hits)
     settings.TUNING_EMBEDDER_GATE_MIN_MRR_GAIN = -1.0
     settings.TUNING_EMBEDDER_GATE_HIT_TOLERANCE = 1.0
@@ -260,6 +261,14 @@ def test_an_embedder_run_promotes_a_candidate_that_passes_the_gate_and_one_actio
     previous = EmbeddingModelVersion.objects.get(status="retired")
     assert previous.model_id == before[2]
     assert ChunkEmbedding.objects.filter(version=previous).count() == Chunk.objects.count()
+
+    # and the run's admin page shows the gate's decision with its numbers
+    from django.urls import reverse
+
+    client.force_login(User.objects.create_superuser("ada", password="pw"))
+    page = client.get(reverse("admin:tuning_embedderrun_change", args=[run.pk])).content.decode()
+    assert "Promotion gate" in page and "<strong>promote</strong>" in page and "MRR@10" in page
+    assert f"<td>{run.decision['candidate']['mrr']}</td>" in page
 
     # When an admin rolls back (one action), then the previous vectors serve again, unchanged
     from knowledge.services import embedding_version_rollback
