@@ -478,3 +478,53 @@ def test_the_admin_promotes_a_ready_version_and_rolls_back_in_one_action(db, can
     response = admin_client.post(url, {"action": "roll_back", "_selected_action": [version.pk]}, follow=True)
     assert response.status_code == 200 and messages(response) == [f"rolled back: {first.model_id} is active"]
     assert served_vectors() == before
+
+
+_SEARCHER = """
+import json, sys
+import django
+django.setup()
+from knowledge import embedding
+from knowledge.selectors import chunk_search
+for line in sys.stdin:
+    results = chunk_search(line.strip(), k=5)
+    print(json.dumps([embedding.get_embedding_model().model_id,
+                      [[r.chunk_id, None if r.vector_distance is None else round(r.vector_distance, 4)]
+                       for r in results]]), flush=True)
+"""
+
+
+def test_another_process_with_its_own_encoder_switches_on_its_next_search(transactional_db, candidate_folders):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.model_server import _database_environment
+
+    # Given a ready candidate, and another process (its own Python, encoder cache and connection)
+    # that has searched with the active version
+    ingest(PAGES)
+    version = built(candidate_folders["same"])
+    old = [list(pair) for pair in ranking(chunk_search(QUESTION, k=5))]
+    new = [list(pair) for pair in ranking(chunk_search(QUESTION, k=5, embedding_version=version.pk))]
+    environment = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings", "DEBUG": "false",
+                   "EMBEDDED_SERVICES": "1", **_database_environment(connection.settings_dict["NAME"])}
+    process = subprocess.Popen([sys.executable, "-c", _SEARCHER], cwd=Path(__file__).resolve().parents[2],
+                               env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        def search() -> list:
+            process.stdin.write(QUESTION + "\n")
+            process.stdin.flush()
+            return json.loads(process.stdout.readline())
+
+        assert search() == [embedding_module.settings_model_id(), old]
+
+        # When this process promotes the candidate
+        services.embedding_version_activate(version.pk)
+
+        # Then the other one embeds and searches with it on its next search, without a restart
+        assert search() == [version.model_id, new]
+    finally:
+        process.stdin.close()
+        process.wait(timeout=60)
