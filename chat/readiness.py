@@ -139,15 +139,17 @@ def _server_model_check(active) -> dict:
 
 
 def embedding_check() -> dict:
-    """The process's embedding model (``knowledge.embedding.get_embedding_model``, loaded now if it
-    is not yet) embeds a word into ``EMBEDDING_DIM`` dimensions. Raises whatever loading raises, or
-    ``NotReady`` on a wrong dimension."""
-    from knowledge.embedding import get_embedding_model, model_id
+    """The process's embedding model (``knowledge.embedding.get_embedding_model``: the active
+    embedding version's, loaded now if it is not yet) embeds a word into the version's dimension
+    (``EMBEDDING_DIM`` for the settings' model). Raises whatever loading raises, or ``NotReady`` on a
+    wrong dimension."""
+    from knowledge.embedding import active_embedding, encoder_for
 
-    vectors = get_embedding_model().encode(["ready"])
-    if vectors.shape != (1, settings.EMBEDDING_DIM):
-        raise NotReady(f"embedding model made vectors of shape {vectors.shape}, expected (1, {settings.EMBEDDING_DIM})")
-    return {"model": model_id()}
+    active = active_embedding()
+    vectors = encoder_for(active).encode(["ready"])
+    if vectors.shape != (1, active.dimension):
+        raise NotReady(f"embedding model made vectors of shape {vectors.shape}, expected (1, {active.dimension})")
+    return {"model": active.model_id}
 
 
 CHECKS: dict[str, Callable[[], dict]] = {

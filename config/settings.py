@@ -297,6 +297,12 @@ EMBEDDING_DEVICE = env("EMBEDDING_DEVICE", default="cpu")
 # ingestion_throughput.py on 2 shared cores: one query embedding p50 34 ms with 1 thread vs 237 ms
 # with 2; ingestion 12.9 vs 7.9 chunks/s. The web process also runs llama.cpp's threads.
 EMBEDDING_THREADS = env.int("EMBEDDING_THREADS", default=1)
+# Embedding-model versions (knowledge.services.embedding_versions): EMBEDDING_MODEL is the first active
+# version (the bootstrap default); a candidate's shadow re-embedding encodes this many chunks per call
+# and records progress after each; a build silent this long (s) is failed (its worker died) and its
+# shadow vectors dropped, the active version serving throughout.
+EMBEDDING_VERSION_BUILD_BATCH = env.int("EMBEDDING_VERSION_BUILD_BATCH", default=256)
+EMBEDDING_VERSION_STALE_S = env.float("EMBEDDING_VERSION_STALE_S", default=900.0)
 # Chunk size in tokens of the embedding model's tokenizer. 256 is all-MiniLM-L6-v2's window; on Doc2Dial
 # first turns 256 beat 160 on passage-hit@5 (0.62 vs 0.58, see README).
 CHUNK_MAX_TOKENS = env.int("CHUNK_MAX_TOKENS", default=256)
@@ -557,6 +563,20 @@ TUNING_EMBEDDER_BATCH_SIZE = env.int("TUNING_EMBEDDER_BATCH_SIZE", default=16)
 TUNING_EMBEDDER_LEARNING_RATE = env.float("TUNING_EMBEDDER_LEARNING_RATE", default=2e-5)
 TUNING_EMBEDDER_MAX_SEQ_LENGTH = env.int("TUNING_EMBEDDER_MAX_SEQ_LENGTH", default=128)
 TUNING_EMBEDDER_MAX_EXAMPLES = env.int("TUNING_EMBEDDER_MAX_EXAMPLES", default=2000)
+# The embedder run's promotion gate (tuning.embedder_evaluation.embedder_gate_decide), on the run's
+# held-out corrections through chunk_search: the lower end of the paired bootstrap interval
+# (TUNING_GATE_CONFIDENCE, _RESAMPLES, _SEED) of the per-question MRR@10 gain must be above
+# TUNING_EMBEDDER_GATE_MIN_MRR_GAIN, and passage-hit@5 and document-hit@5 may drop by at most
+# TUNING_EMBEDDER_GATE_HIT_TOLERANCE (absolute, 0..1). A candidate that wins is promoted by the run
+# unless TUNING_EMBEDDER_AUTO_PROMOTE is off (then an admin promotes it: Embedding model versions).
+TUNING_EMBEDDER_GATE_MIN_MRR_GAIN = env.float("TUNING_EMBEDDER_GATE_MIN_MRR_GAIN", default=0.0)
+TUNING_EMBEDDER_GATE_HIT_TOLERANCE = env.float("TUNING_EMBEDDER_GATE_HIT_TOLERANCE", default=0.0)
+TUNING_EMBEDDER_AUTO_PROMOTE = env.bool("TUNING_EMBEDDER_AUTO_PROMOTE", default=True)
+# The scheduled embedder run starts when at least this many approved corrections are new since the
+# last embedder run's snapshot (checked every TUNING_SCHEDULE_S seconds with the generator's check).
+TUNING_EMBEDDER_MIN_NEW_CORRECTIONS = env.int("TUNING_EMBEDDER_MIN_NEW_CORRECTIONS", default=50)
+CELERY_BEAT_SCHEDULE["tuning.embedder_run_scheduled"] = {
+    "task": "tuning.embedder_run_scheduled", "schedule": TUNING_SCHEDULE_S}
 
 # --- Widget -------------------------------------------------------------------------------------
 # Origins (scheme://host[:port]) of the sites allowed to embed the chat widget: its HTTP API answers

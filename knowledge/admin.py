@@ -18,7 +18,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from knowledge import crawler, services, upload_limits, websites
-from knowledge.models import DEFAULT_COLLECTION, Chunk, Product, Source, Website, WebsiteSync
+from knowledge.models import DEFAULT_COLLECTION, Chunk, EmbeddingModelVersion, Product, Source, Website, WebsiteSync
 from knowledge.parsers import SUPPORTED_EXTENSIONS
 
 
@@ -325,3 +325,44 @@ class WebsiteSyncAdmin(admin.ModelAdmin):
         run = WebsiteSync.objects.filter(pk=object_id).only("status").first() if str(object_id).isdigit() else None
         running = run is not None and run.status in (WebsiteSync.Status.QUEUED, WebsiteSync.Status.RUNNING)
         return super().changeform_view(request, object_id, form_url, {**(extra_context or {}), "sync_busy": running})
+
+
+@admin.register(EmbeddingModelVersion)
+class EmbeddingModelVersionAdmin(admin.ModelAdmin):
+    """Embedding-model versions (read-only): which one serves, candidates' shadow re-embedding
+    progress, and two actions: promote a ready (or retired) version, roll back to the previous one.
+    Both switch every process at once (``knowledge.services.embedding_version_activate``)."""
+
+    list_display = ("name", "status", "dimension", "progress", "chunks_done", "chunks_total", "note", "created_at",
+                    "promoted_at", "retired_at")
+    list_filter = ("status",)
+    readonly_fields = [f.name for f in EmbeddingModelVersion._meta.fields]
+    actions = ["promote", "roll_back"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.action(description="Promote the selected version (serves at once, in every process)")
+    def promote(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(request, "select exactly one version to promote", messages.ERROR)
+            return
+        version = queryset.get()
+        try:
+            services.embedding_version_activate(version.pk, note=f"promoted by {request.user.get_username()}")
+        except services.EmbeddingVersionError as error:
+            self.message_user(request, f"not promoted: {error}", messages.ERROR)
+        else:
+            self.message_user(request, f"{version.model_id} is active")
+
+    @admin.action(description="Roll back to the previous version (from its kept vectors)")
+    def roll_back(self, request, queryset):
+        try:
+            version = services.embedding_version_rollback(note=f"rolled back by {request.user.get_username()}")
+        except services.EmbeddingVersionError as error:
+            self.message_user(request, f"not rolled back: {error}", messages.ERROR)
+        else:
+            self.message_user(request, f"rolled back: {version.model_id} is active")

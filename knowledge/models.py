@@ -346,3 +346,92 @@ class CuratedEvidence(models.Model):
             CheckConstraint(condition=Q(end__gt=F("start")), name="curated_evidence_nonempty_range"),
         ]
         ordering = ["curated_id", "ordinal"]
+
+
+class EmbeddingModelVersion(models.Model):
+    """One sentence-embedding model the knowledge base can be searched with (blue/green vectors).
+
+    Exactly one version is ``active`` (a partial unique index; the promotion swaps statuses in one
+    transaction): its vectors are ``Chunk.embedding`` (``Chunk.embedding_model == model_id``) and every
+    process embeds queries with its folder ``path``. Until the first version is written the settings'
+    model (``EMBEDDING_MODEL``) is the implicit active one (``knowledge.embedding.active_embedding``);
+    ``knowledge.services.embedding_version_bootstrap`` registers it as a row.
+
+    A candidate is registered ``building``: ``knowledge.services.embedding_version_build`` writes its
+    vector of every chunk into ``ChunkEmbedding`` (``progress`` 0..1, ``heartbeat_at``) and marks it
+    ``ready``; ``failed`` (``reason`` says why) when the build stopped, ``rejected`` when the promotion
+    gate refused it, its shadow vectors dropped either way. A
+    promoted version is ``active`` (``promoted_at``); the version it replaced becomes ``retired``
+    with its vectors kept in ``ChunkEmbedding`` (rollback needs no re-embedding). ``sha256`` is the
+    folder's digest (``folder_sha256``), checked before the folder is loaded for serving.
+    """
+
+    class Status(models.TextChoices):
+        BUILDING = "building", "Building (shadow re-embed)"
+        READY = "ready", "Ready (shadow vectors complete)"
+        ACTIVE = "active", "Active (serving)"
+        RETIRED = "retired", "Retired"
+        REJECTED = "rejected", "Rejected by the gate"
+        FAILED = "failed", "Failed"
+
+    # Versions whose vectors ingestion keeps up to date in ``ChunkEmbedding`` (besides the active one).
+    CANDIDATE_STATUSES = (Status.BUILDING, Status.READY)
+
+    name = models.CharField(max_length=200, unique=True, help_text="Recorded on chunks as <name>@<dimension>.")
+    path = models.CharField(max_length=1000, help_text="sentence-transformers folder (or hub name) of the model.")
+    sha256 = models.CharField(max_length=64, blank=True, help_text="Digest of the folder's files; empty for a hub name.")
+    dimension = models.PositiveIntegerField()
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.BUILDING)
+    reason = models.TextField(blank=True, help_text="Why the build failed, or the latest activation note.")
+    progress = models.FloatField(default=0.0, help_text="Share of chunks with a shadow vector, 0..1.")
+    chunks_total = models.PositiveIntegerField(default=0)
+    chunks_done = models.PositiveIntegerField(default=0)
+    note = models.CharField(max_length=300, blank=True, help_text="Where the version comes from (e.g. embedder run 4).")
+    created_at = models.DateTimeField(auto_now_add=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    ready_at = models.DateTimeField(null=True, blank=True)
+    promoted_at = models.DateTimeField(null=True, blank=True)
+    retired_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            UniqueConstraint(fields=["status"], condition=Q(status="active"), name="embeddingversion_one_active"),
+            CheckConstraint(condition=Q(progress__gte=0) & Q(progress__lte=1), name="embeddingversion_progress_range"),
+            CheckConstraint(condition=Q(dimension__gte=1), name="embeddingversion_dimension_positive"),
+        ]
+        ordering = ["-created_at", "-id"]
+        verbose_name = "embedding model version"
+
+    def __str__(self) -> str:
+        return f"{self.model_id} ({self.status})"
+
+    @property
+    def model_id(self) -> str:
+        """The identity recorded on chunks: ``"<name>@<dimension>"``."""
+        return f"{self.name}@{self.dimension}"
+
+    @property
+    def index_name(self) -> str:
+        """The name of this version's partial HNSW index over ``ChunkEmbedding``."""
+        return f"chunkembedding_v{self.pk}_hnsw"
+
+
+class ChunkEmbedding(models.Model):
+    """A chunk's vector under a non-active ``EmbeddingModelVersion``: a candidate's shadow vectors
+    while it builds, or a retired version's kept vectors (for rollback).
+
+    ``embedding`` is declared without a dimension so versions of any dimension share the table; each
+    candidate gets a partial expression HNSW index ``((embedding::vector(D)) vector_cosine_ops) WHERE
+    version_id = X`` (pgvector's way to index vectors of one dimension in such a column), created by
+    the build. Rows leave with their chunk (cascade) or version.
+    """
+
+    chunk = models.ForeignKey(Chunk, on_delete=models.CASCADE, related_name="version_embeddings")
+    version = models.ForeignKey(EmbeddingModelVersion, on_delete=models.CASCADE, related_name="chunk_embeddings")
+    embedding = VectorField()
+
+    class Meta:
+        constraints = [UniqueConstraint(fields=["version", "chunk"], name="chunkembedding_unique_per_version")]
+
+    def __str__(self) -> str:
+        return f"chunk {self.chunk_id} under version {self.version_id}"

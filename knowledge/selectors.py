@@ -7,7 +7,8 @@ individual Rank Learning Methods", SIGIR 2009): ``score = sum(1 / (RRF_K + rank)
 that returned the chunk.
 
 - vector leg: cosine distance between the query embedding and chunk embeddings (pgvector HNSW
-  index, ``<=>``), restricted to chunks of the current embedding model;
+  index, ``<=>``), restricted to chunks of the active embedding version (or, for the promotion gate,
+  a candidate version's shadow vectors: ``knowledge.services.embedding_versions``);
 - full-text leg: Postgres ``english`` full-text search, any query term (OR), ranked by the sum over
   the query's lexemes of ``idf * ts_rank`` (title and headings weighted A, passage B), with BM25's
   inverse document frequency ``ln(1 + (N - df + 0.5) / (df + 0.5))`` (Robertson & Zaragoza, "The
@@ -28,7 +29,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from knowledge import embedding as embedding_module
-from knowledge.models import Chunk, CuratedAnswer, Source
+from knowledge.models import Chunk, CuratedAnswer, EmbeddingModelVersion, Source
 
 _TERM = re.compile(r"[^\W_]+", re.UNICODE)
 
@@ -240,15 +241,26 @@ def _tsquery_text(query: str) -> str:
     return " | ".join(f"'{term}'" for term in _query_words(query))
 
 
+# The vector leg over the active version's vectors (``Chunk.embedding``, its HNSW index) ...
+_ACTIVE_VECTOR_LEG = """SELECT c.id, c.embedding <=> %(embedding)s::vector AS distance
+        FROM knowledge_chunk c
+        {vector_join}
+        WHERE c.embedding_model = %(model)s {vector_filter}
+        ORDER BY c.embedding <=> %(embedding)s::vector"""
+# ... and over another version's shadow vectors (``ChunkEmbedding``; the partial expression HNSW index
+# of that version and dimension, whose predicate and expression the literal id and dimension match).
+_SHADOW_VECTOR_LEG = """SELECT c.id, e.embedding::vector({dimension}) <=> %(embedding)s::vector({dimension}) AS distance
+        FROM knowledge_chunkembedding e
+        JOIN knowledge_chunk c ON c.id = e.chunk_id
+        {vector_join}
+        WHERE e.version_id = {version_id} {vector_filter}
+        ORDER BY e.embedding::vector({dimension}) <=> %(embedding)s::vector({dimension})"""
+
 _HYBRID_SQL = """
 WITH vec AS (
     SELECT id, distance, row_number() OVER (ORDER BY distance, id) AS rank
     FROM (
-        SELECT c.id, c.embedding <=> %(embedding)s::vector AS distance
-        FROM knowledge_chunk c
-        {vector_join}
-        WHERE c.embedding_model = %(model)s {vector_filter}
-        ORDER BY c.embedding <=> %(embedding)s::vector
+        {vector_leg}
         LIMIT %(candidates)s
     ) nearest
 ),
@@ -326,6 +338,7 @@ def chunk_search(
     query_embedding: Sequence[float] | None = None,
     mode: str = "hybrid",
     exclude_kinds: Sequence[str] = (),
+    embedding_version: int | None = None,
 ) -> list[RetrievedChunk]:
     """Hybrid retrieval: the ``k`` best chunks for ``query`` (best first), fused with RRF.
 
@@ -338,13 +351,23 @@ def chunk_search(
     ``collection``) is counted up to that budget, and one too common to count gets the table's
     statistics' estimate (``pg_stats``; the larger of that and the count).
 
+    The vector leg reads the active embedding version (``knowledge.embedding.active_embedding``), read
+    in the same REPEATABLE READ snapshot as the chunks (taken after the chunk table's lock, so a
+    promotion that changes the column's dimension is waited for): a search during a promotion sees the
+    old version or the new one, never a mix. ``embedding_version`` (an ``EmbeddingModelVersion`` id)
+    searches that version's vectors instead (a candidate's shadow vectors, for the promotion gate), with
+    the same full-text leg and fusion; the active version's id is the same as ``None``.
+
     ``collection`` restricts the search to one collection. ``candidates`` (default
     ``RETRIEVAL_CANDIDATES``) is how many chunks each leg contributes before fusion.
-    ``query_embedding`` (a unit vector of length ``EMBEDDING_DIM``) skips embedding the query.
+    ``query_embedding`` (a unit vector of the searched version's dimension) skips embedding the query;
+    an ``EncodedVectors`` row made by another version's encoder (a promotion since) is not used: the
+    query is embedded again by the searched version's encoder.
     ``mode`` ``"vector"`` or ``"text"`` runs one leg only (for measurement). ``exclude_kinds``
     (``Source.Kind`` values) leaves those sources out, e.g. ``("curated",)`` where approved
     corrections' answers must not count (the tuning evaluation: a held-out correction's own answer).
-    Returns ``[]`` for an empty query. Raises ``ValueError`` if ``k`` < 1 or ``mode`` is unknown.
+    Returns ``[]`` for an empty query. Raises ``ValueError`` if ``k`` < 1 or ``mode`` is unknown,
+    ``EmbeddingModelVersion.DoesNotExist`` for an unknown ``embedding_version``.
     """
     if k < 1:
         raise ValueError("k must be at least 1")
@@ -353,9 +376,6 @@ def chunk_search(
     if not query.strip():
         return []
     candidates = max(candidates or settings.RETRIEVAL_CANDIDATES, k)
-    if query_embedding is None:
-        query_embedding = embedding_module.get_embedding_model().encode([query])[0]
-    vector_literal = "[" + ",".join(f"{float(x):.7g}" for x in query_embedding) + "]"
     tsquery = _tsquery_text(query)
     # A chunk carries its source's collection (kept equal by triggers), so the collection is filtered
     # inside the (collection, search_vector) GIN index; only excluded kinds need the source row.
@@ -363,14 +383,8 @@ def chunk_search(
     kinds = " AND s.kind <> ALL(%(exclude_kinds)s)" if exclude_kinds else ""
     where = ("AND c.collection = %(collection)s" if collection else "") + kinds
     source_filter = ("AND s.collection = %(collection)s" if collection else "") + kinds
-    sql = _HYBRID_SQL.format(
-        vector_join=join, text_join=join, source_filter=source_filter,
-        vector_filter=where if mode != "text" else where + " AND false",
-        text_filter=where if tsquery and mode != "vector" else where + " AND false",
-    )
+    vector_filter = where if mode != "text" else where + " AND false"
     params = {
-        "embedding": vector_literal,
-        "model": embedding_module.model_id(),
         "candidates": candidates,
         "max_matches": max(settings.RETRIEVAL_TEXT_MAX_MATCHES, 1),
         "terms": " ".join(_query_words(query)),
@@ -381,12 +395,35 @@ def chunk_search(
     }
     outermost = not connection.in_atomic_block
     with transaction.atomic(), connection.cursor() as cursor:
-        # One snapshot for both statements, so a source re-ingested in between cannot drop results;
-        # SET LOCAL lasts until the end of this transaction only.
+        # One snapshot for the version read and both statements, so a source re-ingested or a version
+        # promoted in between cannot mix results; SET LOCAL lasts until the end of this transaction only.
         if outermost:
             cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            # Before the snapshot is taken (LOCK takes none): a promotion that rebuilds the column for
+            # another dimension holds ACCESS EXCLUSIVE until it commits; a snapshot taken before that
+            # would see the rewritten table empty.
+            cursor.execute("LOCK TABLE knowledge_chunk IN ACCESS SHARE MODE")
+        active = embedding_module.active_embedding()
+        searched = active
+        if embedding_version is not None and embedding_version != active.version_id:
+            searched = embedding_module.version_embedding(EmbeddingModelVersion.objects.get(pk=embedding_version))
+        if mode == "text":  # the vector leg is off; any vector of the searched dimension will do
+            query_embedding = [0.0] * searched.dimension
+        elif query_embedding is None or embedding_module.vectors_model_id(query_embedding) not in (None, searched.model_id):
+            query_embedding = embedding_module.encoder_for(searched).encode([query])[0]
+        if searched is active:
+            vector_leg = _ACTIVE_VECTOR_LEG.format(vector_join=join, vector_filter=vector_filter)
+        else:
+            vector_leg = _SHADOW_VECTOR_LEG.format(vector_join=join, vector_filter=vector_filter,
+                                                   dimension=int(searched.dimension), version_id=int(searched.version_id))
+        sql = _HYBRID_SQL.format(
+            vector_leg=vector_leg, text_join=join, source_filter=source_filter,
+            text_filter=where if tsquery and mode != "vector" else where + " AND false",
+        )
+        params["embedding"] = "[" + ",".join(f"{float(x):.7g}" for x in query_embedding) + "]"
+        params["model"] = active.model_id
         cursor.execute("SET LOCAL hnsw.ef_search = %s", [max(settings.HNSW_EF_SEARCH, candidates)])
-        if collection:
+        if collection or searched is not active:
             # pgvector >= 0.8: keep scanning the graph until enough rows pass the filter.
             cursor.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
         cursor.execute(sql, params)
@@ -481,12 +518,13 @@ def curated_answer_match(
     question = (question or "").strip()
     if not question:
         return None
-    if query_embedding is None:
-        query_embedding = embedding_module.get_embedding_model().encode([question])[0]
-    chunks = Chunk.objects.filter(source__kind=Source.Kind.CURATED, embedding_model=embedding_module.model_id())
-    if collection:
-        chunks = chunks.filter(source__collection=collection)
     with transaction.atomic():
+        active = embedding_module.active_embedding()
+        if query_embedding is None or embedding_module.vectors_model_id(query_embedding) not in (None, active.model_id):
+            query_embedding = embedding_module.encoder_for(active).encode([question])[0]
+        chunks = Chunk.objects.filter(source__kind=Source.Kind.CURATED, embedding_model=active.model_id)
+        if collection:
+            chunks = chunks.filter(source__collection=collection)
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")

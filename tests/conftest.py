@@ -39,10 +39,11 @@ def doc2dial_questions(doc2dial_dir) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def embedding_model():
-    """The real sentence-embedding model (loaded once per test session)."""
-    from knowledge.embedding import get_embedding_model
+    """The real sentence-embedding model of the settings (loaded once per test session; read without the
+    database, which a session fixture may not use)."""
+    from knowledge.embedding import settings_encoder
 
-    return get_embedding_model()
+    return settings_encoder()
 
 
 @contextmanager

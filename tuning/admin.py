@@ -5,6 +5,7 @@ from django.contrib import admin, messages
 from django.http import HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import path, reverse
 from django.utils import timezone
+from django.utils.html import format_html, format_html_join
 
 from tuning.models import Correction, EmbedderRun, FineTuneRun, ModelEvaluation, TrainingDataset
 
@@ -59,11 +60,32 @@ class EmbedderRunAdmin(admin.ModelAdmin):
     """Embedder runs (read-only), with "Retrain retriever now" (starts a run on the tuning queue) and
     a cancel action (the worker stops at its next step; serving is untouched either way)."""
 
-    list_display = ("pk", "status", "trigger", "train_count", "heldout_count", "progress", "dimension",
-                    "created_at", "duration_s")
-    list_filter = ("status", "trigger")
-    readonly_fields = [f.name for f in EmbedderRun._meta.fields]
+    list_display = ("pk", "status", "trigger", "train_count", "heldout_count", "progress", "reembedding_progress",
+                    "dimension", "promoted", "created_at", "duration_s")
+    list_filter = ("status", "trigger", "promoted")
+    readonly_fields = ["gate", *[f.name for f in EmbedderRun._meta.fields]]
     exclude = ("train_examples", "heldout_examples")
+
+    @admin.display(description="promotion gate")
+    def gate(self, run):
+        """The gate's decision and its numbers (active vs candidate through ``chunk_search``)."""
+        decision = run.decision or {}
+        if not decision:
+            return "not decided yet"
+        served, candidate = decision.get("served", {}), decision.get("candidate", {})
+        interval = decision.get("mrr_gain_interval") or {}
+        rows = format_html_join(
+            "", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ((name, served.get(key), candidate.get(key)) for name, key in (
+                ("passage-hit@1", "passage_hit@1"), ("passage-hit@5", "passage_hit@5"),
+                ("passage-hit@10", "passage_hit@10"), ("document-hit@5", "document_hit@5"), ("MRR@10", "mrr"),
+                ("questions", "n"))))
+        return format_html(
+            "<p><strong>{}</strong>: {}</p><p>MRR gain {} (interval [{}, {}]){}</p>"
+            "<table><tr><th>metric</th><th>active</th><th>candidate</th></tr>{}</table>",
+            "promote" if decision.get("promote") else "keep the active embedder", decision.get("reason", ""),
+            decision.get("mrr_gain"), interval.get("low"), interval.get("high"),
+            "; promoted" if run.promoted else "", rows)
     actions = ["cancel"]
     change_list_template = "admin/tuning/embedderrun/change_list.html"
 

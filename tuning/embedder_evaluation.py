@@ -1,4 +1,8 @@
-"""Offline comparison of a candidate embedder with the served one on held-out corrections.
+"""Comparing a candidate embedder with the served one on held-out corrections: offline in memory
+(``embedder_compare``, for benchmarks), and the promotion gate through the serving retrieval
+(``embedder_gate_compare`` on the candidate's shadow vectors, ``embedder_gate_decide``).
+
+The offline comparison:
 
 A candidate's vectors are not in the knowledge base (the served vectors stay untouched), so this
 re-embeds every chunk with the candidate in memory and searches exactly (cosine = dot product of
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -28,7 +32,7 @@ from django.conf import settings
 
 from knowledge.embedding import passage_text
 from knowledge.models import Chunk
-from knowledge.selectors import chunk_search
+from knowledge.selectors import RetrievedChunk, chunk_search
 from tuning.embedder_training import EmbedderExample
 
 KS = (1, 5, 10)
@@ -56,7 +60,7 @@ def chunk_matrix(collection: str | None = None) -> ChunkMatrix:
     if collection:
         chunks = chunks.filter(source__collection=collection)
     rows = list(chunks)
-    dim = int(settings.EMBEDDING_DIM)
+    dim = len(rows[0].embedding) if rows else int(settings.EMBEDDING_DIM)  # the active version's
     return ChunkMatrix(
         ids=np.array([c.pk for c in rows], dtype=np.int64),
         source_ids=np.array([c.source_id for c in rows], dtype=np.int64),
@@ -174,3 +178,115 @@ def embedder_compare(candidate_path: str, heldout: Sequence[EmbedderExample], *,
         "reembed_s": round(reembed_s, 2),
         "candidate_dimension": int(candidate.get_embedding_dimension()),
     }
+
+
+# --- the promotion gate, through the serving retrieval ------------------------------------------
+
+
+def query_scores(query: HeldoutQuery, ranking: Sequence[RetrievedChunk]) -> dict:
+    """One held-out query's scores on a ranking (``chunk_search`` results, best first):
+    ``{"rr" (1/rank of the first gold chunk in the top 10, 0 without), "passage_hit@1", "@5", "@10",
+    "document_hit@5" (0 or 1)}``."""
+    ids = [r.chunk_id for r in ranking]
+    first = next((i for i, cid in enumerate(ids[:10]) if cid in query.gold_chunks), None)
+    return {"rr": 0.0 if first is None else 1.0 / (first + 1),
+            **{f"passage_hit@{k}": int(first is not None and first < k) for k in KS},
+            "document_hit@5": int(any(r.source_id in query.gold_sources for r in ranking[:5]))}
+
+
+def _summary(rows: Sequence[dict]) -> dict:
+    """``ranking_scores``' shape from ``query_scores`` rows."""
+    n = len(rows)
+    if not n:
+        return {"n": 0, **{f"passage_hit@{k}": 0.0 for k in KS}, "document_hit@5": 0.0, "mrr": 0.0}
+    return {"n": n, **{f"passage_hit@{k}": round(sum(r[f"passage_hit@{k}"] for r in rows) / n, 4) for k in KS},
+            "document_hit@5": round(sum(r["document_hit@5"] for r in rows) / n, 4),
+            "mrr": round(statistics.fmean(r["rr"] for r in rows), 4)}
+
+
+def embedder_gate_compare(heldout: Sequence[EmbedderExample], version_id: int, *, collection: str | None = None) -> dict:
+    """Score the active embedding version and candidate ``version_id`` (its shadow vectors, built) on
+    the held-out examples through the serving retrieval: ``chunk_search`` (hybrid: the version's
+    vector leg fused with the full-text leg by RRF), top 10, curated answers excluded (a held-out
+    correction's own answer would be retrieved for its question), one query per correction.
+
+    Returns ``{"served": scores, "candidate": scores, "rows": [{"query", "served": query_scores,
+    "candidate": query_scores}], "search_s": float}`` with ``ranking_scores``' shape for the scores.
+    """
+    queries = heldout_queries(heldout)
+    started = time.perf_counter()
+    rows = []
+    for query in queries:
+        served = chunk_search(query.query, k=10, collection=collection, exclude_kinds=("curated",))
+        candidate = chunk_search(query.query, k=10, collection=collection, exclude_kinds=("curated",),
+                                 embedding_version=version_id)
+        rows.append({"query": query.query, "served": query_scores(query, served),
+                     "candidate": query_scores(query, candidate)})
+    return {"served": _summary([r["served"] for r in rows]), "candidate": _summary([r["candidate"] for r in rows]),
+            "rows": rows, "search_s": round(time.perf_counter() - started, 2)}
+
+
+@dataclass(frozen=True)
+class EmbedderGate:
+    """The embedder gate's settings: ``min_mrr_gain`` (the lower end of the paired interval of the
+    per-question MRR@10 gain must be above it), ``hit_tolerance`` (passage-hit@5 and document-hit@5 may
+    drop by at most this, absolute), and the interval's ``confidence``, ``resamples``, ``seed``."""
+
+    min_mrr_gain: float = 0.0
+    hit_tolerance: float = 0.0
+    confidence: float = 0.95
+    resamples: int = 10000
+    seed: int = 0
+
+    @classmethod
+    def from_settings(cls) -> "EmbedderGate":
+        """``TUNING_EMBEDDER_GATE_MIN_MRR_GAIN``, ``TUNING_EMBEDDER_GATE_HIT_TOLERANCE`` and the
+        generator gate's ``TUNING_GATE_CONFIDENCE`` / ``_BOOTSTRAP_RESAMPLES`` / ``_BOOTSTRAP_SEED``."""
+        return cls(min_mrr_gain=settings.TUNING_EMBEDDER_GATE_MIN_MRR_GAIN,
+                   hit_tolerance=settings.TUNING_EMBEDDER_GATE_HIT_TOLERANCE,
+                   confidence=settings.TUNING_GATE_CONFIDENCE, resamples=settings.TUNING_GATE_BOOTSTRAP_RESAMPLES,
+                   seed=settings.TUNING_GATE_BOOTSTRAP_SEED)
+
+
+def embedder_gate_decide(comparison: dict, gate: EmbedderGate | None = None) -> dict:
+    """Whether the candidate of ``comparison`` (``embedder_gate_compare``) should replace the active
+    embedder: a paired comparison, as the generator's gate (``tuning.evaluation.gate_decide``). Promote
+    only when the lower end of the ``confidence`` interval of the per-question MRR@10 gain (paired
+    bootstrap, ``tuning.evaluation.paired_gain_interval``) is above ``min_mrr_gain`` and neither
+    passage-hit@5 nor document-hit@5 drops by more than ``hit_tolerance``.
+
+    Returns ``{"promote": bool, "reason": str, "mrr_gain" (mean or None), "mrr_gain_interval" (dict or
+    None), "passage_hit@5_change", "document_hit@5_change", "served", "candidate" (the scores), "gate"
+    (the settings)}``.
+    """
+    from tuning.evaluation import paired_gain_interval
+
+    gate = gate or EmbedderGate.from_settings()
+    served, candidate, rows = comparison["served"], comparison["candidate"], comparison["rows"]
+    interval = paired_gain_interval([r["candidate"]["rr"] for r in rows], [r["served"]["rr"] for r in rows],
+                                    confidence=gate.confidence, resamples=gate.resamples, seed=gate.seed)
+    passage = round(candidate["passage_hit@5"] - served["passage_hit@5"], 4)
+    document = round(candidate["document_hit@5"] - served["document_hit@5"], 4)
+    decision = {"mrr_gain": interval["mean"] if interval else None, "mrr_gain_interval": interval,
+                "passage_hit@5_change": passage, "document_hit@5_change": document,
+                "served": served, "candidate": candidate, "gate": asdict(gate)}
+
+    def keep(reason: str) -> dict:
+        return {**decision, "promote": False, "reason": reason}
+
+    if interval is None:
+        return keep("fewer than 2 held-out questions: the MRR gain cannot be tested")
+    span = f"{gate.confidence:.0%} interval [{interval['low']:+.4f}, {interval['high']:+.4f}]"
+    if interval["low"] <= gate.min_mrr_gain:
+        return keep(f"MRR@10 {candidate['mrr']} vs the active embedder's {served['mrr']}: gain {interval['mean']:+.4f}, "
+                    f"{span} over {interval['questions']} questions; its lower end is not above "
+                    f"{gate.min_mrr_gain:+.4f}, so the gain may be noise")
+    if passage < -gate.hit_tolerance:
+        return keep(f"passage-hit@5 drops by {-passage:.4f} ({candidate['passage_hit@5']} vs {served['passage_hit@5']}; "
+                    f"tolerance {gate.hit_tolerance})")
+    if document < -gate.hit_tolerance:
+        return keep(f"document-hit@5 drops by {-document:.4f} ({candidate['document_hit@5']} vs "
+                    f"{served['document_hit@5']}; tolerance {gate.hit_tolerance})")
+    return {**decision, "promote": True,
+            "reason": f"MRR@10 {candidate['mrr']} vs {served['mrr']} (gain {interval['mean']:+.4f}, {span}); "
+                      f"passage-hit@5 {passage:+.4f}, document-hit@5 {document:+.4f}"}

@@ -1,5 +1,6 @@
-"""Embedder runs: fine-tune the sentence-embedding model on approved corrections and compare the
-candidate with the served embedder on held-out corrections.
+"""Embedder runs: fine-tune the sentence-embedding model on approved corrections, re-embed the
+knowledge base with the candidate beside the served vectors, and promote it only when it wins on
+held-out corrections through the serving retrieval.
 
 ``embedder_run_start`` snapshots the training examples of the approved, non-stale corrections
 (``tuning.embedder_training.embedder_examples``, split by ``tuning.datasets.correction_split``) into a
@@ -7,20 +8,30 @@ queued ``EmbedderRun`` (one in progress at a time, a database constraint); the C
 ``tuning.embedder_run`` (on the tuning queue) calls ``embedder_run_execute`` in a worker, which:
 
 1. claims the run (a conditional update from ``queued``: a second delivery does nothing);
-2. fine-tunes the served model (``settings.EMBEDDING_MODEL``) on the snapshot's training examples
+2. fine-tunes the active embedding version's model (``knowledge.embedding.active_embedding``; the
+   settings' ``EMBEDDING_MODEL`` until a version was promoted) on the snapshot's training examples
    (``embedder_train``), recording the loss curve, progress and heartbeat, into
    ``TUNING_DIR/embedder-runs/<id>``;
-3. compares it with the served embedder on the held-out examples
-   (``tuning.embedder_evaluation.embedder_compare``: passage-hit@1/5/10, document-hit@5, MRR, both
-   fused with the full-text leg; re-embedding time).
+3. registers the candidate as an embedding-model version (``knowledge.services.
+   embedding_version_register``) and re-embeds every chunk into its shadow vectors
+   (``embedding_version_build``; status ``reembedding``, progress on the run) while the active
+   version keeps serving; ingestion meanwhile lands in both;
+4. the gate (``tuning.embedder_evaluation.embedder_gate_compare`` / ``embedder_gate_decide``):
+   passage-hit@1/5/10, document-hit@5 and MRR@10 of the active and the candidate version through
+   ``chunk_search`` on the held-out corrections, a paired bootstrap of the MRR gain; the decision and
+   its numbers are stored on the run (``evaluation``, ``decision``);
+5. a candidate that wins is promoted (``embedding_version_activate``: every process switches to its
+   vectors and query encoder at once; ``TUNING_EMBEDDER_AUTO_PROMOTE`` off leaves it ready for an
+   admin); one that loses is ``rejected`` and its shadow vectors dropped.
 
-Any error marks the run ``failed`` with the reason. A run never changes what is served: there is no
-promotion of a candidate embedder yet (its shadow re-embedding, gate and atomic switch are not built).
+Any error marks the run ``failed`` with the reason (and its version failed); the active version keeps
+serving. Rollback is one action on the version (``embedding_version_rollback``; admin "Roll back").
+``embedder_run_scheduled_check`` (periodic) starts a run when ``TUNING_EMBEDDER_MIN_NEW_CORRECTIONS``
+approved corrections are new since the last run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import resource
@@ -33,6 +44,8 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from config.task_queue import task_enqueue_on_commit, unsent_reason
+from knowledge import services as knowledge_services
+from knowledge.embedding import active_embedding, folder_sha256
 from tuning.models import Correction, EmbedderRun
 
 logger = logging.getLogger(__name__)
@@ -42,22 +55,6 @@ _SAVE_EVERY_S = 2.0
 
 class EmbedderRunError(Exception):
     """An embedder run cannot start (one in progress, too few examples, no model folder); nothing stored."""
-
-
-def folder_sha256(path: str | Path) -> str:
-    """Hex SHA-256 over a model folder's files (relative path and bytes, in sorted path order); a
-    file's digest for a file. Raises ``FileNotFoundError`` when ``path`` does not exist."""
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"no such model folder: {root}")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(str(file.relative_to(root) if file != root else file.name).encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def embedder_hyperparameters_from_settings(**overrides):
@@ -82,10 +79,13 @@ def embedder_runs_fail_stale(now=None) -> int:
     for run in EmbedderRun.objects.filter(status__in=EmbedderRun.IN_PROGRESS):
         last = run.heartbeat_at or run.created_at
         if last < cutoff:
-            count += EmbedderRun.objects.filter(pk=run.pk, status=run.status).update(
-                status=EmbedderRun.Status.FAILED, finished_at=now,
-                error=f"the worker stopped reporting during {run.status} (no heartbeat since {last:%Y-%m-%d %H:%M:%S})",
-            )
+            reason = f"the worker stopped reporting during {run.status} (no heartbeat since {last:%Y-%m-%d %H:%M:%S})"
+            failed = EmbedderRun.objects.filter(pk=run.pk, status=run.status).update(
+                status=EmbedderRun.Status.FAILED, finished_at=now, error=reason)
+            if failed and run.embedding_version_id:  # its half-built shadow never served; drop it
+                knowledge_services.embedding_version_fail(run.embedding_version_id, f"embedder run {run.pk}: {reason}")
+            count += failed
+    knowledge_services.embedding_versions_fail_stale(now)
     return count
 
 
@@ -93,7 +93,7 @@ def embedder_run_start(*, trigger: str = "manual", requested_by=None, hyperparam
                        holdout_share: float | None = None, max_examples: int | None = None,
                        enqueue: bool = True) -> EmbedderRun:
     """Snapshot the examples of the approved, non-stale corrections and queue an embedder run on the
-    served model (``settings.EMBEDDING_MODEL``). ``holdout_share`` defaults to
+    active embedding version's model (``settings.EMBEDDING_MODEL`` until a version was promoted). ``holdout_share`` defaults to
     ``TUNING_HOLDOUT_SHARE``; ``max_examples`` (default ``TUNING_EMBEDDER_MAX_EXAMPLES``, 0 = all)
     keeps a seeded sample of the training examples. ``enqueue`` sends the Celery task after commit.
 
@@ -110,7 +110,7 @@ def embedder_run_start(*, trigger: str = "manual", requested_by=None, hyperparam
     share = settings.TUNING_HOLDOUT_SHARE if holdout_share is None else holdout_share
     if not 0 <= share < 1:
         raise EmbedderRunError(f"holdout share must be in [0, 1), got {share}")
-    base = Path(settings.EMBEDDING_MODEL)
+    base = Path(active_embedding().path)
     if not base.exists():
         raise EmbedderRunError(f"embedding model folder not found: {base}")
     corrections = (Correction.objects.filter(status=Correction.Status.APPROVED, stale=False)
@@ -176,11 +176,17 @@ class _Reporter:
         return status != EmbedderRun.Status.TRAINING
 
 
+class _RunStopped(Exception):
+    """The run is no longer in the status its worker set (cancelled, or failed by the stale check)."""
+
+
 def embedder_run_execute(run_id: int) -> EmbedderRun:
-    """Run steps 1-3 of the module docstring for run ``run_id`` (in a worker). Returns the run.
+    """Run steps 1-5 of the module docstring for run ``run_id`` (in a worker). Returns the run.
 
     Safe to call twice: only a ``queued`` run is claimed; any other status returns at once. Errors
-    are recorded on the run (``failed`` + ``error``), never raised, except ``EmbedderRun.DoesNotExist``.
+    are recorded on the run (``failed`` + ``error``; its candidate version failed too), never raised,
+    except ``EmbedderRun.DoesNotExist``. Every status write is a compare-and-set, so a run cancelled or
+    failed by the stale check meanwhile never promotes.
     """
     now = timezone.now()
     claimed = EmbedderRun.objects.filter(pk=run_id, status=EmbedderRun.Status.QUEUED).update(
@@ -192,8 +198,15 @@ def embedder_run_execute(run_id: int) -> EmbedderRun:
     reporter = _Reporter(run)
     started = time.perf_counter()
     stage = "training"
+    version = None
+
+    def advance(expected: str, **fields) -> None:
+        fields["heartbeat_at"] = timezone.now()
+        if not EmbedderRun.objects.filter(pk=run.pk, status=expected).update(**fields):
+            raise _RunStopped(f"the run is no longer {expected}")
+
     try:
-        from tuning.embedder_evaluation import embedder_compare
+        from tuning.embedder_evaluation import embedder_gate_compare, embedder_gate_decide
         from tuning.embedder_training import EmbedderExample, EmbedderHyperparameters, embedder_train
 
         if settings.EMBEDDING_THREADS > 0:
@@ -206,22 +219,75 @@ def embedder_run_execute(run_id: int) -> EmbedderRun:
         result = embedder_train(run.base_model_path, train, folder, EmbedderHyperparameters(**run.hyperparameters),
                                 device=settings.EMBEDDING_DEVICE, on_step=reporter.step,
                                 should_stop=reporter.should_stop)
-        reporter.update(loss_curve=result.loss_curve, progress=1.0, status=EmbedderRun.Status.EVALUATING,
-                        model_path=str(folder), model_sha256=folder_sha256(folder), dimension=result.dimension,
-                        training_s=round(result.duration_s, 1), peak_rss_mb=_peak_rss_mb())
+        sha256 = folder_sha256(folder)
+        advance(EmbedderRun.Status.TRAINING, loss_curve=result.loss_curve, progress=1.0,
+                status=EmbedderRun.Status.REEMBEDDING, model_path=str(folder), model_sha256=sha256,
+                dimension=result.dimension, training_s=round(result.duration_s, 1), peak_rss_mb=_peak_rss_mb())
+
+        stage = "re-embedding"
+        version = knowledge_services.embedding_version_register(
+            name=f"embedder-run-{run.pk}-{sha256[:8]}", path=folder, dimension=result.dimension,
+            note=f"embedder run {run.pk}")
+        advance(EmbedderRun.Status.REEMBEDDING, embedding_version=version)
+        reembed_started = time.perf_counter()
+        knowledge_services.embedding_version_build(
+            version.pk, on_progress=lambda share: advance(EmbedderRun.Status.REEMBEDDING,
+                                                          reembedding_progress=round(share, 4)))
+        reembed_s = round(time.perf_counter() - reembed_started, 2)
+        advance(EmbedderRun.Status.REEMBEDDING, status=EmbedderRun.Status.EVALUATING, reembedding_progress=1.0)
 
         stage = "evaluation"
-        evaluation = embedder_compare(str(folder), heldout)
+        comparison = embedder_gate_compare(heldout, version.pk)
+        decision = embedder_gate_decide(comparison)
+        evaluation = {"served": comparison["served"], "candidate": comparison["candidate"],
+                      "chunks": version.chunks_total, "reembed_s": reembed_s, "candidate_dimension": result.dimension,
+                      "search_s": comparison["search_s"], "rows": comparison["rows"]}
+        advance(EmbedderRun.Status.EVALUATING, evaluation=evaluation, decision=decision)
+
+        stage = "promotion"
+        promoted = False
+        if not decision["promote"]:
+            knowledge_services.embedding_version_reject(version.pk, f"embedder run {run.pk}: {decision['reason']}")
+        elif settings.TUNING_EMBEDDER_AUTO_PROMOTE:
+            # The run must still be ours when the switch happens (a cancel or stale-fail wins before it).
+            with transaction.atomic():
+                locked = EmbedderRun.objects.select_for_update().get(pk=run.pk)
+                if locked.status != EmbedderRun.Status.EVALUATING:
+                    raise _RunStopped(f"the run is no longer evaluating ({locked.status})")
+                knowledge_services.embedding_version_activate(
+                    version.pk, note=f"promoted by embedder run {run.pk}: {decision['reason']}")
+                promoted = True
         finished = timezone.now()
-        EmbedderRun.objects.filter(pk=run.pk, status=EmbedderRun.Status.EVALUATING).update(
-            status=EmbedderRun.Status.SUCCEEDED, evaluation=evaluation, finished_at=finished, heartbeat_at=finished,
-            duration_s=round(time.perf_counter() - started, 1), peak_rss_mb=_peak_rss_mb(),
-        )
+        advance(EmbedderRun.Status.EVALUATING, status=EmbedderRun.Status.SUCCEEDED, promoted=promoted,
+                finished_at=finished, duration_s=round(time.perf_counter() - started, 1), peak_rss_mb=_peak_rss_mb())
     except Exception as error:  # recorded on the run; serving is untouched
         logger.exception("embedder run %s failed during %s", run.pk, stage)
         EmbedderRun.objects.filter(pk=run.pk).exclude(status=EmbedderRun.Status.FAILED).update(
             status=EmbedderRun.Status.FAILED, error=f"{stage} failed: {error}"[:4000], finished_at=timezone.now(),
             duration_s=round(time.perf_counter() - started, 1), peak_rss_mb=_peak_rss_mb(),
         )
+        if version is not None:
+            knowledge_services.embedding_version_fail(version.pk, f"embedder run {run.pk}: {stage} failed: {error}")
     run.refresh_from_db()
     return run
+
+
+def embedder_run_scheduled_check() -> EmbedderRun | None:
+    """What the periodic task does: fail stale runs, then start a run (trigger ``schedule``) when at
+    least ``TUNING_EMBEDDER_MIN_NEW_CORRECTIONS`` approved, non-stale corrections are not in the last
+    embedder run's snapshot and no run is in progress. Returns the run started, or ``None``."""
+    embedder_runs_fail_stale()
+    if EmbedderRun.objects.filter(status__in=EmbedderRun.IN_PROGRESS).exists():
+        return None
+    approved = Correction.objects.filter(status=Correction.Status.APPROVED, stale=False)
+    last = EmbedderRun.objects.order_by("-created_at", "-id").first()
+    if last is not None:
+        seen = {e["correction_id"] for e in [*last.train_examples, *last.heldout_examples]}
+        approved = approved.exclude(pk__in=seen)
+    if approved.count() < settings.TUNING_EMBEDDER_MIN_NEW_CORRECTIONS:
+        return None
+    try:
+        return embedder_run_start(trigger="schedule")
+    except EmbedderRunError as error:
+        logger.info("scheduled embedder run not started: %s", error)
+        return None

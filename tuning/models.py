@@ -253,21 +253,25 @@ class EmbedderRun(models.Model):
     "positive_source_id"}``), split by ``tuning.datasets.correction_split`` with ``holdout_share``;
     ``examples_sha256`` digests both. ``hyperparameters`` are ``EmbedderHyperparameters`` as a dict;
     ``loss_curve`` ``[{"step", "epoch", "loss"}]``. Status moves ``queued`` → ``training`` →
-    ``evaluating`` → ``succeeded`` or ``failed`` (``error`` says why). ``evaluation`` is
-    ``tuning.embedder_evaluation.embedder_compare``'s result (served vs candidate: passage-hit@1/5/10,
-    document-hit@5, MRR; re-embedding time). The candidate model folder is ``model_path`` (its
-    files' digest ``model_sha256``, vector ``dimension``). At most one embedder run is in progress at
-    a time (a database constraint). A run never changes what is served.
+    ``reembedding`` → ``evaluating`` → ``succeeded`` or ``failed`` (``error`` says why). The candidate
+    model folder is ``model_path`` (its files' digest ``model_sha256``, vector ``dimension``), registered
+    as ``embedding_version`` (``knowledge.models.EmbeddingModelVersion``) whose shadow vectors the run
+    builds. ``evaluation`` is the gate's comparison through ``chunk_search`` (served vs candidate:
+    passage-hit@1/5/10, document-hit@5, MRR@10; shadow re-embedding time) and ``decision`` the gate's
+    (``tuning.embedder_evaluation.embedder_gate_decide``: promote or not, why, the paired interval);
+    ``promoted`` whether the run activated its version. At most one embedder run is in progress at a
+    time (a database constraint). A run changes what is served only by promoting a version that won.
     """
 
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
         TRAINING = "training", "Training"
+        REEMBEDDING = "reembedding", "Re-embedding (shadow)"
         EVALUATING = "evaluating", "Evaluating"
         SUCCEEDED = "succeeded", "Succeeded"
         FAILED = "failed", "Failed"
 
-    IN_PROGRESS = ("queued", "training", "evaluating")
+    IN_PROGRESS = ("queued", "training", "reembedding", "evaluating")
 
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
     trigger = models.CharField(max_length=20, default="manual")  # manual | schedule | command
@@ -290,6 +294,12 @@ class EmbedderRun(models.Model):
     model_sha256 = models.CharField(max_length=64, blank=True)
     dimension = models.PositiveIntegerField(null=True, blank=True)
     evaluation = models.JSONField(default=dict, blank=True)
+    embedding_version = models.ForeignKey(
+        "knowledge.EmbeddingModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    reembedding_progress = models.FloatField(default=0.0)
+    decision = models.JSONField(default=dict, blank=True)
+    promoted = models.BooleanField(default=False)
     error = models.TextField(blank=True)
     peak_rss_mb = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -303,7 +313,7 @@ class EmbedderRun(models.Model):
         ordering = ["-created_at", "-id"]
         constraints = [
             models.UniqueConstraint(
-                models.Value(True), condition=Q(status__in=["queued", "training", "evaluating"]),
+                models.Value(True), condition=Q(status__in=["queued", "training", "reembedding", "evaluating"]),
                 name="embedderrun_one_in_progress",
             ),
             CheckConstraint(condition=Q(holdout_share__gte=0) & Q(holdout_share__lt=1),

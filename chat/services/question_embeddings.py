@@ -28,11 +28,14 @@ EMBED_BATCH = 64
 def question_embedding_store(message_id: int, embedding) -> None:
     """Record ``embedding`` (``list[float]`` or a float32 array of length ``EMBEDDING_DIM``, unit
     norm, from ``knowledge.embedding``'s current model) as the vector of customer question
-    ``message_id`` (a ``user`` message). Replaces an earlier one (one ``INSERT ... ON CONFLICT``)."""
-    from knowledge.embedding import model_id
+    ``message_id`` (a ``user`` message). Replaces an earlier one (one ``INSERT ... ON CONFLICT``). It
+    is recorded under the version that made it (``knowledge.embedding.vectors_model_id``; the active
+    one for a plain list), so a vector made just before a promotion is re-embedded by the sweep."""
+    from knowledge.embedding import model_id, vectors_model_id
 
     QuestionEmbedding.objects.bulk_create(
-        [QuestionEmbedding(message_id=message_id, embedding=embedding, embedding_model=model_id())],
+        [QuestionEmbedding(message_id=message_id, embedding=embedding,
+                           embedding_model=vectors_model_id(embedding) or model_id())],
         update_conflicts=True, unique_fields=["message"], update_fields=["embedding", "embedding_model"],
     )
 

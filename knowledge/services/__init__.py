@@ -13,7 +13,10 @@
 - ``knowledge.services.lexemes``: the lexeme document frequencies per collection that the full-text
   leg of retrieval reads (``lexeme_frequencies_refresh``, after ingestion and deletion);
 - ``knowledge.services.reembedding``: new vectors after the embedding model changed (``reembed``),
-  including the schema change when ``EMBEDDING_DIM`` changed.
+  including the schema change when ``EMBEDDING_DIM`` changed;
+- ``knowledge.services.embedding_versions``: embedding-model versions (blue/green vectors): register
+  a candidate, build its shadow vectors while the active version serves, activate it for every
+  process at once, roll back from the kept vectors.
 
 Import from the package, not the modules: ``from knowledge import services`` and
 ``services.document_ingest(...)``, or ``from knowledge.services import document_ingest``. Every public
@@ -42,6 +45,18 @@ from knowledge.services.ingestion import (
     mark_failed,
     sources_fail_unfinished,
     too_large_reason,
+)
+from knowledge.services.embedding_versions import (
+    EmbeddingVersionError,
+    embedding_version_activate,
+    embedding_version_bootstrap,
+    embedding_version_build,
+    embedding_version_fail,
+    embedding_version_previous,
+    embedding_version_register,
+    embedding_version_reject,
+    embedding_version_rollback,
+    embedding_versions_fail_stale,
 )
 from knowledge.services.lexemes import lexeme_frequencies_refresh
 from knowledge.services.products import product_delete, product_markdown, product_sync
@@ -92,6 +107,17 @@ __all__ = [
     "curated_answer_delete",
     "curated_answer_put",
     "curated_answer_update",
+    # embedding-model versions
+    "EmbeddingVersionError",
+    "embedding_version_activate",
+    "embedding_version_bootstrap",
+    "embedding_version_build",
+    "embedding_version_fail",
+    "embedding_version_previous",
+    "embedding_version_register",
+    "embedding_version_reject",
+    "embedding_version_rollback",
+    "embedding_versions_fail_stale",
     # re-embedding
     "ReembedResult",
     "embedding_text",

@@ -56,7 +56,7 @@ def _curated_write_chunk(source: Source, question: str, answer: str) -> None:
     vector = model.encode([question])[0]
     chunk = Chunk(ordinal=0, start=0, end=len(answer), text=answer, heading_path=[],
                   token_count=model.count_tokens(answer), embedding=vector,
-                  embedding_model=embedding_module.model_id())
+                  embedding_model=model.model_id)
     _swap_chunks(source, [chunk], title=question)
     Source.objects.filter(pk=source.pk).update(
         title=question[:500], text=answer, content_hash=_curated_hash(question, answer), status=Source.Status.READY,

@@ -366,7 +366,7 @@ def _ingest_claimed(source: Source, claim: _Claim, *, force: bool) -> IngestResu
         # An upload or product whose pending bytes were already ingested (a task run twice, or a
         # forced re-ingest): its raw bytes are gone, so a forced run re-embeds the serving chunks.
         if force:
-            _reembed_source(source_id, embedding_module.get_embedding_model(), embedding_module.model_id())
+            _reembed_source(source_id)
         _finish_unchanged(claim)
         return IngestResult(source_id, "unchanged", source.chunk_count)
     try:
@@ -420,7 +420,8 @@ def _ingest_store(prepared: _PreparedSource, vectors, *, contain_errors: bool = 
 
 def _ingest_store_claimed(prepared: _PreparedSource, vectors) -> IngestResult:
     source_id, claim, document, digest = prepared.source_id, prepared.claim, prepared.document, prepared.digest
-    current_model = embedding_module.model_id()
+    # The version that embedded them; ``_swap_chunks`` re-embeds them if another one became active since.
+    current_model = embedding_module.vectors_model_id(vectors) or embedding_module.model_id()
     chunks = [
         Chunk(
             ordinal=ordinal,
@@ -470,7 +471,8 @@ def _finish_unchanged(claim: _Claim) -> None:
 
 
 def _embed_with_progress(model, texts: list[str], report: Callable[[int], None]) -> np.ndarray:
-    """Embed ``texts`` (one unit vector per text, in their order: ``(len(texts), EMBEDDING_DIM)``)
+    """Embed ``texts`` (one unit vector per text, in their order: ``(len(texts), model.dimension)``,
+    tagged with the model's version identity)
     in batches of ``EMBEDDING_BATCH_SIZE`` texts of similar length, calling ``report(pct)`` (10..95)
     after each batch.
 
@@ -481,7 +483,7 @@ def _embed_with_progress(model, texts: list[str], report: Callable[[int], None])
     """
     batch = settings.EMBEDDING_BATCH_SIZE
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    vectors = np.zeros((len(texts), settings.EMBEDDING_DIM), dtype=np.float32)
+    vectors = embedding_module.tag_vectors(np.zeros((len(texts), model.dimension), dtype=np.float32), model.model_id)
     for offset in range(0, len(order), batch):
         picked = order[offset : offset + batch]
         vectors[picked] = model.encode([texts[i] for i in picked], batch_size=batch)

@@ -1,6 +1,8 @@
 """Re-embedding: new vectors for the stored chunks after the embedding model changed (``reembed``),
-source by source, or, when ``EMBEDDING_DIM`` changed, all at once with the schema change of the
-vector column and its HNSW index."""
+source by source, or, when the active version's dimension differs from the stored column's, all at
+once with the schema change of the vector column and its HNSW index. Always with the active
+embedding version (``knowledge.embedding.active_embedding``: the settings' model until a version is
+registered); a candidate version's vectors are built by ``knowledge.services.embedding_versions``."""
 
 from __future__ import annotations
 
@@ -36,15 +38,17 @@ def reembed(*, collection: str | None = None, everything: bool = False,
     """Re-embed chunks written by another embedding model (or all chunks with ``everything``).
 
     Chunks keep their text and offsets; only vectors change. Each source is swapped in its own
-    transaction, so old vectors serve until its new ones commit. If ``EMBEDDING_DIM`` differs from
-    the stored column's dimension, every chunk is re-embedded first and the column and its HNSW index
-    are rebuilt in one transaction (searches wait for it, they never see a mix).
+    transaction, so old vectors serve until its new ones commit. If the active version's dimension
+    (``EMBEDDING_DIM`` for the settings' model) differs from the stored column's dimension, every
+    chunk is re-embedded first and the column and its HNSW index are rebuilt in one transaction
+    (searches wait for it, they never see a mix).
     ``report(done, total)`` is called after each source.
     """
-    current = embedding_module.model_id()
-    model = embedding_module.get_embedding_model()
-    if _stored_vector_dimension() != settings.EMBEDDING_DIM:
-        return _reembed_new_dimension(model, current, report)
+    active = embedding_module.active_embedding()
+    model = embedding_module.encoder_for(active)
+    if _stored_vector_dimension() != active.dimension:
+        return _reembed_new_dimension(model, active.model_id, active.dimension, report)
+    current = active.model_id
     sources = Source.objects.filter(chunk_count__gt=0)
     if collection:
         sources = sources.filter(collection=collection)
@@ -53,7 +57,7 @@ def reembed(*, collection: str | None = None, everything: bool = False,
     sources = list(sources.order_by("pk"))
     result = ReembedResult()
     for index, source in enumerate(sources, start=1):
-        result.chunks += _reembed_source(source.pk, model, current)
+        result.chunks += _reembed_source(source.pk)
         result.sources += 1
         if report:
             report(index, len(sources))
@@ -61,13 +65,19 @@ def reembed(*, collection: str | None = None, everything: bool = False,
 
 
 @transaction.atomic
-def _reembed_source(source_id: int, model, current: str) -> int:
-    """Re-embed one source's chunks in place (one transaction); returns the number of chunks."""
+def _reembed_source(source_id: int) -> int:
+    """Re-embed one source's chunks in place with the active version (one transaction, under the
+    vectors lock, so no promotion interleaves); returns the number of chunks."""
+    from knowledge.services.embedding_versions import vectors_lock_shared
+
+    vectors_lock_shared()
+    active = embedding_module.active_embedding()
+    model = embedding_module.encoder_for(active)
     locked = Source.objects.select_for_update().get(pk=source_id)
     chunks = list(locked.chunks.order_by("ordinal"))
     texts = [embedding_text(locked, c) for c in chunks]
     for chunk, vector in zip(chunks, model.encode(texts)):
-        chunk.embedding, chunk.embedding_model = vector, current
+        chunk.embedding, chunk.embedding_model = vector, active.model_id
     Chunk.objects.bulk_update(chunks, ["embedding", "embedding_model"], batch_size=500)
     return len(chunks)
 
@@ -81,11 +91,10 @@ def _stored_vector_dimension() -> int:
         return cursor.fetchone()[0]
 
 
-def _reembed_new_dimension(model, current: str, report) -> ReembedResult:
+def _reembed_new_dimension(model, current: str, dim: int, report) -> ReembedResult:
     rows = list(Chunk.objects.select_related("source").order_by("pk"))
     texts = [embedding_text(c.source, c) for c in rows]
     vectors = model.encode(texts)
-    dim = int(settings.EMBEDDING_DIM)
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("LOCK TABLE knowledge_chunk IN ACCESS EXCLUSIVE MODE")
         cursor.execute("DROP INDEX IF EXISTS chunk_embedding_hnsw")

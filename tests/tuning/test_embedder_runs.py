@@ -1,6 +1,8 @@
 """Embedder runs (``tuning.embedder_runs``) on real Postgres with the real MiniLM embedder: snapshot at
-start, training and held-out comparison in ``embedder_run_execute``, one run at a time, failures
-recorded with their reason, serving untouched; the admin's "Retrain retriever now"."""
+start; training, shadow re-embedding, the gate through ``chunk_search`` and promotion in
+``embedder_run_execute`` (refused by the default gate, promoted when forced, rolled back in one
+action); one run at a time, failures recorded with their reason, serving untouched unless promoted;
+the admin's "Retrain retriever now"."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from chat.models import Conversation, Message
-from knowledge.models import Chunk
+from knowledge.models import Chunk, ChunkEmbedding, EmbeddingModelVersion
 from knowledge.services import document_ingest, source_upload
 from tuning.datasets import correction_split
 from tuning.embedder_runs import (
@@ -80,7 +82,8 @@ def stored_vectors() -> dict[int, list[float]]:
 
 
 def test_an_embedder_run_snapshots_trains_and_compares_on_held_out_corrections_without_touching_serving(corrections, settings):
-    # Given six approved corrections, two of them in held-out groups
+    # Given six approved corrections, two of them in held-out groups, and a gate no candidate passes
+    settings.TUNING_EMBEDDER_GATE_MIN_MRR_GAIN = 1.0
     before = stored_vectors()
 
     # When a run starts (no Celery here) and a worker executes it
@@ -190,3 +193,181 @@ def test_fine_tune_embedder_command_reports_why_it_cannot_start(corrections):
     with pytest.raises(CommandError, match="need at least 2"):
         call_command("fine_tune_embedder", "--sync")
     assert not EmbedderRun.objects.exists()
+
+
+def served_state() -> tuple[dict[int, list[float]], set[str], str]:
+    """The served vectors, the model ids on the chunks, and the active version's identity."""
+    from knowledge.embedding import model_id
+
+    return stored_vectors(), set(Chunk.objects.values_list("embedding_model", flat=True)), model_id()
+
+
+def test_the_gate_refuses_a_candidate_that_does_not_win_and_nothing_served_changes(corrections, settings):
+    # Given a gate no candidate can pass (the MRR gain's interval must lie above +1, the most there is)
+    settings.TUNING_EMBEDDER_GATE_MIN_MRR_GAIN = 1.0
+    before = served_state()
+
+    # When a run trains (1 epoch), re-embeds into the candidate's shadow vectors and gates it
+    run = embedder_run_start(holdout_share=HOLDOUT, hyperparameters={"batch_size": 2, "epochs": 1}, enqueue=False)
+    run = embedder_run_execute(run.pk)
+
+    # Then the run succeeded, the candidate was built and compared through chunk_search, and refused
+    assert run.status == "succeeded", run.error
+    version = run.embedding_version
+    assert version is not None and version.name.startswith(f"embedder-run-{run.pk}-")
+    assert run.reembedding_progress == 1.0 and run.evaluation["chunks"] == Chunk.objects.count() == 3
+    assert run.evaluation["served"]["n"] == run.evaluation["candidate"]["n"] == 2 == len(run.evaluation["rows"])
+    decision = run.decision
+    assert decision["promote"] is False and run.promoted is False
+    assert decision["served"] == run.evaluation["served"] and decision["mrr_gain_interval"]["questions"] == 2
+    assert decision["gate"]["min_mrr_gain"] == 1.0 and "its lower end is not above +1.0000" in decision["reason"]
+    # and the candidate is rejected, its shadow vectors dropped, and what is served is unchanged
+    version.refresh_from_db()
+    assert version.status == "rejected" and decision["reason"] in version.reason
+    assert not ChunkEmbedding.objects.filter(version=version).exists()
+    assert served_state() == before
+    assert EmbeddingModelVersion.objects.get(status="active").model_id == before[2]
+
+
+def test_an_embedder_run_promotes_a_candidate_that_passes_the_gate_and_one_action_rolls_it_back(corrections, settings,
+                                                                                                client):
+    # Given a gate forced open (any MRR gain, any drop in hits)
+    settings.TUNING_EMBEDDER_GATE_MIN_MRR_GAIN = -1.0
+    settings.TUNING_EMBEDDER_GATE_HIT_TOLERANCE = 1.0
+    before = served_state()
+
+    # When a run trains, re-embeds, gates and promotes
+    run = embedder_run_start(holdout_share=HOLDOUT, hyperparameters={"batch_size": 2, "epochs": 1}, enqueue=False)
+    run = embedder_run_execute(run.pk)
+
+    # Then its version serves: every chunk holds the candidate's vectors, and queries are embedded by it
+    assert run.status == "succeeded", run.error
+    assert run.decision["promote"] is True and run.promoted is True
+    version = run.embedding_version
+    version.refresh_from_db()
+    assert version.status == "active" and version.path == run.model_path and version.sha256 == run.model_sha256
+    from knowledge.embedding import get_embedding_model, model_id
+
+    assert model_id() == version.model_id == get_embedding_model().model_id
+    assert set(Chunk.objects.values_list("embedding_model", flat=True)) == {version.model_id}
+    candidate = get_embedding_model()
+    chunk = Chunk.objects.select_related("source").order_by("pk").first()
+    from knowledge.services.reembedding import embedding_text
+
+    assert np.allclose(np.asarray(chunk.embedding), candidate.encode([embedding_text(chunk.source, chunk)])[0],
+                       atol=1e-5)
+    assert stored_vectors() != before[0]
+    # and the previous version is retired with its vectors kept
+    previous = EmbeddingModelVersion.objects.get(status="retired")
+    assert previous.model_id == before[2]
+    assert ChunkEmbedding.objects.filter(version=previous).count() == Chunk.objects.count()
+
+    # and the run's admin page shows the gate's decision with its numbers
+    from django.urls import reverse
+
+    client.force_login(User.objects.create_superuser("ada", password="pw"))
+    page = client.get(reverse("admin:tuning_embedderrun_change", args=[run.pk])).content.decode()
+    assert "Promotion gate" in page and "<strong>promote</strong>" in page and "MRR@10" in page
+    assert f"<td>{run.decision['candidate']['mrr']}</td>" in page
+
+    # When an admin rolls back (one action), then the previous vectors serve again, unchanged
+    from knowledge.services import embedding_version_rollback
+
+    assert embedding_version_rollback().pk == previous.pk
+    assert served_state() == before
+
+
+def test_a_run_whose_re_embedding_dies_fails_and_leaves_the_active_version_serving(corrections, monkeypatch):
+    # Given a run whose shadow re-embedding breaks part way
+    before = served_state()
+    from knowledge.services import embedding_versions
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(embedding_versions, "_create_shadow_index", broken)
+    run = embedder_run_start(holdout_share=HOLDOUT, hyperparameters={"batch_size": 2, "epochs": 1}, enqueue=False)
+
+    # When it executes, then it fails with the stage and reason, its version failed and dropped
+    run = embedder_run_execute(run.pk)
+    assert run.status == "failed" and run.error == "re-embedding failed: disk full" and run.promoted is False
+    version = EmbeddingModelVersion.objects.get(pk=run.embedding_version_id)
+    assert version.status == "failed" and "disk full" in version.reason
+    assert not ChunkEmbedding.objects.filter(version=version).exists()
+    # and serving is untouched
+    assert served_state() == before
+
+
+def test_a_stale_embedder_run_fails_its_half_built_version(corrections, settings):
+    # Given a run re-embedding whose worker died, with a half-built candidate version
+    from knowledge.services import embedding_version_register
+
+    run = embedder_run_start(holdout_share=HOLDOUT, enqueue=False)
+    version = embedding_version_register(name="half-built", path=settings.EMBEDDING_MODEL, dimension=384)
+    EmbedderRun.objects.filter(pk=run.pk).update(
+        status="reembedding", embedding_version=version,
+        heartbeat_at=timezone.now() - timedelta(seconds=settings.TUNING_RUN_STALE_S + 1))
+
+    # When the stale check runs, then the run and its version are failed
+    assert embedder_runs_fail_stale() == 1
+    run.refresh_from_db()
+    version.refresh_from_db()
+    assert run.status == "failed" and run.error.startswith("the worker stopped reporting during reembedding")
+    assert version.status == "failed" and version.reason.startswith(f"embedder run {run.pk}:")
+
+
+def _rows(served: list[tuple[float, int, int]], candidate: list[tuple[float, int, int]]) -> dict:
+    """A comparison of ``embedder_gate_compare``'s shape from per-question (rr, passage-hit@5, document-hit@5)."""
+    from tuning.embedder_evaluation import _summary
+
+    def scores(rr, p5, d5):
+        return {"rr": rr, "passage_hit@1": int(rr == 1.0), "passage_hit@5": p5, "passage_hit@10": p5,
+                "document_hit@5": d5}
+
+    rows = [{"query": f"q{i}", "served": scores(*s), "candidate": scores(*c)}
+            for i, (s, c) in enumerate(zip(served, candidate))]
+    return {"served": _summary([r["served"] for r in rows]), "candidate": _summary([r["candidate"] for r in rows]),
+            "rows": rows}
+
+
+def test_the_embedder_gate_promotes_a_clear_gain_and_refuses_noise_or_lost_passages():
+    from tuning.embedder_evaluation import EmbedderGate, embedder_gate_decide
+
+    gate = EmbedderGate(min_mrr_gain=0.0, hit_tolerance=0.0, resamples=2000, seed=0)
+    # Given a candidate that ranks the gold passage first for 20 questions the active one ranked second
+    clear = _rows([(0.5, 1, 1)] * 20, [(1.0, 1, 1)] * 20)
+    decision = embedder_gate_decide(clear, gate)
+    assert decision["promote"] is True and decision["mrr_gain"] == 0.5
+    assert decision["mrr_gain_interval"]["low"] == 0.5 and decision["passage_hit@5_change"] == 0.0
+
+    # Given gains and losses that cancel out (noise), then it is refused with the interval in the reason
+    noise = _rows([(0.5, 1, 1)] * 10 + [(1.0, 1, 1)] * 10, [(1.0, 1, 1)] * 10 + [(0.5, 1, 1)] * 10)
+    decision = embedder_gate_decide(noise, gate)
+    assert decision["promote"] is False and decision["mrr_gain"] == 0.0 and "may be noise" in decision["reason"]
+
+    # Given a better MRR bought with one passage lost from the top 5 (what Doc2Dial's candidates do:
+    # fused MRR up, passage-hit@5 down), then it is refused for the lost passage
+    traded = _rows([(0.5, 1, 1)] * 19 + [(0.2, 1, 1)], [(1.0, 1, 1)] * 19 + [(0.0, 0, 1)])
+    decision = embedder_gate_decide(traded, gate)
+    assert decision["promote"] is False and decision["passage_hit@5_change"] == -0.05
+    assert decision["reason"].startswith("passage-hit@5 drops by 0.0500")
+    # and a tolerance of 0.05 lets it through
+    assert embedder_gate_decide(traded, EmbedderGate(hit_tolerance=0.05, resamples=2000))["promote"] is True
+
+
+def test_the_scheduled_check_starts_a_run_when_enough_corrections_are_new(corrections, settings):
+    from tuning.embedder_runs import embedder_run_scheduled_check
+
+    settings.TUNING_HOLDOUT_SHARE = HOLDOUT
+    # Given six approved corrections and a threshold of seven, then no run starts
+    settings.TUNING_EMBEDDER_MIN_NEW_CORRECTIONS = 7
+    assert embedder_run_scheduled_check() is None and not EmbedderRun.objects.exists()
+    # Given a threshold of six, then a run starts, triggered by the schedule
+    settings.TUNING_EMBEDDER_MIN_NEW_CORRECTIONS = 6
+    run = embedder_run_scheduled_check()
+    assert run is not None and (run.trigger, run.status, run.corrections_count) == ("schedule", "queued", 6)
+    # and none while it is in progress, nor after it when no correction is new since its snapshot
+    assert embedder_run_scheduled_check() is None
+    EmbedderRun.objects.filter(pk=run.pk).update(status="succeeded")
+    settings.TUNING_EMBEDDER_MIN_NEW_CORRECTIONS = 1
+    assert embedder_run_scheduled_check() is None and EmbedderRun.objects.count() == 1
