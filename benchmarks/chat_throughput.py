@@ -524,10 +524,13 @@ def main_server(args) -> None:
         if not args.skip_same_prompts:
             from llama_cpp import Llama
 
+            from chat.llama_buffers import llama_loading
+
             key = services.model_key(version)  # a stored adapter: this host's cached copy
-            llama = Llama(model_path=key.base_model_path, lora_path=key.adapter_path or None,
-                          n_ctx=settings.LLM_CONTEXT_TOKENS, n_threads=args.threads, n_threads_batch=args.threads,
-                          seed=0, verbose=False)
+            with llama_loading():
+                llama = Llama(model_path=key.base_model_path, lora_path=key.adapter_path or None,
+                              n_ctx=settings.LLM_CONTEXT_TOKENS, n_threads=args.threads, n_threads_batch=args.threads,
+                              seed=0, verbose=False)
             bare_run(llama, [{"role": "user", "content": "hi"}])
             client_vs_bare(client, version, llama, prompts, args.repeats, settings.LLM_MAX_TOKENS)
             llama.close()

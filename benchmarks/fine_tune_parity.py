@@ -77,8 +77,11 @@ def doc2dial_records(questions_path: Path, count: int, *, skip_dialogues: set[st
 def greedy_answers(base: Path, adapter: Path | None, records: list[dict], threads: int, max_tokens: int = 48) -> list[str]:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(base), lora_path=str(adapter) if adapter else None, n_ctx=1024,
-                          n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
+    from chat.llama_buffers import llama_loading
+
+    with llama_loading():
+        llm = llama_cpp.Llama(model_path=str(base), lora_path=str(adapter) if adapter else None, n_ctx=1024,
+                              n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
     try:
         return [
             llm.create_chat_completion(record["messages"][:-1], max_tokens=max_tokens, temperature=0.0)

@@ -44,6 +44,7 @@ from pathlib import Path
 from django.conf import settings
 
 from chat.engine import _DONE, EngineBusy, EngineError, Generation, ModelKey, model_files_check
+from chat.llama_buffers import model_params_apply
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class BatchModel:
         self.model = self.ctx = self.adapter = None
         model_params = ll.llama_model_default_params()
         model_params.n_gpu_layers = gpu_layers
+        model_params_apply(model_params)
         self.model = ll.llama_model_load_from_file(key.base_model_path.encode(), model_params)
         if not self.model:
             raise EngineError(f"could not load {key.base_model_path}")

@@ -200,18 +200,21 @@ def load_llama(key: ModelKey, *, n_threads: int | None = None) -> ChatModel:
     """
     import llama_cpp
 
+    from chat.llama_buffers import llama_loading
+
     model_files_check(key)
     try:
-        return llama_cpp.Llama(
-            model_path=key.base_model_path,
-            lora_path=key.adapter_path or None,
-            n_ctx=settings.LLM_CONTEXT_TOKENS,
-            n_threads=n_threads or settings.LLM_THREADS,
-            n_threads_batch=n_threads or settings.LLM_THREADS,
-            n_gpu_layers=settings.LLM_GPU_LAYERS,
-            seed=0,
-            verbose=False,
-        )
+        with llama_loading():
+            return llama_cpp.Llama(
+                model_path=key.base_model_path,
+                lora_path=key.adapter_path or None,
+                n_ctx=settings.LLM_CONTEXT_TOKENS,
+                n_threads=n_threads or settings.LLM_THREADS,
+                n_threads_batch=n_threads or settings.LLM_THREADS,
+                n_gpu_layers=settings.LLM_GPU_LAYERS,
+                seed=0,
+                verbose=False,
+            )
     except Exception as error:  # llama-cpp raises ValueError/RuntimeError with the C error text
         raise EngineError(f"could not load {key}: {error}") from error
 

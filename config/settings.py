@@ -413,6 +413,9 @@ LLM_MODEL_PATH = env("LLM_MODEL_PATH", default="") or _packaged_chat_model()
 LLM_CONTEXT_TOKENS = env.int("LLM_CONTEXT_TOKENS", default=2048)
 LLM_THREADS = env.int("LLM_THREADS", default=2)
 LLM_GPU_LAYERS = env.int("LLM_GPU_LAYERS", default=0)
+# llama.cpp's extra CPU buffer types (repacked weights, Intel AMX): on, off, or auto = off on a CPU that
+# reports AMX, where every decode crashed (chat/llama_buffers.py).
+LLM_CPU_EXTRA_BUFFERS = env("LLM_CPU_EXTRA_BUFFERS", default="auto")
 # Longest answer in tokens, sampling temperature (0 = greedy) and llama.cpp's repeat penalty (1.0 =
 # off; a 135M model loops without one).
 LLM_MAX_TOKENS = env.int("LLM_MAX_TOKENS", default=96)

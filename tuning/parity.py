@@ -223,18 +223,21 @@ def _compare_record(model, llm, item: EncodedRecord, accumulator: _Accumulator) 
 def _open_llama(model_path: Path, lora_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int):
     import llama_cpp
 
-    return llama_cpp.Llama(
-        model_path=str(model_path),
-        lora_path=str(lora_path) if lora_path else None,
-        n_ctx=n_ctx,
-        n_batch=n_ctx,
-        n_threads=n_threads,
-        n_threads_batch=n_threads,
-        n_gpu_layers=n_gpu_layers,
-        logits_all=True,
-        seed=0,
-        verbose=False,
-    )
+    from chat.llama_buffers import llama_loading
+
+    with llama_loading():
+        return llama_cpp.Llama(
+            model_path=str(model_path),
+            lora_path=str(lora_path) if lora_path else None,
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            n_gpu_layers=n_gpu_layers,
+            logits_all=True,
+            seed=0,
+            verbose=False,
+        )
 
 
 def adapter_parity_check(

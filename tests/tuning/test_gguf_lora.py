@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from chat.llama_buffers import llama_loading
 from tuning.gguf_lora import AdapterExportError, lora_adapter_export, rope_permute_rows
 
 HEADS, KV_HEADS, HIDDEN, KV_DIM, FFN, RANK = 4, 2, 64, 32, 128, 8
@@ -150,7 +151,8 @@ def test_exported_adapter_loads_in_llama_cpp_and_changes_its_logits(tiny_gguf, t
     logits = []
     # When llama-cpp-python evaluates it with and without the adapter
     for lora in (None, str(path)):
-        llm = llama_cpp.Llama(model_path=str(tiny_gguf), lora_path=lora, n_ctx=128, logits_all=True, verbose=False)
+        with llama_loading():
+            llm = llama_cpp.Llama(model_path=str(tiny_gguf), lora_path=lora, n_ctx=128, logits_all=True, verbose=False)
         try:
             ids = llm.tokenize(tokens.encode(), add_bos=False, special=True)
             llm.eval(ids)

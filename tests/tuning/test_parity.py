@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chat.llama_buffers import llama_loading
 from tuning.gguf_lora import lora_adapter_export
 from tuning.parity import DEFAULT_THRESHOLDS, ParityThresholds, RuntimeComparison, adapter_parity_check, parity_failures
 from tuning.training import LoraHyperparameters, encode_chat_record, load_base_model, lora_train
@@ -163,8 +164,9 @@ def test_real_smollm2_fine_tune_changes_llama_cpp_output_and_passes_parity(smoll
     # and the greedy answer text changed on a trained question
     answers = []
     for lora in (None, str(adapter)):
-        llm = llama_cpp.Llama(model_path=str(smollm2_gguf), lora_path=lora, n_ctx=1024, n_threads=threads,
-                              n_threads_batch=threads, seed=0, verbose=False)
+        with llama_loading():
+            llm = llama_cpp.Llama(model_path=str(smollm2_gguf), lora_path=lora, n_ctx=1024, n_threads=threads,
+                                  n_threads_batch=threads, seed=0, verbose=False)
         try:
             answers.append([llm.create_chat_completion(r["messages"][:-1], max_tokens=24, temperature=0.0)
                             ["choices"][0]["message"]["content"] for r in records[:2]])
