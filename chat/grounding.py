@@ -407,9 +407,9 @@ class GroundingCheck:
     (default the question; for a follow-up, the question with the earlier questions it refers to);
     ``prompt_sources``: how many of ``sources`` (the first ones) the model read: the model's sentences
     are checked against those only, while a quote may come from any (default all);
-    ``encode``: the sentence-embedding function
-    (``texts -> float32 (n, dim)`` unit vectors; default the product's model). Embeds the sources'
-    sentences and the question once, at construction (one batch)."""
+    ``encode``: the sentence-embedding function (``texts -> float32 (n, dim)`` unit vectors; default
+    the settings' embedding model, on which the thresholds were chosen, whichever retrieval version
+    is active). Embeds the sources' sentences and the question once, at construction (one batch)."""
 
     def __init__(self, question: str, sources: Sequence[str], *, titles: Sequence[str] = (),
                  topic: str | None = None, prompt_sources: int | None = None,
@@ -417,9 +417,12 @@ class GroundingCheck:
         self.question = question.strip()
         self.thresholds = thresholds or Thresholds.from_settings()
         if encode is None:
-            from knowledge.embedding import get_embedding_model
+            # The settings' model, not the active retrieval version: the thresholds were chosen on it,
+            # and a retriever fine-tuned on corrections (an embedding-version promotion) scores
+            # sentence similarity on another scale.
+            from knowledge.embedding import settings_encoder
 
-            encode = get_embedding_model().encode
+            encode = settings_encoder().encode
         self.encode = encode
         split = [source_sentences(text) or [text] for text in sources]
         titles = list(titles) + [""] * (len(sources) - len(titles))

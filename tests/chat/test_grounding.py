@@ -199,3 +199,29 @@ def test_split_sentences_keeps_markers_with_their_sentence_and_numbers_whole():
 def test_a_sentence_copying_the_prompts_source_list_is_removed(check, sentence):
     verdict = check("Do you ship to Canada?").check(sentence)
     assert (verdict.shown, verdict.reason) == (False, "copies the list of sources, not an answer")
+
+
+def test_the_check_embeds_with_the_settings_model_whatever_retrieval_version_is_active(monkeypatch):
+    # given a promoted retrieval embedder (another encoder than the settings' one)
+    import numpy as np
+
+    from knowledge import embedding
+
+    def unit(texts):
+        return np.ones((len(texts), 4), dtype=np.float32) / 2.0
+
+    class Encoder:
+        def __init__(self):
+            self.calls = 0
+
+        def encode(self, texts, batch_size=None):
+            self.calls += 1
+            return unit(texts)
+
+    settings_model, promoted = Encoder(), Encoder()
+    monkeypatch.setattr(embedding, "settings_encoder", lambda: settings_model)
+    monkeypatch.setattr(embedding, "get_embedding_model", lambda: promoted)
+    # when a check is built without an explicit encoder
+    GroundingCheck("How long is the return window?", ["Returns are accepted within 60 days."])
+    # then the sentences are embedded by the model its thresholds were chosen on
+    assert (settings_model.calls, promoted.calls) == (1, 0)
