@@ -283,6 +283,45 @@ def answer_type(question: str) -> str | None:
     return None
 
 
+# A how-to question: "How do I make a warranty claim?", "how can I apply", "what steps do I take to...".
+_HOW_TO = re.compile(r"(?i)\bhow (do|can|could|should|would|must) (i|we|you|one|my|our)\b|\bhow to\b|"
+                     r"\bwhat (do|should|must) (i|we) (need to )?do\b|\b(steps|procedure|process) (to|for)\b|"
+                     r"\bwhere (do|can|should) (i|we) (go|send|apply|sign|file|submit|report)\b")
+# Verbs that open an instruction ("Email warranty@...", "Start a return from the Orders page"): common
+# verbs of procedures in support and public-service pages.
+_INSTRUCTION_VERBS = frozenset(
+    "apply ask attach bring call check choose click complete contact create download e email enter file fill find "
+    "follow get give go include keep log mail make notify open pay phone print provide read register report request "
+    "return see select send ship sign start submit take tell text upload use visit wash write".split())
+# Second-person instructions ("you can...", "you need to...") and purpose clauses ("To renew, go to...").
+_INSTRUCTION = re.compile(r"(?i)\b(you (can|may|must|should|need to|have to|will need to|are required to)|please)\b"
+                          r"|^\s*to [a-z]+\b[^.;]*,")
+_FIRST_WORD = re.compile(r"[\s*•\-–]*(?:\d{1,2}[.)]\s*)?([A-Za-z]+)(-?mail)?\b")  # after a list bullet or number
+# ...unless that word is the subject: a verb follows within two words ("Return labels cost...").
+_SUBJECT_FIRST = re.compile(r"(?i)^\W*[a-z-]+(?:\s+[a-z-]+)?\s+(is|are|was|were|has|have|had|can|could|will|would|"
+                            r"may|might|must|should|does|do|did|takes?|costs?|needs?)\b")
+
+
+def asks_how_to(question: str) -> bool:
+    """Whether ``question`` asks how to do something ("How do I make a warranty claim?"): answered by
+    an instruction (``gives_instruction``) rather than by any true statement on the topic."""
+    return bool(_HOW_TO.search(question)) and answer_type(question) is None
+
+
+def gives_instruction(sentence: str, facts: Facts | None = None) -> bool:
+    """Whether ``sentence`` tells the reader what to do: it opens with a verb of procedure (an
+    imperative: "Email warranty@... with your order number"), addresses the reader ("you can start a
+    return from..."), opens with a purpose clause ("To renew, go to..."), or gives a link, e-mail
+    address or phone number to use."""
+    first = _FIRST_WORD.match(sentence)
+    if first and first.group(1).lower() in _INSTRUCTION_VERBS and not _SUBJECT_FIRST.match(sentence):
+        return True
+    if _INSTRUCTION.search(sentence):
+        return True
+    facts = facts or hard_facts(sentence)
+    return bool(facts.urls or facts.emails or facts.phones)
+
+
 def has_answer_type(text: str, kind: str | None, facts: Facts | None = None) -> bool:
     """Whether ``text`` holds the kind of answer ``kind`` names (see ``answer_type``): an amount needs
     money, a percentage or the words free / no cost; a duration a number with a time unit (or words like
@@ -365,8 +404,9 @@ class Verdict:
 @dataclass
 class SourceView:
     """A prompt source as the check sees it: its text, sentences, their embeddings (unit vectors,
-    ``(len(sentences), dim)``), stems (of the whole source with its title, and per window of two
-    adjacent sentences with the title) and hard facts."""
+    ``(len(sentences), dim)``), stems (of the whole source with its title, per window of two
+    adjacent sentences with the title, per sentence, and of the headings above the passage) and hard
+    facts."""
 
     text: str
     sentences: list[str]
@@ -374,6 +414,8 @@ class SourceView:
     stems: frozenset
     facts: Facts
     windows: list[frozenset] = field(default_factory=list)
+    sentence_stems: list[frozenset] = field(default_factory=list)
+    heading_stems: frozenset = frozenset()
 
 
 def source_sentences(text: str) -> list[str]:
@@ -406,13 +448,15 @@ class GroundingCheck:
     as support and as facts, but are never quoted); ``topic``: the text relevance is measured against
     (default the question; for a follow-up, the question with the earlier questions it refers to);
     ``prompt_sources``: how many of ``sources`` (the first ones) the model read: the model's sentences
-    are checked against those only, while a quote may come from any (default all);
+    are checked against those only, while a quote may come from any (default all); ``headings``: the
+    headings above each source's passage (``" > "``-joined, as ``RetrievedChunk.heading_path``), read
+    only by the quote's ranking (``extractive_answer``: the section a sentence stands in);
     ``encode``: the sentence-embedding function (``texts -> float32 (n, dim)`` unit vectors; default
     the settings' embedding model, on which the thresholds were chosen, whichever retrieval version
     is active). Embeds the sources' sentences and the question once, at construction (one batch)."""
 
     def __init__(self, question: str, sources: Sequence[str], *, titles: Sequence[str] = (),
-                 topic: str | None = None, prompt_sources: int | None = None,
+                 headings: Sequence[str] = (), topic: str | None = None, prompt_sources: int | None = None,
                  thresholds: Thresholds | None = None, encode: Encoder | None = None):
         self.question = question.strip()
         self.thresholds = thresholds or Thresholds.from_settings()
@@ -426,6 +470,7 @@ class GroundingCheck:
         self.encode = encode
         split = [source_sentences(text) or [text] for text in sources]
         titles = list(titles) + [""] * (len(sources) - len(titles))
+        headings = list(headings) + [""] * (len(sources) - len(headings))
         # Sentences are embedded alone: with their source's title before them (a contextual header)
         # token-F1 on Doc2Dial fell from 0.219 / 0.264 to 0.206 / 0.245 (tune / held-out halves).
         flat = [s for sentences in split for s in sentences]
@@ -433,14 +478,15 @@ class GroundingCheck:
         self.question_vector = vectors[0]
         self.sources: list[SourceView] = []
         offset = 1
-        for title, text, sentences in zip(titles, sources, split):
+        for title, heading, text, sentences in zip(titles, headings, sources, split):
             title_stems = set(stems(title))
             per_sentence = [set(stems(sentence)) for sentence in sentences]
             windows = [frozenset(title_stems | per_sentence[i] | (per_sentence[i + 1] if i + 1 < len(sentences) else set()))
                        for i in range(len(sentences))]
             self.sources.append(SourceView(text, sentences, vectors[offset:offset + len(sentences)],
                                            frozenset(stems(f"{title} {text}")), hard_facts(f"{title}. {text}"),
-                                           windows))
+                                           windows, [frozenset(p) for p in per_sentence],
+                                           frozenset(stems(heading or ""))))
             offset += len(sentences)
         self.prompt_sources = len(self.sources) if prompt_sources is None else min(prompt_sources, len(self.sources))
         self.available = merge_facts([s.facts for s in self.sources[: self.prompt_sources]])
@@ -523,39 +569,63 @@ class ExtractiveAnswer:
 
 
 def extractive_answer(check: GroundingCheck, *, min_relevance: float | None = None,
-                      require_type: bool = True, lexical_weight: float | None = None) -> ExtractiveAnswer | None:
+                      require_type: bool = True, lexical_weight: float | None = None,
+                      context_weight: float | None = None,
+                      instruction_weight: float | None = None) -> ExtractiveAnswer | None:
     """The source sentence that best answers the question, quoted and cited, or ``None`` when none is
     close enough.
 
     A sentence's score is its cosine similarity to the question (the product's embedding model; for a
     follow-up, to the question with its history) plus ``lexical_weight`` (default
     ``EXTRACTIVE_LEXICAL_WEIGHT``) times the share of the question's content words (stems) it
-    contains. Only sentences holding what the question asks for (``require_type``, see
+    contains, plus ``instruction_weight`` (default ``EXTRACTIVE_INSTRUCTION_WEIGHT``) when the
+    question asks how to do something (``asks_how_to``) and the sentence gives an instruction
+    (``gives_instruction``: "Email warranty@... with your order number" for "How do I make a warranty
+    claim?"). In the share, a word found not in the sentence but in the headings above its passage
+    (its section: "How to make a claim") counts ``context_weight`` (default
+    ``EXTRACTIVE_CONTEXT_WEIGHT``, 0 to 1) of a word the sentence holds. Both were chosen on the tune
+    half of Doc2Dial (``benchmarks/quote_ranking.py``; README, "Groundedness check"), where also
+    counting the sentence before it scored lower, and weighting the question's words by their rarity
+    among the sources' sentences or matching words by their embeddings ("shops" / "stores") changed
+    nothing.
+    Only sentences holding what the question asks for (``require_type``, see
     ``answer_type``) and reaching ``min_relevance`` cosine similarity (default the check's
     ``min_relevance``) qualify; questions (an FAQ entry's own), sentences cut short by the excerpt
     ("…") and sentences that only repeat the question's words never do. ``ExtractiveAnswer.text`` is
     ``"<sentence>" [n]``. Quoting two adjacent sentences when they scored higher was measured and
     lowered token-F1 on Doc2Dial (README, "Groundedness check")."""
-    if lexical_weight is None:
-        from django.conf import settings
+    from django.conf import settings
 
+    if lexical_weight is None:
         lexical_weight = settings.EXTRACTIVE_LEXICAL_WEIGHT
+    if context_weight is None:
+        context_weight = settings.EXTRACTIVE_CONTEXT_WEIGHT
+    if instruction_weight is None:
+        instruction_weight = settings.EXTRACTIVE_INSTRUCTION_WEIGHT
     limit = check.thresholds.min_relevance if min_relevance is None else min_relevance
     asked = check.question_stems
+    how_to = instruction_weight > 0 and asks_how_to(check.question)
     best: tuple[float, float, int, str] | None = None
     for index, source in enumerate(check.sources):
         if not len(source.vectors):
             continue
         similarities = source.vectors @ check.question_vector
-        for sentence, similarity in zip(source.sentences, similarities):
+        for position, (sentence, similarity) in enumerate(zip(source.sentences, similarities)):
             sentence = sentence.strip()
-            stemmed = set(stems(sentence))
+            stemmed = source.sentence_stems[position] if source.sentence_stems else frozenset(stems(sentence))
             if (sentence.endswith(("?", "…")) or len(stemmed) < check.thresholds.min_words or similarity < limit
                     or stemmed <= asked):
                 continue  # a question, a sentence cut by the excerpt, too short, too far, or the question again
-            if require_type and not has_answer_type(sentence, check.kind):
+            facts = hard_facts(sentence)
+            if require_type and not has_answer_type(sentence, check.kind, facts):
                 continue
-            score = float(similarity) + lexical_weight * (len(asked & stemmed) / len(asked) if asked else 0.0)
+            lexical = 0.0
+            if asked:
+                in_section = len((asked - stemmed) & source.heading_stems)
+                lexical = (len(asked & stemmed) + context_weight * in_section) / len(asked)
+            score = float(similarity) + lexical_weight * lexical
+            if how_to and gives_instruction(sentence, facts):
+                score += instruction_weight
             if best is None or score > best[0]:
                 best = (score, float(similarity), index + 1, sentence)
     if best is None:

@@ -478,6 +478,13 @@ ANSWER_QUOTE_MIN_RELEVANCE = env.float("ANSWER_QUOTE_MIN_RELEVANCE", default=0.6
 # The extractive answer ranks source sentences by cosine similarity to the question plus this weight
 # times the share of the question's content words they contain.
 EXTRACTIVE_LEXICAL_WEIGHT = env.float("EXTRACTIVE_LEXICAL_WEIGHT", default=0.3)
+# A word of the question found not in the sentence but in the headings above its passage (its
+# section) counts EXTRACTIVE_CONTEXT_WEIGHT (0..1) of one it holds; for a
+# question asking how to do something, a sentence giving an instruction (an imperative, "you can...",
+# an e-mail, link or phone number) gains EXTRACTIVE_INSTRUCTION_WEIGHT (chat.grounding.extractive_answer).
+# Chosen on the tune half of Doc2Dial with benchmarks/quote_ranking.py (README, "Groundedness check").
+EXTRACTIVE_CONTEXT_WEIGHT = env.float("EXTRACTIVE_CONTEXT_WEIGHT", default=1.0)
+EXTRACTIVE_INSTRUCTION_WEIGHT = env.float("EXTRACTIVE_INSTRUCTION_WEIGHT", default=0.1)
 # A quoted sentence may come from the first this many retrieved chunks (at least LLM_PROMPT_SOURCES).
 EXTRACTIVE_SOURCES = env.int("EXTRACTIVE_SOURCES", default=3)
 # Abstention: the bot declines (and offers a human) when the closest retrieved chunk is farther than

@@ -143,6 +143,21 @@ def _shares_terms(question: str, chunks: Sequence[RetrievedChunk]) -> bool:
     return any(term in found or term.rstrip("s") in found for term in terms)
 
 
+def _own_words_lead(own_distance: float | None, history_distance: float | None, *, weak: float,
+                    margin: float) -> bool:
+    """Whether a question that refers back is still led by its own words: they retrieve well (their
+    closest chunk within ``weak``, cosine distance 0..2) and either the question read with its history
+    retrieves weakly (nothing, or farther than ``weak``: "And how long does a refund take?" after
+    questions about a tent) or its own closest chunk is at least ``margin`` closer than the history's
+    ("Can I cancel my order after I placed it?": the pronoun points inside the question; a negative
+    ``margin`` turns this second case off)."""
+    if own_distance is None or own_distance > weak:
+        return False
+    if history_distance is None or history_distance > weak:
+        return True
+    return margin >= 0 and history_distance - own_distance >= margin
+
+
 def conversation_search(
     question: str, history: Sequence[dict] = (), *, k: int = 5, collection: str | None = None,
     mode: str = "hybrid", weak_distance: float | None = None, lean_max_distance: float | None = None,
@@ -200,15 +215,10 @@ def conversation_search(
     elif (own_distance is not None and weak < own_distance <= lean and history_distance is not None
           and history_distance <= weak and _shares_terms(question, with_history[:3])):
         reason = "weak on its own"
-    own_strong = own_distance is not None and own_distance <= weak
-    own_closer = (reason == "refers back" and own_strong and margin >= 0
-                  and (history_distance is None or history_distance - own_distance >= margin))
-    if reason and not own_closer and not (own_strong and (history_distance is None or history_distance > weak)):
+    if reason and not _own_words_lead(own_distance, history_distance, weak=weak, margin=margin):
         return ConversationalRetrieval(with_history, query, reason, own_distance, history_distance)
-    if own_strong:
-        # (Also a question that refers back when its history retrieves weakly, or when its own words
-        # find a passage ``own_margin`` closer than it does with its history: "Can I cancel my order
-        # after I placed it?" after questions about a tent, whose "it" points inside the question.)
+    if own_distance is not None and own_distance <= weak:
+        # (Also a question that refers back whose own words lead, ``_own_words_lead``.)
         # On topic on its own words: its own chunks lead and the history's join them by RRF, so a
         # follow-up that names no topic without referring back ("What documents do I need?") still
         # finds its page (Doc2Dial all turns, 700 questions: document-hit@5 0.731 -> 0.766), while

@@ -268,6 +268,7 @@ def answer_compose(
     check = GroundingCheck(
         question, [source_excerpt(c, settings.LLM_SOURCE_MAX_CHARS) for c in candidates],
         titles=[without_markers(c.source_title) for c in candidates],
+        headings=[" > ".join(c.heading_path) for c in candidates],
         topic=found.query if found.reads_history else None, prompt_sources=len(sources),
     ) if checking else None
 

@@ -116,6 +116,31 @@ def test_e2e_demo_questions_in_fresh_conversations_state_only_right_facts(ask):
     assert len(right) >= 24, _report([r for r in rows if r not in right])
 
 
+# Questions once answered with a true sentence beside the point (issue 9) that the quote's ranking
+# now gets right (chat.grounding.extractive_answer: the words of the sentence's section heading, and
+# an instruction for a how-to question). Still wrong, and why (README, "Groundedness check"): "If I'm
+# not happy with a tent, how long do I have to send it back?" (the returns page is not retrieved:
+# "send it back" is not "return" to the embedding model), "I'm in the loyalty programme, do I get
+# longer to return things?" (the 90-day sentence is 0.34 from the question, under the fallback's 0.4,
+# and only the FAQ row, not among the sources, says the programme is Trail Points), "What do you charge
+# for standard shipping on a small order?" (the free-shipping sentence is closer and holds more of
+# its words), "In which cities do you have shops?" (declined: its closest chunk is 0.68 away, and 0.63
+# with "stores").
+QUOTED_RIGHT = [
+    ("How do I make a warranty claim?", "warranty@tidewater.example"),
+]
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db
+@pytest.mark.parametrize("question, fact", QUOTED_RIGHT)
+def test_e2e_the_quoted_sentence_is_the_one_that_answers(ask, question, fact):
+    # given a fresh conversation, when the question is asked
+    _, done = ask(question)
+    # then the answer states the fact (not a true sentence about the neighbouring one)
+    assert not done["abstained"] and fact.lower() in done["text"].lower(), (question, done["text"])
+
+
 @pytest.mark.e2e
 @pytest.mark.django_db
 def test_e2e_unrelated_and_near_miss_questions_get_no_invented_answer(ask):
@@ -137,9 +162,9 @@ def test_e2e_a_long_conversation_that_changes_topic_stays_on_each_questions_topi
     # given one conversation that moves between returns, shipping, an off-topic question, a near miss,
     # follow-ups and the warranty
     knowledge = demo_text()
-    # (facts: stated right; None: off topic, declined; []: no fact checked. The warranty claim is a known
-    # miss: the quote ranking prefers the carrier-claim sentence of the shipping policy to the warranty
-    # page's e-mail sentence, both among the sources.)
+    # (facts: stated right; None: off topic, declined; []: no fact checked. The warranty claim was
+    # answered with the shipping policy's carrier-claim sentence until the quote's ranking counted the
+    # section heading "How to make a claim" and the instruction a how-to question asks for.)
     script = [
         ("How long do I have to return a tent?", ["60 days"]),
         ("And if I'm a Trail Points member?", ["90 days"]),
@@ -151,7 +176,7 @@ def test_e2e_a_long_conversation_that_changes_topic_stays_on_each_questions_topi
         ("How much does a kayak rental cost per day?", []),
         ("How much do you deduct for a return label?", ["5.95"]),
         ("Who won the football world cup in 2018?", None),
-        ("How do I make a warranty claim?", []),
+        ("How do I make a warranty claim?", ["warranty@tidewater.example"]),
     ]
     conversation = None
     rows = []

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import pytest
 
+import numpy as np
+
 from chat.grounding import (
     GroundingCheck,
     SentenceGate,
     Thresholds,
     answer_type,
+    asks_how_to,
     extractive_answer,
+    gives_instruction,
     hard_facts,
     has_answer_type,
     split_sentences,
@@ -225,3 +229,81 @@ def test_the_check_embeds_with_the_settings_model_whatever_retrieval_version_is_
     GroundingCheck("How long is the return window?", ["Returns are accepted within 60 days."])
     # then the sentences are embedded by the model its thresholds were chosen on
     assert (settings_model.calls, promoted.calls) == (1, 0)
+
+
+# The demo store's warranty claim section and the shipping policy's lost-parcel section, as retrieved
+# for "How do I make a warranty claim?" (issue 9): both name a claim.
+CLAIM = ("Email warranty@tidewater.example with your order number and photos of the defect. We repair the item "
+         "free of charge, or replace it when a repair is not possible. Claims are answered within three business days.")
+PARCELS = ("If a parcel arrives damaged or does not arrive within 10 business days of shipping, contact support. We "
+           "send a replacement or refund the order; you do not need to file a claim with the carrier.")
+
+
+def same_vector(texts):
+    """An encoder under which every text is equally close to the question: only the lexical share,
+    the section headings and the instruction bonus rank the quotes."""
+    vectors = np.zeros((len(texts), 4), dtype=np.float32)
+    vectors[:, 0] = 1.0
+    return vectors
+
+
+@pytest.mark.parametrize("question, how_to", [
+    ("How do I make a warranty claim?", True),
+    ("how can I apply for a replacement card", True),
+    ("Where do I send photos of a defect?", True),
+    ("How long do I have to return a tent?", False),  # a duration, not a procedure
+    ("How much does shipping cost?", False),
+    ("Do you ship to Canada?", False),
+])
+def test_asks_how_to_recognises_questions_about_a_procedure(question, how_to):
+    assert asks_how_to(question) is how_to
+
+
+@pytest.mark.parametrize("sentence, instruction", [
+    ("Email warranty@tidewater.example with your order number and photos of the defect.", True),
+    ("Start a return from the Orders page of your account and print the prepaid label.", True),
+    ("You can also return items at no cost at any Tidewater store.", True),
+    ("To renew your licence, fill in the form at the office.", True),
+    ("- Call the office before noon.", True),
+    ("We repair the item free of charge, or replace it when a repair is not possible.", False),
+    ("Claims are answered within three business days.", False),
+    ("Return labels cost 5.95 dollars.", False),  # "Return" is the subject here, not an imperative
+])
+def test_gives_instruction_recognises_a_sentence_that_tells_the_reader_what_to_do(sentence, instruction):
+    assert gives_instruction(sentence) is instruction
+
+
+def test_a_how_to_question_quotes_the_instruction_not_a_statement_beside_it(embedding_model):
+    # given the demo's warranty claim section and the lost-parcel section, with their headings
+    check = GroundingCheck("How do I make a warranty claim?", [CLAIM, PARCELS],
+                           titles=["Tidewater Lifetime Warranty", "Shipping policy"],
+                           headings=["Tidewater Lifetime Warranty > How to make a claim",
+                                     "Shipping policy > Lost or damaged parcels"],
+                           thresholds=THRESHOLDS, encode=embedding_model.encode)
+    # when the quote is chosen (no sentence is within 0.6, so this is the fallback at 0.4)
+    assert extractive_answer(check, min_relevance=0.6) is None
+    quote = extractive_answer(check, min_relevance=0.4)  # EXTRACTIVE_CONTEXT_WEIGHT, EXTRACTIVE_INSTRUCTION_WEIGHT
+    # then it is the e-mail instruction of the claim section, not the carrier sentence that also says "claim"
+    assert quote.text == '"Email warranty@tidewater.example with your order number and photos of the defect." [1]'
+    # (ranked by similarity and the question's words in the sentence alone, the carrier sentence won)
+    old = extractive_answer(check, min_relevance=0.4, context_weight=0.0, instruction_weight=0.0)
+    assert old.text == '"We send a replacement or refund the order; you do not need to file a claim with the carrier." [2]'
+
+
+def test_a_question_word_in_the_section_heading_counts_for_the_sentences_below_it():
+    # given two sections whose sentences are equally close to the question and hold the same words
+    check = GroundingCheck("How long does a refund take?", ["It takes 3 to 5 business days.", "It takes 5 business days."],
+                           headings=["Shipping > Delivery times", "Returns > Refund timing"],
+                           thresholds=THRESHOLDS, encode=same_vector)
+    # then the one under the heading naming the refund is quoted, and only because of its heading
+    assert extractive_answer(check, context_weight=1.0, instruction_weight=0.0).text == '"It takes 5 business days." [2]'
+    assert extractive_answer(check, context_weight=0.0, instruction_weight=0.0).text == '"It takes 3 to 5 business days." [1]'
+
+
+def test_an_instruction_gains_only_for_a_question_asking_how_to():
+    sources = ["Claims are answered within three business days.", "Email warranty@tidewater.example with photos."]
+    how_to = GroundingCheck("How do I make a warranty claim?", sources, thresholds=THRESHOLDS, encode=same_vector)
+    assert extractive_answer(how_to, context_weight=0.0, instruction_weight=0.1).source == 2
+    assert extractive_answer(how_to, context_weight=0.0, instruction_weight=0.0).source == 1
+    statement = GroundingCheck("Is a warranty claim answered quickly?", sources, thresholds=THRESHOLDS, encode=same_vector)
+    assert extractive_answer(statement, context_weight=0.0, instruction_weight=0.1).source == 1
