@@ -549,15 +549,9 @@ class GroundingCheck:
         return float(self.encode([body])[0] @ self.question_vector) if body else 0.0
 
     def addresses(self, text: str) -> tuple[bool, str | None]:
-        """Whether ``text`` addresses the question: ``(True, None)`` or ``(False, reason)``. A question
-        asking how to do something is addressed only by text that gives an instruction
-        (``gives_instruction``): "We repair the item free of charge" is true but does not say how to
-        make a warranty claim."""
+        """Whether ``text`` addresses the question: ``(True, None)`` or ``(False, reason)``."""
         if not has_answer_type(text, self.kind):
             return False, f"does not give what the question asks for ({self.kind})"
-        if asks_how_to(self.question) and not any(
-                gives_instruction(sentence) for sentence in split_sentences(MARKER.sub(" ", text))):
-            return False, "gives no instruction, and the question asks how to"
         relevance = self.relevance(text)
         if relevance < self.thresholds.min_relevance:
             return False, f"beside the question (relevance {relevance:.2f})"
