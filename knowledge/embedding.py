@@ -177,12 +177,15 @@ class EmbeddingModel:
 
 def encoder_for(version: ActiveEmbedding) -> EmbeddingModel:
     """The process's encoder of ``version`` (loaded on first use, ~2 s on CPU; kept per folder and
-    identity, at most ``_MAX_ENCODERS``, the least recently loaded dropped first). Raises what
-    sentence-transformers raises for an unreadable folder, ``ValueError`` for another dimension."""
+    identity, at most ``_MAX_ENCODERS``, the least recently used dropped first, so candidates loaded
+    for a gate do not push out the active encoder every search uses). Raises what sentence-transformers
+    raises for an unreadable folder, ``ValueError`` for another dimension."""
     key = (version.path, version.model_id)
-    found = _encoders.get(key)
-    if found is not None:
-        return found
+    with _encoders_lock:
+        found = _encoders.pop(key, None)
+        if found is not None:
+            _encoders[key] = found  # now the most recently used
+            return found
     # Loaded outside the lock, so a candidate's load never holds up the active encoder's callers; two
     # threads loading the same folder at once keep the first.
     encoder = EmbeddingModel(version.path, device=settings.EMBEDDING_DEVICE, dimension=version.dimension,

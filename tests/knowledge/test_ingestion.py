@@ -22,7 +22,7 @@ from django.db import connection, transaction
 from knowledge import services
 from knowledge.services import ingestion, sources
 from knowledge.chunking import chunk_document
-from knowledge.embedding import model_id, passage_text
+from knowledge.embedding import get_embedding_model, model_id, passage_text
 from knowledge.models import Chunk, Product, Source
 from knowledge.parsers import parse_file
 from knowledge.selectors import chunk_search
@@ -851,7 +851,8 @@ def test_batch_embeds_several_files_per_call_and_stores_each_files_chunks_under_
     settings.INGEST_BATCH_CHUNKS, settings.EMBEDDING_BATCH_SIZE = 5, 4
     for name, data in good_files().items():
         (kb_folder / name).write_bytes(data)
-    spy = EncodeSpy(embedding_model, monkeypatch)
+    # (the encoder ingestion will use: the process's cache may hold another instance than the session's)
+    spy = EncodeSpy(get_embedding_model(), monkeypatch)
     # when the folder is ingested as one batch
     results = ingest_batch([kb_folder])
     # then every file is ingested with exactly its own chunks, as one-file ingestion stores them
