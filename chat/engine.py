@@ -194,19 +194,22 @@ def model_files_check(key: ModelKey) -> None:
 
 def load_llama(key: ModelKey, *, n_threads: int | None = None) -> ChatModel:
     """Load ``key`` with llama-cpp-python: context and GPU layers from settings, ``n_threads``
-    (default ``LLM_THREADS``) for decoding and prompt evaluation.
+    (default ``LLM_THREADS``) for decoding and prompt evaluation; the base weights in the serving
+    weight type (``chat.weight_types.serving_model_path``, ``LLM_WEIGHT_TYPE``).
 
     Raises ``EngineError`` when a file is missing or llama.cpp cannot load it.
     """
     import llama_cpp
 
     from chat.llama_buffers import llama_loading
+    from chat.weight_types import serving_model_path
 
     model_files_check(key)
     try:
+        base_path = serving_model_path(key.base_model_path, key.base_sha256)
         with llama_loading():
             return llama_cpp.Llama(
-                model_path=key.base_model_path,
+                model_path=base_path,
                 lora_path=key.adapter_path or None,
                 n_ctx=settings.LLM_CONTEXT_TOKENS,
                 n_threads=n_threads or settings.LLM_THREADS,
