@@ -114,13 +114,14 @@ def fill(client, version, server) -> list:
 
 def test_a_completion_streams_pieces_with_stats(client, active, server):
     # when a chat completion is streamed through the model server
-    generation = client.submit(SHORT, version=active, max_tokens=12, temperature=0.0)
+    generation = client.submit(SHORT, version=active, max_tokens=12, temperature=0.0, ignore_eos=True)
     pieces = list(generation)
-    # then text arrives piece by piece, counted, and the sequence is released
+    # then text arrives piece by piece (a piece may join tokens the server's reader had fallen behind
+    # on), the tokens are counted by the server's usage, and the sequence is released
     assert "".join(pieces).strip()
-    assert generation.stats.tokens == len(pieces)
-    assert 1 <= generation.stats.tokens <= 12
-    assert generation.stats.finish_reason in ("stop", "length")
+    assert generation.stats.tokens == 12
+    assert 1 <= len(pieces) <= 12
+    assert generation.stats.finish_reason == "length"
     assert generation.stats.first_token_ms is not None
     wait_until(lambda: pending(server) == 0)
 
