@@ -347,6 +347,47 @@ def _streams_once(client, version, prompts, n, max_tokens):
     return len(done), n - len(done), sum(r["busy"] for r in results if r), ttfts, rate, wall
 
 
+def during_ingestion(client, version, prompts, docs: str, max_tokens: int, repeats: int) -> None:
+    """One chat stream (``max_tokens``, ``ignore_eos``) through the model server while nothing else runs,
+    and while ``docs`` is being ingested (``manage.py ingest --sync``: the worker's code path, parsing,
+    chunking and embedding on torch's threads) at nice 0 and at ``WORKER_NICENESS`` (what Celery
+    workers run at, ``config.celery``). Each condition: a warm-up of 20 s for the ingestion to reach
+    its embedding, then ``repeats`` streams; the ingestion is then stopped and its collection deleted."""
+    from knowledge import services as knowledge_services
+    from knowledge.models import Source
+
+    collection = "benchmark-ingestion-load"
+    print(f"## One chat stream while {docs} is ingested ({max_tokens} tokens, model client -> model server)\n")
+    print("| condition | chat tok/s (median) | runs | ratio to idle | ingestion nice |")
+    print("|---|---:|---|---:|---:|")
+    base = None
+    for label, niceness in (("idle", None), ("during ingestion, worker at nice 0", 0),
+                            ("during ingestion, worker at WORKER_NICENESS", settings.WORKER_NICENESS)):
+        ingest = None
+        if niceness is not None:
+            ingest = subprocess.Popen(
+                [sys.executable, "manage.py", "ingest", docs, "--collection", collection, "--sync"], cwd=ROOT,
+                env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings"}, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, preexec_fn=lambda n=niceness: os.nice(n), start_new_session=True)
+            time.sleep(20)
+        try:
+            rates = []
+            for _ in range(max(1, repeats)):
+                if ingest is not None and ingest.poll() is not None:
+                    break  # the ingestion finished: later runs would measure an idle machine
+                rates.append(_streams_once(client, version, prompts, 1, max_tokens)[4])
+        finally:
+            if ingest is not None:
+                os.killpg(ingest.pid, 15)
+                ingest.wait()
+                knowledge_services.sources_delete(Source.objects.filter(collection=collection))
+        rate = statistics.median(rates) if rates else 0.0
+        base = base or rate
+        print(f"| {label} | {rate:.1f} | {', '.join(f'{r:.0f}' for r in rates)} | {rate / base:.2f} | "
+              f"{'' if niceness is None else niceness} |")
+    print()
+
+
 def scheduler_streams(version, levels, max_tokens, threads, slots) -> None:
     """The continuous-batching scheduler in this process (no HTTP, no web): N streams of the short
     prompt, ``max_tokens`` each (``ignore_eos``), aggregate tok/s and its ratio to N = 1, and the
@@ -480,6 +521,9 @@ def main() -> None:
     parser.add_argument("--stream-tokens", type=int, default=64, help="tokens per stream in the streams table")
     parser.add_argument("--stream-repeats", type=int, default=3,
                         help="runs per level in the streams table (levels interleaved; the median run is shown)")
+    parser.add_argument("--ingestion-docs", default="",
+                        help="a folder (e.g. ../shared/data/doc2dial/docs): also measure one chat stream while "
+                             "it is being ingested, at nice 0 and at WORKER_NICENESS")
     parser.add_argument("--scheduler-levels", default="",
                         help="only measure the scheduler in this process at these N (e.g. 1,16), no servers")
     args = parser.parse_args()
@@ -558,6 +602,9 @@ def main_server(args) -> None:
                 [int(n) for n in args.stream_levels.split(",") if n], args.stream_tokens, args.stream_repeats)
         concurrent(questions, args.collection, [int(n) for n in args.levels.split(",") if n],
                    processes={"web": processes["web"].pid, "model server": processes["model"].pid})
+        if args.ingestion_docs:
+            during_ingestion(client, version, [[{"role": "user", "content": SHORT_PROMPT}]], args.ingestion_docs,
+                             args.stream_tokens, args.stream_repeats)
     finally:
         client.close()
         stop_processes(processes)

@@ -163,6 +163,9 @@ CELERY_BROKER_URL = (
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# CPU priority (nice value, 0-19) of Celery workers: ingestion and tuning yield the cores to the model
+# server and web processes that answer customers (config/celery.py; measured in README "Throughput").
+WORKER_NICENESS = env.int("WORKER_NICENESS", default=10)
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
