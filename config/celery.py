@@ -3,7 +3,7 @@
 import os
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import celeryd_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -37,10 +37,13 @@ def worker_niceness_apply(target: int) -> int:
     return current
 
 
-@worker_init.connect
+@celeryd_init.connect
 def _worker_niceness(**kwargs) -> None:
     """Celery workers (ingestion, tuning) run at ``WORKER_NICENESS``, so on a host they share with
-    the model server and web processes, chat keeps its share of the cores (README, "Model server")."""
+    the model server and web processes, chat keeps its share of the cores (README, "Model server").
+    ``celeryd_init`` is sent by the ``celery worker`` program before it starts its pool (whose
+    processes inherit the value), not by a worker embedded in another process (the tests'), whose
+    priority is that process's business."""
     from django.conf import settings
 
     worker_niceness_apply(settings.WORKER_NICENESS)
