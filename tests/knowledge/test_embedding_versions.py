@@ -2,7 +2,8 @@
 the real MiniLM embedder and candidates made from it (a Dense layer on top: one of the same dimension,
 one of 128): the shadow re-embedding while the active version serves, ingestion during a build,
 a killed build, the search of a candidate's vectors, atomic promotion for every reader and process,
-rollback from the kept vectors, another dimension."""
+rollback from the kept vectors, another dimension; a conversation search whose two searches straddle
+a promotion."""
 
 from __future__ import annotations
 
@@ -478,6 +479,55 @@ def test_the_admin_promotes_a_ready_version_and_rolls_back_in_one_action(db, can
     response = admin_client.post(url, {"action": "roll_back", "_selected_action": [version.pk]}, follow=True)
     assert response.status_code == 200 and messages(response) == [f"rolled back: {first.model_id} is active"]
     assert served_vectors() == before
+
+
+def test_a_conversation_search_sees_one_version_even_if_a_promotion_commits_between_its_searches(
+        transactional_db, candidate_folders, monkeypatch):
+    from knowledge import selectors
+
+    # Given a ready candidate, and a follow-up that refers back (retrieved with its history: two searches)
+    ingest(PAGES)
+    version = built(candidate_folders["same"])
+    history = [{"role": "user", "text": "I need to renew my passport."}, {"role": "assistant", "text": "Sure."}]
+    question = "How long does it take?"
+
+    def signature(found):
+        return (found.follow_up, found.query, found.model_id, ranking(found.chunks),
+                None if found.distance is None else round(found.distance, 4),
+                None if found.question_distance is None else round(found.question_distance, 4))
+
+    old = signature(selectors.conversation_search(question, history))
+    assert old[0] == "refers back"  # its chunks come from the second search
+
+    # and a search whose first chunk_search is followed by the candidate's promotion (another connection)
+    real, calls = selectors.chunk_search, []
+
+    def promoting_after_the_first(*args, **kwargs):
+        found = real(*args, **kwargs)
+        calls.append(args[0])
+        if len(calls) == 1:
+            def promote():
+                try:
+                    services.embedding_version_activate(version.pk)
+                finally:
+                    connection.close()
+
+            thread = threading.Thread(target=promote)
+            thread.start()
+            thread.join(120)
+            assert not thread.is_alive()
+        return found
+
+    monkeypatch.setattr(selectors, "chunk_search", promoting_after_the_first)
+
+    # When the conversation search runs, then both searches read the version active when it began
+    during = signature(selectors.conversation_search(question, history))
+    assert len(calls) == 2 and EmbeddingModelVersion.objects.get(status="active").pk == version.pk
+    assert during == old
+    # and the next one reads the promoted version whole
+    monkeypatch.setattr(selectors, "chunk_search", real)
+    after = selectors.conversation_search(question, history)
+    assert after.model_id == version.model_id and signature(after) != old
 
 
 _SEARCHER = """
