@@ -58,7 +58,8 @@ class CorrectionAdmin(ReadOnlyAdmin):
 @admin.register(EmbedderRun)
 class EmbedderRunAdmin(admin.ModelAdmin):
     """Embedder runs (read-only), with "Retrain retriever now" (starts a run on the tuning queue) and
-    a cancel action (the worker stops at its next step; serving is untouched either way)."""
+    a cancel action (the worker stops at its next step; serving is untouched either way). The list and
+    a run's page refresh themselves while a run is in progress (training, re-embedding, gate, promotion)."""
 
     list_display = ("pk", "status", "trigger", "train_count", "heldout_count", "progress", "reembedding_progress",
                     "dimension", "promoted", "created_at", "duration_s")
@@ -86,6 +87,15 @@ class EmbedderRunAdmin(admin.ModelAdmin):
             "promote" if decision.get("promote") else "keep the active embedder", decision.get("reason", ""),
             decision.get("mrr_gain"), interval.get("low"), interval.get("high"),
             "; promoted" if run.promoted else "", rows)
+
+    def changelist_view(self, request, extra_context=None):
+        busy = EmbedderRun.objects.filter(status__in=EmbedderRun.IN_PROGRESS).exists()
+        return super().changelist_view(request, {**(extra_context or {}), "embedder_busy": busy})
+
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        run = EmbedderRun.objects.filter(pk=object_id).only("status").first() if str(object_id).isdigit() else None
+        busy = run is not None and run.status in EmbedderRun.IN_PROGRESS
+        return super().changeform_view(request, object_id, form_url, {**(extra_context or {}), "embedder_busy": busy})
     actions = ["cancel"]
     change_list_template = "admin/tuning/embedderrun/change_list.html"
 

@@ -20,9 +20,11 @@ queued ``EmbedderRun`` (one in progress at a time, a database constraint); the C
    passage-hit@1/5/10, document-hit@5 and MRR@10 of the active and the candidate version through
    ``chunk_search`` on the held-out corrections, a paired bootstrap of the MRR gain; the decision and
    its numbers are stored on the run (``evaluation``, ``decision``);
-5. a candidate that wins is promoted (``embedding_version_activate``: every process switches to its
-   vectors and query encoder at once; ``TUNING_EMBEDDER_AUTO_PROMOTE`` off leaves it ready for an
-   admin); one that loses is ``rejected`` and its shadow vectors dropped.
+5. a candidate that wins is promoted (status ``promoting``; ``knowledge.services.
+   embedding_version_promotion_request`` then ``embedding_version_promotion_run`` in this worker:
+   every process switches to its vectors and query encoder at once;
+   ``TUNING_EMBEDDER_AUTO_PROMOTE`` off leaves it ready for an admin, whose promotion is queued);
+   one that loses is ``rejected`` and its shadow vectors dropped.
 
 Any error marks the run ``failed`` with the reason (and its version failed); the active version keeps
 serving. Rollback is one action on the version (``embedding_version_rollback``; admin "Roll back").
@@ -116,6 +118,7 @@ def embedder_run_start(*, trigger: str = "manual", requested_by=None, hyperparam
     corrections = (Correction.objects.filter(status=Correction.Status.APPROVED, stale=False)
                    .select_related("message").order_by("pk"))
     split = embedder_examples(corrections, holdout_share=share)
+
     train, heldout = split["train"], split["heldout"]
     cap = settings.TUNING_EMBEDDER_MAX_EXAMPLES if max_examples is None else max_examples
     if cap and len(train) > cap:
@@ -246,19 +249,28 @@ def embedder_run_execute(run_id: int) -> EmbedderRun:
 
         stage = "promotion"
         promoted = False
+        expected = EmbedderRun.Status.EVALUATING
         if not decision["promote"]:
             knowledge_services.embedding_version_reject(version.pk, f"embedder run {run.pk}: {decision['reason']}")
         elif settings.TUNING_EMBEDDER_AUTO_PROMOTE:
-            # The run must still be ours when the switch happens (a cancel or stale-fail wins before it).
-            with transaction.atomic():
+            # Already in a worker: the run switches its version itself, through the same request /
+            # run pair as the admin's queued promotion, so both run and version show "promoting".
+            advance(expected, status=EmbedderRun.Status.PROMOTING)
+            expected = EmbedderRun.Status.PROMOTING
+            knowledge_services.embedding_version_promotion_request(version.pk, enqueue=False)
+
+            def still_ours() -> None:
+                # Inside the switch's transaction: a cancel or stale-fail of the run wins before it.
                 locked = EmbedderRun.objects.select_for_update().get(pk=run.pk)
-                if locked.status != EmbedderRun.Status.EVALUATING:
-                    raise _RunStopped(f"the run is no longer evaluating ({locked.status})")
-                knowledge_services.embedding_version_activate(
-                    version.pk, note=f"promoted by embedder run {run.pk}: {decision['reason']}")
-                promoted = True
+                if locked.status != EmbedderRun.Status.PROMOTING:
+                    raise _RunStopped(f"the run is no longer promoting ({locked.status})")
+
+            knowledge_services.embedding_version_promotion_run(
+                version.pk, note=f"promoted by embedder run {run.pk}: {decision['reason']}", before_switch=still_ours,
+                on_progress=lambda: advance(EmbedderRun.Status.PROMOTING))
+            promoted = True
         finished = timezone.now()
-        advance(EmbedderRun.Status.EVALUATING, status=EmbedderRun.Status.SUCCEEDED, promoted=promoted,
+        advance(expected, status=EmbedderRun.Status.SUCCEEDED, promoted=promoted,
                 finished_at=finished, duration_s=round(time.perf_counter() - started, 1), peak_rss_mb=_peak_rss_mb())
     except Exception as error:  # recorded on the run; serving is untouched
         logger.exception("embedder run %s failed during %s", run.pk, stage)

@@ -230,17 +230,30 @@ def test_the_gate_refuses_a_candidate_that_does_not_win_and_nothing_served_chang
 
 
 def test_an_embedder_run_promotes_a_candidate_that_passes_the_gate_and_one_action_rolls_it_back(corrections, settings,
-                                                                                                client):
+                                                                                                client, monkeypatch):
     # Given a gate forced open (any MRR gain, any drop in hits)
     settings.TUNING_EMBEDDER_GATE_MIN_MRR_GAIN = -1.0
     settings.TUNING_EMBEDDER_GATE_HIT_TOLERANCE = 1.0
     before = served_state()
+    # and a spy on the switch, which records what the run and its version show while it runs
+    from knowledge import services as knowledge_services
+
+    real_switch, seen = knowledge_services.embedding_version_promotion_run, {}
+
+    def spying(version_id, **kwargs):
+        seen["run"] = EmbedderRun.objects.values_list("status", flat=True).get()
+        seen["version"] = EmbeddingModelVersion.objects.get(pk=version_id).status
+        return real_switch(version_id, **kwargs)
+
+    monkeypatch.setattr(knowledge_services, "embedding_version_promotion_run", spying)
 
     # When a run trains, re-embeds, gates and promotes
     run = embedder_run_start(holdout_share=HOLDOUT, hyperparameters={"batch_size": 2, "epochs": 1}, enqueue=False)
     run = embedder_run_execute(run.pk)
 
-    # Then its version serves: every chunk holds the candidate's vectors, and queries are embedded by it
+    # Then both showed "promoting" during the switch
+    assert seen == {"run": "promoting", "version": "promoting"}
+    # and its version serves: every chunk holds the candidate's vectors, and queries are embedded by it
     assert run.status == "succeeded", run.error
     assert run.decision["promote"] is True and run.promoted is True
     version = run.embedding_version
@@ -371,3 +384,4 @@ def test_the_scheduled_check_starts_a_run_when_enough_corrections_are_new(correc
     EmbedderRun.objects.filter(pk=run.pk).update(status="succeeded")
     settings.TUNING_EMBEDDER_MIN_NEW_CORRECTIONS = 1
     assert embedder_run_scheduled_check() is None and EmbedderRun.objects.count() == 1
+
