@@ -111,14 +111,16 @@ class ConversationalRetrieval:
     closest chunk's cosine distance, 0..2, for the question's own words; ``None`` if nothing), and
     ``distance`` (the same for ``chunks``). ``follow_up`` is ``OWN_WORDS_FIRST`` when the question
     stands on its own but the history's results were fused after its own (``chunks``; ``distance`` is
-    then the question's own). ``model_id`` is the embedding version searched (both searches read the
-    same one)."""
+    then the question's own). ``abstain_distance`` is the abstention threshold (cosine, 0..2) that
+    fits these distances: the searched (active) version's own, else ``ABSTAIN_MAX_DISTANCE``; the
+    pipeline declines when ``distance`` is above it. ``model_id`` is the embedding version searched."""
 
     chunks: list[RetrievedChunk]
     query: str
     follow_up: str | None
     question_distance: float | None
     distance: float | None
+    abstain_distance: float | None = None
     model_id: str | None = None
 
     @property
@@ -186,16 +188,19 @@ def conversation_search(
     abstention check. ``question_embedding`` (unit vector of length ``EMBEDDING_DIM``) is the
     question's own embedding when the caller already has it. ``exclude_kinds`` as in ``chunk_search``.
 
-    Both searches read one REPEATABLE READ snapshot (``_search_snapshot``), so a promotion of the
-    embedding model between them cannot fuse an old and a new ranking.
+    Both searches and the thresholds are read in one REPEATABLE READ snapshot (``_search_snapshot``),
+    so a promotion of the embedding model between them cannot fuse an old and a new ranking, nor judge
+    new distances by the old version's threshold: ``weak_distance`` / ``lean_max_distance`` default to
+    the active version's fitted thresholds (``ActiveEmbedding.abstain_distance`` /
+    ``follow_up_distance``: ``ABSTAIN_MAX_DISTANCE`` / ``FOLLOW_UP_MAX_DISTANCE`` unless the embedder
+    gate fitted its own), returned as ``abstain_distance``.
     Returns ``ConversationalRetrieval``; raises ``ValueError`` like ``chunk_search``.
     """
-    weak = settings.ABSTAIN_MAX_DISTANCE if weak_distance is None else weak_distance
-    lean = settings.FOLLOW_UP_MAX_DISTANCE if lean_max_distance is None else lean_max_distance
     margin = settings.FOLLOW_UP_OWN_MARGIN if own_margin is None else own_margin
     question = question.strip()
     if not question:
-        return ConversationalRetrieval([], "", None, None, None)
+        return ConversationalRetrieval([], "", None, None, None,
+                                       settings.ABSTAIN_MAX_DISTANCE if weak_distance is None else weak_distance)
     query = retrieval_query(question, history)
     if question_embedding is not None:
         vectors = [question_embedding]
@@ -206,13 +211,15 @@ def conversation_search(
         vectors = embedding_module.get_embedding_model().encode(texts)
     with _search_snapshot():
         active = embedding_module.active_embedding()
+        weak = active.abstain_distance if weak_distance is None else weak_distance
+        lean = active.follow_up_distance if lean_max_distance is None else lean_max_distance
         own = chunk_search(question, k=k, collection=collection, query_embedding=vectors[0], mode=mode,
                            exclude_kinds=exclude_kinds)
         with_history = None if query == question else chunk_search(
             query, k=k, collection=collection, query_embedding=vectors[1], mode=mode, exclude_kinds=exclude_kinds)
 
     def result(chunks, used_query, follow_up, distance) -> ConversationalRetrieval:
-        return ConversationalRetrieval(chunks, used_query, follow_up, own_distance, distance, active.model_id)
+        return ConversationalRetrieval(chunks, used_query, follow_up, own_distance, distance, weak, active.model_id)
 
     own_distance = _closest(own)
     if with_history is None:

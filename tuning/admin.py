@@ -55,6 +55,11 @@ class CorrectionAdmin(ReadOnlyAdmin):
     exclude = ("shown_chunks", "supporting_chunks", "history")
 
 
+def _declined(counts: dict | None) -> str:
+    """``"declined / n"`` of an abstention count (``tuning.embedder_evaluation._declined``)."""
+    return f"{counts['declined']} / {counts['n']}" if counts else "–"
+
+
 @admin.register(EmbedderRun)
 class EmbedderRunAdmin(admin.ModelAdmin):
     """Embedder runs (read-only), with "Retrain retriever now" (starts a run on the tuning queue) and
@@ -65,7 +70,7 @@ class EmbedderRunAdmin(admin.ModelAdmin):
                     "dimension", "promoted", "created_at", "duration_s")
     list_filter = ("status", "trigger", "promoted")
     readonly_fields = ["gate", *[f.name for f in EmbedderRun._meta.fields]]
-    exclude = ("train_examples", "heldout_examples")
+    exclude = ("train_examples", "heldout_examples", "unanswerable_questions")
 
     @admin.display(description="promotion gate")
     def gate(self, run):
@@ -81,6 +86,18 @@ class EmbedderRunAdmin(admin.ModelAdmin):
                 ("passage-hit@1", "passage_hit@1"), ("passage-hit@5", "passage_hit@5"),
                 ("passage-hit@10", "passage_hit@10"), ("document-hit@5", "document_hit@5"), ("MRR@10", "mrr"),
                 ("questions", "n"))))
+        abstention = decision.get("abstention") or {}
+        if abstention:
+            answerable, unanswerable = abstention.get("answerable", {}), abstention.get("unanswerable", {})
+            rows += format_html_join(
+                "", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                ((name, served, candidate) for name, served, candidate in (
+                    ("abstention threshold (cosine distance)", abstention.get("served_threshold"),
+                     f"{abstention.get('candidate_threshold')} ({abstention.get('method')})"),
+                    ("answerable questions declined", _declined(answerable.get("served")),
+                     _declined(answerable.get("candidate"))),
+                    ("unanswerable questions declined", _declined(unanswerable.get("served")),
+                     _declined(unanswerable.get("candidate"))))))
         return format_html(
             "<p><strong>{}</strong>: {}</p><p>MRR gain {} (interval [{}, {}]){}</p>"
             "<table><tr><th>metric</th><th>active</th><th>candidate</th></tr>{}</table>",

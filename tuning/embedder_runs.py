@@ -18,11 +18,13 @@ queued ``EmbedderRun`` (one in progress at a time, a database constraint); the C
    version keeps serving; ingestion meanwhile lands in both;
 4. the gate (``tuning.embedder_evaluation.embedder_gate_compare`` / ``embedder_gate_decide``):
    passage-hit@1/5/10, document-hit@5 and MRR@10 of the active and the candidate version through
-   ``chunk_search`` on the held-out corrections, a paired bootstrap of the MRR gain; the decision and
-   its numbers are stored on the run (``evaluation``, ``decision``);
+   ``chunk_search`` on the held-out corrections, a paired bootstrap of the MRR gain; the candidate's
+   abstention thresholds fitted to its distance scale (``abstention_calibrate``, stored on its
+   version) and the answerable / unanswerable questions each version declines with its own; the
+   decision and its numbers are stored on the run (``evaluation``, ``decision``);
 5. a candidate that wins is promoted (status ``promoting``; ``knowledge.services.
    embedding_version_promotion_request`` then ``embedding_version_promotion_run`` in this worker:
-   every process switches to its vectors and query encoder at once;
+   every process switches to its vectors, query encoder and thresholds at once;
    ``TUNING_EMBEDDER_AUTO_PROMOTE`` off leaves it ready for an admin, whose promotion is queued);
    one that loses is ``rejected`` and its shadow vectors dropped.
 
@@ -91,6 +93,18 @@ def embedder_runs_fail_stale(now=None) -> int:
     return count
 
 
+def unanswerable_questions(corrections) -> list[str]:
+    """The retrieval queries (``knowledge.selectors.retrieval_query``: the question, then the earlier
+    user questions) of ``corrections`` without evidence chunks: questions agents marked unanswerable
+    from the knowledge base, and seeded out-of-scope ones. Each once, in the corrections' order. The
+    embedder never trains on them, so all of them serve the gate's abstention check."""
+    from knowledge.selectors import retrieval_query
+
+    found = [retrieval_query(c.question, c.history or []) for c in corrections
+             if not any(chunk.get("text") for chunk in c.supporting_chunks or []) and c.question.strip()]
+    return list(dict.fromkeys(found))
+
+
 def embedder_run_start(*, trigger: str = "manual", requested_by=None, hyperparameters: dict | None = None,
                        holdout_share: float | None = None, max_examples: int | None = None,
                        enqueue: bool = True) -> EmbedderRun:
@@ -118,7 +132,7 @@ def embedder_run_start(*, trigger: str = "manual", requested_by=None, hyperparam
     corrections = (Correction.objects.filter(status=Correction.Status.APPROVED, stale=False)
                    .select_related("message").order_by("pk"))
     split = embedder_examples(corrections, holdout_share=share)
-
+    unanswerable = unanswerable_questions(corrections)
     train, heldout = split["train"], split["heldout"]
     cap = settings.TUNING_EMBEDDER_MAX_EXAMPLES if max_examples is None else max_examples
     if cap and len(train) > cap:
@@ -134,6 +148,7 @@ def embedder_run_start(*, trigger: str = "manual", requested_by=None, hyperparam
                 trigger=trigger, requested_by=requested_by, base_model_path=str(base),
                 base_model_sha256=folder_sha256(base), hyperparameters=hp.as_dict(), holdout_share=share,
                 train_examples=[e.record() for e in train], heldout_examples=[e.record() for e in heldout],
+                unanswerable_questions=unanswerable,
                 examples_sha256=examples_sha256([*train, *heldout]), train_count=len(train),
                 heldout_count=len(heldout),
                 corrections_count=len({e.correction_id for e in [*train, *heldout]}),
@@ -209,7 +224,7 @@ def embedder_run_execute(run_id: int) -> EmbedderRun:
             raise _RunStopped(f"the run is no longer {expected}")
 
     try:
-        from tuning.embedder_evaluation import embedder_gate_compare, embedder_gate_decide
+        from tuning.embedder_evaluation import abstention_calibrate, embedder_gate_compare, embedder_gate_decide
         from tuning.embedder_training import EmbedderExample, EmbedderHyperparameters, embedder_train
 
         if settings.EMBEDDING_THREADS > 0:
@@ -240,11 +255,22 @@ def embedder_run_execute(run_id: int) -> EmbedderRun:
         advance(EmbedderRun.Status.REEMBEDDING, status=EmbedderRun.Status.EVALUATING, reembedding_progress=1.0)
 
         stage = "evaluation"
-        comparison = embedder_gate_compare(heldout, version.pk)
-        decision = embedder_gate_decide(comparison)
+        comparison = embedder_gate_compare(heldout, version.pk, unanswerable=run.unanswerable_questions)
+        active = active_embedding()
+        abstention = abstention_calibrate(
+            comparison, served_threshold=active.abstain_distance, served_follow_up=active.follow_up_distance,
+            fit=settings.TUNING_EMBEDDER_CALIBRATE_ABSTENTION,
+            min_questions=settings.TUNING_EMBEDDER_CALIBRATION_MIN_QUESTIONS)
+        knowledge_services.embedding_version_thresholds_set(
+            version.pk, abstain_max_distance=abstention["candidate_threshold"],
+            follow_up_max_distance=abstention["candidate_follow_up"],
+            calibration={k: v for k, v in abstention.items() if k not in ("answerable", "unanswerable")}
+            | {"run": run.pk, "active_version": active.model_id})
+        decision = embedder_gate_decide(comparison, abstention=abstention)
         evaluation = {"served": comparison["served"], "candidate": comparison["candidate"],
                       "chunks": version.chunks_total, "reembed_s": reembed_s, "candidate_dimension": result.dimension,
-                      "search_s": comparison["search_s"], "rows": comparison["rows"]}
+                      "search_s": comparison["search_s"], "rows": comparison["rows"],
+                      "unanswerable_rows": comparison["unanswerable_rows"]}
         advance(EmbedderRun.Status.EVALUATING, evaluation=evaluation, decision=decision)
 
         stage = "promotion"

@@ -252,7 +252,9 @@ class EmbedderRun(models.Model):
     "positive", "negative", "positive_chunk_id", "negative_chunk_id", "correction_id", "group",
     "positive_source_id"}``), split by ``tuning.datasets.correction_split`` with ``holdout_share``;
     ``examples_sha256`` digests both. ``hyperparameters`` are ``EmbedderHyperparameters`` as a dict;
-    ``loss_curve`` ``[{"step", "epoch", "loss"}]``. Status moves
+    ``loss_curve`` ``[{"step", "epoch", "loss"}]``. ``unanswerable_questions`` are the retrieval
+    queries of the approved corrections without evidence chunks (questions agents marked unanswerable,
+    and seeded out-of-scope ones; never trained on), for the gate's abstention check. Status moves
     ``queued`` → ``training`` → ``reembedding`` → ``evaluating`` → (``promoting``, while its winning
     candidate is switched in) → ``succeeded`` or ``failed`` (``error`` says why). The candidate
     model folder is ``model_path`` (its files' digest ``model_sha256``, vector ``dimension``), registered
@@ -286,6 +288,7 @@ class EmbedderRun(models.Model):
     holdout_share = models.FloatField()
     train_examples = models.JSONField(default=list)
     heldout_examples = models.JSONField(default=list)
+    unanswerable_questions = models.JSONField(default=list, blank=True)
     examples_sha256 = models.CharField(max_length=64)
     train_count = models.PositiveIntegerField(default=0)
     heldout_count = models.PositiveIntegerField(default=0)

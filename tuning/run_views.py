@@ -34,11 +34,12 @@ def _staff_only(request: HttpRequest) -> None:
 def run_list(request: HttpRequest) -> HttpResponse:
     """Runs (newest first) with status, progress and decision; model versions; the start button; and
     the retriever's side: embedder runs (training, re-embedding, gate, promotion progress) and
-    embedding-model versions (building / promoting progress, the serving one). The page reloads itself every few seconds while any of them is in progress."""
+    embedding-model versions (building / promoting progress, the serving one, fitted abstention
+    thresholds). The page reloads itself every few seconds while any of them is in progress."""
     runs = list(FineTuneRun.objects.select_related("dataset", "model_version")[:50])
     latest = TrainingDataset.objects.order_by("-version").first()
     embedder_runs = list(EmbedderRun.objects.select_related("embedding_version").defer(
-        "train_examples", "heldout_examples", "evaluation", "loss_curve")[:20])
+        "train_examples", "heldout_examples", "unanswerable_questions", "evaluation", "loss_curve")[:20])
     embedding_versions = list(EmbeddingModelVersion.objects.all()[:20])
     return render(request, "dashboard/fine_tunes.html", {
         "runs": runs, "versions": ModelVersion.objects.order_by("-created_at", "-id")[:50],

@@ -599,3 +599,17 @@ def embedding_version_rollback(*, note: str = "rolled back") -> EmbeddingModelVe
         raise EmbeddingVersionError("no earlier embedding version with kept vectors to roll back to")
     return embedding_version_activate(previous.pk, note=note)
 
+
+def embedding_version_thresholds_set(version_id: int, *, abstain_max_distance: float | None,
+                                     follow_up_max_distance: float | None, calibration: dict | None = None) -> None:
+    """Record ``version_id``'s own abstention thresholds (cosine distance, 0..2; ``None``: the settings'
+    ``ABSTAIN_MAX_DISTANCE`` / ``FOLLOW_UP_MAX_DISTANCE``) and how they were fitted (``calibration``,
+    JSON). The pipeline reads the active version's (``knowledge.embedding.active_embedding``), so a
+    promoted version declines by its own distance scale. Raises ``ValueError`` for a threshold outside
+    0..2 (the database refuses it too)."""
+    for value in (abstain_max_distance, follow_up_max_distance):
+        if value is not None and not 0 <= value <= 2:
+            raise ValueError(f"a cosine distance threshold must be in [0, 2], got {value}")
+    EmbeddingModelVersion.objects.filter(pk=version_id).update(
+        abstain_max_distance=abstain_max_distance, follow_up_max_distance=follow_up_max_distance,
+        calibration=calibration or {})
