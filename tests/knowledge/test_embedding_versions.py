@@ -530,6 +530,32 @@ def test_the_admin_queues_a_promotion_and_a_rollback_and_a_worker_switches(db, c
     assert served_vectors() == before
 
 
+def test_a_queued_promotion_is_run_by_a_real_worker(celery_worker_real, candidate_folders):
+    import time
+
+    def wait_for(done) -> None:
+        deadline = time.monotonic() + 120
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    # Given pages the real Celery worker (default queue) ingested, and a ready candidate
+    for name, text in PAGES.items():
+        services.source_upload(filename=name, data=text.encode())
+    wait_for(lambda: set(Source.objects.values_list("status", flat=True)) == {"ready"})
+    assert set(Source.objects.values_list("status", flat=True)) == {"ready"}
+    version = built(candidate_folders["same"])
+
+    # When its promotion is requested outside any transaction (the task is sent at once)
+    requested = services.embedding_version_promotion_request(version.pk, note="promoted by a test")
+    assert requested.status == "promoting"
+
+    # Then the worker switches every chunk to it, with the note as its reason
+    wait_for(lambda: EmbeddingModelVersion.objects.get(pk=version.pk).status != "promoting")
+    version.refresh_from_db()
+    assert (version.status, version.reason) == ("active", "promoted by a test")
+    assert {model for model, _ in served_vectors().values()} == {version.model_id}
+
+
 def test_a_failed_switch_leaves_the_active_version_serving_and_records_why(db, candidate_folders, monkeypatch,
                                                                             tmp_path):
     import shutil
