@@ -76,7 +76,11 @@ def embedder_hyperparameters_from_settings(**overrides):
 
 def embedder_runs_fail_stale(now=None) -> int:
     """Mark failed every in-progress embedder run whose worker has not reported (``heartbeat_at``,
-    or ``created_at`` while queued) for ``TUNING_RUN_STALE_S`` seconds (a killed worker). Returns how many."""
+    or ``created_at`` while queued) for ``TUNING_RUN_STALE_S`` seconds (a killed worker). Returns how many.
+
+    A run whose row its worker holds locked is skipped: it is switching its version in (the
+    promotion's one transaction, minutes at 100k chunks, writes no heartbeat until it commits, and
+    then writes one)."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.TUNING_RUN_STALE_S)
     count = 0
@@ -84,8 +88,12 @@ def embedder_runs_fail_stale(now=None) -> int:
         last = run.heartbeat_at or run.created_at
         if last < cutoff:
             reason = f"the worker stopped reporting during {run.status} (no heartbeat since {last:%Y-%m-%d %H:%M:%S})"
-            failed = EmbedderRun.objects.filter(pk=run.pk, status=run.status).update(
-                status=EmbedderRun.Status.FAILED, finished_at=now, error=reason)
+            with transaction.atomic():
+                if EmbedderRun.objects.select_for_update(skip_locked=True).filter(
+                        pk=run.pk, status=run.status, heartbeat_at=run.heartbeat_at).values_list("pk").first() is None:
+                    continue  # its worker holds it (a switch under way) or it reported meanwhile
+                failed = EmbedderRun.objects.filter(pk=run.pk).update(
+                    status=EmbedderRun.Status.FAILED, finished_at=now, error=reason)
             if failed and run.embedding_version_id:  # its half-built shadow never served; drop it
                 knowledge_services.embedding_version_fail(run.embedding_version_id, f"embedder run {run.pk}: {reason}")
             count += failed
@@ -286,10 +294,13 @@ def embedder_run_execute(run_id: int) -> EmbedderRun:
             knowledge_services.embedding_version_promotion_request(version.pk, enqueue=False)
 
             def still_ours() -> None:
-                # Inside the switch's transaction: a cancel or stale-fail of the run wins before it.
+                # Inside the switch's transaction: a cancel or stale-fail of the run wins before it;
+                # the row stays locked until the switch commits (the stale sweep skips it meanwhile),
+                # and the heartbeat written here is seen when it does.
                 locked = EmbedderRun.objects.select_for_update().get(pk=run.pk)
                 if locked.status != EmbedderRun.Status.PROMOTING:
                     raise _RunStopped(f"the run is no longer promoting ({locked.status})")
+                EmbedderRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now())
 
             knowledge_services.embedding_version_promotion_run(
                 version.pk, note=f"promoted by embedder run {run.pk}: {decision['reason']}", before_switch=still_ours,

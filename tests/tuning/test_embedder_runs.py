@@ -479,3 +479,41 @@ def test_the_abstention_calibration_fits_the_candidates_scale_and_the_gate_check
     assert decision["promote"] is False
     assert decision["reason"].startswith("it declines 0 of 3 unanswerable questions against the active embedder's 3 "
                                          "(-1.0000; tolerance 0.0;")
+
+
+def test_the_stale_sweep_leaves_a_run_whose_switch_holds_its_row(transactional_db, settings):
+    import threading
+
+    from django.db import connection, transaction
+
+    # Given a promoting run silent for longer than TUNING_RUN_STALE_S, whose worker holds its row (the
+    # switch's one transaction writes no heartbeat until it commits)
+    old = timezone.now() - timedelta(seconds=settings.TUNING_RUN_STALE_S + 1)
+    run = EmbedderRun.objects.create(status="promoting", base_model_path="/tmp/base", base_model_sha256="0" * 64,
+                                     holdout_share=0.2, examples_sha256="0" * 64, heartbeat_at=old)
+    locked, release = threading.Event(), threading.Event()
+
+    def switching():
+        try:
+            with transaction.atomic():
+                EmbedderRun.objects.select_for_update().get(pk=run.pk)
+                locked.set()
+                assert release.wait(60)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=switching)
+    thread.start()
+    try:
+        assert locked.wait(60)
+        # When the sweep runs meanwhile, then it leaves the run alone, without waiting for the lock
+        assert embedder_runs_fail_stale() == 0
+        run.refresh_from_db()
+        assert run.status == "promoting"
+    finally:
+        release.set()
+        thread.join(60)
+    # When the worker is gone (the row free, still no heartbeat), then the sweep fails it
+    assert embedder_runs_fail_stale() == 1
+    run.refresh_from_db()
+    assert run.status == "failed" and run.error.startswith("the worker stopped reporting during promoting")
