@@ -282,53 +282,109 @@ def concurrent(questions, collection, levels, processes: dict | None = None) -> 
                 print(f"  error: {r['error']}")
 
 
-def streams(client, version, prompts, levels, max_tokens) -> None:
+def streams(client, version, prompts, levels, max_tokens, repeats: int = 1) -> None:
     """N model-client streams at once straight to the model server (no web process): the scheduler's
     aggregate decode rate, without retrieval, the groundedness check or long prefills in the way.
-    Every stream generates exactly ``max_tokens`` (``ignore_eos``), so levels differ only in N."""
+    Every stream generates exactly ``max_tokens`` (``ignore_eos``), so levels differ only in N. Each
+    level runs ``repeats`` times, levels interleaved (1, 16, 1, 16, ...) so a change in the machine's
+    load falls on both; the row gives the run with the median rate."""
+    print(f"## Concurrent streams, model client -> model server (a short prompt, {max_tokens} tokens each: decode-bound)\n")
+    print("| N | completed | errors | busy replies | TTFT p50 ms | TTFT p95 ms | aggregate tok/s | ratio to N = 1 | wall s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    runs: dict[int, list] = {n: [] for n in levels}
+    for _ in range(max(1, repeats)):
+        for n in levels:
+            runs[n].append(_streams_once(client, version, prompts, n, max_tokens))
+    base = None
+    for n in levels:
+        done, failed, busy, ttfts, rate, wall = sorted(runs[n], key=lambda run: run[4])[len(runs[n]) // 2]
+        base = base or rate
+        print(f"| {n} | {done} | {failed} | {busy} | {percentile(ttfts, 50):.0f} "
+              f"| {percentile(ttfts, 95):.0f} | {rate:.1f} | {rate / base:.2f} | {wall:.1f} |")
+    if repeats > 1:
+        print(f"\n(median of {repeats} runs per level; aggregate tok/s of every run: "
+              + "; ".join(f"N = {n}: " + ", ".join(f"{run[4]:.0f}" for run in runs[n]) for n in levels) + ")")
+    print()
+
+
+def _streams_once(client, version, prompts, n, max_tokens):
+    """One level of ``streams``: ``(completed, errors, busy replies, TTFTs ms, aggregate tok/s, wall s)``."""
     import threading
 
     from chat.engine import EngineBusy, EngineError
 
-    print(f"## Concurrent streams, model client -> model server (a short prompt, {max_tokens} tokens each: decode-bound)\n")
-    print("| N | completed | errors | busy replies | TTFT p50 ms | TTFT p95 ms | aggregate tok/s | ratio to N = 1 | wall s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    base = None
-    for n in levels:
-        results = [None] * n
+    results = [None] * n
 
-        def one(i):
-            busy = 0
-            started = time.perf_counter()
-            while True:
-                try:
-                    generation = client.submit(prompts[i % len(prompts)], version=version, max_tokens=max_tokens,
-                                               ignore_eos=True)
-                    text = "".join(generation)
-                    stats = generation.stats
-                    results[i] = {"tokens": stats.tokens, "busy": busy, "error": None, "text": text,
-                                  "ttft_ms": (stats.first_token_ms or 0) + (generation.submitted_at - started) * 1000}
-                    return
-                except EngineBusy as error:
-                    busy += 1
-                    time.sleep(error.retry_after_s)
-                except EngineError as error:
-                    results[i] = {"tokens": 0, "busy": busy, "error": str(error), "ttft_ms": None}
-                    return
-
+    def one(i):
+        busy = 0
         started = time.perf_counter()
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - started
-        done = [r for r in results if r and not r["error"]]
-        ttfts = [r["ttft_ms"] for r in done]
-        rate = sum(r["tokens"] for r in done) / wall
+        while True:
+            try:
+                generation = client.submit(prompts[i % len(prompts)], version=version, max_tokens=max_tokens,
+                                           ignore_eos=True)
+                text = "".join(generation)
+                stats = generation.stats
+                results[i] = {"tokens": stats.tokens, "busy": busy, "error": None, "text": text,
+                              "ttft_ms": (stats.first_token_ms or 0) + (generation.submitted_at - started) * 1000}
+                return
+            except EngineBusy as error:
+                busy += 1
+                time.sleep(error.retry_after_s)
+            except EngineError as error:
+                results[i] = {"tokens": 0, "busy": busy, "error": str(error), "ttft_ms": None}
+                return
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    done = [r for r in results if r and not r["error"]]
+    ttfts = [r["ttft_ms"] for r in done]
+    rate = sum(r["tokens"] for r in done) / wall
+    return len(done), n - len(done), sum(r["busy"] for r in results if r), ttfts, rate, wall
+
+
+def during_ingestion(client, version, prompts, docs: str, max_tokens: int, repeats: int) -> None:
+    """One chat stream (``max_tokens``, ``ignore_eos``) through the model server while nothing else runs,
+    and while ``docs`` is being ingested (``manage.py ingest --sync``: the worker's code path, parsing,
+    chunking and embedding on torch's threads) at nice 0 and at ``WORKER_NICENESS`` (what Celery
+    workers run at, ``config.celery``). Each condition: a warm-up of 20 s for the ingestion to reach
+    its embedding, then ``repeats`` streams; the ingestion is then stopped and its collection deleted."""
+    from knowledge import services as knowledge_services
+    from knowledge.models import Source
+
+    collection = "benchmark-ingestion-load"
+    print(f"## One chat stream while {docs} is ingested ({max_tokens} tokens, model client -> model server)\n")
+    print("| condition | chat tok/s (median) | runs | ratio to idle | ingestion nice |")
+    print("|---|---:|---|---:|---:|")
+    base = None
+    for label, niceness in (("idle", None), ("during ingestion, worker at nice 0", 0),
+                            ("during ingestion, worker at WORKER_NICENESS", settings.WORKER_NICENESS)):
+        ingest = None
+        if niceness is not None:
+            ingest = subprocess.Popen(
+                [sys.executable, "manage.py", "ingest", docs, "--collection", collection, "--sync"], cwd=ROOT,
+                env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings"}, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, preexec_fn=lambda n=niceness: os.nice(n), start_new_session=True)
+            time.sleep(20)
+        try:
+            rates = []
+            for _ in range(max(1, repeats)):
+                if ingest is not None and ingest.poll() is not None:
+                    break  # the ingestion finished: later runs would measure an idle machine
+                rates.append(_streams_once(client, version, prompts, 1, max_tokens)[4])
+        finally:
+            if ingest is not None:
+                os.killpg(ingest.pid, 15)
+                ingest.wait()
+                knowledge_services.sources_delete(Source.objects.filter(collection=collection))
+        rate = statistics.median(rates) if rates else 0.0
         base = base or rate
-        print(f"| {n} | {len(done)} | {n - len(done)} | {sum(r['busy'] for r in results if r)} | {percentile(ttfts, 50):.0f} "
-              f"| {percentile(ttfts, 95):.0f} | {rate:.1f} | {rate / base:.2f} | {wall:.1f} |")
+        print(f"| {label} | {rate:.1f} | {', '.join(f'{r:.0f}' for r in rates)} | {rate / base:.2f} | "
+              f"{'' if niceness is None else niceness} |")
     print()
 
 
@@ -463,6 +519,11 @@ def main() -> None:
                         help="quote-first off in the web process, so the model writes every answer")
     parser.add_argument("--stream-levels", default="1,4,16", help="concurrent model-client streams (server mode)")
     parser.add_argument("--stream-tokens", type=int, default=64, help="tokens per stream in the streams table")
+    parser.add_argument("--stream-repeats", type=int, default=3,
+                        help="runs per level in the streams table (levels interleaved; the median run is shown)")
+    parser.add_argument("--ingestion-docs", default="",
+                        help="a folder (e.g. ../shared/data/doc2dial/docs): also measure one chat stream while "
+                             "it is being ingested, at nice 0 and at WORKER_NICENESS")
     parser.add_argument("--scheduler-levels", default="",
                         help="only measure the scheduler in this process at these N (e.g. 1,16), no servers")
     args = parser.parse_args()
@@ -504,7 +565,7 @@ def main_server(args) -> None:
     chunk_search("warm up", k=1, collection=args.collection)
     prompts, answered = [], []
     for question in questions:
-        if len(answered) >= max(args.prompts, max(int(n) for n in args.levels.split(",") if n)):
+        if len(answered) >= max([args.prompts] + [int(n) for n in args.levels.split(",") if n]):
             break
         chunks = chunk_search(retrieval_query(question.question), k=settings.RETRIEVAL_K, collection=args.collection)
         if not services.should_abstain(chunks):
@@ -538,9 +599,12 @@ def main_server(args) -> None:
         if warm["error"]:
             raise SystemExit(f"the web process failed to answer: {warm['error']}")
         streams(client, version, [[{"role": "user", "content": SHORT_PROMPT}]],
-                [int(n) for n in args.stream_levels.split(",") if n], args.stream_tokens)
+                [int(n) for n in args.stream_levels.split(",") if n], args.stream_tokens, args.stream_repeats)
         concurrent(questions, args.collection, [int(n) for n in args.levels.split(",") if n],
                    processes={"web": processes["web"].pid, "model server": processes["model"].pid})
+        if args.ingestion_docs:
+            during_ingestion(client, version, [[{"role": "user", "content": SHORT_PROMPT}]], args.ingestion_docs,
+                             args.stream_tokens, args.stream_repeats)
     finally:
         client.close()
         stop_processes(processes)

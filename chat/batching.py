@@ -45,6 +45,7 @@ from django.conf import settings
 
 from chat.engine import _DONE, EngineBusy, EngineError, Generation, ModelKey, model_files_check
 from chat.llama_buffers import model_params_apply
+from chat.weight_types import WeightTypeError, serving_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,11 @@ class BatchModel:
         model_params = ll.llama_model_default_params()
         model_params.n_gpu_layers = gpu_layers
         model_params_apply(model_params)
-        self.model = ll.llama_model_load_from_file(key.base_model_path.encode(), model_params)
+        try:
+            base_path = serving_model_path(key.base_model_path, key.base_sha256)
+        except WeightTypeError as error:
+            raise EngineError(str(error)) from error
+        self.model = ll.llama_model_load_from_file(base_path.encode(), model_params)
         if not self.model:
             raise EngineError(f"could not load {key.base_model_path}")
         try:

@@ -118,6 +118,7 @@ class Generation:
     submitted_at: float = field(default_factory=time.perf_counter)
     _events: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
     _ended: bool = False
+    _held: object = None  # an end or error read ahead by poll_joined, returned by the next poll
 
     def cancel(self) -> None:
         """Ask the model thread to stop this generation (no effect once it has finished)."""
@@ -133,10 +134,13 @@ class Generation:
         failed. For callers that must do something while waiting (the model server's keep-alives)."""
         if self._ended:
             return ""
-        try:
-            item = self._events.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            try:
+                item = self._events.get(timeout=timeout_s)
+            except queue.Empty:
+                return None
         if item is _DONE:
             self._ended = True
             return ""
@@ -144,6 +148,26 @@ class Generation:
             self._ended = True
             raise EngineError(str(item)) from item
         return item
+
+    def poll_joined(self, timeout_s: float) -> str | None:
+        """As ``poll``, but the text pieces already queued behind the first one come joined with it
+        (the end or an error after them is kept for the next call). A reader that falls behind the
+        model (the model server's event loop with many streams) then sends one event for several
+        tokens instead of one each."""
+        first = self.poll(timeout_s)
+        if not first:
+            return first
+        pieces = [first]
+        while True:
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if item is _DONE or isinstance(item, BaseException):
+                self._held = item
+                break
+            pieces.append(item)
+        return "".join(pieces)
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -194,19 +218,22 @@ def model_files_check(key: ModelKey) -> None:
 
 def load_llama(key: ModelKey, *, n_threads: int | None = None) -> ChatModel:
     """Load ``key`` with llama-cpp-python: context and GPU layers from settings, ``n_threads``
-    (default ``LLM_THREADS``) for decoding and prompt evaluation.
+    (default ``LLM_THREADS``) for decoding and prompt evaluation; the base weights in the serving
+    weight type (``chat.weight_types.serving_model_path``, ``LLM_WEIGHT_TYPE``).
 
     Raises ``EngineError`` when a file is missing or llama.cpp cannot load it.
     """
     import llama_cpp
 
     from chat.llama_buffers import llama_loading
+    from chat.weight_types import serving_model_path
 
     model_files_check(key)
     try:
+        base_path = serving_model_path(key.base_model_path, key.base_sha256)
         with llama_loading():
             return llama_cpp.Llama(
-                model_path=key.base_model_path,
+                model_path=base_path,
                 lora_path=key.adapter_path or None,
                 n_ctx=settings.LLM_CONTEXT_TOKENS,
                 n_threads=n_threads or settings.LLM_THREADS,

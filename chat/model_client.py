@@ -108,6 +108,7 @@ class HttpModelClient:
             "model": version.name,
             "messages": list(messages),
             "stream": True,
+            "stream_options": {"include_usage": True},  # the token count (a chunk may hold several)
             "max_tokens": max_tokens if max_tokens is not None else settings.LLM_MAX_TOKENS,
             "temperature": temperature if temperature is not None else settings.LLM_TEMPERATURE,
             "repeat_penalty": penalty,  # llama.cpp's name
@@ -173,7 +174,8 @@ class StreamedGeneration(Generation):
     """A ``Generation`` read from an SSE response (``response``) in the iterating thread.
 
     Each ``chat.completion.chunk`` with text is one piece; ``finish_reason`` and stats as the local
-    engine's (``tokens`` counts pieces, as the engine counts stream chunks). Cancel is seen between
+    engine's (``tokens``: the final chunk's ``usage.completion_tokens`` when the server sends it, as
+    the bundled one and llama-server do, since a chunk may carry several tokens; else the pieces). Cancel is seen between
     events (the bundled server's keep-alives make that at least once a second) and closes the
     stream. An ``{"error"}`` event, a broken stream or a timeout raise ``EngineError``.
     """
@@ -219,6 +221,9 @@ class StreamedGeneration(Generation):
                     yield text
                 if choices[0].get("finish_reason"):
                     stats.finish_reason = choices[0]["finish_reason"]
+                usage = event.get("usage")
+                if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                    stats.tokens = usage["completion_tokens"]  # a chunk may carry several tokens
             if not stats.finish_reason:
                 stats.finish_reason = "cancelled" if self.cancelled() else "stop"
         except httpx2.TimeoutException as error:

@@ -301,7 +301,7 @@ def create_app(pool: ModelPool | None = None, *, resolve: Callable[[str], ModelK
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 while True:
-                    piece = await anyio.to_thread.run_sync(generation.poll, KEEPALIVE_S,
+                    piece = await anyio.to_thread.run_sync(generation.poll_joined, KEEPALIVE_S,
                                                            abandon_on_cancel=True, limiter=limiter)
                     if piece is None:
                         yield ": keep-alive\n\n"

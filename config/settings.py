@@ -163,6 +163,9 @@ CELERY_BROKER_URL = (
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# CPU priority (nice value, 0-19) of Celery workers: ingestion and tuning yield the cores to the model
+# server and web processes that answer customers (config/celery.py; measured in README "Throughput").
+WORKER_NICENESS = env.int("WORKER_NICENESS", default=10)
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
@@ -416,6 +419,11 @@ LLM_GPU_LAYERS = env.int("LLM_GPU_LAYERS", default=0)
 # llama.cpp's extra CPU buffer types (repacked weights, Intel AMX): on, off, or auto = off on a CPU that
 # reports AMX, where every decode crashed (chat/llama_buffers.py).
 LLM_CPU_EXTRA_BUFFERS = env("LLM_CPU_EXTRA_BUFFERS", default="auto")
+# The weight type the base GGUF is served in (chat/weight_types.py): auto = a Q4_1 file (the packaged
+# SmolLM2) is converted once to Q8_0 when nothing is offloaded to a GPU, which llama.cpp's CPU backend
+# multiplies in batches (16 streams 2.05x one stream instead of 1.46x, same single-stream speed, KL 0.006
+# from the Q4_1 model); none = as shipped; q8_0 or f16 = always that type. Cached in MODEL_CACHE_DIR.
+LLM_WEIGHT_TYPE = env("LLM_WEIGHT_TYPE", default="auto")
 # Longest answer in tokens, sampling temperature (0 = greedy) and llama.cpp's repeat penalty (1.0 =
 # off; a 135M model loops without one).
 LLM_MAX_TOKENS = env.int("LLM_MAX_TOKENS", default=96)

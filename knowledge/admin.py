@@ -159,8 +159,7 @@ class SourceAdmin(admin.ModelAdmin):
         services.source_delete(obj)
 
     def delete_queryset(self, request, queryset):
-        for source in queryset:
-            services.source_delete(source)
+        services.sources_delete(queryset)
 
 
 @admin.register(Product)

@@ -125,8 +125,7 @@ def website_schedule_update(website: Website) -> None:
 @transaction.atomic
 def website_delete(website: Website) -> None:
     """Delete ``website``, its pages (and their chunks), its sync reports and its schedule."""
-    for source in website.pages.all():
-        services.source_delete(source)
+    services.sources_delete(website.pages.all())
     if website.schedule_id:
         website.schedule.delete()
     website.delete()

@@ -43,7 +43,13 @@ from django.utils import timezone
 
 from chat.models import ModelVersion
 from config.task_queue import task_enqueue_on_commit, unsent_reason
-from chat.services import file_sha256, model_version_activate, model_version_register, model_version_verify
+from chat.services import (
+    file_sha256,
+    model_version_activate,
+    model_version_register,
+    model_version_server_check,
+    model_version_verify,
+)
 from tuning.datasets import DatasetError, dataset_records, dataset_snapshot_create, new_approved_since
 from tuning.models import FineTuneRun, TrainingDataset
 
@@ -276,6 +282,7 @@ def run_finish(run: FineTuneRun, evaluation, candidate: ModelVersion, decision: 
     report = evaluation_report_html(evaluation, run=run)
     if decision["promote"]:
         model_version_verify(candidate)  # before the transaction, so a refusal stays recorded
+        model_version_server_check(candidate)
     with transaction.atomic():
         if not FineTuneRun.objects.filter(pk=run.pk, status=FineTuneRun.Status.EVALUATING).update(**fields):
             current = FineTuneRun.objects.filter(pk=run.pk).values_list("status", flat=True).first()

@@ -65,6 +65,7 @@ from chat.services.model_versions import (
     model_version_active,
     model_version_refuse,
     model_version_register,
+    model_version_server_check,
     model_version_verify,
 )
 from chat.services.question_embeddings import (
@@ -93,6 +94,7 @@ __all__ = [
     "model_version_active",
     "model_version_refuse",
     "model_version_register",
+    "model_version_server_check",
     "model_version_verify",
     # the answer pipeline
     "EXCERPT_MAX_CHARS",

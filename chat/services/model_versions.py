@@ -119,11 +119,18 @@ def model_version_activate(version: ModelVersion) -> ModelVersion:
     a promotion and a rollback) both succeed in turn and leave exactly one active version: the one
     that committed last. A ``refused_reason`` is cleared once the files match again.
 
-    Raises ``chat.engine.ModelFilesMismatch`` (the reason is recorded on ``version``) or
-    ``chat.engine.EngineError`` (a file is missing); the active version is then unchanged.
-    ``ModelVersion.DoesNotExist`` when ``version`` was deleted.
+    With a model server (``LLM_SERVER_URL``: the bundled one or a remote llama-server / vLLM), the
+    server must list ``version.name`` among the models it serves (``GET /v1/models``): a remote
+    engine that has not loaded the candidate's adapter under that name, or a bundled server that
+    cannot open its files, refuses the activation with the server's reason, recorded on ``version``.
+
+    Raises ``chat.engine.ModelFilesMismatch`` (the reason is recorded on ``version``),
+    ``chat.engine.EngineError`` (a file is missing; the model server does not serve it, recorded, or
+    cannot be asked); the active version is then unchanged. ``ModelVersion.DoesNotExist`` when
+    ``version`` was deleted.
     """
     model_version_verify(version)
+    model_version_server_check(version)
     with transaction.atomic():
         _activation_lock()
         ModelVersion.objects.filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
@@ -131,6 +138,28 @@ def model_version_activate(version: ModelVersion) -> ModelVersion:
             raise ModelVersion.DoesNotExist(f"model version {version.pk} no longer exists")
     version.refresh_from_db()
     return version
+
+
+def model_version_server_check(version: ModelVersion) -> None:
+    """Raise ``chat.engine.EngineError`` when the process's model client is a model server
+    (``LLM_SERVER_URL``) that does not list ``version.name`` in ``GET /v1/models`` (the reason, with
+    what it serves or its own reason, is recorded on ``version``: call it outside a transaction that
+    may roll back) or cannot be asked; nothing to ask when the model runs in process."""
+    from chat.model_client import HttpModelClient, model_client
+
+    client = model_client()
+    if not isinstance(client, HttpModelClient):
+        return
+    served, unavailable = client.model_listing()  # EngineError when the server cannot be asked
+    if version.name in served:
+        return
+    reason = (f"the model server at {client.base_url} cannot serve {version.name}: {unavailable[version.name]}"
+              if version.name in unavailable else
+              f"the model server at {client.base_url} does not serve a model named {version.name} (it serves: "
+              f"{', '.join(served) or 'none'}); load it there under that name first")
+    logger.error("refusing model version %s: %s", version.name, reason)
+    model_version_refuse(version, reason)
+    raise engine_module.EngineError(reason)
 
 
 def model_version_active() -> ModelVersion:

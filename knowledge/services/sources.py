@@ -147,10 +147,9 @@ def sources_register_paths(
     if prune:
         folders = [str(Path(p).expanduser().resolve()) for p in paths if Path(p).is_dir()]
         seen = {str(f) for f in files}
-        for source in Source.objects.filter(collection=collection, kind__in=[Source.Kind.FILE, Source.Kind.FAQ]):
-            if source.uri not in seen and any(source.uri.startswith(f + "/") for f in folders):
-                source_delete(source)
-                result.pruned += 1
+        result.pruned += sources_delete(
+            source for source in Source.objects.filter(collection=collection, kind__in=[Source.Kind.FILE, Source.Kind.FAQ])
+            if source.uri not in seen and any(source.uri.startswith(f + "/") for f in folders))
     if enqueue:
         sources_enqueue((source.pk for source in result.queued), force=force)
     return result
@@ -244,13 +243,28 @@ def sources_upload(files: Iterable[tuple[str, bytes | File]], *, collection: str
 @transaction.atomic
 def source_delete(source: Source) -> None:
     """Delete ``source``, its chunks (cascade) and its pending upload file, and recompute its
-    collection's lexeme document frequencies."""
-    if source.pending_file:
-        name, storage = source.pending_file.name, source.pending_file.storage
-        transaction.on_commit(lambda: storage.delete(name))
-    Product.objects.filter(source=source).update(source=None)
-    _curated_retire_citing(source.pk, f"source {source.pk} was deleted")
-    had_chunks = source.chunk_count > 0 or source.chunks.exists()
-    source.delete()
-    if had_chunks:
-        lexeme_frequencies_refresh([source.collection])
+    collection's lexeme document frequencies (``sources_delete`` of one)."""
+    sources_delete([source])
+
+
+@transaction.atomic
+def sources_delete(sources: Iterable[Source]) -> int:
+    """Delete every source of ``sources`` as ``source_delete`` does, in one transaction, recomputing
+    the lexeme document frequencies of each affected collection once at the end (about a second per
+    refresh of a 100k-chunk collection, so a bulk delete does not pay it per source). Returns how
+    many were deleted."""
+    changed: set[str] = set()
+    count = 0
+    for source in sources:
+        if source.pending_file:
+            name, storage = source.pending_file.name, source.pending_file.storage
+            transaction.on_commit(lambda name=name, storage=storage: storage.delete(name))
+        Product.objects.filter(source=source).update(source=None)
+        _curated_retire_citing(source.pk, f"source {source.pk} was deleted")
+        if source.chunk_count > 0 or source.chunks.exists():
+            changed.add(source.collection)
+        source.delete()
+        count += 1
+    if changed:
+        lexeme_frequencies_refresh(sorted(changed))
+    return count

@@ -326,3 +326,25 @@ def test_file_digests_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     path.write_bytes(b"second, longer")  # replaced in place: new size and mtime
     assert model_files.file_sha256(path) == hashlib.sha256(b"second, longer").hexdigest()
     assert reads == [str(path), str(path)]
+
+
+def test_poll_joined_joins_the_pieces_already_queued_and_keeps_the_end_for_the_next_call():
+    from chat.engine import _DONE, Generation
+
+    generation = Generation(messages=[], options={})
+    for item in ("Re", "turns ", "take", _DONE):
+        generation._events.put(item)
+    # a reader that fell behind gets every queued piece in one call, and the end on the next
+    assert generation.poll_joined(0.1) == "Returns take"
+    assert generation.poll_joined(0.1) == ""
+    assert generation.poll_joined(0.1) == ""
+    # nothing queued: None after the timeout, as poll
+    idle = Generation(messages=[], options={})
+    assert idle.poll_joined(0.01) is None
+    # an error behind the text: the text first, then the error
+    failing = Generation(messages=[], options={})
+    failing._events.put("partial")
+    failing._events.put(RuntimeError("llama_decode failed (-1)"))
+    assert failing.poll_joined(0.1) == "partial"
+    with pytest.raises(EngineError, match="llama_decode failed"):
+        failing.poll_joined(0.1)

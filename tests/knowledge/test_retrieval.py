@@ -337,6 +337,19 @@ def test_the_full_text_leg_reads_document_frequencies_that_follow_ingestion_and_
             added = services.sources_register_paths([tmp_path / "ship0.md"], collection=collection, enqueue=False).queued
             assert [r.status for r in services.documents_ingest([s.pk for s in added])] == ["ingested"]
             assert stored(collection)["kayak"] == 1 and stored(collection)["ship"] == 5
+            # and a bulk delete counts every deleted page out, refreshing the collection once
+            from knowledge.services import sources as sources_module
+
+            refreshed = []
+            real_refresh = sources_module.lexeme_frequencies_refresh
+            sources_module.lexeme_frequencies_refresh = lambda collections: refreshed.append(list(collections)) or \
+                real_refresh(collections)
+            try:
+                deleted = services.sources_delete(Source.objects.filter(collection=collection, uri__contains="/ship"))
+            finally:
+                sources_module.lexeme_frequencies_refresh = real_refresh
+            assert deleted == 4 and refreshed == [[collection]]
+            assert stored(collection)["ship"] == 1 and "portland" not in stored(collection)
         finally:
             Source.objects.filter(collection=collection).delete()
             LexemeFrequency.objects.filter(collection=collection).delete()
