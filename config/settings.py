@@ -498,7 +498,11 @@ EXTRACTIVE_SOURCES = env.int("EXTRACTIVE_SOURCES", default=3)
 # Abstention: the bot declines (and offers a human) when the closest retrieved chunk is farther than
 # this cosine distance (0..2). Measured with benchmarks/abstention_threshold.py on Doc2Dial (README,
 # "Abstention"): answerable questions p50 0.35 / p95 0.56-0.60, unrelated questions >= 0.66; 0.62
-# answers 98% of first turns (96% of all turns) and declines every unrelated question.
+# answers 98% of first turns (96% of all turns) and declines every unrelated question. These are the
+# settings' embedding model's distances: a promoted embedding version carries its own fitted
+# ABSTAIN_MAX_DISTANCE / FOLLOW_UP_MAX_DISTANCE (EmbeddingModelVersion.abstain_max_distance, fitted
+# by the embedder gate, TUNING_EMBEDDER_CALIBRATE_ABSTENTION below), which the pipeline uses instead;
+# these two are the fallback. FOLLOW_UP_OWN_MARGIN and CURATED_MATCH_MAX_DISTANCE apply to every version.
 ABSTAIN_MAX_DISTANCE = env.float("ABSTAIN_MAX_DISTANCE", default=0.62)
 # In a conversation, a question that does not refer back but retrieves weakly on its own words
 # (closest chunk beyond ABSTAIN_MAX_DISTANCE) is retrieved with its history when its own distance is
@@ -590,6 +594,19 @@ TUNING_EMBEDDER_MAX_EXAMPLES = env.int("TUNING_EMBEDDER_MAX_EXAMPLES", default=2
 TUNING_EMBEDDER_GATE_MIN_MRR_GAIN = env.float("TUNING_EMBEDDER_GATE_MIN_MRR_GAIN", default=0.0)
 TUNING_EMBEDDER_GATE_HIT_TOLERANCE = env.float("TUNING_EMBEDDER_GATE_HIT_TOLERANCE", default=0.0)
 TUNING_EMBEDDER_AUTO_PROMOTE = env.bool("TUNING_EMBEDDER_AUTO_PROMOTE", default=True)
+# Abstention after a new embedder (tuning.embedder_evaluation.abstention_calibrate): ABSTAIN_MAX_DISTANCE
+# and FOLLOW_UP_MAX_DISTANCE were chosen on the settings' MiniLM, and a fine-tuned embedder moves every
+# distance. With TUNING_EMBEDDER_CALIBRATE_ABSTENTION on, the gate fits the candidate's own thresholds
+# (a quantile mapping of the active version's over the closest distances both give the held-out
+# answerable questions and the questions agents marked unanswerable; at least
+# TUNING_EMBEDDER_CALIBRATION_MIN_QUESTIONS of them, else the active version's values are kept) and
+# stores them on the version; the pipeline reads the active version's. The candidate is refused when,
+# each with its own threshold, it declines a larger share of the held-out answerable questions, or a
+# smaller share of the unanswerable ones, than the active version by more than
+# TUNING_EMBEDDER_GATE_ABSTENTION_TOLERANCE (absolute, 0..1). Not measured on Doc2Dial yet.
+TUNING_EMBEDDER_CALIBRATE_ABSTENTION = env.bool("TUNING_EMBEDDER_CALIBRATE_ABSTENTION", default=True)
+TUNING_EMBEDDER_CALIBRATION_MIN_QUESTIONS = env.int("TUNING_EMBEDDER_CALIBRATION_MIN_QUESTIONS", default=20)
+TUNING_EMBEDDER_GATE_ABSTENTION_TOLERANCE = env.float("TUNING_EMBEDDER_GATE_ABSTENTION_TOLERANCE", default=0.05)
 # The scheduled embedder run starts when at least this many approved corrections are new since the
 # last embedder run's snapshot (checked every TUNING_SCHEDULE_S seconds with the generator's check).
 TUNING_EMBEDDER_MIN_NEW_CORRECTIONS = env.int("TUNING_EMBEDDER_MIN_NEW_CORRECTIONS", default=50)

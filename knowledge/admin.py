@@ -330,13 +330,16 @@ class WebsiteSyncAdmin(admin.ModelAdmin):
 class EmbeddingModelVersionAdmin(admin.ModelAdmin):
     """Embedding-model versions (read-only): which one serves, candidates' shadow re-embedding
     progress, and two actions: promote a ready (or retired) version, roll back to the previous one.
-    Both switch every process at once (``knowledge.services.embedding_version_activate``)."""
+    Both are queued (``knowledge.services.embedding_version_promotion_request``: the version shows
+    ``promoting`` until a worker has switched every process, ``knowledge.activate_embedding_version``),
+    never run in the request; the page refreshes itself while a version builds or promotes."""
 
-    list_display = ("name", "status", "dimension", "progress", "chunks_done", "chunks_total", "note", "created_at",
-                    "promoted_at", "retired_at")
+    list_display = ("name", "status", "dimension", "progress", "chunks_done", "chunks_total", "abstain_max_distance",
+                    "note", "reason", "created_at", "promoted_at", "retired_at")
     list_filter = ("status",)
     readonly_fields = [f.name for f in EmbeddingModelVersion._meta.fields]
     actions = ["promote", "roll_back"]
+    change_list_template = "admin/knowledge/embeddingmodelversion/change_list.html"
 
     def has_add_permission(self, request):
         return False
@@ -344,24 +347,33 @@ class EmbeddingModelVersionAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return False
 
-    @admin.action(description="Promote the selected version (serves at once, in every process)")
+    def changelist_view(self, request, extra_context=None):
+        busy = EmbeddingModelVersion.objects.filter(status__in=(EmbeddingModelVersion.Status.BUILDING,
+                                                                EmbeddingModelVersion.Status.PROMOTING)).exists()
+        return super().changelist_view(request, {**(extra_context or {}), "versions_busy": busy})
+
+    @admin.action(description="Promote the selected version (queued: a worker switches every process)")
     def promote(self, request, queryset):
         if queryset.count() != 1:
             self.message_user(request, "select exactly one version to promote", messages.ERROR)
             return
         version = queryset.get()
         try:
-            services.embedding_version_activate(version.pk, note=f"promoted by {request.user.get_username()}")
+            services.embedding_version_promotion_request(version.pk,
+                                                         note=f"promoted by {request.user.get_username()}")
         except services.EmbeddingVersionError as error:
             self.message_user(request, f"not promoted: {error}", messages.ERROR)
         else:
-            self.message_user(request, f"{version.model_id} is active")
+            self.message_user(request, f"promotion of {version.model_id} queued: it is promoting, and serves once a "
+                                       "worker has switched every process (this page refreshes itself)")
 
-    @admin.action(description="Roll back to the previous version (from its kept vectors)")
+    @admin.action(description="Roll back to the previous version (queued; from its kept vectors)")
     def roll_back(self, request, queryset):
         try:
-            version = services.embedding_version_rollback(note=f"rolled back by {request.user.get_username()}")
+            version = services.embedding_version_rollback_request(
+                note=f"rolled back by {request.user.get_username()}")
         except services.EmbeddingVersionError as error:
             self.message_user(request, f"not rolled back: {error}", messages.ERROR)
         else:
-            self.message_user(request, f"rolled back: {version.model_id} is active")
+            self.message_user(request, f"rollback to {version.model_id} queued: it is promoting, and serves once a "
+                                       "worker has switched every process (this page refreshes itself)")

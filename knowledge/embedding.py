@@ -43,12 +43,29 @@ def settings_model_id() -> str:
 class ActiveEmbedding:
     """The embedding version serving now: ``version_id`` (``None`` for the implicit settings version
     before any is registered), ``model_id`` (``"<name>@<dim>"``, as on ``Chunk.embedding_model``),
-    ``path`` (its sentence-transformers folder), ``dimension``."""
+    ``path`` (its sentence-transformers folder), ``dimension``, and its own fitted abstention
+    thresholds (cosine distance 0..2, ``None``: the settings'; see ``abstain_distance``)."""
 
     version_id: int | None
     model_id: str
     path: str
     dimension: int
+    abstain_max_distance: float | None = None
+    follow_up_max_distance: float | None = None
+
+    @property
+    def abstain_distance(self) -> float:
+        """The abstention threshold for this version's distances (cosine, 0..2): its fitted one, else
+        ``ABSTAIN_MAX_DISTANCE`` (chosen on the settings' MiniLM)."""
+        fitted = self.abstain_max_distance
+        return settings.ABSTAIN_MAX_DISTANCE if fitted is None else float(fitted)
+
+    @property
+    def follow_up_distance(self) -> float:
+        """The follow-up threshold for this version's distances (cosine, 0..2): its fitted one, else
+        ``FOLLOW_UP_MAX_DISTANCE``."""
+        fitted = self.follow_up_max_distance
+        return settings.FOLLOW_UP_MAX_DISTANCE if fitted is None else float(fitted)
 
 
 def settings_embedding() -> ActiveEmbedding:
@@ -58,7 +75,8 @@ def settings_embedding() -> ActiveEmbedding:
 
 def version_embedding(version) -> ActiveEmbedding:
     """``ActiveEmbedding`` of an ``EmbeddingModelVersion`` row (any status)."""
-    return ActiveEmbedding(version.pk, version.model_id, version.path, int(version.dimension))
+    return ActiveEmbedding(version.pk, version.model_id, version.path, int(version.dimension),
+                           version.abstain_max_distance, version.follow_up_max_distance)
 
 
 def active_embedding() -> ActiveEmbedding:
@@ -71,12 +89,13 @@ def active_embedding() -> ActiveEmbedding:
     from django.db import connection
 
     with connection.cursor() as cursor:
-        cursor.execute("SELECT id, name, path, dimension FROM knowledge_embeddingmodelversion WHERE status = 'active'")
+        cursor.execute("SELECT id, name, path, dimension, abstain_max_distance, follow_up_max_distance "
+                       "FROM knowledge_embeddingmodelversion WHERE status = 'active'")
         row = cursor.fetchone()
     if row is None:
         return settings_embedding()
-    pk, name, path, dimension = row
-    return ActiveEmbedding(pk, f"{name}@{dimension}", path, int(dimension))
+    pk, name, path, dimension, abstain, follow_up = row
+    return ActiveEmbedding(pk, f"{name}@{dimension}", path, int(dimension), abstain, follow_up)
 
 
 def model_id() -> str:

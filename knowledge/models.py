@@ -364,6 +364,18 @@ class EmbeddingModelVersion(models.Model):
     promoted version is ``active`` (``promoted_at``); the version it replaced becomes ``retired``
     with its vectors kept in ``ChunkEmbedding`` (rollback needs no re-embedding). ``sha256`` is the
     folder's digest (``folder_sha256``), checked before the folder is loaded for serving.
+
+    A promotion or rollback is requested (``knowledge.services.embedding_version_promotion_request``)
+    and runs in a worker: the target is ``promoting`` from the request (a compare-and-set from
+    ``ready`` / ``retired``, remembered in ``promoting_from``; at most one version is promoting, a
+    partial unique index) until the worker made it ``active``; when the switch fails it goes back to
+    ``promoting_from`` with the reason, and the active version kept serving throughout.
+
+    ``abstain_max_distance`` / ``follow_up_max_distance``: this version's abstention thresholds
+    (cosine distance, 0..2), fitted by the embedder run's gate so that it declines as the version it
+    was compared with did (``calibration`` holds the fit's numbers); ``None`` means the settings'
+    ``ABSTAIN_MAX_DISTANCE`` / ``FOLLOW_UP_MAX_DISTANCE`` (chosen on the settings' MiniLM). The
+    pipeline reads the active version's (``knowledge.embedding.active_embedding``).
     """
 
     class Status(models.TextChoices):
@@ -373,9 +385,15 @@ class EmbeddingModelVersion(models.Model):
         RETIRED = "retired", "Retired"
         REJECTED = "rejected", "Rejected by the gate"
         FAILED = "failed", "Failed"
+        PROMOTING = "promoting", "Promoting (switch queued or running)"
 
-    # Versions whose vectors ingestion keeps up to date in ``ChunkEmbedding`` (besides the active one).
+    # Candidates: versions a build or the gate may still fail (their shadow vectors then dropped).
     CANDIDATE_STATUSES = (Status.BUILDING, Status.READY)
+    # Versions whose vectors ingestion keeps up to date in ``ChunkEmbedding`` (besides the active one):
+    # the candidates, and a version being promoted (its switch copies them into ``Chunk.embedding``).
+    SHADOW_STATUSES = (Status.BUILDING, Status.READY, Status.PROMOTING)
+    # What a promotion (or a rollback) may start from.
+    ACTIVATABLE_STATUSES = (Status.READY, Status.RETIRED)
 
     name = models.CharField(max_length=200, unique=True, help_text="Recorded on chunks as <name>@<dimension>.")
     path = models.CharField(max_length=1000, help_text="sentence-transformers folder (or hub name) of the model.")
@@ -392,10 +410,25 @@ class EmbeddingModelVersion(models.Model):
     ready_at = models.DateTimeField(null=True, blank=True)
     promoted_at = models.DateTimeField(null=True, blank=True)
     retired_at = models.DateTimeField(null=True, blank=True)
+    promoting_from = models.CharField(max_length=20, blank=True,
+                                      help_text="While promoting: the status it goes back to if the switch fails.")
+    promotion_requested_at = models.DateTimeField(null=True, blank=True)
+    abstain_max_distance = models.FloatField(
+        null=True, blank=True, help_text="Abstention threshold of this version (cosine distance 0..2); "
+                                         "empty: the ABSTAIN_MAX_DISTANCE setting.")
+    follow_up_max_distance = models.FloatField(
+        null=True, blank=True, help_text="Follow-up threshold of this version (cosine distance 0..2); "
+                                         "empty: the FOLLOW_UP_MAX_DISTANCE setting.")
+    calibration = models.JSONField(default=dict, blank=True,
+                                   help_text="How the thresholds were fitted (the embedder gate's numbers).")
 
     class Meta:
         constraints = [
             UniqueConstraint(fields=["status"], condition=Q(status="active"), name="embeddingversion_one_active"),
+            UniqueConstraint(fields=["status"], condition=Q(status="promoting"), name="embeddingversion_one_promoting"),
+            CheckConstraint(condition=Q(abstain_max_distance__isnull=True) | (Q(abstain_max_distance__gte=0)
+                                                                                & Q(abstain_max_distance__lte=2)),
+                            name="embeddingversion_abstain_distance_range"),
             CheckConstraint(condition=Q(progress__gte=0) & Q(progress__lte=1), name="embeddingversion_progress_range"),
             CheckConstraint(condition=Q(dimension__gte=1), name="embeddingversion_dimension_positive"),
         ]

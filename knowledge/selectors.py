@@ -22,8 +22,9 @@ that returned the chunk.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -110,13 +111,17 @@ class ConversationalRetrieval:
     closest chunk's cosine distance, 0..2, for the question's own words; ``None`` if nothing), and
     ``distance`` (the same for ``chunks``). ``follow_up`` is ``OWN_WORDS_FIRST`` when the question
     stands on its own but the history's results were fused after its own (``chunks``; ``distance`` is
-    then the question's own)."""
+    then the question's own). ``abstain_distance`` is the abstention threshold (cosine, 0..2) that
+    fits these distances: the searched (active) version's own, else ``ABSTAIN_MAX_DISTANCE``; the
+    pipeline declines when ``distance`` is above it. ``model_id`` is the embedding version searched."""
 
     chunks: list[RetrievedChunk]
     query: str
     follow_up: str | None
     question_distance: float | None
     distance: float | None
+    abstain_distance: float | None = None
+    model_id: str | None = None
 
     @property
     def reads_history(self) -> bool:
@@ -182,14 +187,20 @@ def conversation_search(
     own sources; when they do not, only its own (far) results are returned, for the caller's
     abstention check. ``question_embedding`` (unit vector of length ``EMBEDDING_DIM``) is the
     question's own embedding when the caller already has it. ``exclude_kinds`` as in ``chunk_search``.
+
+    Both searches and the thresholds are read in one REPEATABLE READ snapshot (``_search_snapshot``),
+    so a promotion of the embedding model between them cannot fuse an old and a new ranking, nor judge
+    new distances by the old version's threshold: ``weak_distance`` / ``lean_max_distance`` default to
+    the active version's fitted thresholds (``ActiveEmbedding.abstain_distance`` /
+    ``follow_up_distance``: ``ABSTAIN_MAX_DISTANCE`` / ``FOLLOW_UP_MAX_DISTANCE`` unless the embedder
+    gate fitted its own), returned as ``abstain_distance``.
     Returns ``ConversationalRetrieval``; raises ``ValueError`` like ``chunk_search``.
     """
-    weak = settings.ABSTAIN_MAX_DISTANCE if weak_distance is None else weak_distance
-    lean = settings.FOLLOW_UP_MAX_DISTANCE if lean_max_distance is None else lean_max_distance
     margin = settings.FOLLOW_UP_OWN_MARGIN if own_margin is None else own_margin
     question = question.strip()
     if not question:
-        return ConversationalRetrieval([], "", None, None, None)
+        return ConversationalRetrieval([], "", None, None, None,
+                                       settings.ABSTAIN_MAX_DISTANCE if weak_distance is None else weak_distance)
     query = retrieval_query(question, history)
     if question_embedding is not None:
         vectors = [question_embedding]
@@ -198,13 +209,21 @@ def conversation_search(
     else:
         texts = [question] if query == question else [question, query]
         vectors = embedding_module.get_embedding_model().encode(texts)
-    own = chunk_search(question, k=k, collection=collection, query_embedding=vectors[0], mode=mode,
-                       exclude_kinds=exclude_kinds)
+    with _search_snapshot():
+        active = embedding_module.active_embedding()
+        weak = active.abstain_distance if weak_distance is None else weak_distance
+        lean = active.follow_up_distance if lean_max_distance is None else lean_max_distance
+        own = chunk_search(question, k=k, collection=collection, query_embedding=vectors[0], mode=mode,
+                           exclude_kinds=exclude_kinds)
+        with_history = None if query == question else chunk_search(
+            query, k=k, collection=collection, query_embedding=vectors[1], mode=mode, exclude_kinds=exclude_kinds)
+
+    def result(chunks, used_query, follow_up, distance) -> ConversationalRetrieval:
+        return ConversationalRetrieval(chunks, used_query, follow_up, own_distance, distance, weak, active.model_id)
+
     own_distance = _closest(own)
-    if query == question:
-        return ConversationalRetrieval(own, question, None, own_distance, own_distance)
-    with_history = chunk_search(query, k=k, collection=collection, query_embedding=vectors[1], mode=mode,
-                                exclude_kinds=exclude_kinds)
+    if with_history is None:
+        return result(own, question, None, own_distance)
     history_distance = _closest(with_history)
     reason = None
     if is_follow_up(question):
@@ -216,16 +235,31 @@ def conversation_search(
           and history_distance <= weak and _shares_terms(question, with_history[:3])):
         reason = "weak on its own"
     if reason and not _own_words_lead(own_distance, history_distance, weak=weak, margin=margin):
-        return ConversationalRetrieval(with_history, query, reason, own_distance, history_distance)
+        return result(with_history, query, reason, history_distance)
     if own_distance is not None and own_distance <= weak:
         # (Also a question that refers back whose own words lead, ``_own_words_lead``.)
         # On topic on its own words: its own chunks lead and the history's join them by RRF, so a
         # follow-up that names no topic without referring back ("What documents do I need?") still
         # finds its page (Doc2Dial all turns, 700 questions: document-hit@5 0.731 -> 0.766), while
         # abstention keeps judging the question's own distance.
-        return ConversationalRetrieval(_rrf_fuse([own, with_history], k), query, OWN_WORDS_FIRST, own_distance,
-                                       own_distance)
-    return ConversationalRetrieval(own, question, None, own_distance, own_distance)
+        return result(_rrf_fuse([own, with_history], k), query, OWN_WORDS_FIRST, own_distance)
+    return result(own, question, None, own_distance)
+
+
+@contextmanager
+def _search_snapshot() -> Iterator[None]:
+    """A transaction whose reads share one snapshot: outermost, REPEATABLE READ, after taking the chunk
+    table's share lock (before the snapshot: a promotion that rebuilds the column for another
+    dimension holds ACCESS EXCLUSIVE until it commits, and a snapshot taken before that would see the
+    rewritten table empty). Inside a caller's transaction it is a savepoint and the caller's snapshot
+    rules (e.g. ``conversation_search`` holding one for both of its ``chunk_search`` calls)."""
+    outermost = not connection.in_atomic_block
+    with transaction.atomic():
+        if outermost:
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                cursor.execute("LOCK TABLE knowledge_chunk IN ACCESS SHARE MODE")
+        yield
 
 
 def _rrf_fuse(rankings: Sequence[Sequence[RetrievedChunk]], k: int) -> list[RetrievedChunk]:
@@ -403,16 +437,9 @@ def chunk_search(
         "collection": collection,
         "exclude_kinds": list(exclude_kinds),
     }
-    outermost = not connection.in_atomic_block
-    with transaction.atomic(), connection.cursor() as cursor:
-        # One snapshot for the version read and both statements, so a source re-ingested or a version
-        # promoted in between cannot mix results; SET LOCAL lasts until the end of this transaction only.
-        if outermost:
-            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            # Before the snapshot is taken (LOCK takes none): a promotion that rebuilds the column for
-            # another dimension holds ACCESS EXCLUSIVE until it commits; a snapshot taken before that
-            # would see the rewritten table empty.
-            cursor.execute("LOCK TABLE knowledge_chunk IN ACCESS SHARE MODE")
+    # One snapshot for the version read and both statements, so a source re-ingested or a version
+    # promoted in between cannot mix results; SET LOCAL lasts until the end of this transaction only.
+    with _search_snapshot(), connection.cursor() as cursor:
         active = embedding_module.active_embedding()
         searched = active
         if embedding_version is not None and embedding_version != active.version_id:

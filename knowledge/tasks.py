@@ -9,7 +9,8 @@ and another delivery re-runs it (ingestion is idempotent); ``ingest_source`` at 
 ``ingest_source`` per unfinished source, so a file that kills its worker fails alone. Without
 ``reject_on_worker_lost`` Celery acknowledges such a task as failed and it is lost, leaving its
 sources in ``embedding`` for ever. ``fail_stuck_sources`` (Celery beat) fails what is still stuck
-(``knowledge.stuck_ingestions``).
+(``knowledge.stuck_ingestions``). ``activate_embedding_version`` runs a promotion or rollback of the
+embedding model that an admin (or anything else answering a request) queued: minutes at 100k chunks.
 """
 
 from __future__ import annotations
@@ -102,3 +103,20 @@ def send_unsent_sources() -> int:
     (``services.sources_send_unsent``; Celery beat, every ``STUCK_WORK_SWEEP_S``). Returns how many
     sources; safe to run twice."""
     return services.sources_send_unsent()
+
+
+@shared_task(name="knowledge.activate_embedding_version", acks_late=True, reject_on_worker_lost=True)
+def activate_embedding_version(version_id: int, note: str = "") -> str:
+    """Switch every process to embedding version ``version_id`` (a promotion or a rollback queued by
+    ``services.embedding_version_promotion_request``; the default queue): ``services.
+    embedding_version_promotion_run``. Safe to deliver twice (only a ``promoting`` version is switched;
+    a worker killed mid-switch rolls its transaction back and the redelivery runs it again). Returns
+    the version's status afterwards: ``"active"``, or the status it went back to when the switch
+    failed (the reason is on the version; the active version kept serving). Unexpected errors are
+    re-raised for the worker's log after the version was put back."""
+    from knowledge.models import EmbeddingModelVersion
+
+    try:
+        return services.embedding_version_promotion_run(version_id, note=note).status
+    except (services.EmbeddingVersionError, EmbeddingModelVersion.DoesNotExist):
+        return EmbeddingModelVersion.objects.filter(pk=version_id).values_list("status", flat=True).first() or "missing"

@@ -55,16 +55,22 @@ class CorrectionAdmin(ReadOnlyAdmin):
     exclude = ("shown_chunks", "supporting_chunks", "history")
 
 
+def _declined(counts: dict | None) -> str:
+    """``"declined / n"`` of an abstention count (``tuning.embedder_evaluation._declined``)."""
+    return f"{counts['declined']} / {counts['n']}" if counts else "–"
+
+
 @admin.register(EmbedderRun)
 class EmbedderRunAdmin(admin.ModelAdmin):
     """Embedder runs (read-only), with "Retrain retriever now" (starts a run on the tuning queue) and
-    a cancel action (the worker stops at its next step; serving is untouched either way)."""
+    a cancel action (the worker stops at its next step; serving is untouched either way). The list and
+    a run's page refresh themselves while a run is in progress (training, re-embedding, gate, promotion)."""
 
     list_display = ("pk", "status", "trigger", "train_count", "heldout_count", "progress", "reembedding_progress",
                     "dimension", "promoted", "created_at", "duration_s")
     list_filter = ("status", "trigger", "promoted")
     readonly_fields = ["gate", *[f.name for f in EmbedderRun._meta.fields]]
-    exclude = ("train_examples", "heldout_examples")
+    exclude = ("train_examples", "heldout_examples", "unanswerable_questions")
 
     @admin.display(description="promotion gate")
     def gate(self, run):
@@ -80,12 +86,33 @@ class EmbedderRunAdmin(admin.ModelAdmin):
                 ("passage-hit@1", "passage_hit@1"), ("passage-hit@5", "passage_hit@5"),
                 ("passage-hit@10", "passage_hit@10"), ("document-hit@5", "document_hit@5"), ("MRR@10", "mrr"),
                 ("questions", "n"))))
+        abstention = decision.get("abstention") or {}
+        if abstention:
+            answerable, unanswerable = abstention.get("answerable", {}), abstention.get("unanswerable", {})
+            rows += format_html_join(
+                "", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                ((name, served, candidate) for name, served, candidate in (
+                    ("abstention threshold (cosine distance)", abstention.get("served_threshold"),
+                     f"{abstention.get('candidate_threshold')} ({abstention.get('method')})"),
+                    ("answerable questions declined", _declined(answerable.get("served")),
+                     _declined(answerable.get("candidate"))),
+                    ("unanswerable questions declined", _declined(unanswerable.get("served")),
+                     _declined(unanswerable.get("candidate"))))))
         return format_html(
             "<p><strong>{}</strong>: {}</p><p>MRR gain {} (interval [{}, {}]){}</p>"
             "<table><tr><th>metric</th><th>active</th><th>candidate</th></tr>{}</table>",
             "promote" if decision.get("promote") else "keep the active embedder", decision.get("reason", ""),
             decision.get("mrr_gain"), interval.get("low"), interval.get("high"),
             "; promoted" if run.promoted else "", rows)
+
+    def changelist_view(self, request, extra_context=None):
+        busy = EmbedderRun.objects.filter(status__in=EmbedderRun.IN_PROGRESS).exists()
+        return super().changelist_view(request, {**(extra_context or {}), "embedder_busy": busy})
+
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        run = EmbedderRun.objects.filter(pk=object_id).only("status").first() if str(object_id).isdigit() else None
+        busy = run is not None and run.status in EmbedderRun.IN_PROGRESS
+        return super().changeform_view(request, object_id, form_url, {**(extra_context or {}), "embedder_busy": busy})
     actions = ["cancel"]
     change_list_template = "admin/tuning/embedderrun/change_list.html"
 

@@ -1,6 +1,19 @@
 """Comparing a candidate embedder with the served one on held-out corrections: offline in memory
 (``embedder_compare``, for benchmarks), and the promotion gate through the serving retrieval
-(``embedder_gate_compare`` on the candidate's shadow vectors, ``embedder_gate_decide``).
+(``embedder_gate_compare`` on the candidate's shadow vectors, ``embedder_gate_decide``), and the
+candidate's abstention thresholds (``abstention_calibrate``).
+
+Abstention after a new embedder: ``ABSTAIN_MAX_DISTANCE`` and ``FOLLOW_UP_MAX_DISTANCE`` are cosine
+distances chosen on the settings' MiniLM; a fine-tuned embedder moves every distance, so the same
+number would decline another share of questions. The gate therefore fits the candidate's own
+thresholds by a quantile (Q-Q) mapping of the active version's over the closest distances both
+versions give the same questions (the held-out corrections' questions, answerable, and the questions
+agents marked unanswerable), stores them on the candidate version, and the pipeline reads the active
+version's (falling back to the settings). It then checks the decisions each version makes with its
+own threshold: the candidate may not decline more held-out answerable questions, nor fewer
+unanswerable ones, than the active version beyond ``TUNING_EMBEDDER_GATE_ABSTENTION_TOLERANCE``.
+``CURATED_MATCH_MAX_DISTANCE`` (question to question) and ``FOLLOW_UP_OWN_MARGIN`` (a difference of
+distances) are not fitted: they stay the settings' for every version.
 
 The offline comparison:
 
@@ -204,14 +217,28 @@ def _summary(rows: Sequence[dict]) -> dict:
             "mrr": round(statistics.fmean(r["rr"] for r in rows), 4)}
 
 
-def embedder_gate_compare(heldout: Sequence[EmbedderExample], version_id: int, *, collection: str | None = None) -> dict:
+def closest_distance(ranking: Sequence[RetrievedChunk], k: int | None = None) -> float | None:
+    """The smallest cosine distance (0..2) among the first ``k`` (default ``RETRIEVAL_K``, what the
+    pipeline retrieves) chunks of ``ranking`` that the vector leg returned: what the pipeline's
+    abstention compares with its threshold. ``None`` when none has one (the pipeline declines)."""
+    distances = [r.vector_distance for r in ranking[: k or settings.RETRIEVAL_K] if r.vector_distance is not None]
+    return round(min(distances), 6) if distances else None
+
+
+def embedder_gate_compare(heldout: Sequence[EmbedderExample], version_id: int, *, collection: str | None = None,
+                          unanswerable: Sequence[str] = ()) -> dict:
     """Score the active embedding version and candidate ``version_id`` (its shadow vectors, built) on
     the held-out examples through the serving retrieval: ``chunk_search`` (hybrid: the version's
     vector leg fused with the full-text leg by RRF), top 10, curated answers excluded (a held-out
-    correction's own answer would be retrieved for its question), one query per correction.
+    correction's own answer would be retrieved for its question), one query per correction. Each
+    question's closest distance (``closest_distance``, cosine 0..2) is recorded per arm, and so is
+    that of every ``unanswerable`` question (retrieval queries of questions agents marked unanswerable
+    from the knowledge base), for the abstention check (``abstention_calibrate``).
 
     Returns ``{"served": scores, "candidate": scores, "rows": [{"query", "served": query_scores,
-    "candidate": query_scores}], "search_s": float}`` with ``ranking_scores``' shape for the scores.
+    "candidate": query_scores, "served_distance", "candidate_distance"}], "unanswerable_rows":
+    [{"query", "served_distance", "candidate_distance"}], "search_s": float}`` with
+    ``ranking_scores``' shape for the scores (distances ``None`` when nothing was found by the vector leg).
     """
     queries = heldout_queries(heldout)
     started = time.perf_counter()
@@ -221,43 +248,142 @@ def embedder_gate_compare(heldout: Sequence[EmbedderExample], version_id: int, *
         candidate = chunk_search(query.query, k=10, collection=collection, exclude_kinds=("curated",),
                                  embedding_version=version_id)
         rows.append({"query": query.query, "served": query_scores(query, served),
-                     "candidate": query_scores(query, candidate)})
+                     "candidate": query_scores(query, candidate), "served_distance": closest_distance(served),
+                     "candidate_distance": closest_distance(candidate)})
+    unanswerable_rows = []
+    for text in dict.fromkeys(q for q in unanswerable if q and q.strip()):
+        k = settings.RETRIEVAL_K
+        served = chunk_search(text, k=k, collection=collection, exclude_kinds=("curated",))
+        candidate = chunk_search(text, k=k, collection=collection, exclude_kinds=("curated",),
+                                 embedding_version=version_id)
+        unanswerable_rows.append({"query": text, "served_distance": closest_distance(served),
+                                  "candidate_distance": closest_distance(candidate)})
     return {"served": _summary([r["served"] for r in rows]), "candidate": _summary([r["candidate"] for r in rows]),
-            "rows": rows, "search_s": round(time.perf_counter() - started, 2)}
+            "rows": rows, "unanswerable_rows": unanswerable_rows, "search_s": round(time.perf_counter() - started, 2)}
+
+
+# --- abstention thresholds of a candidate -------------------------------------------------------
+
+
+def threshold_map(served: Sequence[float], candidate: Sequence[float], threshold: float) -> float:
+    """The candidate's distance that sits where ``threshold`` sits among the served version's
+    distances: a quantile (Q-Q) mapping between the two versions' closest distances of the same
+    questions (cosine, 0..2). ``threshold``'s fractional position among the sorted ``served``
+    distances (linear between neighbours) is read off the sorted ``candidate`` distances at the same
+    position; outside the served range it keeps its distance to the nearest end (a threshold above
+    every served distance stays that far above the candidate's largest). Both lists must hold the
+    same questions' distances (same length, at least 1). Returns the mapped threshold, clipped to 0..2.
+
+    So as many of those questions fall within the mapped threshold for the candidate as within
+    ``threshold`` for the served version; when both versions order answerable below unrelated
+    questions, the candidate then declines the same answerable and unrelated shares.
+    """
+    s, c = np.sort(np.asarray(served, dtype=float)), np.sort(np.asarray(candidate, dtype=float))
+    if len(s) != len(c) or not len(s):
+        raise ValueError("threshold_map needs the same questions' distances for both versions")
+    if threshold <= s[0]:
+        mapped = c[0] - (s[0] - threshold)
+    elif threshold >= s[-1]:
+        mapped = c[-1] + (threshold - s[-1])
+    else:
+        positions = np.arange(len(s), dtype=float)
+        # Repeated served distances: np.interp needs increasing abscissae; the last of equal ones counts.
+        keep = np.append(s[1:] != s[:-1], True)
+        position = float(np.interp(threshold, s[keep], positions[keep]))
+        mapped = float(np.interp(position, positions, c))
+    return float(min(max(mapped, 0.0), 2.0))
+
+
+def _declined(distances: Sequence[float | None], threshold: float) -> dict:
+    """``{"n", "declined" (count), "share" (0..1, 4 places)}`` of questions whose closest distance is
+    missing or above ``threshold`` (the pipeline's abstention)."""
+    n = len(distances)
+    declined = sum(d is None or d > threshold for d in distances)
+    return {"n": n, "declined": declined, "share": round(declined / n, 4) if n else 0.0}
+
+
+def abstention_calibrate(comparison: dict, *, served_threshold: float, served_follow_up: float, fit: bool = True,
+                         min_questions: int = 20) -> dict:
+    """The candidate's abstention thresholds, and what both versions decline with theirs.
+
+    ``served_threshold`` / ``served_follow_up`` are the active version's (cosine, 0..2: its fitted
+    ones, else ``ABSTAIN_MAX_DISTANCE`` / ``FOLLOW_UP_MAX_DISTANCE``). With ``fit`` and at least
+    ``min_questions`` questions (held-out answerable plus unanswerable) with a distance in both arms,
+    the candidate's are ``threshold_map`` of them over those questions' closest distances
+    (``"method": "quantile"``): a fine-tuned embedder changes the distance scale (the settings' values
+    were chosen on MiniLM), and this keeps the share of those questions it answers. Otherwise the
+    candidate keeps the active version's values (``"method": "carried"``, the reason in ``"note"``).
+
+    Returns ``{"method", "note", "questions" (used for the fit), "served_threshold",
+    "candidate_threshold", "served_follow_up", "candidate_follow_up", "answerable": {"served":
+    _declined, "candidate": _declined}, "unanswerable": {... same}}`` (thresholds rounded to 4 places).
+    """
+    rows, others = comparison.get("rows", []), comparison.get("unanswerable_rows", [])
+    pairs = [(r["served_distance"], r["candidate_distance"]) for r in [*rows, *others]
+             if r.get("served_distance") is not None and r.get("candidate_distance") is not None]
+    if fit and len(pairs) >= max(min_questions, 1):
+        served_d, candidate_d = [p[0] for p in pairs], [p[1] for p in pairs]
+        threshold = threshold_map(served_d, candidate_d, served_threshold)
+        follow_up = max(threshold_map(served_d, candidate_d, served_follow_up), threshold)
+        method, note = "quantile", (f"fitted on {len(pairs)} questions' closest distances ({len(rows)} held-out "
+                                    f"answerable, {len(others)} unanswerable)")
+    else:
+        threshold, follow_up, method = served_threshold, served_follow_up, "carried"
+        note = ("calibration is off (TUNING_EMBEDDER_CALIBRATE_ABSTENTION)" if not fit else
+                f"{len(pairs)} question(s) with distances, fewer than the {min_questions} a fit needs; "
+                "the active version's thresholds are kept")
+    return {
+        "method": method, "note": note, "questions": len(pairs),
+        "served_threshold": round(float(served_threshold), 4), "candidate_threshold": round(threshold, 4),
+        "served_follow_up": round(float(served_follow_up), 4), "candidate_follow_up": round(follow_up, 4),
+        "answerable": {"served": _declined([r.get("served_distance") for r in rows], served_threshold),
+                       "candidate": _declined([r.get("candidate_distance") for r in rows], threshold)},
+        "unanswerable": {"served": _declined([r.get("served_distance") for r in others], served_threshold),
+                         "candidate": _declined([r.get("candidate_distance") for r in others], threshold)},
+    }
 
 
 @dataclass(frozen=True)
 class EmbedderGate:
     """The embedder gate's settings: ``min_mrr_gain`` (the lower end of the paired interval of the
     per-question MRR@10 gain must be above it), ``hit_tolerance`` (passage-hit@5 and document-hit@5 may
-    drop by at most this, absolute), and the interval's ``confidence``, ``resamples``, ``seed``."""
+    drop by at most this, absolute), ``abstention_tolerance`` (with its own thresholds the candidate
+    may decline at most this larger a share of the held-out answerable questions, and at most this
+    smaller a share of the unanswerable ones, than the active version with its; absolute, 0..1), and
+    the interval's ``confidence``, ``resamples``, ``seed``."""
 
     min_mrr_gain: float = 0.0
     hit_tolerance: float = 0.0
     confidence: float = 0.95
     resamples: int = 10000
     seed: int = 0
+    abstention_tolerance: float = 0.0
 
     @classmethod
     def from_settings(cls) -> "EmbedderGate":
-        """``TUNING_EMBEDDER_GATE_MIN_MRR_GAIN``, ``TUNING_EMBEDDER_GATE_HIT_TOLERANCE`` and the
-        generator gate's ``TUNING_GATE_CONFIDENCE`` / ``_BOOTSTRAP_RESAMPLES`` / ``_BOOTSTRAP_SEED``."""
+        """``TUNING_EMBEDDER_GATE_MIN_MRR_GAIN``, ``TUNING_EMBEDDER_GATE_HIT_TOLERANCE``,
+        ``TUNING_EMBEDDER_GATE_ABSTENTION_TOLERANCE`` and the generator gate's ``TUNING_GATE_CONFIDENCE``
+        / ``_BOOTSTRAP_RESAMPLES`` / ``_BOOTSTRAP_SEED``."""
         return cls(min_mrr_gain=settings.TUNING_EMBEDDER_GATE_MIN_MRR_GAIN,
                    hit_tolerance=settings.TUNING_EMBEDDER_GATE_HIT_TOLERANCE,
                    confidence=settings.TUNING_GATE_CONFIDENCE, resamples=settings.TUNING_GATE_BOOTSTRAP_RESAMPLES,
-                   seed=settings.TUNING_GATE_BOOTSTRAP_SEED)
+                   seed=settings.TUNING_GATE_BOOTSTRAP_SEED,
+                   abstention_tolerance=settings.TUNING_EMBEDDER_GATE_ABSTENTION_TOLERANCE)
 
 
-def embedder_gate_decide(comparison: dict, gate: EmbedderGate | None = None) -> dict:
+def embedder_gate_decide(comparison: dict, gate: EmbedderGate | None = None, abstention: dict | None = None) -> dict:
     """Whether the candidate of ``comparison`` (``embedder_gate_compare``) should replace the active
     embedder: a paired comparison, as the generator's gate (``tuning.evaluation.gate_decide``). Promote
     only when the lower end of the ``confidence`` interval of the per-question MRR@10 gain (paired
-    bootstrap, ``tuning.evaluation.paired_gain_interval``) is above ``min_mrr_gain`` and neither
-    passage-hit@5 nor document-hit@5 drops by more than ``hit_tolerance``.
+    bootstrap, ``tuning.evaluation.paired_gain_interval``) is above ``min_mrr_gain``, neither
+    passage-hit@5 nor document-hit@5 drops by more than ``hit_tolerance``, and, given ``abstention``
+    (``abstention_calibrate``: each version with its own threshold), the candidate declines at most
+    ``abstention_tolerance`` more of the held-out answerable questions and at most that much fewer of
+    the unanswerable ones (checked only when there are some).
 
     Returns ``{"promote": bool, "reason": str, "mrr_gain" (mean or None), "mrr_gain_interval" (dict or
     None), "passage_hit@5_change", "document_hit@5_change", "served", "candidate" (the scores), "gate"
-    (the settings)}``.
+    (the settings), "abstention" (as given, or None)}``.
     """
     from tuning.evaluation import paired_gain_interval
 
@@ -269,7 +395,7 @@ def embedder_gate_decide(comparison: dict, gate: EmbedderGate | None = None) -> 
     document = round(candidate["document_hit@5"] - served["document_hit@5"], 4)
     decision = {"mrr_gain": interval["mean"] if interval else None, "mrr_gain_interval": interval,
                 "passage_hit@5_change": passage, "document_hit@5_change": document,
-                "served": served, "candidate": candidate, "gate": asdict(gate)}
+                "served": served, "candidate": candidate, "gate": asdict(gate), "abstention": abstention}
 
     def keep(reason: str) -> dict:
         return {**decision, "promote": False, "reason": reason}
@@ -287,6 +413,25 @@ def embedder_gate_decide(comparison: dict, gate: EmbedderGate | None = None) -> 
     if document < -gate.hit_tolerance:
         return keep(f"document-hit@5 drops by {-document:.4f} ({candidate['document_hit@5']} vs "
                     f"{served['document_hit@5']}; tolerance {gate.hit_tolerance})")
+    abstained = ""
+    if abstention is not None:
+        answerable, unanswerable = abstention["answerable"], abstention["unanswerable"]
+        thresholds = (f"candidate threshold {abstention['candidate_threshold']} ({abstention['method']}), active "
+                      f"{abstention['served_threshold']}")
+        more = round(answerable["candidate"]["share"] - answerable["served"]["share"], 4)
+        if more > gate.abstention_tolerance:
+            return keep(f"it declines {answerable['candidate']['declined']} of {answerable['candidate']['n']} held-out "
+                        f"answerable questions against the active embedder's {answerable['served']['declined']} "
+                        f"(+{more:.4f}; tolerance {gate.abstention_tolerance}; {thresholds})")
+        fewer = round(unanswerable["served"]["share"] - unanswerable["candidate"]["share"], 4)
+        if unanswerable["served"]["n"] and fewer > gate.abstention_tolerance:
+            return keep(f"it declines {unanswerable['candidate']['declined']} of {unanswerable['candidate']['n']} "
+                        f"unanswerable questions against the active embedder's {unanswerable['served']['declined']} "
+                        f"(-{fewer:.4f}; tolerance {gate.abstention_tolerance}; {thresholds})")
+        abstained = (f"; declines {answerable['candidate']['declined']}/{answerable['candidate']['n']} answerable "
+                     f"(active {answerable['served']['declined']}) and {unanswerable['candidate']['declined']}/"
+                     f"{unanswerable['candidate']['n']} unanswerable (active {unanswerable['served']['declined']}), "
+                     f"{thresholds}")
     return {**decision, "promote": True,
             "reason": f"MRR@10 {candidate['mrr']} vs {served['mrr']} (gain {interval['mean']:+.4f}, {span}); "
-                      f"passage-hit@5 {passage:+.4f}, document-hit@5 {document:+.4f}"}
+                      f"passage-hit@5 {passage:+.4f}, document-hit@5 {document:+.4f}{abstained}"}

@@ -18,11 +18,15 @@ queued ``EmbedderRun`` (one in progress at a time, a database constraint); the C
    version keeps serving; ingestion meanwhile lands in both;
 4. the gate (``tuning.embedder_evaluation.embedder_gate_compare`` / ``embedder_gate_decide``):
    passage-hit@1/5/10, document-hit@5 and MRR@10 of the active and the candidate version through
-   ``chunk_search`` on the held-out corrections, a paired bootstrap of the MRR gain; the decision and
-   its numbers are stored on the run (``evaluation``, ``decision``);
-5. a candidate that wins is promoted (``embedding_version_activate``: every process switches to its
-   vectors and query encoder at once; ``TUNING_EMBEDDER_AUTO_PROMOTE`` off leaves it ready for an
-   admin); one that loses is ``rejected`` and its shadow vectors dropped.
+   ``chunk_search`` on the held-out corrections, a paired bootstrap of the MRR gain; the candidate's
+   abstention thresholds fitted to its distance scale (``abstention_calibrate``, stored on its
+   version) and the answerable / unanswerable questions each version declines with its own; the
+   decision and its numbers are stored on the run (``evaluation``, ``decision``);
+5. a candidate that wins is promoted (status ``promoting``; ``knowledge.services.
+   embedding_version_promotion_request`` then ``embedding_version_promotion_run`` in this worker:
+   every process switches to its vectors, query encoder and thresholds at once;
+   ``TUNING_EMBEDDER_AUTO_PROMOTE`` off leaves it ready for an admin, whose promotion is queued);
+   one that loses is ``rejected`` and its shadow vectors dropped.
 
 Any error marks the run ``failed`` with the reason (and its version failed); the active version keeps
 serving. Rollback is one action on the version (``embedding_version_rollback``; admin "Roll back").
@@ -72,7 +76,11 @@ def embedder_hyperparameters_from_settings(**overrides):
 
 def embedder_runs_fail_stale(now=None) -> int:
     """Mark failed every in-progress embedder run whose worker has not reported (``heartbeat_at``,
-    or ``created_at`` while queued) for ``TUNING_RUN_STALE_S`` seconds (a killed worker). Returns how many."""
+    or ``created_at`` while queued) for ``TUNING_RUN_STALE_S`` seconds (a killed worker). Returns how many.
+
+    A run whose row its worker holds locked is skipped: it is switching its version in (the
+    promotion's one transaction, minutes at 100k chunks, writes no heartbeat until it commits, and
+    then writes one)."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.TUNING_RUN_STALE_S)
     count = 0
@@ -80,13 +88,29 @@ def embedder_runs_fail_stale(now=None) -> int:
         last = run.heartbeat_at or run.created_at
         if last < cutoff:
             reason = f"the worker stopped reporting during {run.status} (no heartbeat since {last:%Y-%m-%d %H:%M:%S})"
-            failed = EmbedderRun.objects.filter(pk=run.pk, status=run.status).update(
-                status=EmbedderRun.Status.FAILED, finished_at=now, error=reason)
+            with transaction.atomic():
+                if EmbedderRun.objects.select_for_update(skip_locked=True).filter(
+                        pk=run.pk, status=run.status, heartbeat_at=run.heartbeat_at).values_list("pk").first() is None:
+                    continue  # its worker holds it (a switch under way) or it reported meanwhile
+                failed = EmbedderRun.objects.filter(pk=run.pk).update(
+                    status=EmbedderRun.Status.FAILED, finished_at=now, error=reason)
             if failed and run.embedding_version_id:  # its half-built shadow never served; drop it
                 knowledge_services.embedding_version_fail(run.embedding_version_id, f"embedder run {run.pk}: {reason}")
             count += failed
     knowledge_services.embedding_versions_fail_stale(now)
     return count
+
+
+def unanswerable_questions(corrections) -> list[str]:
+    """The retrieval queries (``knowledge.selectors.retrieval_query``: the question, then the earlier
+    user questions) of ``corrections`` without evidence chunks: questions agents marked unanswerable
+    from the knowledge base, and seeded out-of-scope ones. Each once, in the corrections' order. The
+    embedder never trains on them, so all of them serve the gate's abstention check."""
+    from knowledge.selectors import retrieval_query
+
+    found = [retrieval_query(c.question, c.history or []) for c in corrections
+             if not any(chunk.get("text") for chunk in c.supporting_chunks or []) and c.question.strip()]
+    return list(dict.fromkeys(found))
 
 
 def embedder_run_start(*, trigger: str = "manual", requested_by=None, hyperparameters: dict | None = None,
@@ -116,6 +140,7 @@ def embedder_run_start(*, trigger: str = "manual", requested_by=None, hyperparam
     corrections = (Correction.objects.filter(status=Correction.Status.APPROVED, stale=False)
                    .select_related("message").order_by("pk"))
     split = embedder_examples(corrections, holdout_share=share)
+    unanswerable = unanswerable_questions(corrections)
     train, heldout = split["train"], split["heldout"]
     cap = settings.TUNING_EMBEDDER_MAX_EXAMPLES if max_examples is None else max_examples
     if cap and len(train) > cap:
@@ -131,6 +156,7 @@ def embedder_run_start(*, trigger: str = "manual", requested_by=None, hyperparam
                 trigger=trigger, requested_by=requested_by, base_model_path=str(base),
                 base_model_sha256=folder_sha256(base), hyperparameters=hp.as_dict(), holdout_share=share,
                 train_examples=[e.record() for e in train], heldout_examples=[e.record() for e in heldout],
+                unanswerable_questions=unanswerable,
                 examples_sha256=examples_sha256([*train, *heldout]), train_count=len(train),
                 heldout_count=len(heldout),
                 corrections_count=len({e.correction_id for e in [*train, *heldout]}),
@@ -206,7 +232,7 @@ def embedder_run_execute(run_id: int) -> EmbedderRun:
             raise _RunStopped(f"the run is no longer {expected}")
 
     try:
-        from tuning.embedder_evaluation import embedder_gate_compare, embedder_gate_decide
+        from tuning.embedder_evaluation import abstention_calibrate, embedder_gate_compare, embedder_gate_decide
         from tuning.embedder_training import EmbedderExample, EmbedderHyperparameters, embedder_train
 
         if settings.EMBEDDING_THREADS > 0:
@@ -237,28 +263,51 @@ def embedder_run_execute(run_id: int) -> EmbedderRun:
         advance(EmbedderRun.Status.REEMBEDDING, status=EmbedderRun.Status.EVALUATING, reembedding_progress=1.0)
 
         stage = "evaluation"
-        comparison = embedder_gate_compare(heldout, version.pk)
-        decision = embedder_gate_decide(comparison)
+        comparison = embedder_gate_compare(heldout, version.pk, unanswerable=run.unanswerable_questions)
+        active = active_embedding()
+        abstention = abstention_calibrate(
+            comparison, served_threshold=active.abstain_distance, served_follow_up=active.follow_up_distance,
+            fit=settings.TUNING_EMBEDDER_CALIBRATE_ABSTENTION,
+            min_questions=settings.TUNING_EMBEDDER_CALIBRATION_MIN_QUESTIONS)
+        knowledge_services.embedding_version_thresholds_set(
+            version.pk, abstain_max_distance=abstention["candidate_threshold"],
+            follow_up_max_distance=abstention["candidate_follow_up"],
+            calibration={k: v for k, v in abstention.items() if k not in ("answerable", "unanswerable")}
+            | {"run": run.pk, "active_version": active.model_id})
+        decision = embedder_gate_decide(comparison, abstention=abstention)
         evaluation = {"served": comparison["served"], "candidate": comparison["candidate"],
                       "chunks": version.chunks_total, "reembed_s": reembed_s, "candidate_dimension": result.dimension,
-                      "search_s": comparison["search_s"], "rows": comparison["rows"]}
+                      "search_s": comparison["search_s"], "rows": comparison["rows"],
+                      "unanswerable_rows": comparison["unanswerable_rows"]}
         advance(EmbedderRun.Status.EVALUATING, evaluation=evaluation, decision=decision)
 
         stage = "promotion"
         promoted = False
+        expected = EmbedderRun.Status.EVALUATING
         if not decision["promote"]:
             knowledge_services.embedding_version_reject(version.pk, f"embedder run {run.pk}: {decision['reason']}")
         elif settings.TUNING_EMBEDDER_AUTO_PROMOTE:
-            # The run must still be ours when the switch happens (a cancel or stale-fail wins before it).
-            with transaction.atomic():
+            # Already in a worker: the run switches its version itself, through the same request /
+            # run pair as the admin's queued promotion, so both run and version show "promoting".
+            advance(expected, status=EmbedderRun.Status.PROMOTING)
+            expected = EmbedderRun.Status.PROMOTING
+            knowledge_services.embedding_version_promotion_request(version.pk, enqueue=False)
+
+            def still_ours() -> None:
+                # Inside the switch's transaction: a cancel or stale-fail of the run wins before it;
+                # the row stays locked until the switch commits (the stale sweep skips it meanwhile),
+                # and the heartbeat written here is seen when it does.
                 locked = EmbedderRun.objects.select_for_update().get(pk=run.pk)
-                if locked.status != EmbedderRun.Status.EVALUATING:
-                    raise _RunStopped(f"the run is no longer evaluating ({locked.status})")
-                knowledge_services.embedding_version_activate(
-                    version.pk, note=f"promoted by embedder run {run.pk}: {decision['reason']}")
-                promoted = True
+                if locked.status != EmbedderRun.Status.PROMOTING:
+                    raise _RunStopped(f"the run is no longer promoting ({locked.status})")
+                EmbedderRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now())
+
+            knowledge_services.embedding_version_promotion_run(
+                version.pk, note=f"promoted by embedder run {run.pk}: {decision['reason']}", before_switch=still_ours,
+                on_progress=lambda: advance(EmbedderRun.Status.PROMOTING))
+            promoted = True
         finished = timezone.now()
-        advance(EmbedderRun.Status.EVALUATING, status=EmbedderRun.Status.SUCCEEDED, promoted=promoted,
+        advance(expected, status=EmbedderRun.Status.SUCCEEDED, promoted=promoted,
                 finished_at=finished, duration_s=round(time.perf_counter() - started, 1), peak_rss_mb=_peak_rss_mb())
     except Exception as error:  # recorded on the run; serving is untouched
         logger.exception("embedder run %s failed during %s", run.pk, stage)

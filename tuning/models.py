@@ -252,8 +252,11 @@ class EmbedderRun(models.Model):
     "positive", "negative", "positive_chunk_id", "negative_chunk_id", "correction_id", "group",
     "positive_source_id"}``), split by ``tuning.datasets.correction_split`` with ``holdout_share``;
     ``examples_sha256`` digests both. ``hyperparameters`` are ``EmbedderHyperparameters`` as a dict;
-    ``loss_curve`` ``[{"step", "epoch", "loss"}]``. Status moves ``queued`` → ``training`` →
-    ``reembedding`` → ``evaluating`` → ``succeeded`` or ``failed`` (``error`` says why). The candidate
+    ``loss_curve`` ``[{"step", "epoch", "loss"}]``. ``unanswerable_questions`` are the retrieval
+    queries of the approved corrections without evidence chunks (questions agents marked unanswerable,
+    and seeded out-of-scope ones; never trained on), for the gate's abstention check. Status moves
+    ``queued`` → ``training`` → ``reembedding`` → ``evaluating`` → (``promoting``, while its winning
+    candidate is switched in) → ``succeeded`` or ``failed`` (``error`` says why). The candidate
     model folder is ``model_path`` (its files' digest ``model_sha256``, vector ``dimension``), registered
     as ``embedding_version`` (``knowledge.models.EmbeddingModelVersion``) whose shadow vectors the run
     builds. ``evaluation`` is the gate's comparison through ``chunk_search`` (served vs candidate:
@@ -268,10 +271,11 @@ class EmbedderRun(models.Model):
         TRAINING = "training", "Training"
         REEMBEDDING = "reembedding", "Re-embedding (shadow)"
         EVALUATING = "evaluating", "Evaluating"
+        PROMOTING = "promoting", "Promoting"
         SUCCEEDED = "succeeded", "Succeeded"
         FAILED = "failed", "Failed"
 
-    IN_PROGRESS = ("queued", "training", "reembedding", "evaluating")
+    IN_PROGRESS = ("queued", "training", "reembedding", "evaluating", "promoting")
 
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
     trigger = models.CharField(max_length=20, default="manual")  # manual | schedule | command
@@ -284,6 +288,7 @@ class EmbedderRun(models.Model):
     holdout_share = models.FloatField()
     train_examples = models.JSONField(default=list)
     heldout_examples = models.JSONField(default=list)
+    unanswerable_questions = models.JSONField(default=list, blank=True)
     examples_sha256 = models.CharField(max_length=64)
     train_count = models.PositiveIntegerField(default=0)
     heldout_count = models.PositiveIntegerField(default=0)
@@ -313,7 +318,8 @@ class EmbedderRun(models.Model):
         ordering = ["-created_at", "-id"]
         constraints = [
             models.UniqueConstraint(
-                models.Value(True), condition=Q(status__in=["queued", "training", "reembedding", "evaluating"]),
+                models.Value(True),
+                condition=Q(status__in=["queued", "training", "reembedding", "evaluating", "promoting"]),
                 name="embedderrun_one_in_progress",
             ),
             CheckConstraint(condition=Q(holdout_share__gte=0) & Q(holdout_share__lt=1),

@@ -1,5 +1,7 @@
 """Dashboard pages for the tuning loop (under ``/dashboard/fine-tunes/``): runs with live progress,
-their evaluation reports, the "fine-tune now" button and model versions with one-click rollback.
+their evaluation reports, the "fine-tune now" button and model versions with one-click rollback; and
+the embedder runs and embedding-model versions with their live progress (promoted and rolled back from
+the admin, in a worker).
 
 Agents see everything; starting a run and changing the served version are for staff (admins)."""
 
@@ -16,7 +18,11 @@ from chat.engine import EngineError
 from chat.models import ModelVersion
 from tuning.datasets import new_approved_since
 from tuning.fine_tuning import FineTuneError, fine_tune_run_start, model_version_rollback
-from tuning.models import FineTuneRun, ModelEvaluation, TrainingDataset
+from knowledge.models import EmbeddingModelVersion
+from tuning.models import EmbedderRun, FineTuneRun, ModelEvaluation, TrainingDataset
+
+# Embedding versions whose work is under way (the page refreshes itself while one is).
+_VERSIONS_BUSY = (EmbeddingModelVersion.Status.BUILDING, EmbeddingModelVersion.Status.PROMOTING)
 
 
 def _staff_only(request: HttpRequest) -> None:
@@ -26,12 +32,21 @@ def _staff_only(request: HttpRequest) -> None:
 
 @agent_required
 def run_list(request: HttpRequest) -> HttpResponse:
-    """Runs (newest first) with status, progress and decision; model versions; the start button."""
+    """Runs (newest first) with status, progress and decision; model versions; the start button; and
+    the retriever's side: embedder runs (training, re-embedding, gate, promotion progress) and
+    embedding-model versions (building / promoting progress, the serving one, fitted abstention
+    thresholds). The page reloads itself every few seconds while any of them is in progress."""
     runs = list(FineTuneRun.objects.select_related("dataset", "model_version")[:50])
     latest = TrainingDataset.objects.order_by("-version").first()
+    embedder_runs = list(EmbedderRun.objects.select_related("embedding_version").defer(
+        "train_examples", "heldout_examples", "unanswerable_questions", "evaluation", "loss_curve")[:20])
+    embedding_versions = list(EmbeddingModelVersion.objects.all()[:20])
     return render(request, "dashboard/fine_tunes.html", {
         "runs": runs, "versions": ModelVersion.objects.order_by("-created_at", "-id")[:50],
         "in_progress": any(r.status in FineTuneRun.IN_PROGRESS for r in runs),
+        "embedder_runs": embedder_runs, "embedding_versions": embedding_versions,
+        "embedder_busy": (any(r.status in EmbedderRun.IN_PROGRESS for r in embedder_runs)
+                          or any(v.status in _VERSIONS_BUSY for v in embedding_versions)),
         "new_corrections": new_approved_since(latest), "latest_dataset": latest,
     })
 

@@ -13,7 +13,9 @@ The answer pipeline, for one customer question:
    renew it?") together with the customer's earlier questions, any other question on its own words,
    so a new topic never inherits the previous topic's sources;
 3. abstain when retrieval is too weak: the closest chunk's cosine distance (for the question's own
-   words, or for the follow-up's query) is above ``ABSTAIN_MAX_DISTANCE``. The answer is then the
+   words, or for the follow-up's query) is above the active embedding version's threshold
+   (``ABSTAIN_MAX_DISTANCE``, or the one the embedder gate fitted for a fine-tuned embedder,
+   ``EmbeddingModelVersion.abstain_max_distance``; read with the search). The answer is then the
    fixed ``ABSTAIN_MESSAGE`` offering a human; the model is not asked to guess;
 4. otherwise prompt the model with the best ``LLM_PROMPT_SOURCES`` chunks numbered ``[1]..[n]``
    (the closest chunk by cosine distance always among them: ``closest_among_sources``)
@@ -84,8 +86,9 @@ def best_vector_distance(chunks: list[RetrievedChunk]) -> float | None:
 
 def should_abstain(chunks: list[RetrievedChunk], *, max_distance: float | None = None) -> bool:
     """Whether retrieval is too weak to answer from: nothing retrieved by the vector leg, or the
-    closest chunk farther than ``max_distance`` (default ``ABSTAIN_MAX_DISTANCE``, cosine 0..2)."""
-    limit = settings.ABSTAIN_MAX_DISTANCE if max_distance is None else max_distance
+    closest chunk farther than ``max_distance`` (cosine 0..2; default the active embedding version's
+    threshold, ``ABSTAIN_MAX_DISTANCE`` unless the embedder gate fitted one for it: one database read)."""
+    limit = embedding_module.active_embedding().abstain_distance if max_distance is None else max_distance
     best = best_vector_distance(chunks)
     return best is None or best > limit
 
@@ -255,8 +258,11 @@ def answer_compose(
     if retrieval:
         # conversation_search judged a follow-up by the retrieval that used its history, any other
         # question by its own words (so an off-topic question is declined even after on-topic ones).
+        # Judged by the threshold of the embedding version that measured the distance (its fitted one,
+        # else ABSTAIN_MAX_DISTANCE), read in the same snapshot as the search.
         distance = found.distance
-        if distance is None or distance > settings.ABSTAIN_MAX_DISTANCE:
+        limit = settings.ABSTAIN_MAX_DISTANCE if found.abstain_distance is None else found.abstain_distance
+        if distance is None or distance > limit:
             yield from declined("weak retrieval" if distance is not None else "nothing retrieved")
             return
 

@@ -16,7 +16,8 @@
   including the schema change when ``EMBEDDING_DIM`` changed;
 - ``knowledge.services.embedding_versions``: embedding-model versions (blue/green vectors): register
   a candidate, build its shadow vectors while the active version serves, activate it for every
-  process at once, roll back from the kept vectors.
+  process at once (requested from a request, run in a worker), roll back from the kept vectors, and
+  record a version's fitted abstention thresholds.
 
 Import from the package, not the modules: ``from knowledge import services`` and
 ``services.document_ingest(...)``, or ``from knowledge.services import document_ingest``. Every public
@@ -53,9 +54,14 @@ from knowledge.services.embedding_versions import (
     embedding_version_build,
     embedding_version_fail,
     embedding_version_previous,
+    embedding_version_promotion_request,
+    embedding_version_promotion_restore,
+    embedding_version_promotion_run,
     embedding_version_register,
     embedding_version_reject,
     embedding_version_rollback,
+    embedding_version_rollback_request,
+    embedding_version_thresholds_set,
     embedding_versions_fail_stale,
 )
 from knowledge.services.lexemes import lexeme_frequencies_refresh
@@ -116,9 +122,14 @@ __all__ = [
     "embedding_version_build",
     "embedding_version_fail",
     "embedding_version_previous",
+    "embedding_version_promotion_request",
+    "embedding_version_promotion_restore",
+    "embedding_version_promotion_run",
     "embedding_version_register",
     "embedding_version_reject",
     "embedding_version_rollback",
+    "embedding_version_rollback_request",
+    "embedding_version_thresholds_set",
     "embedding_versions_fail_stale",
     # re-embedding
     "ReembedResult",

@@ -28,6 +28,13 @@ Blue/green vectors (``knowledge.models.EmbeddingModelVersion``, ``ChunkEmbedding
   row (``knowledge.embedding.get_embedding_model``). ``embedding_version_rollback`` activates the
   version the last promotion retired, from its kept vectors: only chunks written since are embedded.
 
+Promotion and rollback run in a worker, not in the request that asks for them (at 100k chunks the
+copy is minutes): ``embedding_version_promotion_request`` / ``embedding_version_rollback_request``
+mark the target ``promoting`` (a compare-and-set; one at a time) and queue the Celery task
+``knowledge.activate_embedding_version``, which runs ``embedding_version_promotion_run``; a failed
+switch puts the target back with the reason, the active version serving throughout, and the stale
+sweep (``embedding_versions_fail_stale``) puts back a request whose worker never ran it or died.
+
 Only the latest retired version keeps its vectors (a promotion drops older ones' copies), so the
 storage is at most twice the vectors (three while a candidate builds).
 """
@@ -44,6 +51,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
+from config.task_queue import task_enqueue_on_commit, unsent_reason
 from knowledge import embedding as embedding_module
 from knowledge.models import HNSW_EF_CONSTRUCTION, HNSW_M, Chunk, ChunkEmbedding, EmbeddingModelVersion, Source
 
@@ -293,8 +301,10 @@ def embedding_version_reject(version_id: int, reason: str) -> bool:
 
 def embedding_versions_fail_stale(now=None) -> int:
     """Fail every ``building`` version whose builder has not reported (``heartbeat_at``) for
-    ``EMBEDDING_VERSION_STALE_S`` seconds (a killed worker), dropping its shadow vectors. The active
-    version kept serving all along. Returns how many."""
+    ``EMBEDDING_VERSION_STALE_S`` seconds (a killed worker), dropping its shadow vectors; and put back
+    every ``promoting`` version whose switch has not reported for as long and is not under way (the
+    vectors lock is free: no switch is in its transaction), to the status it had, with the reason.
+    The active version kept serving all along. Returns how many."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.EMBEDDING_VERSION_STALE_S)
     count = 0
@@ -302,6 +312,14 @@ def embedding_versions_fail_stale(now=None) -> int:
         count += embedding_version_fail(version.pk, f"the re-embedding stopped reporting (no heartbeat since "
                                                     f"{version.heartbeat_at:%Y-%m-%d %H:%M:%S}); the active version "
                                                     "kept serving")
+    for version in EmbeddingModelVersion.objects.filter(status=Status.PROMOTING, heartbeat_at__lt=cutoff):
+        with transaction.atomic(), connection.cursor() as cursor:
+            if _promotion_under_way(cursor):  # the switch's transaction (no heartbeat inside it) or chunk writes
+                continue
+            count += embedding_version_promotion_restore(
+                version.pk, f"the promotion did not run or stopped reporting (no heartbeat since "
+                            f"{version.heartbeat_at:%Y-%m-%d %H:%M:%S}); the active version kept serving; "
+                            "promote it again")
     return count
 
 
@@ -332,10 +350,10 @@ def _chunk_text(source: Source, chunk: Chunk, title: str) -> str:
 def shadow_embeddings_write(source: Source, chunks: list[Chunk], *, title: str) -> int:
     """After ``chunks`` of ``source`` were written (with their ids; caller holds the transaction and
     the vectors lock from ``chunk_vectors_prepare``): store their vectors under every candidate version
-    (``building`` or ``ready``), embedded with its encoder. A candidate whose folder this process
+    (``building`` or ``ready``, or ``promoting``: its switch is queued), embedded with its encoder. A candidate whose folder this process
     cannot load is skipped with a warning (its build's catch-up, or the promotion's, embeds them).
     Returns rows written."""
-    candidates = list(EmbeddingModelVersion.objects.filter(status__in=EmbeddingModelVersion.CANDIDATE_STATUSES))
+    candidates = list(EmbeddingModelVersion.objects.filter(status__in=EmbeddingModelVersion.SHADOW_STATUSES))
     if not candidates or not chunks:
         return 0
     texts = [_chunk_text(source, c, title) for c in chunks]
@@ -366,32 +384,56 @@ def _stored_dimension(cursor) -> int:
     return int(cursor.fetchone()[0])
 
 
-def embedding_version_activate(version_id: int, *, note: str = "") -> EmbeddingModelVersion:
+def embedding_version_activate(version_id: int, *, note: str = "", claimed: bool = False,
+                               before_switch: Callable[[], None] | None = None,
+                               on_progress: Callable[[], None] | None = None) -> EmbeddingModelVersion:
     """Make ``version_id`` (``ready``, or ``retired`` for a rollback) the active version for every
     process, atomically (see the module docstring): its vectors become ``Chunk.embedding``, the
     outgoing active version's are kept as its shadow vectors, statuses flip. Chunks lacking the
     target's vector (written since it was built or retired) are embedded first, the last few under
     the lock. ``note`` is recorded as the version's ``reason``. Returns the activated version.
 
-    Raises ``EmbeddingVersionError`` (nothing changed) when the version is not ready / retired, is
-    already active, or its folder is gone or changed (the reason is recorded on it).
+    Synchronous: at 100k chunks the copy is one ``UPDATE`` of every chunk (minutes), so requests do
+    not call it; they queue ``embedding_version_promotion_request`` and a worker runs it through
+    ``embedding_version_promotion_run`` (which passes ``claimed=True``: the version must then be
+    ``promoting``, the status the request set). ``before_switch()`` runs inside the switch's
+    transaction, after the lock (a caller's last check; raising aborts the switch, nothing changed);
+    ``on_progress()`` after each batch of the catch-up embedding before the lock (a heartbeat).
+
+    Raises ``EmbeddingVersionError`` (nothing changed) when the version is not ready / retired (not
+    promoting, when ``claimed``), is already active, or its folder is gone or changed (the reason is
+    recorded on it).
     """
+    allowed = (Status.PROMOTING,) if claimed else EmbeddingModelVersion.ACTIVATABLE_STATUSES
+
+    def refused(version: EmbeddingModelVersion, meanwhile: bool = False) -> EmbeddingVersionError:
+        if meanwhile:
+            return EmbeddingVersionError(f"{version.model_id} became {version.status} meanwhile")
+        if claimed:
+            return EmbeddingVersionError(f"{version.model_id} is {version.status}, not promoting")
+        return EmbeddingVersionError(f"{version.model_id} is {version.status}; only a ready or retired version "
+                                     "can be activated")
+
     version = EmbeddingModelVersion.objects.get(pk=version_id)
-    if version.status not in (Status.READY, Status.RETIRED):
-        raise EmbeddingVersionError(f"{version.model_id} is {version.status}; only a ready or retired version "
-                                    "can be activated")
+    if version.status not in allowed:
+        raise refused(version)
     try:
         encoder = _checked_encoder(version)
     except EmbeddingVersionError as error:
         EmbeddingModelVersion.objects.filter(pk=version.pk).update(reason=str(error))
         raise
     batch = max(int(settings.EMBEDDING_VERSION_BUILD_BATCH), 1)
-    _embed_missing(version, encoder, batch=batch)  # outside the lock: ingestion goes on meanwhile
+    # Outside the lock: ingestion goes on meanwhile.
+    _embed_missing(version, encoder, batch=batch, on_batch=(lambda _written: on_progress()) if on_progress else None)
+    if on_progress:
+        on_progress()
     with transaction.atomic(), connection.cursor() as cursor:
         _vectors_lock_exclusive()
         version = EmbeddingModelVersion.objects.select_for_update().get(pk=version_id)
-        if version.status not in (Status.READY, Status.RETIRED):
-            raise EmbeddingVersionError(f"{version.model_id} became {version.status} meanwhile")
+        if version.status not in allowed:
+            raise refused(version, meanwhile=True)
+        if before_switch:
+            before_switch()
         outgoing = embedding_version_bootstrap()
         _embed_missing(version, encoder, batch=batch)  # chunks swapped in since the pass above
         # The outgoing version's vectors are kept (rollback needs no re-embedding); older copies go.
@@ -422,10 +464,124 @@ def embedding_version_activate(version_id: int, *, note: str = "") -> EmbeddingM
         now = timezone.now()
         EmbeddingModelVersion.objects.filter(pk=outgoing.pk).update(status=Status.RETIRED, retired_at=now)
         EmbeddingModelVersion.objects.filter(pk=version.pk).update(
-            status=Status.ACTIVE, promoted_at=now, retired_at=None, progress=1.0, reason=note[:4000])
+            status=Status.ACTIVE, promoted_at=now, retired_at=None, progress=1.0, reason=note[:4000],
+            promoting_from="", heartbeat_at=now)
     logger.info("embedding version %s active (was %s)", version.model_id, outgoing.model_id)
     version.refresh_from_db()
     return version
+
+
+def embedding_version_promotion_request(version_id: int, *, note: str = "", enqueue: bool = True
+                                        ) -> EmbeddingModelVersion:
+    """Ask for ``version_id`` (``ready``, or ``retired``: a rollback) to become the active version, in a
+    worker: a compare-and-set marks it ``promoting`` (remembering its status in ``promoting_from``,
+    ``promotion_requested_at`` and ``heartbeat_at`` now) and, with ``enqueue``, the Celery task
+    ``knowledge.activate_embedding_version`` is sent once the transaction commits (default queue,
+    ``config.task_queue.task_enqueue_on_commit``). ``note`` becomes the version's ``reason`` once it is
+    active. Returns the version (``promoting``). Nothing is served differently until the worker's
+    switch commits; the active version serves meanwhile.
+
+    When the task queue is unreachable, the version goes back to its status with
+    ``unsent_reason("promotion")`` as its reason (nothing else changed).
+
+    Raises ``EmbeddingVersionError`` (nothing changed) when the version is not ready or retired
+    (already promoting, active, building...) or another version is being promoted (at most one at a
+    time, a partial unique index). Raises ``EmbeddingModelVersion.DoesNotExist`` for an unknown id.
+    """
+    version = EmbeddingModelVersion.objects.get(pk=version_id)
+    if version.status not in EmbeddingModelVersion.ACTIVATABLE_STATUSES:
+        raise EmbeddingVersionError(f"{version.model_id} is {version.status}; only a ready or retired version "
+                                    "can be promoted")
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            claimed = EmbeddingModelVersion.objects.filter(pk=version.pk, status=version.status).update(
+                status=Status.PROMOTING, promoting_from=version.status, promotion_requested_at=now, heartbeat_at=now)
+            if not claimed:  # another request won between the read and the update
+                current = EmbeddingModelVersion.objects.get(pk=version.pk)
+                raise EmbeddingVersionError(f"{version.model_id} is {current.status}; only a ready or retired "
+                                            "version can be promoted")
+            if enqueue:
+                from knowledge.tasks import activate_embedding_version
+
+                def unsent() -> None:
+                    embedding_version_promotion_restore(version.pk, unsent_reason("promotion"))
+
+                task_enqueue_on_commit(activate_embedding_version, (version.pk,), {"note": note[:300]},
+                                       on_unsent=unsent,
+                                       later=f"{version.model_id} was not promoted; the active version serves on")
+    except IntegrityError:  # the partial unique index: another version is promoting
+        busy = EmbeddingModelVersion.objects.filter(status=Status.PROMOTING).first()
+        raise EmbeddingVersionError(f"{busy.model_id if busy else 'another version'} is being promoted; "
+                                    "wait until it is done") from None
+    version.refresh_from_db()
+    return version
+
+
+def embedding_version_rollback_request(*, note: str = "rolled back", enqueue: bool = True) -> EmbeddingModelVersion:
+    """``embedding_version_promotion_request`` for the version the latest promotion replaced (the
+    one holding kept vectors): a rollback in a worker. Returns it (``promoting``). Raises
+    ``EmbeddingVersionError`` when there is none, or as the request does."""
+    previous = embedding_version_previous()
+    if previous is None:
+        raise EmbeddingVersionError("no earlier embedding version with kept vectors to roll back to")
+    return embedding_version_promotion_request(previous.pk, note=note, enqueue=enqueue)
+
+
+def embedding_version_promotion_restore(version_id: int, reason: str) -> bool:
+    """Put a ``promoting`` version back to the status it had before the request (``promoting_from``,
+    ``ready`` when unknown) with ``reason``: its switch failed or never ran; the active version kept
+    serving. A compare-and-set; returns whether it was changed."""
+    with transaction.atomic():
+        version = EmbeddingModelVersion.objects.select_for_update().filter(pk=version_id).first()
+        if version is None or version.status != Status.PROMOTING:
+            return False
+        back = version.promoting_from if version.promoting_from in EmbeddingModelVersion.ACTIVATABLE_STATUSES \
+            else Status.READY
+        EmbeddingModelVersion.objects.filter(pk=version_id).update(status=back, promoting_from="",
+                                                                   reason=reason[:4000])
+    return True
+
+
+def embedding_version_promotion_run(version_id: int, *, note: str = "",
+                                    before_switch: Callable[[], None] | None = None,
+                                    on_progress: Callable[[], None] | None = None) -> EmbeddingModelVersion:
+    """The worker's half of a promotion (or rollback) requested by ``embedding_version_promotion_request``:
+    when ``version_id`` is ``promoting``, activate it (``embedding_version_activate(claimed=True)``),
+    writing ``heartbeat_at`` during the catch-up before the switch (``on_progress()`` too). Returns
+    the version: ``active``, or unchanged when it was not promoting (a second delivery of the task,
+    or a request the stale sweep gave up: nothing is done).
+
+    On any error the switch's transaction is rolled back (the active version kept serving), the
+    version goes back to its earlier status with ``"promotion failed: <error>; <active> kept serving"``
+    as its reason (``embedding_version_promotion_restore``), and the error is raised again
+    (``EmbeddingVersionError`` for the expected ones: a changed folder, a status changed meanwhile).
+    """
+    version = EmbeddingModelVersion.objects.get(pk=version_id)
+    if version.status != Status.PROMOTING:
+        logger.info("embedding version %s is %s, not promoting; nothing to do", version.model_id, version.status)
+        return version
+
+    def heartbeat() -> None:
+        EmbeddingModelVersion.objects.filter(pk=version.pk, status=Status.PROMOTING).update(heartbeat_at=timezone.now())
+        if on_progress:
+            on_progress()
+
+    try:
+        return embedding_version_activate(version.pk, note=note, claimed=True, before_switch=before_switch,
+                                          on_progress=heartbeat)
+    except Exception as error:
+        serving = embedding_module.active_embedding().model_id
+        logger.warning("promotion of embedding version %s failed: %s", version.model_id, error)
+        embedding_version_promotion_restore(version.pk, f"promotion failed: {error}; {serving} kept serving")
+        raise
+
+
+def _promotion_under_way(cursor) -> bool:
+    """Whether something holds the vectors lock (an activation in its transaction, or chunk writes):
+    tried without waiting, released when the caller's transaction ends."""
+    cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [VECTORS_LOCK_KEY])
+    return not cursor.fetchone()[0]
 
 
 def embedding_version_previous() -> EmbeddingModelVersion | None:
@@ -442,3 +598,18 @@ def embedding_version_rollback(*, note: str = "rolled back") -> EmbeddingModelVe
     if previous is None:
         raise EmbeddingVersionError("no earlier embedding version with kept vectors to roll back to")
     return embedding_version_activate(previous.pk, note=note)
+
+
+def embedding_version_thresholds_set(version_id: int, *, abstain_max_distance: float | None,
+                                     follow_up_max_distance: float | None, calibration: dict | None = None) -> None:
+    """Record ``version_id``'s own abstention thresholds (cosine distance, 0..2; ``None``: the settings'
+    ``ABSTAIN_MAX_DISTANCE`` / ``FOLLOW_UP_MAX_DISTANCE``) and how they were fitted (``calibration``,
+    JSON). The pipeline reads the active version's (``knowledge.embedding.active_embedding``), so a
+    promoted version declines by its own distance scale. Raises ``ValueError`` for a threshold outside
+    0..2 (the database refuses it too)."""
+    for value in (abstain_max_distance, follow_up_max_distance):
+        if value is not None and not 0 <= value <= 2:
+            raise ValueError(f"a cosine distance threshold must be in [0, 2], got {value}")
+    EmbeddingModelVersion.objects.filter(pk=version_id).update(
+        abstain_max_distance=abstain_max_distance, follow_up_max_distance=follow_up_max_distance,
+        calibration=calibration or {})

@@ -223,6 +223,36 @@ def test_weak_retrieval_abstains_with_the_fixed_message_without_asking_the_model
 
 
 @pytest.mark.django_db
+def test_abstention_uses_the_active_embedding_versions_own_threshold(fake_engine, retrieval, settings):
+    from knowledge.models import EmbeddingModelVersion
+
+    # Given retrieval whose closest chunk is at 0.3, within ABSTAIN_MAX_DISTANCE (0.62), and an active
+    # embedding version (the settings' model) whose fitted threshold is 0.25: its distances run closer
+    settings.ABSTAIN_MAX_DISTANCE = 0.62
+    retrieval.results = [chunk(1, distance=0.3), chunk(2, distance=0.4)]
+    fake_engine.script(["You", " can", " renew", " a", " licence", " online", " [1]", "."])
+    version = EmbeddingModelVersion.objects.create(
+        name=settings.EMBEDDING_MODEL_NAME, path=str(settings.EMBEDDING_MODEL), dimension=settings.EMBEDDING_DIM,
+        status="active", abstain_max_distance=0.25)
+
+    # When the customer asks, then the bot declines by the version's threshold, not the setting
+    conversation = services.conversation_start()
+    events = events_of(conversation, "How do I renew my licence?")
+    answer = conversation.messages.get(role="assistant")
+    assert (answer.abstained, answer.grounding["reason"]) == (True, "weak retrieval")
+    assert text_of(events) == services.ABSTAIN_MESSAGE and fake_engine.models == []
+    assert services.should_abstain(retrieval.results) is True
+
+    # When the version has no fitted threshold, then the setting decides again: the same question is answered
+    EmbeddingModelVersion.objects.filter(pk=version.pk).update(abstain_max_distance=None)
+    conversation = services.conversation_start()
+    events = events_of(conversation, "How do I renew my licence?")
+    assert conversation.messages.get(role="assistant").abstained is False
+    assert text_of(events) == "You can renew a licence online [1]."
+    assert services.should_abstain(retrieval.results) is False
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize("tokens", [[" ", "\n"], ["[1]", " [2]"], ["How", " do", " I", " renew", " my", " licence", "?"]],
                          ids=["empty", "only markers", "the question restated"])
 def test_an_answer_with_nothing_to_show_gets_the_quoted_source_never_an_empty_bubble(fake_engine, retrieval, tokens):

@@ -2,7 +2,9 @@
 the real MiniLM embedder and candidates made from it (a Dense layer on top: one of the same dimension,
 one of 128): the shadow re-embedding while the active version serves, ingestion during a build,
 a killed build, the search of a candidate's vectors, atomic promotion for every reader and process,
-rollback from the kept vectors, another dimension."""
+rollback from the kept vectors, another dimension; promotion and rollback queued by the admin and run
+by a worker (one at a time, failures given back with the reason, a lost task given back by the sweep);
+a conversation search whose two searches straddle a promotion."""
 
 from __future__ import annotations
 
@@ -449,8 +451,23 @@ def messages(response) -> list[str]:
     return [str(m) for m in response.context["messages"]]
 
 
-def test_the_admin_promotes_a_ready_version_and_rolls_back_in_one_action(db, candidate_folders, admin_client):
+@pytest.fixture
+def sent_promotions(monkeypatch) -> list[tuple[tuple, dict]]:
+    """The ``knowledge.activate_embedding_version`` tasks sent from now on (``(args, kwargs)``); not run."""
+    from knowledge import tasks
+
+    sent: list[tuple[tuple, dict]] = []
+    monkeypatch.setattr(tasks.activate_embedding_version, "apply_async",
+                        lambda args, kwargs: sent.append((tuple(args), dict(kwargs))))
+    return sent
+
+
+def test_the_admin_queues_a_promotion_and_a_rollback_and_a_worker_switches(db, candidate_folders, admin_client,
+                                                                           sent_promotions,
+                                                                           django_capture_on_commit_callbacks):
     from django.urls import reverse
+
+    from knowledge import tasks
 
     # Given a served knowledge base and a ready candidate
     ingest(PAGES)
@@ -460,24 +477,228 @@ def test_the_admin_promotes_a_ready_version_and_rolls_back_in_one_action(db, can
     url = reverse("admin:knowledge_embeddingmodelversion_changelist")
     page = admin_client.get(url)
     assert page.status_code == 200 and b"Promote the selected version" in page.content
+    assert b'http-equiv="refresh"' not in page.content
 
-    # When an admin promotes it, then it serves
-    response = admin_client.post(url, {"action": "promote", "_selected_action": [version.pk]}, follow=True)
-    assert response.status_code == 200 and messages(response) == [f"{version.model_id} is active"]
+    # When an admin promotes it
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(url, {"action": "promote", "_selected_action": [version.pk]}, follow=True)
+
+    # Then the request only queued it: the version is promoting, one task was sent, nothing served changed
+    assert response.status_code == 200
+    assert messages(response) == [f"promotion of {version.model_id} queued: it is promoting, and serves once a "
+                                  "worker has switched every process (this page refreshes itself)"]
+    assert sent_promotions == [((version.pk,), {"note": "promoted by admin"})]
     version.refresh_from_db()
-    assert version.status == "active" and version.reason.startswith("promoted by ")
+    assert (version.status, version.promoting_from) == ("promoting", "ready")
+    assert version.promotion_requested_at is not None
+    assert served_vectors() == before and EmbeddingModelVersion.objects.get(status="active").pk == first.pk
+    # and the list refreshes itself while it promotes
+    assert b'http-equiv="refresh"' in response.content and b"Promoting" in response.content
+
+    # When they press it again before the worker ran, then nothing more is queued (compare-and-set)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(url, {"action": "promote", "_selected_action": [version.pk]}, follow=True)
+    assert messages(response) == [f"not promoted: {version.model_id} is promoting; only a ready or retired version "
+                                  "can be promoted"]
+    assert len(sent_promotions) == 1
+
+    # When the worker runs the task, then the candidate serves
+    assert tasks.activate_embedding_version(*sent_promotions[0][0], **sent_promotions[0][1]) == "active"
+    version.refresh_from_db()
+    assert (version.status, version.reason, version.promoting_from) == ("active", "promoted by admin", "")
+    assert {model for model, _ in served_vectors().values()} == {version.model_id}
+    # and a second delivery of the same task changes nothing
+    assert tasks.activate_embedding_version(*sent_promotions[0][0], **sent_promotions[0][1]) == "active"
+
+    # When they promote the active version, then they are told why and nothing is queued
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(url, {"action": "promote", "_selected_action": [version.pk]}, follow=True)
+    assert messages(response) == [f"not promoted: {version.model_id} is active; only a ready or retired version "
+                                  "can be promoted"]
+    assert len(sent_promotions) == 1
+
+    # When they roll back, then the previous version is promoting, and serves once the worker ran
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(url, {"action": "roll_back", "_selected_action": [version.pk]}, follow=True)
+    assert messages(response) == [f"rollback to {first.model_id} queued: it is promoting, and serves once a worker "
+                                  "has switched every process (this page refreshes itself)"]
+    assert sent_promotions[1] == ((first.pk,), {"note": "rolled back by admin"})
+    first.refresh_from_db()
+    assert (first.status, first.promoting_from) == ("promoting", "retired")
+    assert {model for model, _ in served_vectors().values()} == {version.model_id}
+    assert tasks.activate_embedding_version(*sent_promotions[1][0], **sent_promotions[1][1]) == "active"
+    assert served_vectors() == before
+
+
+def test_a_queued_promotion_is_run_by_a_real_worker(celery_worker_real, candidate_folders):
+    import time
+
+    def wait_for(done) -> None:
+        deadline = time.monotonic() + 120
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    # Given pages the real Celery worker (default queue) ingested, and a ready candidate
+    for name, text in PAGES.items():
+        services.source_upload(filename=name, data=text.encode())
+    wait_for(lambda: set(Source.objects.values_list("status", flat=True)) == {"ready"})
+    assert set(Source.objects.values_list("status", flat=True)) == {"ready"}
+    version = built(candidate_folders["same"])
+
+    # When its promotion is requested outside any transaction (the task is sent at once)
+    requested = services.embedding_version_promotion_request(version.pk, note="promoted by a test")
+    assert requested.status == "promoting"
+
+    # Then the worker switches every chunk to it, with the note as its reason
+    wait_for(lambda: EmbeddingModelVersion.objects.get(pk=version.pk).status != "promoting")
+    version.refresh_from_db()
+    assert (version.status, version.reason) == ("active", "promoted by a test")
     assert {model for model, _ in served_vectors().values()} == {version.model_id}
 
-    # When they promote a version that is not ready (the active one), then they are told why and nothing changes
-    response = admin_client.post(url, {"action": "promote", "_selected_action": [version.pk]}, follow=True)
-    assert messages(response) == [f"not promoted: {version.model_id} is active; only a ready or retired version "
-                                  "can be activated"]
-    assert EmbeddingModelVersion.objects.get(status="active").pk == version.pk
 
-    # When they roll back, then the previous version serves again with its own vectors
-    response = admin_client.post(url, {"action": "roll_back", "_selected_action": [version.pk]}, follow=True)
-    assert response.status_code == 200 and messages(response) == [f"rolled back: {first.model_id} is active"]
-    assert served_vectors() == before
+def test_a_failed_switch_leaves_the_active_version_serving_and_records_why(db, candidate_folders, monkeypatch,
+                                                                            tmp_path):
+    import shutil
+
+    from knowledge import tasks
+
+    # Given a served knowledge base and a ready candidate (in a folder of its own) whose promotion was requested
+    ingest(PAGES)
+    before = served_vectors()
+    folder = tmp_path / "copy"
+    shutil.copytree(candidate_folders["same"], folder)
+    version = built(folder)
+    shadow = shadow_vectors(version.pk)
+    services.embedding_version_promotion_request(version.pk, note="test", enqueue=False)
+
+    # When the switch breaks inside its transaction (after the vectors were copied)
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(embedding_versions, "_drop_shadow", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        tasks.activate_embedding_version(version.pk, note="test")
+
+    # Then the version is ready again with the reason, and nothing else changed: same vectors served,
+    # same active version, the candidate's shadow vectors kept, nothing retired
+    version.refresh_from_db()
+    active = EmbeddingModelVersion.objects.get(status="active")
+    assert (version.status, version.promoting_from) == ("ready", "")
+    assert version.reason == f"promotion failed: disk full; {active.model_id} kept serving"
+    assert served_vectors() == before and active.model_id == embedding_module.settings_model_id()
+    assert set(shadow_vectors(version.pk)) == set(shadow)
+    assert not EmbeddingModelVersion.objects.filter(status="retired").exists()
+
+    # Given its folder changed since, when it is requested and run again, then it is refused the same way
+    monkeypatch.undo()
+    (folder / "extra.txt").write_text("changed")
+    services.embedding_version_promotion_request(version.pk, enqueue=False)
+    assert tasks.activate_embedding_version(version.pk) == "ready"
+    version.refresh_from_db()
+    assert version.status == "ready" and version.reason.startswith("promotion failed: the model folder of")
+    assert "changed since it was registered" in version.reason and served_vectors() == before
+
+
+def test_one_promotion_at_a_time_and_a_request_nobody_ran_is_given_back(db, candidate_folders, settings):
+    # Given two ready candidates
+    ingest(PAGES)
+    first = built(candidate_folders["same"], name="first")
+    second = built(candidate_folders["narrow"], name="second")
+
+    # When both are requested, then the second is refused while the first is promoting
+    services.embedding_version_promotion_request(first.pk, enqueue=False)
+    with pytest.raises(services.EmbeddingVersionError, match=f"{first.model_id} is being promoted"):
+        services.embedding_version_promotion_request(second.pk, enqueue=False)
+    second.refresh_from_db()
+    assert second.status == "ready" and second.promoting_from == ""
+    # and the database refuses a second promoting version whatever the code does
+    with pytest.raises(IntegrityError), transaction.atomic():
+        EmbeddingModelVersion.objects.filter(pk=second.pk).update(status="promoting")
+
+    # When no worker reports for longer than EMBEDDING_VERSION_STALE_S (its task was lost), then the
+    # stale sweep gives the request back with the reason, and the active version still serves
+    EmbeddingModelVersion.objects.filter(pk=first.pk).update(
+        heartbeat_at=timezone.now() - timedelta(seconds=settings.EMBEDDING_VERSION_STALE_S + 1))
+    assert services.embedding_versions_fail_stale() == 1
+    first.refresh_from_db()
+    assert first.status == "ready" and first.reason.startswith("the promotion did not run or stopped reporting")
+    assert embedding_module.model_id() == embedding_module.settings_model_id()
+    # and a late delivery of its task does nothing
+    assert services.embedding_version_promotion_run(first.pk).status == "ready"
+    assert embedding_module.model_id() == embedding_module.settings_model_id()
+
+
+def test_a_promotion_the_task_queue_could_not_take_is_given_back(db, candidate_folders, monkeypatch,
+                                                                 django_capture_on_commit_callbacks):
+    from kombu.exceptions import OperationalError
+
+    from config.task_queue import unsent_reason
+    from knowledge import tasks
+
+    # Given a ready candidate and an unreachable task queue
+    ingest(PAGES)
+    version = built(candidate_folders["same"])
+
+    def unreachable(*args, **kwargs):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(tasks.activate_embedding_version, "apply_async", unreachable)
+
+    # When its promotion is requested, then it is ready again with the reason once the send failed
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.embedding_version_promotion_request(version.pk).status == "promoting"
+    version.refresh_from_db()
+    assert (version.status, version.reason) == ("ready", unsent_reason("promotion"))
+    assert embedding_module.model_id() == embedding_module.settings_model_id()
+
+
+def test_a_conversation_search_sees_one_version_even_if_a_promotion_commits_between_its_searches(
+        transactional_db, candidate_folders, monkeypatch):
+    from knowledge import selectors
+
+    # Given a ready candidate, and a follow-up that refers back (retrieved with its history: two searches)
+    ingest(PAGES)
+    version = built(candidate_folders["same"])
+    history = [{"role": "user", "text": "I need to renew my passport."}, {"role": "assistant", "text": "Sure."}]
+    question = "How long does it take?"
+
+    def signature(found):
+        return (found.follow_up, found.query, found.model_id, ranking(found.chunks),
+                None if found.distance is None else round(found.distance, 4),
+                None if found.question_distance is None else round(found.question_distance, 4))
+
+    old = signature(selectors.conversation_search(question, history))
+    assert old[0] == "refers back"  # its chunks come from the second search
+
+    # and a search whose first chunk_search is followed by the candidate's promotion (another connection)
+    real, calls = selectors.chunk_search, []
+
+    def promoting_after_the_first(*args, **kwargs):
+        found = real(*args, **kwargs)
+        calls.append(args[0])
+        if len(calls) == 1:
+            def promote():
+                try:
+                    services.embedding_version_activate(version.pk)
+                finally:
+                    connection.close()
+
+            thread = threading.Thread(target=promote)
+            thread.start()
+            thread.join(120)
+            assert not thread.is_alive()
+        return found
+
+    monkeypatch.setattr(selectors, "chunk_search", promoting_after_the_first)
+
+    # When the conversation search runs, then both searches read the version active when it began
+    during = signature(selectors.conversation_search(question, history))
+    assert len(calls) == 2 and EmbeddingModelVersion.objects.get(status="active").pk == version.pk
+    assert during == old
+    # and the next one reads the promoted version whole
+    monkeypatch.setattr(selectors, "chunk_search", real)
+    after = selectors.conversation_search(question, history)
+    assert after.model_id == version.model_id and signature(after) != old
 
 
 _SEARCHER = """

@@ -230,22 +230,43 @@ def test_the_gate_refuses_a_candidate_that_does_not_win_and_nothing_served_chang
 
 
 def test_an_embedder_run_promotes_a_candidate_that_passes_the_gate_and_one_action_rolls_it_back(corrections, settings,
-                                                                                                client):
-    # Given a gate forced open (any MRR gain, any drop in hits)
+                                                                                                client, monkeypatch):
+    # Given a gate forced open (any MRR gain, any drop in hits, any change in what it declines)
     settings.TUNING_EMBEDDER_GATE_MIN_MRR_GAIN = -1.0
     settings.TUNING_EMBEDDER_GATE_HIT_TOLERANCE = 1.0
+    settings.TUNING_EMBEDDER_GATE_ABSTENTION_TOLERANCE = 1.0
     before = served_state()
+    # and a spy on the switch, which records what the run and its version show while it runs
+    from knowledge import services as knowledge_services
+
+    real_switch, seen = knowledge_services.embedding_version_promotion_run, {}
+
+    def spying(version_id, **kwargs):
+        seen["run"] = EmbedderRun.objects.values_list("status", flat=True).get()
+        seen["version"] = EmbeddingModelVersion.objects.get(pk=version_id).status
+        return real_switch(version_id, **kwargs)
+
+    monkeypatch.setattr(knowledge_services, "embedding_version_promotion_run", spying)
 
     # When a run trains, re-embeds, gates and promotes
     run = embedder_run_start(holdout_share=HOLDOUT, hyperparameters={"batch_size": 2, "epochs": 1}, enqueue=False)
     run = embedder_run_execute(run.pk)
 
-    # Then its version serves: every chunk holds the candidate's vectors, and queries are embedded by it
+    # Then both showed "promoting" during the switch
+    assert seen == {"run": "promoting", "version": "promoting"}
+    # and its version serves: every chunk holds the candidate's vectors, and queries are embedded by it
     assert run.status == "succeeded", run.error
     assert run.decision["promote"] is True and run.promoted is True
     version = run.embedding_version
     version.refresh_from_db()
     assert version.status == "active" and version.path == run.model_path and version.sha256 == run.model_sha256
+    # with the active version's abstention thresholds carried over (2 held-out questions: too few to fit)
+    abstention = run.decision["abstention"]
+    assert (abstention["method"], abstention["questions"]) == ("carried", 2)
+    assert (version.abstain_max_distance, version.follow_up_max_distance) == (settings.ABSTAIN_MAX_DISTANCE,
+                                                                              settings.FOLLOW_UP_MAX_DISTANCE)
+    assert version.calibration["method"] == "carried" and version.calibration["run"] == run.pk
+    assert abstention["answerable"]["served"]["n"] == 2 and abstention["unanswerable"]["served"]["n"] == 0
     from knowledge.embedding import get_embedding_model, model_id
 
     assert model_id() == version.model_id == get_embedding_model().model_id
@@ -371,3 +392,128 @@ def test_the_scheduled_check_starts_a_run_when_enough_corrections_are_new(correc
     EmbedderRun.objects.filter(pk=run.pk).update(status="succeeded")
     settings.TUNING_EMBEDDER_MIN_NEW_CORRECTIONS = 1
     assert embedder_run_scheduled_check() is None and EmbedderRun.objects.count() == 1
+
+
+def test_a_run_snapshots_the_unanswerable_corrections_questions_for_the_abstention_check(corrections):
+    # Given one more approved correction that has no evidence chunk (an agent marked it unanswerable)
+    conversation = Conversation.objects.create(collection="default")
+    message = Message.objects.create(conversation=conversation, role=Message.Role.ASSISTANT, text="")
+    Correction.objects.create(
+        message=message, reason=Correction.Reason.MISSING_FROM_KB, corrected_answer="We cannot help with that.",
+        question="What is the best pizza topping?", history=[{"role": "user", "text": "Hello there"}],
+        status=Correction.Status.APPROVED, seeded=True, seed_key="unanswerable", seed_group="dialogue-x")
+
+    # When a run starts, then its question (read with the earlier user question, as retrieval reads it)
+    # is snapshotted for the gate, and it is no training or held-out example
+    run = embedder_run_start(holdout_share=HOLDOUT, enqueue=False)
+    assert run.unanswerable_questions == ["What is the best pizza topping?\nHello there"]
+    assert (run.train_count, run.heldout_count, run.corrections_count) == (4, 2, 6)
+
+
+def test_threshold_map_keeps_a_threshold_where_it_sits_among_the_questions_distances():
+    from tuning.embedder_evaluation import threshold_map
+
+    # Given answerable questions at 0.2..0.5 and unrelated ones at 0.7 / 0.8 for the active version, and a
+    # candidate whose distances are all half as large (same order)
+    served = [0.2, 0.3, 0.4, 0.5, 0.7, 0.8]
+    candidate = [d / 2 for d in served]
+    # Then 0.62 (60 % of the way from the farthest answerable to the closest unrelated) maps to 0.31
+    assert threshold_map(served, candidate, 0.62) == pytest.approx(0.31)
+    # and the order of the lists does not matter (each is sorted), only the questions they hold
+    assert threshold_map(served[::-1], candidate, 0.62) == pytest.approx(0.31)
+    # and outside the served range a threshold keeps its distance to the nearest end
+    assert threshold_map(served, candidate, 0.9) == pytest.approx(0.5)
+    assert threshold_map(served, candidate, 0.1) == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        threshold_map(served, candidate[:3], 0.62)
+
+
+def _abstention_rows(answerable: list[tuple[float, float]], unanswerable: list[tuple[float, float]]) -> dict:
+    """A comparison carrying per-question (served, candidate) closest distances."""
+    return {"rows": [{"query": f"a{i}", "served_distance": s, "candidate_distance": c}
+                     for i, (s, c) in enumerate(answerable)],
+            "unanswerable_rows": [{"query": f"u{i}", "served_distance": s, "candidate_distance": c}
+                                  for i, (s, c) in enumerate(unanswerable)]}
+
+
+def test_the_abstention_calibration_fits_the_candidates_scale_and_the_gate_checks_its_decisions():
+    from tuning.embedder_evaluation import EmbedderGate, abstention_calibrate, embedder_gate_decide
+
+    gate = EmbedderGate(min_mrr_gain=-1.0, hit_tolerance=1.0, abstention_tolerance=0.0, resamples=500)
+    clear = _rows([(0.5, 1, 1)] * 20, [(1.0, 1, 1)] * 20)  # a candidate that wins on ranking
+
+    # Given a candidate whose distances are all 0.3 larger: with the active threshold 0.62 it would decline
+    # the answerable questions the active version finds at 0.33..0.55 (now 0.63..0.85)
+    answerable = [(0.21 + 0.02 * i, 0.51 + 0.02 * i) for i in range(18)]  # served 0.21..0.55
+    unanswerable = [(0.70, 1.00), (0.75, 1.05), (0.80, 1.10)]
+    comparison = _abstention_rows(answerable, unanswerable)
+
+    # When its threshold is carried over unchanged, then the gate refuses it for the answerable questions it declines
+    carried = abstention_calibrate(comparison, served_threshold=0.62, served_follow_up=0.70, fit=False)
+    assert (carried["method"], carried["candidate_threshold"]) == ("carried", 0.62)
+    assert carried["answerable"]["served"] == {"n": 18, "declined": 0, "share": 0.0}
+    assert carried["answerable"]["candidate"] == {"n": 18, "declined": 12, "share": 0.6667}
+    decision = embedder_gate_decide(clear, gate, carried)
+    assert decision["promote"] is False
+    assert decision["reason"].startswith("it declines 12 of 18 held-out answerable questions against the active "
+                                         "embedder's 0 (+0.6667; tolerance 0.0;")
+
+    # When it is fitted (21 questions), then its threshold moves by the same 0.3, it declines what the
+    # active version declines, and the gate promotes it
+    fitted = abstention_calibrate(comparison, served_threshold=0.62, served_follow_up=0.70, min_questions=20)
+    assert fitted["method"] == "quantile" and fitted["questions"] == 21
+    assert fitted["candidate_threshold"] == pytest.approx(0.92) and fitted["candidate_follow_up"] == pytest.approx(1.0)
+    assert fitted["answerable"]["candidate"]["declined"] == 0 and fitted["unanswerable"]["candidate"]["declined"] == 3
+    decision = embedder_gate_decide(clear, gate, fitted)
+    assert decision["promote"] is True and decision["abstention"] == fitted
+    assert "declines 0/18 answerable (active 0) and 3/3 unanswerable (active 3)" in decision["reason"]
+    # and with too few questions for a fit, the active version's thresholds are kept
+    assert abstention_calibrate(comparison, served_threshold=0.62, served_follow_up=0.70,
+                                min_questions=22)["method"] == "carried"
+
+    # Given a candidate that finds the answerable questions as the active one does but brings the
+    # unrelated ones as close, then the gate refuses it for the unanswerable questions it no longer declines
+    blurred = _abstention_rows([(d, d) for d, _ in answerable], [(0.70, 0.30), (0.75, 0.32), (0.80, 0.34)])
+    kept = abstention_calibrate(blurred, served_threshold=0.62, served_follow_up=0.70, fit=False)
+    decision = embedder_gate_decide(clear, gate, kept)
+    assert decision["promote"] is False
+    assert decision["reason"].startswith("it declines 0 of 3 unanswerable questions against the active embedder's 3 "
+                                         "(-1.0000; tolerance 0.0;")
+
+
+def test_the_stale_sweep_leaves_a_run_whose_switch_holds_its_row(transactional_db, settings):
+    import threading
+
+    from django.db import connection, transaction
+
+    # Given a promoting run silent for longer than TUNING_RUN_STALE_S, whose worker holds its row (the
+    # switch's one transaction writes no heartbeat until it commits)
+    old = timezone.now() - timedelta(seconds=settings.TUNING_RUN_STALE_S + 1)
+    run = EmbedderRun.objects.create(status="promoting", base_model_path="/tmp/base", base_model_sha256="0" * 64,
+                                     holdout_share=0.2, examples_sha256="0" * 64, heartbeat_at=old)
+    locked, release = threading.Event(), threading.Event()
+
+    def switching():
+        try:
+            with transaction.atomic():
+                EmbedderRun.objects.select_for_update().get(pk=run.pk)
+                locked.set()
+                assert release.wait(60)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=switching)
+    thread.start()
+    try:
+        assert locked.wait(60)
+        # When the sweep runs meanwhile, then it leaves the run alone, without waiting for the lock
+        assert embedder_runs_fail_stale() == 0
+        run.refresh_from_db()
+        assert run.status == "promoting"
+    finally:
+        release.set()
+        thread.join(60)
+    # When the worker is gone (the row free, still no heartbeat), then the sweep fails it
+    assert embedder_runs_fail_stale() == 1
+    run.refresh_from_db()
+    assert run.status == "failed" and run.error.startswith("the worker stopped reporting during promoting")

@@ -10,3 +10,6 @@ def test_fine_tunes_are_routed_to_the_tuning_queue(settings):
     assert app.amqp.router.route({}, "tuning.fine_tune_run")["queue"].name == "gpu-box"
     assert app.amqp.router.route({}, "tuning.embedder_run")["queue"].name == "gpu-box"
     assert app.amqp.router.route({}, "knowledge.ingest_source")["queue"].name == app.conf.task_default_queue
+    # an embedding-model switch an admin queued runs beside ingestion, not behind an hour-long fine-tune
+    assert (app.amqp.router.route({}, "knowledge.activate_embedding_version")["queue"].name
+            == app.conf.task_default_queue)

@@ -146,3 +146,44 @@ def test_the_run_page_and_the_report_show_the_gates_interval_and_checks(agent, v
     assert shown in page and "lower end &gt; 0.0" in page
     # and in the stored report
     assert shown in evaluation.report_html and "citation precision change" in evaluation.report_html
+
+
+def test_the_fine_tunes_page_shows_embedder_runs_and_embedding_versions_live(staff, agent):
+    from django.utils import timezone
+
+    from knowledge.models import EmbeddingModelVersion
+    from tuning.models import EmbedderRun
+
+    # Given an embedder run re-embedding into its candidate version, half done
+    version = EmbeddingModelVersion.objects.create(name="embedder-run-1-abc", path="/tmp/candidate", dimension=384,
+                                                   status="building", progress=0.5, chunks_done=50, chunks_total=100,
+                                                   note="embedder run 1")
+    run = EmbedderRun.objects.create(status="reembedding", base_model_path="/tmp/base", base_model_sha256="0" * 64,
+                                     holdout_share=0.2, examples_sha256="0" * 64, train_count=40, heldout_count=10,
+                                     progress=1.0, reembedding_progress=0.5, embedding_version=version)
+
+    # When staff open the Fine-tunes page, then the run's stage and progress show, and the page reloads itself
+    page = client_for(staff).get("/dashboard/fine-tunes/").content.decode()
+    assert 'http-equiv="refresh"' in page
+    assert "Re-embedding (shadow)" in page and 're-embedding <progress max="1" value="0.5"></progress> 50%' in page
+    assert "(50 / 100 chunks)" in page and "embedder-run-1-abc" in page and "50 / 100 chunks" in page
+    assert f'href="/admin/tuning/embedderrun/{run.pk}/change/"' in page
+
+    # When its version is being promoted, then both show it, still live
+    EmbedderRun.objects.filter(pk=run.pk).update(status="promoting")
+    EmbeddingModelVersion.objects.filter(pk=version.pk).update(
+        status="promoting", promoting_from="ready", promotion_requested_at=timezone.now(), heartbeat_at=timezone.now())
+    page = client_for(agent).get("/dashboard/fine-tunes/").content.decode()
+    assert 'http-equiv="refresh"' in page
+    assert "promoting: switching every process to embedder-run-1-abc" in page
+    assert "Promoting (switch queued or running)" in page
+    assert "/admin/tuning/embedderrun/" not in page  # agents see progress, not the admin
+
+    # When it is done (promoted, serving with a fitted threshold), then the page stops reloading
+    EmbedderRun.objects.filter(pk=run.pk).update(status="succeeded", promoted=True,
+                                                 decision={"promote": True, "reason": "MRR@10 0.5 vs 0.4"})
+    EmbeddingModelVersion.objects.filter(pk=version.pk).update(status="active", abstain_max_distance=0.71)
+    page = client_for(staff).get("/dashboard/fine-tunes/").content.decode()
+    assert 'http-equiv="refresh"' not in page
+    assert "promote: MRR@10 0.5 vs 0.4 (promoted)" in page and "embedder-run-1-abc <strong>(serving)</strong>" in page
+    assert "0.71 (fitted)" in page
