@@ -22,8 +22,8 @@ not offered.
 
 A conversion (``llama_model_quantize`` with requantization allowed; about a second for 135M
 parameters, minutes for 7B) is written once per host to ``MODEL_CACHE_DIR/<sha256 of the source>/
-<stem>.<type>.gguf`` (a temporary file renamed into place, so a crashed or concurrent conversion
-never leaves a half file) and reused while the source's digest is the same. The source file is what a
+<stem>.<type>.gguf`` (a temporary file per process and thread, renamed into place, so a crashed or
+concurrent conversion never leaves a half file) and reused while the source's digest is the same. The source file is what a
 model version records and verifies (``chat.engine.model_files_verify``); LoRA adapters apply on top of
 either. Every serving loader asks here (``chat.engine.load_llama``, ``chat.batching.BatchModel``), so
 the tuner's evaluation of a candidate sees what customers get; the adapter parity check
@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def serving_model_path(path: str | Path, sha256: str = "") -> str:
     if target.is_file():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    partial = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.partial")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, CONVERTIBLE[weight_type][0])
     params.allow_requantize = True
