@@ -15,6 +15,7 @@ development values.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import environ
@@ -410,11 +411,24 @@ def _packaged_chat_model() -> str:
     return str(found[0]) if found else ""
 
 
+def _llm_threads_default() -> int:
+    """The host's cores available to this process, less one for the web, worker and embedding work
+    beside the model (at least 1). Measured on 2 cores (README "Model server", Threads): while the
+    worker ingested Doc2Dial, a 2-thread llama.cpp context fell from 83 to 2-3 tok/s (its threads wait
+    on each other whenever one is preempted; the worker's lower priority did not help), a 1-thread one
+    kept 53-59 tok/s (54 idle)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
 # The base GGUF served when no ModelVersion is active (the registry's default version points here).
 LLM_MODEL_PATH = env("LLM_MODEL_PATH", default="") or _packaged_chat_model()
 # Context window in tokens (prompt + answer), CPU threads for generation, layers offloaded to a GPU.
 LLM_CONTEXT_TOKENS = env.int("LLM_CONTEXT_TOKENS", default=2048)
-LLM_THREADS = env.int("LLM_THREADS", default=2)
+LLM_THREADS = env.int("LLM_THREADS", default=_llm_threads_default())
 LLM_GPU_LAYERS = env.int("LLM_GPU_LAYERS", default=0)
 # llama.cpp's extra CPU buffer types (repacked weights, Intel AMX): on, off, or auto = off on a CPU that
 # reports AMX, where every decode crashed (chat/llama_buffers.py).
