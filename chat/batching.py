@@ -322,7 +322,7 @@ class BatchedModel:
                 self._finish(sequence, "error", error)
             while True:
                 try:
-                    self.requests.get_nowait()._events.put(error)
+                    self.requests.get_nowait().put(error)
                 except queue.Empty:
                     break
         finally:
@@ -334,7 +334,7 @@ class BatchedModel:
         stats.queued_ms = (time.perf_counter() - generation.submitted_at) * 1000
         if generation.cancelled():
             stats.finish_reason = "cancelled"
-            generation._events.put(_DONE)
+            generation.put(_DONE)
             return
         options = generation.options
         try:
@@ -351,7 +351,7 @@ class BatchedModel:
         except Exception as error:  # bad input for this request only; the scheduler keeps serving
             logger.warning("request refused by %s: %s", self.key, error)
             stats.finish_reason = "error"
-            generation._events.put(error if isinstance(error, EngineError) else EngineError(str(error)))
+            generation.put(error if isinstance(error, EngineError) else EngineError(str(error)))
             return
         sequence = _Sequence(generation=generation, seq_id=self.free_ids.pop(0), prompt=prompt, sampler=sampler,
                              max_tokens=max_tokens)
@@ -456,7 +456,7 @@ class BatchedModel:
         sequence.last_at = now
         text = sequence.decoder.decode(self.model.piece(token))
         if text:
-            generation._events.put(text)
+            generation.put(text)
         if sequence.generated >= sequence.max_tokens:
             self._flush_text(sequence, final=True)
             self._finish(sequence, "length")
@@ -467,7 +467,7 @@ class BatchedModel:
     def _flush_text(sequence: _Sequence, *, final: bool) -> None:
         tail = sequence.decoder.decode(b"", final=final)
         if tail:
-            sequence.generation._events.put(tail)
+            sequence.generation.put(tail)
 
     def _finish(self, sequence: _Sequence, reason: str, error: BaseException | None = None) -> None:
         ll = _llama()
@@ -481,7 +481,7 @@ class BatchedModel:
         self.free_ids.append(sequence.seq_id)
         elapsed = time.perf_counter() - sequence.admitted_at
         self.recent_generation_s = 0.8 * self.recent_generation_s + 0.2 * elapsed
-        sequence.generation._events.put(error if error is not None else _DONE)
+        sequence.generation.put(error if error is not None else _DONE)
 
     def _free(self) -> None:
         try:

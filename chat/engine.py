@@ -119,6 +119,24 @@ class Generation:
     _events: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
     _ended: bool = False
     _held: object = None  # an end or error read ahead by poll_joined, returned by the next poll
+    _listener: Callable[[], None] | None = None
+
+    def put(self, item) -> None:
+        """Queue ``item`` for the reader (a text piece, the end marker or an exception) and call the
+        listener. Called by the model thread only."""
+        self._events.put(item)
+        listener = self._listener
+        if listener is not None:
+            listener()
+
+    def set_listener(self, listener: Callable[[], None] | None) -> None:
+        """Have ``listener()`` called from the model thread after each item is queued (a text piece,
+        the end, an error), and once now when items are already waiting; ``None`` removes it. It must
+        not block or raise: an event loop's reader passes ``loop.call_soon_threadsafe(event.set)``
+        and then reads with ``poll(0)`` instead of a thread blocked in ``poll`` per stream."""
+        self._listener = listener
+        if listener is not None and (self._held is not None or not self._events.empty()):
+            listener()
 
     def cancel(self) -> None:
         """Ask the model thread to stop this generation (no effect once it has finished)."""
@@ -129,7 +147,7 @@ class Generation:
         return self.cancel_event.is_set() or (self.external_cancel is not None and self.external_cancel.is_set())
 
     def poll(self, timeout_s: float) -> str | None:
-        """The next text piece, waiting at most ``timeout_s``: ``None`` when none came in time, ``""``
+        """The next text piece, waiting at most ``timeout_s`` (0: not at all): ``None`` when none came in time, ``""``
         once the generation has ended (and on every call after). Raises ``EngineError`` if the model
         failed. For callers that must do something while waiting (the model server's keep-alives)."""
         if self._ended:
@@ -138,7 +156,7 @@ class Generation:
             item, self._held = self._held, None
         else:
             try:
-                item = self._events.get(timeout=timeout_s)
+                item = self._events.get(timeout=timeout_s) if timeout_s > 0 else self._events.get_nowait()
             except queue.Empty:
                 return None
         if item is _DONE:
@@ -306,7 +324,7 @@ class LoadedModel:
         stats.queued_ms = (picked_up - generation.submitted_at) * 1000
         if generation.cancelled():
             stats.finish_reason = "cancelled"
-            generation._events.put(_DONE)
+            generation.put(_DONE)
             return
         first = last = None
         stream = None
@@ -324,13 +342,13 @@ class LoadedModel:
                         first = last
                         stats.first_token_ms = (first - generation.submitted_at) * 1000
                     stats.tokens += 1
-                    generation._events.put(text)
+                    generation.put(text)
                 if choice.get("finish_reason"):
                     stats.finish_reason = choice["finish_reason"]
         except Exception as error:  # reported to the consumer; the thread keeps serving
             logger.exception("generation failed on %s", self.key)
             stats.finish_reason = "error"
-            generation._events.put(error)
+            generation.put(error)
         finally:
             close = getattr(stream, "close", None)
             if close is not None:
@@ -340,7 +358,7 @@ class LoadedModel:
             elapsed = time.perf_counter() - picked_up
             self.recent_generation_s = 0.8 * self.recent_generation_s + 0.2 * elapsed
             if stats.finish_reason != "error":
-                generation._events.put(_DONE)
+                generation.put(_DONE)
 
     def _free(self) -> None:
         close = getattr(self.model, "close", None)

@@ -33,6 +33,7 @@ continuous-batching engine (``chat.batching``) of ``MODEL_SERVER_SLOTS`` sequenc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -297,12 +298,30 @@ def create_app(pool: ModelPool | None = None, *, resolve: Callable[[str], ModelK
                 "usage": usage(),
             })
 
+        async def next_piece(ready: asyncio.Event) -> str | None:
+            # Woken by the model thread (Generation.set_listener), not a worker thread blocked per
+            # stream: with many streams, one thread hop per event competed with the scheduler.
+            ready.clear()
+            piece = generation.poll_joined(0)
+            if piece is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ready.wait(), KEEPALIVE_S)
+                piece = generation.poll_joined(0)
+            return piece
+
         async def events():
+            loop = asyncio.get_running_loop()
+            ready = asyncio.Event()
+
+            def wake() -> None:
+                with contextlib.suppress(RuntimeError):  # the loop closed at shutdown
+                    loop.call_soon_threadsafe(ready.set)
+
+            generation.set_listener(wake)
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 while True:
-                    piece = await anyio.to_thread.run_sync(generation.poll_joined, KEEPALIVE_S,
-                                                           abandon_on_cancel=True, limiter=limiter)
+                    piece = await next_piece(ready)
                     if piece is None:
                         yield ": keep-alive\n\n"
                     elif piece == "":
@@ -314,6 +333,7 @@ def create_app(pool: ModelPool | None = None, *, resolve: Callable[[str], ModelK
             except EngineError as error:  # mid-stream failure: an error event, as llama-server sends
                 yield f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error'}})}\n\n"
             finally:
+                generation.set_listener(None)
                 logger.debug("stream %s ended (%s)", completion_id, generation.stats.finish_reason or "client gone")
                 generation.cancel()  # client gone (task cancelled) or done: free the sequence now
 

@@ -348,3 +348,23 @@ def test_poll_joined_joins_the_pieces_already_queued_and_keeps_the_end_for_the_n
     assert failing.poll_joined(0.1) == "partial"
     with pytest.raises(EngineError, match="llama_decode failed"):
         failing.poll_joined(0.1)
+
+
+def test_a_listener_is_woken_by_each_queued_item_and_at_once_for_items_already_waiting():
+    from chat.engine import _DONE, Generation
+
+    generation = Generation(messages=[], options={})
+    generation.put("Returns")
+    wakes = []
+    # set after an item was queued: woken now, so a reader that clears its event first misses nothing
+    generation.set_listener(lambda: wakes.append(generation.poll_joined(0)))
+    assert wakes == ["Returns"]
+    # each item the model thread queues wakes it; poll(0) reads without waiting
+    worker = threading.Thread(target=lambda: [generation.put(item) for item in (" take 60 days", _DONE)])
+    worker.start()
+    worker.join()
+    assert wakes == ["Returns", " take 60 days", ""]
+    # removed: the model thread no longer calls it
+    generation.set_listener(None)
+    generation.put("late")
+    assert len(wakes) == 3 and generation.poll(0) == ""
