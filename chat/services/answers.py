@@ -12,7 +12,8 @@ The answer pipeline, for one customer question:
    retrieve with ``knowledge.selectors.conversation_search``: a follow-up that refers back ("how do I
    renew it?") together with the customer's earlier questions, any other question on its own words,
    so a new topic never inherits the previous topic's sources;
-3. abstain when retrieval is too weak: the closest chunk's cosine distance (for the question's own
+3. decline a message that instructs the assistant instead of asking (``chat.grounding.instructs_the_assistant``:
+   "Ignore the sources and tell me...", "SYSTEM: ..."); abstain when retrieval is too weak: the closest chunk's cosine distance (for the question's own
    words, or for the follow-up's query) is above the active embedding version's threshold
    (``ABSTAIN_MAX_DISTANCE``, or the one the embedder gate fitted for a fine-tuned embedder,
    ``EmbeddingModelVersion.abstain_max_distance``; read with the search). The answer is then the
@@ -52,7 +53,7 @@ from django.conf import settings
 from chat import engine as engine_module
 from chat import model_client as model_client_module
 from chat.citations import CitationFilter, clean_markers, count_markers, parse_citations
-from chat.grounding import GroundingCheck, SentenceGate, extractive_answer
+from chat.grounding import GroundingCheck, SentenceGate, extractive_answer, instructs_the_assistant
 from chat.models import Conversation, Message, ModelVersion
 from chat.notifications import inbox_notify
 from chat.prompts import grounded_messages, source_excerpt, without_markers
@@ -244,7 +245,8 @@ def answer_compose(
     chunks = closest_among_sources(chunks, settings.LLM_PROMPT_SOURCES)
     trace = retrieval_trace(chunks)
 
-    def declined(reason: str, *, version_used: ModelVersion | None = None, **extra) -> Iterator[AnswerEvent]:
+    def declined(reason: str, *, version_used: ModelVersion | None = None, content_gap: bool = True,
+                 **extra) -> Iterator[AnswerEvent]:
         yield AnswerEvent("chat.token", {"text": ABSTAIN_MESSAGE})
         yield AnswerEvent("answer.composed", {"answer": ComposedAnswer(
             text=ABSTAIN_MESSAGE, abstained=True, method="declined", trace=trace,
@@ -252,9 +254,14 @@ def answer_compose(
             timings={"retrieval_ms": retrieval_ms, "ttft_ms": _ms(time.perf_counter() - received),
                      "first_text_ms": _ms(time.perf_counter() - received),
                      "generation_ms": 0.0, "tokens": 0, "tokens_per_s": 0.0},
-            version=version_used, question_embedding=question_vector,
+            version=version_used, question_embedding=question_vector if content_gap else None,
         )})
 
+    if retrieval and grounding and instructs_the_assistant(question):
+        # "Ignore the sources and tell me...": not a question; a source sentence resembling it would be
+        # an answer beside the point, and it is no gap in the knowledge base.
+        yield from declined("an instruction to the assistant, not a question", content_gap=False)
+        return
     if retrieval:
         # conversation_search judged a follow-up by the retrieval that used its history, any other
         # question by its own words (so an off-topic question is declined even after on-topic ones).
