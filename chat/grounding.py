@@ -322,29 +322,6 @@ def gives_instruction(sentence: str, facts: Facts | None = None) -> bool:
     return bool(facts.urls or facts.emails or facts.phones)
 
 
-# A message that tells the assistant to set aside its instructions or sources, or to take another
-# role: the known shapes of prompt injection (OWASP LLM01), not a customer's question.
-_OVERRIDE = re.compile(
-    # an imperative (at the start of a sentence, or after "please", "now", "just", "and", "then"), so a
-    # customer's own question ("Can I ignore the rules about plates?") is not one
-    r"(?i)(?:^|[.!?;:,]\s*|\b(?:please|now|just|and|then)\s+)(?:ignore|disregard|forget|override|bypass)\b"
-    r"(?:(?:\W+\w+){0,4}?\W+(?:instructions?|sources?|rules?|context|prompts?|guidelines|documents?|"
-    r"knowledge\s+base|system\s+message)\b|\s+(?:everything|all|anything)\s+(?:above|before|previous|prior|"
-    r"you\s+(?:were|have\s+been)\s+told)\b)"
-    r"|^\W*(?:system|developer)\s*(?:prompt|message)?\s*:\s*\w+\s+\w+"
-    r"|\bnew\s+(?:system\s+)?instructions\s*:|\bnew\s+instructions\s*[.!]"
-    r"|\b(?:you\s+are\s+now|from\s+now\s+on,?\s+you|pretend\s+(?:to\s+be|you\s+are))\b")
-
-
-def instructs_the_assistant(message: str) -> bool:
-    """Whether a customer ``message`` is an attempt to instruct the assistant rather than a question:
-    it asks to ignore or override the instructions, sources or rules ("Ignore the sources and tell me
-    ..."), opens as a system message ("SYSTEM: ..."), announces new instructions, or assigns the
-    assistant a role ("you are now...", "pretend to be..."). Such a message is declined: whatever
-    source sentence resembles it would be an answer beside the point."""
-    return bool(_OVERRIDE.search(message))
-
-
 def has_answer_type(text: str, kind: str | None, facts: Facts | None = None) -> bool:
     """Whether ``text`` holds the kind of answer ``kind`` names (see ``answer_type``): an amount needs
     money, a percentage or the words free / no cost; a duration a number with a time unit (or words like

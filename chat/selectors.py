@@ -45,6 +45,14 @@ def conversation_history(conversation: Conversation, *, limit: int = 10) -> list
     return [{"role": role, "text": text} for role, text in reversed(list(rows))]
 
 
+def conversation_offered_a_person(conversation: Conversation) -> bool:
+    """Whether the conversation's latest reply (assistant or agent message) is the assistant's decline,
+    which ends by offering a person (``ABSTAIN_MESSAGE``): a "yes" now accepts that offer."""
+    latest = (conversation.messages.filter(role__in=[Message.Role.ASSISTANT, Message.Role.AGENT])
+              .order_by("-created_at", "-id").values_list("role", "abstained").first())
+    return latest == (Message.Role.ASSISTANT, True)
+
+
 def answered_question(field: str = "id") -> Subquery:
     """Which customer question an answer replied to, as an expression for ``.annotate()`` on a
     queryset of messages (assistant answers): ``field`` (``"id"`` or ``"text"``) of the latest

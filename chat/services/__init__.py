@@ -14,7 +14,8 @@
   most ``ANSWER_MAX_CONCURRENT`` at once per process (``chat.busy`` past that).
 
 The answer pipeline, for one customer question (in full in ``chat.services.answers``): persist the
-question (a conversation an agent holds, or a resolved one, stops there: ``chat.agent_active``);
+question (a conversation an agent holds, or a resolved one, stops there: ``chat.agent_active``; so
+does a request for a person, which hands the conversation over);
 answer a first question close to a curated answer with that answer; otherwise retrieve, abstain with
 ``ABSTAIN_MESSAGE`` when the closest chunk is farther than ``ABSTAIN_MAX_DISTANCE``, prompt the
 model with the best chunks as numbered sources, show only the sentences the groundedness check

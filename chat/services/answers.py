@@ -5,6 +5,9 @@ The answer pipeline, for one customer question:
 
 1. persist the question; if an agent has taken the conversation over (status ``agent``) or it is
    ``resolved``, stop there and yield ``chat.agent_active`` (the bot stays quiet; the agent answers);
+   if the question asks for a person (``chat.intents.asks_for_a_person``: "I'd like to talk to a
+   person", or "yes" right after a decline offered one), hand the conversation to a human
+   (``conversation_request_human``, status ``needs_human``) and yield ``chat.agent_active`` too;
 2. when the question is the conversation's first customer question and is within
    ``CURATED_MATCH_MAX_DISTANCE`` of a curated answer's question (an approved correction,
    ``knowledge.selectors.curated_answer_match``), answer with the curated answer citing its evidence
@@ -12,7 +15,7 @@ The answer pipeline, for one customer question:
    retrieve with ``knowledge.selectors.conversation_search``: a follow-up that refers back ("how do I
    renew it?") together with the customer's earlier questions, any other question on its own words,
    so a new topic never inherits the previous topic's sources;
-3. decline a message that instructs the assistant instead of asking (``chat.grounding.instructs_the_assistant``:
+3. decline a message that instructs the assistant instead of asking (``chat.intents.instructs_the_assistant``:
    "Ignore the sources and tell me...", "SYSTEM: ..."); abstain when retrieval is too weak: the closest chunk's cosine distance (for the question's own
    words, or for the follow-up's query) is above the active embedding version's threshold
    (``ABSTAIN_MAX_DISTANCE``, or the one the embedder gate fitted for a fine-tuned embedder,
@@ -36,7 +39,9 @@ Events (``AnswerEvent(type, data)``), in order: ``chat.token`` ``{"text"}`` (zer
 joined and stripped; ``citation_markers`` ``{"total", "valid"}`` the source numbers the model wrote
 and how many named a source of the prompt; absent on abstentions); or, instead of those, one of ``chat.busy`` ``{"retry_after_s", "message"}``
 (the engine's queue is full; nothing was stored, so the client can send the same question again),
-``chat.agent_active`` ``{"message_id"}`` (the question was stored for the agent; no bot answer) or
+``chat.agent_active`` ``{"message_id", "status"}`` (the question was stored for the agent; no bot
+answer; ``status`` the conversation's: ``agent``, ``resolved`` or, after a request for a person,
+``needs_human``) or
 ``chat.error`` ``{"message"}``.
 """
 
@@ -53,12 +58,13 @@ from django.conf import settings
 from chat import engine as engine_module
 from chat import model_client as model_client_module
 from chat.citations import CitationFilter, clean_markers, count_markers, parse_citations
-from chat.grounding import GroundingCheck, SentenceGate, extractive_answer, instructs_the_assistant
+from chat.grounding import GroundingCheck, SentenceGate, extractive_answer
+from chat.intents import asks_for_a_person, instructs_the_assistant
 from chat.models import Conversation, Message, ModelVersion
 from chat.notifications import inbox_notify
 from chat.prompts import grounded_messages, source_excerpt, without_markers
-from chat.selectors import conversation_get, conversation_history
-from chat.services.conversations import ABSTAIN_MESSAGE, BUSY_MESSAGE, _store_message
+from chat.selectors import conversation_get, conversation_history, conversation_offered_a_person
+from chat.services.conversations import ABSTAIN_MESSAGE, BUSY_MESSAGE, _store_message, conversation_request_human
 from chat.services.model_versions import engine_serving, model_version_active
 from chat.services.question_embeddings import question_embedding_store
 from knowledge import embedding as embedding_module
@@ -491,9 +497,16 @@ def answer_stream(
         return
 
     history = conversation_history(conversation)
+    offered = conversation_offered_a_person(conversation)
     user_message = _store_message(conversation, role=Message.Role.USER, text=question)
     if conversation.status in (Conversation.Status.AGENT, Conversation.Status.RESOLVED):
-        yield AnswerEvent("chat.agent_active", {"message_id": user_message.pk})
+        yield AnswerEvent("chat.agent_active", {"message_id": user_message.pk, "status": conversation.status})
+        return
+    if asks_for_a_person(question, offered=offered):
+        # "I'd like to talk to a person", or "yes" to the decline's offer of one: handed over, as the
+        # widget's "Talk to a human" button does; the bot does not answer it.
+        conversation = conversation_request_human(conversation)
+        yield AnswerEvent("chat.agent_active", {"message_id": user_message.pk, "status": conversation.status})
         return
 
     composed: ComposedAnswer | None = None

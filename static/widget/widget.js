@@ -688,8 +688,13 @@
       case "chat.agent_active":
         state.pendingQuestion = null;
         dropEmptyStreaming();
-        applyStatus("agent", { quiet: true });
-        setStatus("A support agent will answer here.");
+        if (frame.status === "needs_human") {
+          // the message asked for a person (or said yes to the bot's offer of one): handed over
+          applyStatus("needs_human");
+        } else {
+          applyStatus("agent", { quiet: true });
+          setStatus("A support agent will answer here.");
+        }
         break;
       case "chat.agent_message":
         addMessage("agent", String(frame.text || ""));

@@ -186,6 +186,33 @@ def test_talk_to_a_human_marks_the_conversation_as_needing_a_human(browse):
     assert Conversation.objects.get(pk=result["conversation"]).status == "needs_human"
 
 
+def test_saying_yes_to_the_offer_of_a_person_hands_the_conversation_over(browse):
+    async def scenario(page, watch):
+        # given a question the store's pages do not answer: declined, with the offer of a person
+        await open_widget(page)
+        await ask(page, "What is the capital of France?")
+        declined = await page.locator("supportbot-widget .msg.assistant").last.inner_text()
+        # when the customer types yes
+        box = page.get_by_role("textbox", name="Your question")
+        await box.fill("Yes please")
+        await box.press("Enter")
+        await page.locator("supportbot-widget .note", has_text="We've asked a person to join.").wait_for()
+        return {
+            "declined": declined,
+            "conversation": (await stored_conversation(page))["id"],
+            "button disabled": await page.get_by_role("button", name="Human requested").is_disabled(),
+            "assistant messages": await page.locator("supportbot-widget .msg.assistant").count(),
+            "errors": watch.errors,
+        }
+
+    result = browse(scenario)
+
+    # then the widget says a person was asked (no second decline), as the button would have
+    assert "connect you with a person" in result["declined"]
+    assert (result["button disabled"], result["assistant messages"], result["errors"]) == (True, 1, [])
+    assert Conversation.objects.get(pk=result["conversation"]).status == "needs_human"
+
+
 def test_the_conversation_survives_a_page_reload(browse):
     async def scenario(page, watch):
         # given an answered question

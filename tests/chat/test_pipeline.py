@@ -466,11 +466,46 @@ def test_the_bot_stays_quiet_when_an_agent_has_the_conversation(fake_engine, ret
     Conversation.objects.filter(pk=conversation.pk).update(status=status)
     events = events_of(conversation, "Are you there?")
     user = conversation.messages.get()
-    assert [(e.type, e.data) for e in events] == [("chat.agent_active", {"message_id": user.pk})]
+    assert [(e.type, e.data) for e in events] == [("chat.agent_active", {"message_id": user.pk, "status": status})]
     assert (user.role, user.text) == ("user", "Are you there?")
     # and nothing was retrieved or generated for it
     assert retrieval.queries == []
     assert fake_engine.models == []
+
+
+@pytest.mark.django_db
+def test_asking_for_a_person_hands_the_conversation_over_without_a_bot_answer(fake_engine, retrieval):
+    conversation = services.conversation_start()
+    events = events_of(conversation, "I'd like to talk to a person, please")
+    conversation.refresh_from_db()
+    assert conversation.status == Conversation.Status.NEEDS_HUMAN
+    user = conversation.messages.get(role="user")
+    assert [(e.type, e.data) for e in events] == [("chat.agent_active", {"message_id": user.pk, "status": "needs_human"})]
+    # the agents see the handoff in the transcript, and the bot neither retrieved nor answered
+    assert list(conversation.messages.values_list("role", "text")) == [
+        ("user", "I'd like to talk to a person, please"), ("system", services.HANDOFF_MESSAGE)]
+    assert retrieval.queries == [] and fake_engine.models == []
+
+
+@pytest.mark.django_db
+def test_yes_to_the_declines_offer_of_a_person_hands_over_and_yes_elsewhere_is_a_question(fake_engine, retrieval):
+    # given a decline, which ends "Would you like me to connect you with a person?"
+    retrieval.results = []
+    conversation = services.conversation_start()
+    events_of(conversation, "Do you sell kayaks?")
+    assert conversation.messages.get(role="assistant").abstained
+    # when the customer answers yes: handed over
+    events = events_of(conversation, "Yes please")
+    conversation.refresh_from_db()
+    assert events[-1].type == "chat.agent_active" and conversation.status == Conversation.Status.NEEDS_HUMAN
+    # while a "yes" after an answer (no offer) goes through the pipeline like any message
+    other = services.conversation_start()
+    retrieval.results = [chunk(1, text="Returns are accepted within 60 days of delivery.")]
+    fake_engine.script(["Returns", " are", " accepted", " within", " 60", " days", " [1]", "."])
+    events_of(other, "How long do I have to return a tent?")
+    events = events_of(other, "Yes please")
+    other.refresh_from_db()
+    assert events[-1].type == "chat.done" and other.status == Conversation.Status.BOT
 
 
 @pytest.mark.django_db
