@@ -21,7 +21,8 @@ Metrics (answered = not abstained; all questions are answerable from their gold 
   over all with abstentions scored 0;
 - TTFT p50/p95 (question received to the model's first token, ms), time to first shown text p50/p95
   (after the groundedness check) and decode tokens/s, over answered questions;
-- the groundedness check: the method mix (generated / extractive / declined), sentences the model
+- the groundedness check: the method mix (generated / extractive / declined; a question that asks
+  for a person is handed over and counted as abstained), sentences the model
   wrote and the share shown, and invented facts in shown answers (links, e-mails, phone numbers,
   numbers, months or codes absent from the prompt's sources, ``chat.answer_metrics.invented_facts``);
 - an extractive baseline computed in the same run on the same retrieval: the sentence of the prompt's
@@ -45,12 +46,14 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from chat import services
+from chat.services.answers import closest_among_sources
 from chat.answer_metrics import closest_sentence_baseline, invented_facts, token_f1
 from chat.grounding import GroundingCheck
 from chat.prompts import source_excerpt, without_markers
 from chat.models import Conversation, Message
 from knowledge.evaluation import RankedPassage, load_questions, passage_hit, percentile
 from knowledge.models import Chunk
+from knowledge.selectors import conversation_search
 
 class Command(BaseCommand):
     help = "Evaluate the answer pipeline (abstention, citations, token-F1, TTFT, tokens/s) on gold questions."
@@ -109,6 +112,10 @@ class Command(BaseCommand):
                 ])
                 events = list(services.answer_stream(conversation.pk, question.question))
                 final = events[-1]
+                if final.type == "chat.agent_active" and final.data.get("status") == "needs_human":
+                    # it asked for a person and was handed over: not answered by the bot
+                    rows.append(self.handed_over(question, collection))
+                    continue
                 if final.type != "chat.done":
                     raise CommandError(f"question {question.qid}: {final.type} {final.data}")
                 message = Message.objects.get(pk=final.data["message_id"])
@@ -163,6 +170,9 @@ class Command(BaseCommand):
                 conversation = services.conversation_start(collection=collection, origin="evaluate_answers")
                 made.append(conversation.pk)
                 final = list(services.answer_stream(conversation.pk, row["question"]))[-1]
+                if final.type == "chat.agent_active" and final.data.get("status") == "needs_human":
+                    near_miss.append({"question": row["question"], "abstained": True, "text": ""})
+                    continue
                 if final.type != "chat.done":
                     raise CommandError(f"unanswerable {row.get('qid')}: {final.type} {final.data}")
                 near_miss.append({"question": row["question"], "abstained": final.data["abstained"],
@@ -178,6 +188,23 @@ class Command(BaseCommand):
             declined = sum(r["abstained"] for r in near_miss)
             self.stdout.write(f"\nunanswerable questions declined: {declined} of {len(near_miss)} "
                               f"({declined / len(near_miss):.3f})\n")
+
+    @staticmethod
+    def handed_over(question, collection: str) -> dict:
+        """The row of a question the pipeline handed to a person (``chat.intents.asks_for_a_person``):
+        unanswered (F1 0), with the extractive baseline computed on the retrieval the pipeline would
+        have used, so the baseline still answers every question."""
+        found = conversation_search(question.question, list(question.history), k=settings.RETRIEVAL_K,
+                                    collection=collection)
+        prompt = closest_among_sources(found.chunks, settings.LLM_PROMPT_SOURCES)[: settings.LLM_PROMPT_SOURCES]
+        baseline = closest_sentence_baseline(GroundingCheck(
+            question.question, [source_excerpt(c, settings.LLM_SOURCE_MAX_CHARS) for c in prompt],
+            titles=[without_markers(c.source_title) for c in prompt]))
+        return {"question": question, "abstained": True, "text": "", "markers": {"total": 0, "valid": 0},
+                "cited": 0, "cited_hits": 0, "cited_by": collections.Counter(), "hits_by": collections.Counter(),
+                "gold_in_prompt": False, "f1": 0.0,
+                "baseline_f1": token_f1(baseline, question.reference_answer) if baseline else 0.0,
+                "method": "handed over", "sentences": 0, "shown_sentences": 0, "invented": [], "timings": {}}
 
     @staticmethod
     def table(rows: list[dict]) -> str:
@@ -223,6 +250,9 @@ class Command(BaseCommand):
             lambda g: ratio(statistics.fmean([r['f1'] for r in g]), statistics.fmean([r['baseline_f1'] for r in g])))
         row("method: generated / extractive / declined",
             lambda g: " / ".join(str(sum(r["method"] == m for r in g)) for m in ("generated", "extractive", "declined")))
+        if any(r["method"] == "handed over" for r in rows):
+            row("asked for a person: handed over (counted as abstained)",
+                lambda g: str(sum(r["method"] == "handed over" for r in g)))
         row("sentences written by the model, share shown",
             lambda g: f"{sum(r['sentences'] for r in g)} ({ratio(sum(r['shown_sentences'] for r in g), sum(r['sentences'] for r in g))})")
         row("invented facts in shown answers (links, e-mails, numbers...)", lambda g: str(sum(len(r["invented"]) for r in g)))
@@ -238,7 +268,7 @@ class Command(BaseCommand):
             lambda g: (f"{percentile([r['timings']['first_text_ms'] - r['timings']['ttft_ms'] for r in generated(g)], 50):.0f} / "
                        f"{percentile([r['timings']['first_text_ms'] - r['timings']['ttft_ms'] for r in generated(g)], 95):.0f}")
             if generated(g) else "–")
-        row("retrieval p50 (ms)", lambda g: f"{percentile([r['timings']['retrieval_ms'] for r in g], 50):.0f}")
+        row("retrieval p50 (ms)", lambda g: f"{percentile([r['timings']['retrieval_ms'] for r in g if r['timings']], 50):.0f}")
         row("tokens per answer (mean)",
             lambda g: f"{statistics.fmean([r['timings']['tokens'] for r in answered(g)]):.1f}" if answered(g) else "–")
         def decoded(group):  # quoted-first answers never ran the model: their 0 tokens/s is no rate
