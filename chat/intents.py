@@ -1,5 +1,6 @@
 """What a customer's message asks of the assistant, before anything is retrieved: a person
-(``asks_for_a_person``), or that the assistant set aside its instructions (``instructs_the_assistant``).
+(``asks_for_a_person``), nothing but courtesy (``small_talk``: a greeting, thanks, goodbye), or that
+the assistant set aside its instructions (``instructs_the_assistant``).
 
 Both are patterns over the message's words, chosen to flag none of the 7,808 customer turns of
 Doc2Dial and ``benchmarks/data`` that ask something else (``tests/chat/test_intents.py``).
@@ -42,6 +43,35 @@ def asks_for_a_person(message: str, *, offered: bool = False) -> bool:
     if _ASKS_FOR_PERSON.search(text):
         return True
     return offered and len(text.split()) <= _ACCEPT_MAX_WORDS and bool(_ACCEPTS.match(text))
+
+
+# --- greetings and thanks ----------------------------------------------------------------------------
+
+_FILLER = r"(?:(?:ok(?:ay)?|great|perfect|cool|awesome|nice|got\s+it|alright|all\s+right|oh|ah|well)\W+)*"
+_SMALL_TALK = {
+    "greeting": re.compile(
+        r"(?i)^\W*" + _FILLER + r"(?:hi|hello|hey|hiya|howdy|greetings|good\s+(?:morning|afternoon|evening|day))"
+        r"(?:\W+(?:there|team|all|everyone|again))?\W*$"),
+    "thanks": re.compile(
+        r"(?i)^\W*" + _FILLER + r"(?:thanks?|thank\s+you|thx|ty|cheers|many\s+thanks)"
+        r"(?:\W+(?:a\s+lot|so\s+much|very\s+much|a\s+bunch|again))?(?:\W+for\s+(?:your|the|all\s+the)\s+help)?"
+        r"(?:\W+(?:bye|goodbye|that'?s\s+all|that\s+is\s+all))?\W*$"),
+    "goodbye": re.compile(
+        r"(?i)^\W*" + _FILLER + r"(?:bye|goodbye|bye\s+bye|see\s+you|that'?s\s+all|that\s+is\s+all|"
+        r"no,?\s+that'?s\s+all|nothing\s+else)(?:\W+(?:for\s+now|thanks?|thank\s+you))?\W*$"),
+}
+
+
+def small_talk(message: str) -> str | None:
+    """The kind of a customer ``message`` that is only a greeting, thanks or goodbye ("Hi!", "ok
+    thanks", "that's all, bye"): ``"greeting"``, ``"thanks"`` or ``"goodbye"``; ``None`` for anything
+    that asks something ("Hi, how do I return a tent?"). Such a message gets a fixed friendly reply
+    (``chat.services.SMALL_TALK_REPLIES``), not a decline: the knowledge base has no "answer" to it,
+    and it is no gap in it."""
+    for kind, pattern in _SMALL_TALK.items():
+        if pattern.match(message):
+            return kind
+    return None
 
 
 # --- instructions to the assistant -------------------------------------------------------------------

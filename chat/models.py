@@ -136,7 +136,7 @@ class Message(models.Model):
     quoted source sentence, ``"curated"`` for the evidence of a curated answer); ``retrieval`` the retrieval trace ``[{"chunk_id", "source_id", "score",
     "vector_distance", "text_rank"}]`` (RRF score, cosine distance 0..2); ``timings``
     ``{"retrieval_ms", "ttft_ms", "first_text_ms", "generation_ms", "tokens", "tokens_per_s"}``;
-    ``grounding`` the groundedness check's record: ``{"method": "generated"|"extractive"|"curated"|"declined",
+    ``grounding`` the groundedness check's record: ``{"method": "generated"|"extractive"|"curated"|"conversational"|"declined",
     "reason", "query", "follow_up", "question_distance", "removed": int, "sentences": [{"text",
     "shown", "reason", "source", "coverage", "similarity"}]}`` (every sentence the model wrote, and
     why each removed one was removed; a curated answer adds ``"curated_id"``, ``"curated_question"``

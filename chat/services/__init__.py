@@ -53,6 +53,7 @@ from chat.services.conversations import (
     BUSY_MESSAGE,
     CUSTOMER_HANDOFF_MESSAGE,
     HANDOFF_MESSAGE,
+    SMALL_TALK_REPLIES,
     conversation_request_human,
     conversation_start,
     widget_site_identity_secret_rotate,
@@ -83,6 +84,7 @@ __all__ = [
     "BUSY_MESSAGE",
     "CUSTOMER_HANDOFF_MESSAGE",
     "HANDOFF_MESSAGE",
+    "SMALL_TALK_REPLIES",
     "conversation_request_human",
     "conversation_start",
     # model versions

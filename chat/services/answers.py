@@ -8,7 +8,9 @@ The answer pipeline, for one customer question:
    if the question asks for a person (``chat.intents.asks_for_a_person``: "I'd like to talk to a
    person", or "yes" right after a decline offered one), hand the conversation to a human
    (``conversation_request_human``, status ``needs_human``) and yield ``chat.agent_active`` too;
-2. when the question is the conversation's first customer question and is within
+2. a message that is only a greeting, thanks or goodbye (``chat.intents.small_talk``) gets its fixed
+   reply (``SMALL_TALK_REPLIES``, ``"method": "conversational"``) and nothing more is done;
+   when the question is the conversation's first customer question and is within
    ``CURATED_MATCH_MAX_DISTANCE`` of a curated answer's question (an approved correction,
    ``knowledge.selectors.curated_answer_match``), answer with the curated answer citing its evidence
    (``"method": "curated"``) and skip steps 3-5; otherwise
@@ -59,12 +61,18 @@ from chat import engine as engine_module
 from chat import model_client as model_client_module
 from chat.citations import CitationFilter, clean_markers, count_markers, parse_citations
 from chat.grounding import GroundingCheck, SentenceGate, extractive_answer
-from chat.intents import asks_for_a_person, instructs_the_assistant
+from chat.intents import asks_for_a_person, instructs_the_assistant, small_talk
 from chat.models import Conversation, Message, ModelVersion
 from chat.notifications import inbox_notify
 from chat.prompts import grounded_messages, source_excerpt, without_markers
 from chat.selectors import conversation_get, conversation_history, conversation_offered_a_person
-from chat.services.conversations import ABSTAIN_MESSAGE, BUSY_MESSAGE, _store_message, conversation_request_human
+from chat.services.conversations import (
+    ABSTAIN_MESSAGE,
+    BUSY_MESSAGE,
+    SMALL_TALK_REPLIES,
+    _store_message,
+    conversation_request_human,
+)
 from chat.services.model_versions import engine_serving, model_version_active
 from chat.services.question_embeddings import question_embedding_store
 from knowledge import embedding as embedding_module
@@ -152,7 +160,8 @@ class ComposedAnswer:
     ``ABSTAIN_MESSAGE``); ``abstained``: declined (weak retrieval, or nothing supported addresses the
     question); ``method``: ``"generated"`` (the model's checked sentences), ``"extractive"`` (a source
     sentence quoted because too little of the model's text passed the check), ``"curated"`` (an
-    approved correction's answer, ``grounding["curated_id"]``) or ``"declined"``;
+    approved correction's answer, ``grounding["curated_id"]``), ``"conversational"`` (the fixed reply
+    to a greeting, thanks or goodbye, ``grounding["reason"]`` its kind) or ``"declined"``;
     ``citations``: ``[{"n", "chunk_id", "source_id", "source_title", "start", "end", "method"}]``
     (``method``: ``"model"`` marker written by the model and confirmed by the check, ``"check"`` added
     or moved by the check to the source that supports the sentence, ``"extractive"``, ``"curated"`` the
@@ -226,6 +235,9 @@ def answer_compose(
     "message"}`` or ``chat.error`` ``{"message"}``.
     """
     received = time.perf_counter() if received is None else received
+    if retrieval and grounding and (kind := small_talk(question)):
+        yield from small_talk_reply(kind, question=question, received=received)
+        return
     chunks: list[RetrievedChunk] = []
     retrieval_ms = 0.0
     record: dict = {}
@@ -414,6 +426,23 @@ def answer_compose(
                    "removed": sum(not v["shown"] for v in sentences), "reason": None},
         timings=timings, citation_markers=count_markers("".join(raw), len(sources)),
         version=version, cancelled=cancelled,
+    )})
+
+
+def small_talk_reply(kind: str, *, question: str, received: float | None = None) -> Iterator[AnswerEvent]:
+    """The events of answering a greeting, thanks or goodbye (``chat.intents.small_talk`` ``kind``):
+    one ``chat.token`` with ``SMALL_TALK_REPLIES[kind]`` and ``answer.composed`` (``"method":
+    "conversational"``, not abstained, no citations or sources). Nothing is retrieved or generated."""
+    received = time.perf_counter() if received is None else received
+    text = SMALL_TALK_REPLIES[kind]
+    shown_at = _ms(time.perf_counter() - received)
+    yield AnswerEvent("chat.token", {"text": text})
+    yield AnswerEvent("answer.composed", {"answer": ComposedAnswer(
+        text=text, abstained=False, method="conversational",
+        grounding={"method": "conversational", "reason": kind, "query": question, "follow_up": None,
+                   "question_distance": None, "sentences": [], "removed": 0},
+        timings={"retrieval_ms": 0.0, "ttft_ms": shown_at, "first_text_ms": shown_at,
+                 "generation_ms": 0.0, "tokens": 0, "tokens_per_s": 0.0},
     )})
 
 

@@ -19,6 +19,12 @@ ABSTAIN_MESSAGE = (
 HANDOFF_MESSAGE = "The customer asked to talk to a person."
 # What the customer's widget tabs are told (``chat.status`` ``message``) after a handoff request.
 CUSTOMER_HANDOFF_MESSAGE = "We've asked a person to join the conversation."
+# Replies to a message that is only a greeting, thanks or goodbye (``chat.intents.small_talk``).
+SMALL_TALK_REPLIES = {
+    "greeting": "Hello! I can answer questions from our help articles. What would you like to know?",
+    "thanks": "You're welcome! Is there anything else I can help with?",
+    "goodbye": "Thanks for chatting with us. Goodbye!",
+}
 BUSY_MESSAGE = "Our assistant is busy right now; retrying in a moment."
 AGENT_ACTIVE_MESSAGE = "A support agent is handling this conversation."
 

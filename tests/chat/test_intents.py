@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from chat.intents import asks_for_a_person, instructs_the_assistant
+from chat.intents import asks_for_a_person, instructs_the_assistant, small_talk
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,6 +73,23 @@ def test_questions_about_reaching_someone_and_refusals_are_not_requests(message)
     assert not asks_for_a_person(message, offered=True)
 
 
+@pytest.mark.parametrize("message, kind", [
+    ("Hi", "greeting"), ("Hello!", "greeting"), ("hey there", "greeting"), ("Good morning", "greeting"),
+    ("ok thanks", "thanks"), ("Thank you so much for your help!", "thanks"), ("Great, thanks!", "thanks"),
+    ("thanks, bye", "thanks"), ("that's all", "goodbye"), ("No, that's all for now", "goodbye"), ("bye", "goodbye"),
+])
+def test_greetings_thanks_and_goodbyes_are_small_talk(message, kind):
+    assert small_talk(message) == kind
+
+
+@pytest.mark.parametrize("message", [
+    "Hi, how do I return a tent?", "ok thank you. What documents do I need?", "Hello where do I begin?",
+    "ok", "yes", "thank god it's friday", "ok i need more information",
+])
+def test_a_message_that_asks_something_is_not_small_talk(message):
+    assert small_talk(message) is None
+
+
 def customer_turns(doc2dial_dir) -> list[str]:
     turns = []
     paths = [doc2dial_dir / "questions_dev.jsonl", *sorted((ROOT / "benchmarks" / "data").glob("*.jsonl"))]
@@ -88,8 +105,10 @@ def test_real_customer_questions_are_neither_injections_nor_requests_for_a_perso
     # given every customer turn of Doc2Dial's development set and of our benchmark questions
     turns = customer_turns(doc2dial_dir)
     assert len(turns) > 7000
-    # then none is taken for an injection, and only the few that ask for an agent outright are requests
+    # then none is taken for an injection, only pure thanks are small talk, and only the few that ask for
+    # an agent outright are requests
     assert [t for t in turns if instructs_the_assistant(t)] == []
+    assert sorted({t for t in turns if small_talk(t)}) == ["Ok awesome! thank you", "Ok thank you", "ok thanks"]
     assert sorted({t for t in turns if asks_for_a_person(t)}) == [
         "Can I talk to someone about how to access certain services?",
         "Yes, I would like to speak directly to an agent about my feedback.",

@@ -488,6 +488,18 @@ def test_asking_for_a_person_hands_the_conversation_over_without_a_bot_answer(fa
 
 
 @pytest.mark.django_db
+def test_a_greeting_gets_a_friendly_reply_not_a_decline(fake_engine, retrieval):
+    conversation = services.conversation_start()
+    events = events_of(conversation, "Hi!")
+    answer = conversation.messages.get(role="assistant")
+    # then the fixed reply, stored as an answer (no decline, no content gap), nothing retrieved or generated
+    assert text_of(events) == services.SMALL_TALK_REPLIES["greeting"]
+    assert (answer.abstained, answer.grounding["method"], answer.citations) == (False, "conversational", [])
+    assert retrieval.queries == [] and fake_engine.models == [] and not QuestionEmbedding.objects.exists()
+    assert events[-1].data["method"] == "conversational"
+
+
+@pytest.mark.django_db
 def test_yes_to_the_declines_offer_of_a_person_hands_over_and_yes_elsewhere_is_a_question(fake_engine, retrieval):
     # given a decline, which ends "Would you like me to connect you with a person?"
     retrieval.results = []
