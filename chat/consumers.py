@@ -11,7 +11,9 @@ Frames in (JSON text):
 - ``{"type": "chat.handoff"}``: ask for a human (``chat.services.conversation_request_human``).
 
 Frames out: ``{"type": event.type, **event.data}`` for each answer event (``chat.token``,
-``chat.citations``, ``chat.done``, ``chat.busy``, ``chat.error``); ``chat.rate_limited``
+``chat.citations``, ``chat.done``, ``chat.busy``, ``chat.agent_active`` ``{"message_id", "status"}``
+when no bot answer follows: an agent holds the conversation, or the message asked for a person and it
+was handed over, ``chat.error``); ``chat.rate_limited``
 ``{"retry_after_s", "message"}`` for a question past the conversation's rate limit (nothing stored;
 send it again after ``retry_after_s`` seconds); and whatever the conversation's
 channel-layer group (``conversation.<id>``) relays: ``chat.agent_message`` and ``chat.status``
