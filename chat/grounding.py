@@ -273,13 +273,28 @@ _DAY_NAMES = re.compile(r"(?i)\b(monday|tuesday|wednesday|thursday|friday|saturd
                         r"today|tomorrow|immediately|same day|before|after|until|within|once|as soon as)\b")
 
 
+# A question that asks for the value of a sum ("What is the annual deductible for Medicare Part B?",
+# "What's the maximum Pell Grant...?", "What percentage of my income...?"): it opens with "what" and
+# names a sum of money or a rate, or a maximum / minimum / average of one. Only such questions: "Can I
+# get a waiver so I don't have to pay the premiums?" mentions a premium but asks yes or no.
+_ASKS_VALUE = re.compile(r"(?i)^\W*(?:(?:and|so|ok|okay|then|also|but|well)\W+)*what(?:'s|\s+is|\s+are|\s+was|\s+would|\s+will)?\b")
+_SUM = re.compile(r"(?i)\b(premiums?|deductibles?|co-?pays?|tuition|allowance|interest rates?|percentage|percent|"
+                  r"income limits?|earnings? limits?|maximum amount|minimum amount)\b"
+                  r"|\b(maximum|minimum|most|highest|lowest|average|monthly|annual|yearly|weekly)\b(?:\s+[\w-]+){0,3}?\s+"
+                  r"(pay|pays|payment|benefits?|grant|amount|loan|earnings?|income|salary|premium)\b")
+
+
 def answer_type(question: str) -> str | None:
     """What ``question`` asks for: ``"contact"``, ``"amount"``, ``"duration"``, ``"count"``,
     ``"time"``, ``"weight"``, ``"size"``, ``"capacity"``, ``"rating"`` (a temperature or season
-    rating), or ``None`` (a yes/no, a how-to, an explanation: any statement can answer it)."""
+    rating), or ``None`` (a yes/no, a how-to, an explanation: any statement can answer it). A "what"
+    question naming a sum ("What is the annual deductible...?", "What's the maximum Pell Grant...?")
+    asks for an amount."""
     for name, pattern in _ASKS:
         if pattern.search(question):
             return name
+    if _ASKS_VALUE.search(question) and _SUM.search(question):
+        return "amount"
     return None
 
 

@@ -109,6 +109,15 @@ def test_unsupported_off_topic_and_empty_sentences_are_removed(check, sentence, 
     ("What is the weight capacity of the kayak?", "weight"),
     ("How many people fit in the Driftwood 2?", "capacity"),
     ("How warm is the Ember sleeping bag?", "rating"),
+    # a "what" question that names a sum asks for its value
+    ("What is the annual deductible for Medicare Part B?", "amount"),
+    ("What's the maximum Pell Grant I could get for this school year?", "amount"),
+    ("What percentage of my income is my payment on the Income-Sensitive Repayment Plan?", "amount"),
+    ("What is the monthly Montgomery GI Bill payment for a full-time student?", "amount"),
+    # ...but a yes/no or an explanation that mentions one does not
+    ("Can I get a waiver so I don't have to pay the premiums?", None),
+    ("What happens if I miss a payment?", None),
+    ("What are the annual reporting requirements?", None),
 ])
 def test_answer_type_names_what_the_question_asks_for(question, kind):
     assert answer_type(question) == kind
