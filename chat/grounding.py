@@ -255,7 +255,9 @@ _ASKS = (
     ("amount", re.compile(r"(?i)\b(how much|cost|costs|price|prices|fee|fees|charge|charges|deduct|pay for|"
                           r"refund amount|rate for)\b")),
     ("duration", re.compile(r"(?i)\bhow (long|many (days|weeks|months|years|hours|minutes))\b|\bwithin how\b")),
-    ("count", re.compile(r"(?i)\bhow many\b")),
+    ("frequency", re.compile(r"(?i)\bhow often\b|\bhow many times (a|per|each|every)\b")),
+    ("count", re.compile(r"(?i)\bhow many\b|^\W*what(?:'s|\s+is)?\s+(?:the\s+)?(?:minimum\s+|maximum\s+|top\s+)?"
+                         r"(credit score|gpa|grade point average|speed|top speed|age limit)\b")),
     ("time", re.compile(r"(?i)\b(when|what time|which days?|what days?|opening hours|hours)\b")),
 )
 _DURATION_UNITS = frozenset("second minute hour day week month year".split())
@@ -285,7 +287,9 @@ _SUM = re.compile(r"(?i)\b(premiums?|deductibles?|co-?pays?|tuition|allowance|in
 
 
 def answer_type(question: str) -> str | None:
-    """What ``question`` asks for: ``"contact"``, ``"amount"``, ``"duration"``, ``"count"``,
+    """What ``question`` asks for: ``"contact"``, ``"amount"``, ``"duration"``, ``"frequency"``
+    (how often: answered by a time unit or "once", "every", "annually"...), ``"count"`` (a number,
+    also "what credit score / GPA / top speed"),
     ``"time"``, ``"weight"``, ``"size"``, ``"capacity"``, ``"rating"`` (a temperature or season
     rating), or ``None`` (a yes/no, a how-to, an explanation: any statement can answer it). A "what"
     question naming a sum ("What is the annual deductible...?", "What's the maximum Pell Grant...?")
@@ -359,6 +363,10 @@ def has_answer_type(text: str, kind: str | None, facts: Facts | None = None) -> 
             re.search(r"(?i)\b(same day|immediately|lifetime|right away)\b", text))
     if kind == "count":
         return bool(facts.numbers)
+    if kind == "frequency":
+        return any(unit in _DURATION_UNITS for _, unit in facts.quantities) or bool(
+            re.search(r"(?i)\b(once|twice|every|each (day|week|month|year)|annually|yearly|monthly|weekly|daily|"
+                      r"per (day|week|month|year)|a (day|week|month|year))\b", text))
     if kind in _MEASURE_UNITS:
         return any(unit in _MEASURE_UNITS[kind] for _, unit in facts.quantities) or bool(
             kind == "rating" and re.search(r"°|\b\d+\s*-?\s*(season|fill)\b", number_words_as_digits(text)))

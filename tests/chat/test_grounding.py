@@ -114,6 +114,8 @@ def test_unsupported_off_topic_and_empty_sentences_are_removed(check, sentence, 
     ("What's the maximum Pell Grant I could get for this school year?", "amount"),
     ("What percentage of my income is my payment on the Income-Sensitive Repayment Plan?", "amount"),
     ("What is the monthly Montgomery GI Bill payment for a full-time student?", "amount"),
+    ("How often can I take a point reduction course?", "frequency"),
+    ("What credit score do I need for a VA-backed home loan?", "count"),
     # ...but a yes/no or an explanation that mentions one does not
     ("Can I get a waiver so I don't have to pay the premiums?", None),
     ("What happens if I miss a payment?", None),
@@ -127,6 +129,8 @@ def test_has_answer_type_requires_what_was_asked_for():
     assert has_answer_type("We deduct 5.95 dollars.", "amount")
     assert has_answer_type("Exchanges by mail are free.", "amount")
     assert not has_answer_type("You can return unused items in their packaging.", "amount")
+    assert has_answer_type("You can take the course once every 18 months.", "frequency")
+    assert not has_answer_type("You must take a course approved by the DMV.", "frequency")
     assert not has_answer_type("Fill in form 1040 for your refund.", "amount")
     assert has_answer_type("Within 60 days of delivery.", "duration")
     assert not has_answer_type("Within 60 dollars.", "duration")
