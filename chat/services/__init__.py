@@ -46,6 +46,7 @@ from chat.services.answers import (
     curated_reply,
     retrieval_trace,
     should_abstain,
+    small_talk_reply,
 )
 from chat.services.conversations import (
     ABSTAIN_MESSAGE,
@@ -111,6 +112,7 @@ __all__ = [
     "curated_reply",
     "retrieval_trace",
     "should_abstain",
+    "small_talk_reply",
     # its asyncio bridge
     "answer_events",
     # question embeddings (content gaps)
