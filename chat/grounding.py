@@ -12,7 +12,7 @@ For each sentence the model writes (``GroundingCheck.check``):
 3. **Support**: the sentence must be supported by the source it cites (or, when it cites none or
    the wrong one, by another prompt source, which it is then cited to): at least ``min_coverage`` of
    its content words (Snowball-stemmed) appear in two adjacent sentences of that source (with its
-   title), and its embedding (the product's
+   title; a question in the source asserts nothing and lends no words), and its embedding (the product's
    sentence-embedding model) has cosine similarity >= ``min_similarity`` with the source's closest
    sentence. Lexical coverage catches invented content the embedding finds "similar"; similarity
    catches word salad built from the source's words.
@@ -504,7 +504,11 @@ class GroundingCheck:
         for title, heading, text, sentences in zip(titles, headings, sources, split):
             title_stems = set(stems(title))
             per_sentence = [set(stems(sentence)) for sentence in sentences]
-            windows = [frozenset(title_stems | per_sentence[i] | (per_sentence[i + 1] if i + 1 < len(sentences) else set()))
+            # A question in a source asserts nothing, so its words support nothing: "What's the best time to
+            # start your retirement benefits? We're not recommending that you start at age 62..." gave the
+            # words of "The best time to start your retirement benefits is 62, not 70" (held-out Doc2Dial).
+            asserted = [set() if sentence.rstrip().endswith("?") else words for sentence, words in zip(sentences, per_sentence)]
+            windows = [frozenset(title_stems | asserted[i] | (asserted[i + 1] if i + 1 < len(sentences) else set()))
                        for i in range(len(sentences))]
             self.sources.append(SourceView(text, sentences, vectors[offset:offset + len(sentences)],
                                            frozenset(stems(f"{title} {text}")), hard_facts(f"{title}. {text}"),

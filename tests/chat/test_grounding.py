@@ -83,6 +83,21 @@ def test_a_sentence_cited_to_the_wrong_source_or_to_none_is_cited_to_the_source_
     assert (uncited.shown, uncited.text) == (True, "We ship to Canada and the United Kingdom [2].")
 
 
+def test_a_question_in_a_source_lends_no_words_to_a_claim(embedding_model):
+    # given a source whose question heading holds most of the words of a claim it never makes
+    retirement = ("What's the best time to start your retirement benefits? We're not recommending that you start "
+                  "at age 62, your full retirement age, age 70, or any age in between.")
+    checker = GroundingCheck("When should I start my retirement benefits?", [retirement], titles=["Retirement"],
+                             thresholds=Thresholds(min_coverage=0.8, min_similarity=0.6, min_relevance=0.3, min_words=2),
+                             encode=embedding_model.encode)
+    # then the claim built from the question's words is removed (held-out Doc2Dial, before: shown)
+    claim = checker.check("The best time to start your retirement benefits is 62, not 70 [1].")
+    assert claim.shown is False and claim.reason.startswith("not supported by the sources")
+    assert claim.coverage < 0.8
+    # while what the source asserts is still supported
+    assert checker.check("We're not recommending that you start at age 62 or age 70 [1].").shown is True
+
+
 @pytest.mark.parametrize("sentence, reason_start", [
     ("Paris is the capital of France [1].", "not supported by the sources"),
     ("Our tents are the best on the market and everyone loves them.", "not supported by the sources"),
