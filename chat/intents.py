@@ -40,9 +40,15 @@ def asks_for_a_person(message: str, *, offered: bool = False) -> bool:
     text = message.strip()
     if not text or _ASKS_HOW_OR_REFUSES.search(text):
         return False
-    if _ASKS_FOR_PERSON.search(text):
-        return True
-    return offered and len(text.split()) <= _ACCEPT_MAX_WORDS and bool(_ACCEPTS.match(text))
+    return bool(_ASKS_FOR_PERSON.search(text)) or (offered and could_accept_an_offer(text))
+
+
+def could_accept_an_offer(message: str) -> bool:
+    """Whether ``message`` is a short reply that would accept an offer ("Yes please", "sure", "ok"),
+    whatever came before; the pipeline asks whether a person was offered only then."""
+    text = message.strip()
+    return (len(text.split()) <= _ACCEPT_MAX_WORDS and bool(_ACCEPTS.match(text))
+            and not _ASKS_HOW_OR_REFUSES.search(text))
 
 
 # --- greetings and thanks ----------------------------------------------------------------------------

@@ -61,7 +61,7 @@ from chat import engine as engine_module
 from chat import model_client as model_client_module
 from chat.citations import CitationFilter, clean_markers, count_markers, parse_citations
 from chat.grounding import GroundingCheck, SentenceGate, extractive_answer
-from chat.intents import asks_for_a_person, instructs_the_assistant, small_talk
+from chat.intents import asks_for_a_person, could_accept_an_offer, instructs_the_assistant, small_talk
 from chat.models import Conversation, Message, ModelVersion
 from chat.notifications import inbox_notify
 from chat.prompts import grounded_messages, source_excerpt, without_markers
@@ -526,7 +526,8 @@ def answer_stream(
         return
 
     history = conversation_history(conversation)
-    offered = conversation_offered_a_person(conversation)
+    # (one more query, only for a short "yes"-like reply)
+    offered = could_accept_an_offer(question) and conversation_offered_a_person(conversation)
     user_message = _store_message(conversation, role=Message.Role.USER, text=question)
     if conversation.status in (Conversation.Status.AGENT, Conversation.Status.RESOLVED):
         yield AnswerEvent("chat.agent_active", {"message_id": user_message.pk, "status": conversation.status})

@@ -46,7 +46,6 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from chat import services
-from chat.services.answers import closest_among_sources
 from chat.answer_metrics import closest_sentence_baseline, invented_facts, token_f1
 from chat.grounding import GroundingCheck
 from chat.prompts import source_excerpt, without_markers
@@ -196,7 +195,7 @@ class Command(BaseCommand):
         have used, so the baseline still answers every question."""
         found = conversation_search(question.question, list(question.history), k=settings.RETRIEVAL_K,
                                     collection=collection)
-        prompt = closest_among_sources(found.chunks, settings.LLM_PROMPT_SOURCES)[: settings.LLM_PROMPT_SOURCES]
+        prompt = services.closest_among_sources(found.chunks, settings.LLM_PROMPT_SOURCES)[: settings.LLM_PROMPT_SOURCES]
         baseline = closest_sentence_baseline(GroundingCheck(
             question.question, [source_excerpt(c, settings.LLM_SOURCE_MAX_CHARS) for c in prompt],
             titles=[without_markers(c.source_title) for c in prompt]))
