@@ -91,14 +91,20 @@ def encode(model, texts: Sequence[str]) -> np.ndarray:
                         convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
 
 
-def rrf_fuse(legs: Sequence[Sequence[int]], k: int, rrf_k: int | None = None) -> list[int]:
+def rrf_fuse(legs: Sequence[Sequence[int]], k: int, rrf_k: int | None = None,
+             weights: Sequence[float] | None = None) -> list[int]:
     """The ``k`` best chunk ids of ranked legs (best first) by reciprocal rank fusion, ``score =
-    sum(1 / (rrf_k + rank))`` (``rrf_k`` default ``RRF_K``), ties by chunk id: ``chunk_search``'s SQL."""
+    sum(weight / (rrf_k + rank))`` (``rrf_k`` default ``RRF_K``; ``weights`` one per leg, default 1
+    each: ``chunk_search``'s SQL), ties by chunk id. Raises ``ValueError`` when ``weights`` does not
+    give one weight per leg."""
     rrf_k = settings.RRF_K if rrf_k is None else rrf_k
+    weights = [1.0] * len(legs) if weights is None else list(weights)
+    if len(weights) != len(legs):
+        raise ValueError(f"{len(weights)} weights for {len(legs)} legs")
     scores: dict[int, float] = {}
-    for leg in legs:
+    for leg, weight in zip(legs, weights):
         for rank, chunk_id in enumerate(leg, start=1):
-            scores[chunk_id] = scores.get(chunk_id, 0.0) + 1.0 / (rrf_k + rank)
+            scores[chunk_id] = scores.get(chunk_id, 0.0) + weight / (rrf_k + rank)
     return sorted(scores, key=lambda cid: (-scores[cid], cid))[:k]
 
 

@@ -6,7 +6,11 @@ training example: the anchor is the question as retrieval reads it (``knowledge.
 retrieval_query``: the question, then the earlier user turns), the positive is a supporting chunk as
 it is embedded (``knowledge.embedding.passage_text``: title and headings, then the passage), and the
 hard negative is the highest-ranked shown chunk the agent did not pick (and that does not overlap a
-picked one).
+picked one). Curated answers (sources of kind ``curated``: earlier approved corrections, which
+retrieval shows beside the passages) are neither: they are not passages, they are matched by their
+question (``CURATED_MATCH_MAX_DISTANCE``), and a curated answer to the same question as a negative
+would teach the model to push a question away from its own answer (on seeded Doc2Dial, 939 of 1,940
+examples had one as their hard negative).
 
 The loss is sentence-transformers' ``MultipleNegativesRankingLoss`` (Henderson et al., 2017,
 "Efficient Natural Language Response Suggestion for Smart Reply", arXiv:1705.00652; as used to train
@@ -33,7 +37,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 
 @dataclass(frozen=True)
@@ -115,15 +119,25 @@ def _overlaps(chunk: dict, picked: Sequence[dict]) -> bool:
     )
 
 
-def correction_examples(correction, group: str) -> list[EmbedderExample]:
+def is_curated(chunk: dict, curated_source_ids: Collection[int] = ()) -> bool:
+    """Whether a chunk snapshot (``tuning.services.chunk_snapshot``) is a curated answer: its
+    ``source_kind`` says so, or (snapshots taken before the kind was recorded) its ``source_id`` is
+    in ``curated_source_ids``."""
+    return chunk.get("source_kind") == "curated" or chunk.get("source_id") in curated_source_ids
+
+
+def correction_examples(correction, group: str, curated_source_ids: Collection[int] = ()) -> list[EmbedderExample]:
     """The examples of one correction (``tuning.models.Correction`` or anything with ``pk``,
     ``question``, ``history``, ``shown_chunks``, ``supporting_chunks``): one per supporting chunk,
     each with the best-ranked shown chunk that is not picked and overlaps no picked chunk as its hard
-    negative. ``[]`` for a correction without supporting chunks (nothing to learn: an abstention)."""
+    negative. Curated answers (``is_curated`` with ``curated_source_ids``) are skipped as positives
+    and as negatives. ``[]`` for a correction without supporting passages (nothing to learn: an
+    abstention)."""
     from knowledge.embedding import passage_text
     from knowledge.selectors import retrieval_query
 
-    picked = [c for c in correction.supporting_chunks or [] if c.get("text")]
+    picked = [c for c in correction.supporting_chunks or []
+              if c.get("text") and not is_curated(c, curated_source_ids)]
     if not picked:
         return []
     anchor = retrieval_query(correction.question, correction.history or [])
@@ -131,6 +145,7 @@ def correction_examples(correction, group: str) -> list[EmbedderExample]:
     negatives = [
         c for c in correction.shown_chunks or []
         if c.get("text") and c.get("chunk_id") not in picked_ids and not _overlaps(c, picked)
+        and not is_curated(c, curated_source_ids)
     ]
     negative = negatives[0] if negatives else None
 
@@ -152,12 +167,18 @@ def embedder_examples(corrections: Iterable, *, holdout_share: float) -> dict[st
     """``{"train": [...], "heldout": [...]}``: the examples of ``corrections`` (approved, non-stale
     ``Correction`` rows; the caller filters), split by ``tuning.datasets.correction_split`` with
     ``holdout_share`` (0..1), in the corrections' order."""
+    from knowledge.models import Source
     from tuning.datasets import correction_group, correction_split
 
+    corrections = list(corrections)
+    source_ids = {chunk.get("source_id") for correction in corrections
+                  for chunk in [*(correction.supporting_chunks or []), *(correction.shown_chunks or [])]}
+    curated = set(Source.objects.filter(pk__in=[i for i in source_ids if i is not None],
+                                        kind=Source.Kind.CURATED).values_list("pk", flat=True))
     split: dict[str, list[EmbedderExample]] = {"train": [], "heldout": []}
     for correction in corrections:
         split[correction_split(correction, holdout_share)].extend(
-            correction_examples(correction, correction_group(correction))
+            correction_examples(correction, correction_group(correction), curated)
         )
     return split
 
@@ -178,8 +199,11 @@ def batches_without_duplicates(
     """Shuffle ``examples`` and cut them into batches of at most ``batch_size`` where no chunk is the
     positive of two examples, no example's positive is another's hard negative, and no anchor appears
     twice (a correction with two picked chunks gives two examples with one anchor): each would be a
-    false in-batch negative. Two examples may share a hard negative (it is wrong for both). An
-    example that fits no open batch starts a new one; every example is used exactly once."""
+    false in-batch negative. Two examples may share a hard negative (it is wrong for both). Examples
+    with and without a hard negative never share a batch, so every batch of examples that have one
+    trains on them (the loss takes a hard-negative column only when the whole batch fills it). An
+    example that fits no open batch starts a new one; every example is used exactly once; the
+    batches come in a shuffled order."""
     order = list(examples)
     rng.shuffle(order)
     batches: list[tuple[list[EmbedderExample], set, set]] = []  # (examples, positives + anchors, negatives)
@@ -187,7 +211,8 @@ def batches_without_duplicates(
         positives = {("chunk", example.positive_chunk_id), ("text", example.positive), ("anchor", example.anchor)}
         negatives = {("chunk", example.negative_chunk_id), ("text", example.negative)} if example.negative else set()
         for batch, used_positives, used_negatives in batches:
-            if (len(batch) < batch_size and not positives & used_positives and not positives & used_negatives
+            if (len(batch) < batch_size and bool(batch[0].negative) == bool(example.negative)
+                    and not positives & used_positives and not positives & used_negatives
                     and not negatives & used_positives):
                 batch.append(example)
                 used_positives.update(positives)
@@ -195,7 +220,9 @@ def batches_without_duplicates(
                 break
         else:
             batches.append(([example], set(positives), set(negatives)))
-    return [batch for batch, _, _ in batches]
+    cut = [batch for batch, _, _ in batches]
+    rng.shuffle(cut)
+    return cut
 
 
 def embedder_train(

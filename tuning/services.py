@@ -51,10 +51,12 @@ class CorrectionError(ValueError):
 
 def chunk_snapshot(chunk: Chunk) -> dict:
     """What a correction keeps of ``chunk`` (with ``source`` loaded): ``{"chunk_id", "source_id",
-    "source_title", "heading_path", "start", "end", "text", "content_hash"}``, ``content_hash`` the
-    source's hash now."""
+    "source_kind", "source_title", "heading_path", "start", "end", "text", "content_hash"}``,
+    ``content_hash`` the source's hash now, ``source_kind`` a ``Source.Kind`` value (``curated`` for a
+    curated answer, which the embedder's training skips)."""
     return {
-        "chunk_id": chunk.pk, "source_id": chunk.source_id, "source_title": chunk.source.title or chunk.source.uri,
+        "chunk_id": chunk.pk, "source_id": chunk.source_id, "source_kind": chunk.source.kind,
+        "source_title": chunk.source.title or chunk.source.uri,
         "heading_path": list(chunk.heading_path), "start": chunk.start, "end": chunk.end, "text": chunk.text,
         "content_hash": chunk.source.content_hash,
     }

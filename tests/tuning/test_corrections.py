@@ -26,7 +26,8 @@ def answer_of(conversation):
 
 
 def snapshot(chunk, title):
-    return {"chunk_id": chunk.pk, "source_id": chunk.source_id, "source_title": title, "heading_path": [],
+    return {"chunk_id": chunk.pk, "source_id": chunk.source_id, "source_kind": "file", "source_title": title,
+            "heading_path": [],
             "start": chunk.start, "end": chunk.end, "text": chunk.text, "content_hash": "hash-v1"}
 
 

@@ -428,6 +428,46 @@ def test_threshold_map_keeps_a_threshold_where_it_sits_among_the_questions_dista
         threshold_map(served, candidate[:3], 0.62)
 
 
+def test_embedder_examples_skip_curated_answers_recorded_before_snapshots_kept_the_kind(corrections):
+    from knowledge.models import Source
+    from tuning.embedder_training import embedder_examples
+
+    # Given a training correction whose snapshot (taken before snapshots recorded the source's kind)
+    # shows a curated answer first, then the passages its negative came from
+    curated = Source.objects.create(collection="default", uri="curated:renewal", kind=Source.Kind.CURATED,
+                                    title="How long does a passport renewal take?", status=Source.Status.READY)
+    first = corrections[1]
+    legacy = {key: value for key, value in first.shown_chunks[0].items() if key != "source_kind"}
+    first.shown_chunks = [{**legacy, "chunk_id": 999999, "source_id": curated.pk,
+                           "text": "Q: How long does a renewal take? A: Six to eight weeks."}, *first.shown_chunks]
+    first.save()
+
+    # When the examples are built
+    [example] = [e for e in embedder_examples(corrections, holdout_share=HOLDOUT)["train"]
+                 if e.correction_id == first.pk]
+
+    # Then its hard negative is the first passage shown, not the curated answer
+    assert example.negative_chunk_id == first.shown_chunks[1]["chunk_id"]
+    # and a new snapshot records the kind
+    assert first.supporting_chunks[0]["source_kind"] == "file"
+
+
+def test_rrf_fuse_weighs_each_leg_and_refuses_a_weight_count_that_does_not_match():
+    from tuning.embedder_evaluation import rrf_fuse
+
+    # Given a vector leg ranking 1, 2, 3 and a full-text leg ranking 3, 2, 1 (rrf_k 60)
+    vector, text = [1, 2, 3], [3, 2, 1]
+    # Then with equal weights 1 and 3 tie (1/61 + 1/63), the tie going to the smaller id, and 2 (2/62) follows
+    assert rrf_fuse([vector, text], 3, rrf_k=60) == [1, 3, 2]
+    # and the unweighted call is the weights-1 call
+    assert rrf_fuse([vector, text], 3, rrf_k=60) == rrf_fuse([vector, text], 3, rrf_k=60, weights=[1.0, 1.0])
+    # and weighting a leg puts its first chunk first
+    assert rrf_fuse([vector, text], 1, rrf_k=60, weights=[2.0, 1.0]) == [1]
+    assert rrf_fuse([vector, text], 1, rrf_k=60, weights=[1.0, 2.0]) == [3]
+    with pytest.raises(ValueError):
+        rrf_fuse([vector, text], 3, weights=[1.0])
+
+
 def _abstention_rows(answerable: list[tuple[float, float]], unanswerable: list[tuple[float, float]]) -> dict:
     """A comparison carrying per-question (served, candidate) closest distances."""
     return {"rows": [{"query": f"a{i}", "served_distance": s, "candidate_distance": c}

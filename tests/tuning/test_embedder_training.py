@@ -72,6 +72,30 @@ def test_a_correction_without_picked_chunks_gives_no_example_and_one_without_oth
     assert (example.negative, example.negative_chunk_id) == ("", None)
 
 
+def test_curated_answers_are_never_a_positive_or_a_hard_negative():
+    # Given a question whose retrieval showed a curated answer first (an earlier approved correction,
+    # recorded as such in its snapshot), then a passage, and whose agent picked the curated answer and a passage
+    curated = {**chunk(8, 40, 0, 60, "Q: How do I renew it? A: Online."), "source_kind": "curated"}
+    passage = chunk(2, 1, 0, 100, "Renew online.")
+    other = chunk(9, 5, 0, 50, "Vehicle registration fees.")
+    item = correction(12, "How do I renew it?", [curated, passage], [curated, other, passage])
+
+    # When its examples are built
+    examples = correction_examples(item, "g")
+
+    # Then the passage is the only positive and the next passage shown, not the curated answer, is its negative
+    assert [(e.positive_chunk_id, e.negative_chunk_id) for e in examples] == [(2, 9)]
+
+    # and a snapshot taken before the kind was recorded is recognised by its curated source id
+    legacy = chunk(8, 40, 0, 60, "Q: How do I renew it? A: Online.")
+    old = correction(13, "How do I renew it?", [passage], [legacy, other, passage])
+    assert [e.negative_chunk_id for e in correction_examples(old, "g", curated_source_ids={40})] == [9]
+    assert [e.negative_chunk_id for e in correction_examples(old, "g")] == [8]
+
+    # and a correction whose only evidence is a curated answer teaches nothing
+    assert correction_examples(correction(14, "How do I renew it?", [curated], [curated, other]), "g") == []
+
+
 def example(anchor, positive_id, negative_id=None):
     return EmbedderExample(anchor=anchor, positive=f"p{positive_id}", negative=f"p{negative_id}" if negative_id else "",
                            positive_chunk_id=positive_id, negative_chunk_id=negative_id, correction_id=0, group="g")
@@ -97,6 +121,19 @@ def test_batches_never_hold_a_positive_or_an_anchor_twice_nor_a_positive_as_a_ne
     # and with room for everything, the two examples sharing only a negative can share a batch
     [together] = [b for b in batches_without_duplicates(examples[5:], 3, random.Random(0))]
     assert len(together) == 2
+
+
+def test_examples_with_and_without_a_hard_negative_never_share_a_batch():
+    # Given four examples with a hard negative and four without (their retrieval showed only curated
+    # answers or the picked chunk), all distinct
+    examples = [example(f"q{i}", i, 100 + i) for i in range(4)] + [example(f"r{i}", 10 + i) for i in range(4)]
+
+    # When they are cut into batches of 8
+    batches = batches_without_duplicates(examples, 8, random.Random(0))
+
+    # Then each batch is all with or all without, so the four hard negatives are all trained on
+    assert sorted(len(b) for b in batches) == [4, 4]
+    assert all(len({bool(e.negative) for e in b}) == 1 for b in batches)
 
 
 def test_examples_sha256_changes_with_content_and_order():
