@@ -22,10 +22,11 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 
 from config import embedded
+from config.environment import Env
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-env = environ.Env()
+env = Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DEBUG = env.bool("DEBUG", default=False)
