@@ -22,7 +22,13 @@ Steps (the product's own code where it exists):
      (``chunk_search(mode="text")``) by the same RRF (``RETRIEVAL_CANDIDATES`` per leg, ``RRF_K``),
      as ``chunk_search`` does (exact instead of HNSW search: compare ``base, hybrid`` with
      ``base, chunk_search`` to see the difference);
-   - ``BM25``: plain BM25 over the same chunks (``knowledge.evaluation.BM25Baseline``).
+   - ``BM25``: plain BM25 over the same chunks (``knowledge.evaluation.BM25Baseline``);
+   - with ``--vector-weights 1.5,2``: ``base, hybrid w=W`` / ``tuned, hybrid w=W``, the same fusion
+     with the vector leg's reciprocal ranks weighted W (the full-text leg's 1), since a better vector
+     leg may deserve more weight than RRF's equal share.
+
+   ``--model FOLDER`` scores a fine-tuned folder saved by an earlier run (``--output-dir``) instead of
+   training; the split (steps 1-2) is recomputed and must be the one it was trained on.
 
    The query is the question for first turns and ``retrieval_query`` (the question and the earlier
    user questions) for all turns. Tables: first turns and all turns, each for all held-out
@@ -63,6 +69,11 @@ def main() -> None:
     parser.add_argument("--no-hard-negatives", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the cores are shared)")
     parser.add_argument("--output-dir", default=None, help="keep the fine-tuned model here (default: a temp folder)")
+    parser.add_argument("--model", default=None,
+                        help="score this saved fine-tuned folder instead of training (steps 1-2 still run: the split)")
+    parser.add_argument("--vector-weights", default="",
+                        help="comma-separated RRF weights of the vector leg (full-text leg 1) to add as "
+                             "'base, hybrid w=W' and 'tuned, hybrid w=W' columns, e.g. 1.5,2")
     args = parser.parse_args()
 
     django_setup()
@@ -124,7 +135,11 @@ def main() -> None:
     corrected_pages = {by_key[c.seed_key].gold_file for c in corrections
                        if c.pk in trained_corrections and c.seed_key in by_key}
 
-    chunks = list(Chunk.objects.filter(source__collection=args.collection).select_related("source")
+    # Seeded corrections are curated answers of the collection (issue 11 §1): they are not passages, and
+    # a held-out question would find its own, so every leg searches the collection's passages only.
+    curated = (Source.Kind.CURATED,)
+    chunks = list(Chunk.objects.filter(source__collection=args.collection).exclude(source__kind__in=curated)
+                  .select_related("source")
                   .only("id", "start", "end", "text", "heading_path", "embedding", "source__uri", "source__title")
                   .order_by("pk"))
     relative = {}
@@ -142,14 +157,20 @@ def main() -> None:
     bm25 = BM25Baseline([(relative[c.source.uri], c.start, c.end,
                           f"{' '.join([c.source.title, *c.heading_path])}\n{c.text}") for c in chunks])
 
-    folder = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="embedder-"))
-    trained = embedder_train(settings.EMBEDDING_MODEL, train, folder, hp)
-    peak_train_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    curve = trained.loss_curve
-    print(f"training: {trained.examples} examples, {trained.steps} steps, {trained.duration_s:.0f} s "
-          f"({trained.duration_s / max(1, trained.steps):.1f} s/step); loss {curve[0]['loss']:.3f} -> "
-          f"{np.mean([p['loss'] for p in curve[-5:]]):.3f} (mean of the last 5 steps); peak RSS {peak_train_mb:.0f} MB",
-          flush=True)
+    if args.model:
+        folder = Path(args.model)
+        print(f"training: skipped, scoring the saved model {folder}", flush=True)
+    else:
+        folder = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="embedder-"))
+        torch_threads(args.threads)  # loading the serving embedder (seeding) set EMBEDDING_THREADS
+        trained = embedder_train(settings.EMBEDDING_MODEL, train, folder, hp)
+        peak_train_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        curve = trained.loss_curve
+        print(f"training: {trained.examples} examples, {trained.steps} steps, {trained.duration_s:.0f} s "
+              f"({trained.duration_s / max(1, trained.steps):.1f} s/step); loss {curve[0]['loss']:.3f} -> "
+              f"{np.mean([p['loss'] for p in curve[-5:]]):.3f} (mean of the last 5 steps); peak RSS "
+              f"{peak_train_mb:.0f} MB", flush=True)
+    vector_weights = [float(w) for w in args.vector_weights.split(",") if w.strip()]
 
     tuned = SentenceTransformer(str(folder), device="cpu")
     started = time.perf_counter()
@@ -173,7 +194,7 @@ def main() -> None:
         tuned_q = tuned.encode(queries, batch_size=settings.EMBEDDING_BATCH_SIZE, normalize_embeddings=True,
                                convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
         text_legs = {i: [r.chunk_id for r in chunk_search(queries[i], k=candidates, collection=args.collection,
-                                                          mode="text")]
+                                                          mode="text", exclude_kinds=curated)]
                      for i in range(len(subset))}
         index_of = {id(q): i for i, q in enumerate(subset)}
 
@@ -181,17 +202,23 @@ def main() -> None:
             def retrieve(question):
                 i = index_of[id(question)]
                 if kind == "base, chunk_search":
-                    results = chunk_search(queries[i], k=10, collection=args.collection, query_embedding=base_q[i])
+                    results = chunk_search(queries[i], k=10, collection=args.collection, query_embedding=base_q[i],
+                                           exclude_kinds=curated)
                     return [passage_of[r.chunk_id] for r in results]
                 if kind == "BM25":
                     return bm25.search(queries[i], 10)
                 vectors, query_vector = (base_vectors, base_q[i]) if kind.startswith("base") else (tuned_vectors, tuned_q[i])
                 leg = vector_leg(chunk_ids, vectors, query_vector, candidates)
-                ids = leg[:10] if kind.endswith("vector") else rrf_fuse([leg, text_legs[i]], 10)
+                if kind.endswith("vector"):
+                    ids = leg[:10]
+                else:
+                    weight = float(kind.split("w=")[1]) if "w=" in kind else 1.0
+                    ids = rrf_fuse([leg, text_legs[i]], 10, weights=[weight, 1.0])
                 return [passage_of[cid] for cid in ids]
             return retrieve
 
-        names = ["base, chunk_search", "base, vector", "tuned, vector", "base, hybrid", "tuned, hybrid", "BM25"]
+        names = ["base, chunk_search", "base, vector", "tuned, vector", "base, hybrid", "tuned, hybrid",
+                 *[f"{arm}, hybrid w={w:g}" for w in vector_weights for arm in ("base", "tuned")], "BM25"]
         label = "first turns (question alone)" if first else "all turns (question + earlier user questions)"
         groups = [("all held-out", subset),
                   ("pages with corrections", [q for q in subset if q.gold_file in corrected_pages]),
