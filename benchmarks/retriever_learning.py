@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-5)
     parser.add_argument("--max-seq-length", type=int, default=128, help="tokens per training text (passages are cut)")
     parser.add_argument("--no-hard-negatives", action="store_true")
+    parser.add_argument("--mini-batch-size", type=int, default=0,
+                        help="0: MultipleNegativesRankingLoss; N: its cached (GradCache) variant, N texts at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the cores are shared)")
     parser.add_argument("--output-dir", default=None, help="keep the fine-tuned model here (default: a temp folder)")
     parser.add_argument("--model", default=None,
@@ -96,7 +98,8 @@ def main() -> None:
 
     holdout_share = settings.TUNING_HOLDOUT_SHARE if args.holdout_share is None else args.holdout_share
     hp = EmbedderHyperparameters(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                 max_seq_length=args.max_seq_length, hard_negatives=not args.no_hard_negatives)
+                                 max_seq_length=args.max_seq_length, hard_negatives=not args.no_hard_negatives,
+                                 mini_batch_size=args.mini_batch_size)
     print(header("retriever_learning: base vs fine-tuned embedder (vector, hybrid) vs BM25 on held-out dialogues",
                  [("arguments", str(vars(args))), ("hyper-parameters", str(hp.as_dict())),
                   ("holdout share", f"{holdout_share} of dialogues (tuning.datasets.correction_split)")]), flush=True)

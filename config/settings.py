@@ -599,6 +599,9 @@ TUNING_EMBEDDER_EPOCHS = env.int("TUNING_EMBEDDER_EPOCHS", default=1)
 TUNING_EMBEDDER_BATCH_SIZE = env.int("TUNING_EMBEDDER_BATCH_SIZE", default=16)
 TUNING_EMBEDDER_LEARNING_RATE = env.float("TUNING_EMBEDDER_LEARNING_RATE", default=2e-5)
 TUNING_EMBEDDER_MAX_SEQ_LENGTH = env.int("TUNING_EMBEDDER_MAX_SEQ_LENGTH", default=128)
+# 0: plain MultipleNegativesRankingLoss (memory grows with batch x sequence length); N: its GradCache
+# variant, texts embedded N at a time (same gradients, memory bounded by N; README "Retrieval learns").
+TUNING_EMBEDDER_MINI_BATCH_SIZE = env.int("TUNING_EMBEDDER_MINI_BATCH_SIZE", default=0)
 TUNING_EMBEDDER_MAX_EXAMPLES = env.int("TUNING_EMBEDDER_MAX_EXAMPLES", default=2000)
 # The embedder run's promotion gate (tuning.embedder_evaluation.embedder_gate_decide), on the run's
 # held-out corrections through chunk_search: the lower end of the paired bootstrap interval

@@ -68,7 +68,8 @@ def embedder_hyperparameters_from_settings(**overrides):
     values = {
         "epochs": settings.TUNING_EMBEDDER_EPOCHS, "batch_size": settings.TUNING_EMBEDDER_BATCH_SIZE,
         "learning_rate": settings.TUNING_EMBEDDER_LEARNING_RATE,
-        "max_seq_length": settings.TUNING_EMBEDDER_MAX_SEQ_LENGTH, "seed": settings.TUNING_SEED,
+        "max_seq_length": settings.TUNING_EMBEDDER_MAX_SEQ_LENGTH,
+        "mini_batch_size": settings.TUNING_EMBEDDER_MINI_BATCH_SIZE, "seed": settings.TUNING_SEED,
     }
     values.update(overrides)
     return EmbedderHyperparameters(**values)

@@ -73,6 +73,10 @@ class EmbedderHyperparameters:
     - ``scale``: MNRL's similarity scale (inverse temperature; sentence-transformers' default 20).
     - ``max_seq_length``: longest input in word-piece tokens (longer texts are cut).
     - ``hard_negatives``: use the shown-but-not-picked chunks (else in-batch negatives only).
+    - ``mini_batch_size``: 0 trains with ``MultipleNegativesRankingLoss``, whose memory grows with
+      ``batch_size`` x ``max_seq_length``; N > 0 with ``CachedMultipleNegativesRankingLoss`` (GradCache,
+      Gao et al., 2021, arXiv:2101.06983): the same loss and gradients, the texts embedded N at a time
+      twice (once without gradients), so memory follows N at about 1.2-1.4x the compute.
     - ``seed``: seeds the shuffling order and dropout.
     """
 
@@ -85,10 +89,12 @@ class EmbedderHyperparameters:
     scale: float = 20.0
     max_seq_length: int = 256
     hard_negatives: bool = True
+    mini_batch_size: int = 0
     seed: int = 0
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 2 or self.max_seq_length < 8 or self.learning_rate <= 0:
+        if (self.epochs < 1 or self.batch_size < 2 or self.max_seq_length < 8 or self.learning_rate <= 0
+                or self.mini_batch_size < 0):
             raise ValueError(f"invalid hyper-parameters: {self}")
 
     def as_dict(self) -> dict[str, Any]:
@@ -246,7 +252,8 @@ def embedder_train(
     """
     import torch
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
+                                                                   MultipleNegativesRankingLoss)
 
     from tuning.training import TrainingStopped
 
@@ -257,7 +264,10 @@ def embedder_train(
     rng = random.Random(hp.seed)
     model = SentenceTransformer(str(model_path), device=device)
     model.max_seq_length = min(hp.max_seq_length, model.max_seq_length or hp.max_seq_length)
-    loss_fn = MultipleNegativesRankingLoss(model, scale=hp.scale)
+    if hp.mini_batch_size:
+        loss_fn = CachedMultipleNegativesRankingLoss(model, scale=hp.scale, mini_batch_size=hp.mini_batch_size)
+    else:
+        loss_fn = MultipleNegativesRankingLoss(model, scale=hp.scale)
     # A batch of one has no in-batch negative: nothing to learn from it.
     epochs = [[b for b in batches_without_duplicates(examples, hp.batch_size, rng) if len(b) > 1]
               for _ in range(hp.epochs)]

@@ -142,7 +142,8 @@ def test_examples_sha256_changes_with_content_and_order():
     assert examples_sha256([a, b]) != examples_sha256([b, a])
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=1), dict(learning_rate=0.0)])
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=1), dict(learning_rate=0.0),
+                                 dict(mini_batch_size=-1)])
 def test_invalid_hyperparameters_are_refused(bad):
     with pytest.raises(ValueError):
         EmbedderHyperparameters(**bad)
@@ -168,9 +169,18 @@ def training_examples():
     return examples
 
 
-def test_embedder_train_moves_questions_towards_their_picked_chunks_and_saves_a_loadable_model(tmp_path):
-    # Given the real MiniLM embedder and four (question -> picked chunk, hard negative) examples
+@pytest.mark.parametrize("mini_batch_size", [0, 1], ids=["mnrl", "cached-mnrl"])
+def test_embedder_train_moves_questions_towards_their_picked_chunks_and_saves_a_loadable_model(tmp_path, monkeypatch,
+                                                                                               mini_batch_size):
+    # Given the real MiniLM embedder and four (question -> picked chunk, hard negative) examples, trained
+    # with MultipleNegativesRankingLoss or its cached variant embedding one text at a time
     from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import losses
+
+    cached_calls = []
+    cached_forward = losses.CachedMultipleNegativesRankingLoss.forward
+    monkeypatch.setattr(losses.CachedMultipleNegativesRankingLoss, "forward",
+                        lambda self, *a, **k: cached_calls.append(self.mini_batch_size) or cached_forward(self, *a, **k))
 
     examples = training_examples()
     base = SentenceTransformer(settings.EMBEDDING_MODEL, device="cpu")
@@ -187,7 +197,8 @@ def test_embedder_train_moves_questions_towards_their_picked_chunks_and_saves_a_
     # When it is fine-tuned for 6 epochs in batches of 2 at a high learning rate
     result = embedder_train(
         settings.EMBEDDING_MODEL, examples, tmp_path / "model",
-        EmbedderHyperparameters(epochs=6, batch_size=2, learning_rate=2e-4, warmup_ratio=0.0, seed=0),
+        EmbedderHyperparameters(epochs=6, batch_size=2, learning_rate=2e-4, warmup_ratio=0.0, seed=0,
+                                mini_batch_size=mini_batch_size),
         on_step=lambda point, total: steps.append((point["step"], total)),
     )
 
@@ -199,6 +210,8 @@ def test_embedder_train_moves_questions_towards_their_picked_chunks_and_saves_a_
     assert result.dimension == settings.EMBEDDING_DIM == 384
     tuned = SentenceTransformer(str(tmp_path / "model"), device="cpu")
     assert margin(tuned) > before
+    # and the cached loss ran every step, one text at a time, only when asked for
+    assert cached_calls == ([1] * 12 if mini_batch_size else [])
 
 
 def test_embedder_train_stops_when_asked_and_saves_nothing(tmp_path):
