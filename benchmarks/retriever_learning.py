@@ -90,7 +90,7 @@ def main() -> None:
     from knowledge.models import Chunk, Source
     from knowledge.selectors import chunk_search, retrieval_query
     from tuning.datasets import correction_split
-    from tuning.embedder_evaluation import rrf_fuse, vector_leg
+    from tuning.embedder_evaluation import rrf_fuse, text_legs, vector_leg
     from tuning.embedder_training import (EmbedderHyperparameters, embedder_examples, embedder_train,
                                           examples_sha256)
     from tuning.models import Correction
@@ -196,9 +196,7 @@ def main() -> None:
         base_q = base_model.encode(queries)
         tuned_q = tuned.encode(queries, batch_size=settings.EMBEDDING_BATCH_SIZE, normalize_embeddings=True,
                                convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
-        text_legs = {i: [r.chunk_id for r in chunk_search(queries[i], k=candidates, collection=args.collection,
-                                                          mode="text", exclude_kinds=curated)]
-                     for i in range(len(subset))}
+        texts_legs = text_legs(queries, args.collection, candidates)  # curated answers excluded
         index_of = {id(q): i for i, q in enumerate(subset)}
 
         def system(kind):
@@ -216,7 +214,7 @@ def main() -> None:
                     ids = leg[:10]
                 else:
                     weight = float(kind.split("w=")[1]) if "w=" in kind else 1.0
-                    ids = rrf_fuse([leg, text_legs[i]], 10, weights=[weight, 1.0])
+                    ids = rrf_fuse([leg, texts_legs[i]], 10, weights=[weight, 1.0])
                 return [passage_of[cid] for cid in ids]
             return retrieve
 
