@@ -517,7 +517,8 @@ EXTRACTIVE_SOURCES = env.int("EXTRACTIVE_SOURCES", default=3)
 # settings' embedding model's distances: a promoted embedding version carries its own fitted
 # ABSTAIN_MAX_DISTANCE / FOLLOW_UP_MAX_DISTANCE (EmbeddingModelVersion.abstain_max_distance, fitted
 # by the embedder gate, TUNING_EMBEDDER_CALIBRATE_ABSTENTION below), which the pipeline uses instead;
-# these two are the fallback. FOLLOW_UP_OWN_MARGIN and CURATED_MATCH_MAX_DISTANCE apply to every version.
+# these two are the fallback. The same holds for FOLLOW_UP_OWN_MARGIN and CURATED_MATCH_MAX_DISTANCE
+# (EmbeddingModelVersion.follow_up_own_margin / curated_match_max_distance).
 ABSTAIN_MAX_DISTANCE = env.float("ABSTAIN_MAX_DISTANCE", default=0.62)
 # In a conversation, a question that does not refer back but retrieves weakly on its own words
 # (closest chunk beyond ABSTAIN_MAX_DISTANCE) is retrieved with its history when its own distance is

@@ -335,7 +335,7 @@ class EmbeddingModelVersionAdmin(admin.ModelAdmin):
     never run in the request; the page refreshes itself while a version builds or promotes."""
 
     list_display = ("name", "status", "dimension", "progress", "chunks_done", "chunks_total", "abstain_max_distance",
-                    "note", "reason", "created_at", "promoted_at", "retired_at")
+                    "curated_match_max_distance", "note", "reason", "created_at", "promoted_at", "retired_at")
     list_filter = ("status",)
     readonly_fields = [f.name for f in EmbeddingModelVersion._meta.fields]
     actions = ["promote", "roll_back"]

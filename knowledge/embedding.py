@@ -44,7 +44,8 @@ class ActiveEmbedding:
     """The embedding version serving now: ``version_id`` (``None`` for the implicit settings version
     before any is registered), ``model_id`` (``"<name>@<dim>"``, as on ``Chunk.embedding_model``),
     ``path`` (its sentence-transformers folder), ``dimension``, and its own fitted abstention
-    thresholds (cosine distance 0..2, ``None``: the settings'; see ``abstain_distance``)."""
+    thresholds (cosine distance 0..2, ``None``: the settings'; see ``abstain_distance``), curated-answer
+    match threshold and own-words margin (``curated_match_distance``, ``own_margin``)."""
 
     version_id: int | None
     model_id: str
@@ -52,6 +53,8 @@ class ActiveEmbedding:
     dimension: int
     abstain_max_distance: float | None = None
     follow_up_max_distance: float | None = None
+    curated_match_max_distance: float | None = None
+    follow_up_own_margin: float | None = None
 
     @property
     def abstain_distance(self) -> float:
@@ -67,6 +70,21 @@ class ActiveEmbedding:
         fitted = self.follow_up_max_distance
         return settings.FOLLOW_UP_MAX_DISTANCE if fitted is None else float(fitted)
 
+    @property
+    def curated_match_distance(self) -> float:
+        """The curated-answer match threshold for this version's question-to-question distances
+        (cosine, 0..2): its fitted one, else ``CURATED_MATCH_MAX_DISTANCE``."""
+        fitted = self.curated_match_max_distance
+        return settings.CURATED_MATCH_MAX_DISTANCE if fitted is None else float(fitted)
+
+    @property
+    def own_margin(self) -> float:
+        """How much closer (cosine distance) a question's own words must retrieve than the question
+        read with its history for them to lead a question that refers back: its fitted one, else
+        ``FOLLOW_UP_OWN_MARGIN`` (negative: never)."""
+        fitted = self.follow_up_own_margin
+        return settings.FOLLOW_UP_OWN_MARGIN if fitted is None else float(fitted)
+
 
 def settings_embedding() -> ActiveEmbedding:
     """The settings' model as an (unregistered) version: ``EMBEDDING_MODEL``, ``EMBEDDING_DIM``."""
@@ -76,7 +94,8 @@ def settings_embedding() -> ActiveEmbedding:
 def version_embedding(version) -> ActiveEmbedding:
     """``ActiveEmbedding`` of an ``EmbeddingModelVersion`` row (any status)."""
     return ActiveEmbedding(version.pk, version.model_id, version.path, int(version.dimension),
-                           version.abstain_max_distance, version.follow_up_max_distance)
+                           version.abstain_max_distance, version.follow_up_max_distance,
+                           version.curated_match_max_distance, version.follow_up_own_margin)
 
 
 def active_embedding() -> ActiveEmbedding:
@@ -89,13 +108,14 @@ def active_embedding() -> ActiveEmbedding:
     from django.db import connection
 
     with connection.cursor() as cursor:
-        cursor.execute("SELECT id, name, path, dimension, abstain_max_distance, follow_up_max_distance "
+        cursor.execute("SELECT id, name, path, dimension, abstain_max_distance, follow_up_max_distance, "
+                       "curated_match_max_distance, follow_up_own_margin "
                        "FROM knowledge_embeddingmodelversion WHERE status = 'active'")
         row = cursor.fetchone()
     if row is None:
         return settings_embedding()
-    pk, name, path, dimension, abstain, follow_up = row
-    return ActiveEmbedding(pk, f"{name}@{dimension}", path, int(dimension), abstain, follow_up)
+    pk, name, path, dimension, *thresholds = row
+    return ActiveEmbedding(pk, f"{name}@{dimension}", path, int(dimension), *thresholds)
 
 
 def model_id() -> str:

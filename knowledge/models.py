@@ -376,6 +376,9 @@ class EmbeddingModelVersion(models.Model):
     was compared with did (``calibration`` holds the fit's numbers); ``None`` means the settings'
     ``ABSTAIN_MAX_DISTANCE`` / ``FOLLOW_UP_MAX_DISTANCE`` (chosen on the settings' MiniLM). The
     pipeline reads the active version's (``knowledge.embedding.active_embedding``).
+    ``curated_match_max_distance`` (question to question, 0..2) and ``follow_up_own_margin`` (a
+    difference of distances, -2..2; negative: the rule is off) are fitted the same way; ``None``: the
+    settings' ``CURATED_MATCH_MAX_DISTANCE`` / ``FOLLOW_UP_OWN_MARGIN``.
     """
 
     class Status(models.TextChoices):
@@ -419,6 +422,12 @@ class EmbeddingModelVersion(models.Model):
     follow_up_max_distance = models.FloatField(
         null=True, blank=True, help_text="Follow-up threshold of this version (cosine distance 0..2); "
                                          "empty: the FOLLOW_UP_MAX_DISTANCE setting.")
+    curated_match_max_distance = models.FloatField(
+        null=True, blank=True, help_text="Curated-answer match threshold of this version (cosine distance "
+                                         "0..2 between two questions); empty: the CURATED_MATCH_MAX_DISTANCE setting.")
+    follow_up_own_margin = models.FloatField(
+        null=True, blank=True, help_text="Own-words margin of this version (a difference of cosine distances; "
+                                         "negative: off); empty: the FOLLOW_UP_OWN_MARGIN setting.")
     calibration = models.JSONField(default=dict, blank=True,
                                    help_text="How the thresholds were fitted (the embedder gate's numbers).")
 
@@ -429,6 +438,12 @@ class EmbeddingModelVersion(models.Model):
             CheckConstraint(condition=Q(abstain_max_distance__isnull=True) | (Q(abstain_max_distance__gte=0)
                                                                                 & Q(abstain_max_distance__lte=2)),
                             name="embeddingversion_abstain_distance_range"),
+            CheckConstraint(condition=Q(curated_match_max_distance__isnull=True)
+                            | (Q(curated_match_max_distance__gte=0) & Q(curated_match_max_distance__lte=2)),
+                            name="embeddingversion_curated_distance_range"),
+            CheckConstraint(condition=Q(follow_up_own_margin__isnull=True)
+                            | (Q(follow_up_own_margin__gte=-2) & Q(follow_up_own_margin__lte=2)),
+                            name="embeddingversion_own_margin_range"),
             CheckConstraint(condition=Q(progress__gte=0) & Q(progress__lte=1), name="embeddingversion_progress_range"),
             CheckConstraint(condition=Q(dimension__gte=1), name="embeddingversion_dimension_positive"),
         ]

@@ -1,5 +1,5 @@
 """Knowledge-base reads: hybrid retrieval (``chunk_search``), the retrieval query (``retrieval_query``)
-and curated answers (``curated_answer_match``, ``curated_answer_list``).
+and curated answers (``curated_answer_match``, ``curated_answer_list``, ``curated_question_vectors``).
 
 Hybrid retrieval runs two legs in one SQL statement and fuses their rankings with reciprocal rank
 fusion (RRF; Cormack, Clarke & Buettcher, "Reciprocal Rank Fusion outperforms Condorcet and
@@ -30,7 +30,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from knowledge import embedding as embedding_module
-from knowledge.models import Chunk, CuratedAnswer, EmbeddingModelVersion, Source
+from knowledge.models import Chunk, ChunkEmbedding, CuratedAnswer, EmbeddingModelVersion, Source
 
 _TERM = re.compile(r"[^\W_]+", re.UNICODE)
 
@@ -179,8 +179,9 @@ def conversation_search(
     history's retrieval is not weak and its best chunks contain one of the question's content words.
     A question that refers back is still led by its own words when they retrieve well and either the
     history's retrieval is weak ("And how long does a refund take?" after questions about a tent) or
-    its own closest chunk is at least ``own_margin`` (cosine distance, default
-    ``FOLLOW_UP_OWN_MARGIN``; negative: never) closer than the history's ("Can I cancel my order
+    its own closest chunk is at least ``own_margin`` (cosine distance, default the active version's
+    ``ActiveEmbedding.own_margin``: ``FOLLOW_UP_OWN_MARGIN`` unless the embedder gate fitted its own;
+    negative: never) closer than the history's ("Can I cancel my order
     after I placed it?": the pronoun points inside the question).
     Otherwise the question leads on its own words: when they retrieve well its own results come first
     and the history's are fused after them (``OWN_WORDS_FIRST``), so a new topic is answered from its
@@ -196,7 +197,6 @@ def conversation_search(
     gate fitted its own), returned as ``abstain_distance``.
     Returns ``ConversationalRetrieval``; raises ``ValueError`` like ``chunk_search``.
     """
-    margin = settings.FOLLOW_UP_OWN_MARGIN if own_margin is None else own_margin
     question = question.strip()
     if not question:
         return ConversationalRetrieval([], "", None, None, None,
@@ -213,6 +213,7 @@ def conversation_search(
         active = embedding_module.active_embedding()
         weak = active.abstain_distance if weak_distance is None else weak_distance
         lean = active.follow_up_distance if lean_max_distance is None else lean_max_distance
+        margin = active.own_margin if own_margin is None else own_margin
         own = chunk_search(question, k=k, collection=collection, query_embedding=vectors[0], mode=mode,
                            exclude_kinds=exclude_kinds)
         with_history = None if query == question else chunk_search(
@@ -541,8 +542,9 @@ def curated_answer_match(
     query_embedding: Sequence[float] | None = None, candidates: int = 5,
 ) -> CuratedMatch | None:
     """The curated answer of ``collection`` whose question is closest to ``question``, if within
-    ``max_distance`` (cosine distance 0..2 between the two questions' embeddings; default
-    ``CURATED_MATCH_MAX_DISTANCE``, chosen in ``benchmarks/curated_answers.py``) and its evidence is
+    ``max_distance`` (cosine distance 0..2 between the two questions' embeddings; default the active
+    version's ``ActiveEmbedding.curated_match_distance``: ``CURATED_MATCH_MAX_DISTANCE``, chosen in
+    ``benchmarks/curated_answers.py``, unless the embedder gate fitted its own) and its evidence is
     unchanged (``curated_evidence``); else ``None``. Retired entries have no chunk and never match.
 
     Reads the curated chunks (the vector of each curated question) with pgvector's cosine distance:
@@ -551,12 +553,12 @@ def curated_answer_match(
     """
     from pgvector.django import CosineDistance
 
-    limit = settings.CURATED_MATCH_MAX_DISTANCE if max_distance is None else max_distance
     question = (question or "").strip()
     if not question:
         return None
     with transaction.atomic():
         active = embedding_module.active_embedding()
+        limit = active.curated_match_distance if max_distance is None else max_distance
         if query_embedding is None or embedding_module.vectors_model_id(query_embedding) not in (None, active.model_id):
             query_embedding = embedding_module.encoder_for(active).encode([question])[0]
         chunks = Chunk.objects.filter(source__kind=Source.Kind.CURATED, embedding_model=active.model_id)
@@ -580,6 +582,25 @@ def curated_answer_match(
             if evidence:
                 return CuratedMatch(curated.pk, curated.question, curated.answer, float(distance), evidence)
     return None
+
+
+def curated_question_vectors(*, embedding_version: int | None = None, limit: int | None = None) -> dict:
+    """The stored vector of every live curated answer's question (the one chunk of each, embedded from
+    the question) under the active embedding version, or under ``embedding_version`` (an
+    ``EmbeddingModelVersion`` id: a candidate's shadow or a retired version's kept vectors in
+    ``ChunkEmbedding``): ``{chunk id: numpy float vector of the version's dimension}``, at most
+    ``limit`` (lowest chunk ids first; ``None``: all). Retired curated answers have no chunk. What the
+    embedder gate fits a candidate's ``curated_match_max_distance`` on."""
+    with _search_snapshot():
+        active = embedding_module.active_embedding()
+        if embedding_version is None or embedding_version == active.version_id:
+            rows = (Chunk.objects.filter(source__kind=Source.Kind.CURATED, embedding_model=active.model_id)
+                    .order_by("id").values_list("id", "embedding"))
+        else:
+            rows = (ChunkEmbedding.objects.filter(version_id=embedding_version, chunk__source__kind=Source.Kind.CURATED)
+                    .order_by("chunk_id").values_list("chunk_id", "embedding"))
+        rows = rows[:limit] if limit is not None else rows
+        return {chunk_id: vector for chunk_id, vector in rows if vector is not None}
 
 
 def curated_answer_list(*, collection: str | None = None, keys: Sequence[str] | None = None):

@@ -97,7 +97,14 @@ class EmbedderRunAdmin(admin.ModelAdmin):
                     ("answerable questions declined", _declined(answerable.get("served")),
                      _declined(answerable.get("candidate"))),
                     ("unanswerable questions declined", _declined(unanswerable.get("served")),
-                     _declined(unanswerable.get("candidate"))))))
+                     _declined(unanswerable.get("candidate"))),
+                    ("own-words margin (cosine distance)", abstention.get("served_own_margin"),
+                     abstention.get("candidate_own_margin")))))
+        curated = decision.get("curated_match") or {}
+        if curated:
+            rows += format_html(
+                "<tr><td>{}</td><td>{}</td><td>{} ({})</td></tr>", "curated-answer match threshold (cosine distance)",
+                curated.get("served_threshold"), curated.get("candidate_threshold"), curated.get("method"))
         return format_html(
             "<p><strong>{}</strong>: {}</p><p>MRR gain {} (interval [{}, {}]){}</p>"
             "<table><tr><th>metric</th><th>active</th><th>candidate</th></tr>{}</table>",

@@ -12,8 +12,11 @@ agents marked unanswerable), stores them on the candidate version, and the pipel
 version's (falling back to the settings). It then checks the decisions each version makes with its
 own threshold: the candidate may not decline more held-out answerable questions, nor fewer
 unanswerable ones, than the active version beyond ``TUNING_EMBEDDER_GATE_ABSTENTION_TOLERANCE``.
-``CURATED_MATCH_MAX_DISTANCE`` (question to question) and ``FOLLOW_UP_OWN_MARGIN`` (a difference of
-distances) are not fitted: they stay the settings' for every version.
+``FOLLOW_UP_OWN_MARGIN`` (a difference of distances) is mapped over the same distances, as the
+width of the band below the abstention threshold (``abstention_calibrate``); ``CURATED_MATCH_MAX_DISTANCE``
+(question to question) by the same quantile mapping over the distances between the curated answers'
+questions as each version stored them (``curated_match_calibrate``), so the candidate matches as many
+pairs of questions as the active version did.
 
 The offline comparison:
 
@@ -309,7 +312,7 @@ def _declined(distances: Sequence[float | None], threshold: float) -> dict:
 
 
 def abstention_calibrate(comparison: dict, *, served_threshold: float, served_follow_up: float, fit: bool = True,
-                         min_questions: int = 20) -> dict:
+                         min_questions: int = 20, served_own_margin: float | None = None) -> dict:
     """The candidate's abstention thresholds, and what both versions decline with theirs.
 
     ``served_threshold`` / ``served_follow_up`` are the active version's (cosine, 0..2: its fitted
@@ -320,9 +323,16 @@ def abstention_calibrate(comparison: dict, *, served_threshold: float, served_fo
     were chosen on MiniLM), and this keeps the share of those questions it answers. Otherwise the
     candidate keeps the active version's values (``"method": "carried"``, the reason in ``"note"``).
 
+    ``served_own_margin`` (the active version's ``FOLLOW_UP_OWN_MARGIN``, a difference of cosine
+    distances; ``None``: not fitted) is mapped as the band it cuts below the abstention threshold:
+    the candidate's margin is ``candidate_threshold - threshold_map(served_threshold -
+    served_own_margin)`` (at least 0), so "own words at least this much closer" keeps its meaning on
+    the candidate's scale. A negative margin (the rule off) is carried.
+
     Returns ``{"method", "note", "questions" (used for the fit), "served_threshold",
-    "candidate_threshold", "served_follow_up", "candidate_follow_up", "answerable": {"served":
-    _declined, "candidate": _declined}, "unanswerable": {... same}}`` (thresholds rounded to 4 places).
+    "candidate_threshold", "served_follow_up", "candidate_follow_up", "served_own_margin",
+    "candidate_own_margin" (both ``None`` without ``served_own_margin``), "answerable": {"served":
+    _declined, "candidate": _declined}, "unanswerable": {... same}}`` (rounded to 4 places).
     """
     rows, others = comparison.get("rows", []), comparison.get("unanswerable_rows", [])
     pairs = [(r["served_distance"], r["candidate_distance"]) for r in [*rows, *others]
@@ -331,10 +341,13 @@ def abstention_calibrate(comparison: dict, *, served_threshold: float, served_fo
         served_d, candidate_d = [p[0] for p in pairs], [p[1] for p in pairs]
         threshold = threshold_map(served_d, candidate_d, served_threshold)
         follow_up = max(threshold_map(served_d, candidate_d, served_follow_up), threshold)
+        own_margin = served_own_margin
+        if served_own_margin is not None and served_own_margin >= 0:
+            own_margin = max(threshold - threshold_map(served_d, candidate_d, served_threshold - served_own_margin), 0.0)
         method, note = "quantile", (f"fitted on {len(pairs)} questions' closest distances ({len(rows)} held-out "
                                     f"answerable, {len(others)} unanswerable)")
     else:
-        threshold, follow_up, method = served_threshold, served_follow_up, "carried"
+        threshold, follow_up, own_margin, method = served_threshold, served_follow_up, served_own_margin, "carried"
         note = ("calibration is off (TUNING_EMBEDDER_CALIBRATE_ABSTENTION)" if not fit else
                 f"{len(pairs)} question(s) with distances, fewer than the {min_questions} a fit needs; "
                 "the active version's thresholds are kept")
@@ -342,11 +355,58 @@ def abstention_calibrate(comparison: dict, *, served_threshold: float, served_fo
         "method": method, "note": note, "questions": len(pairs),
         "served_threshold": round(float(served_threshold), 4), "candidate_threshold": round(threshold, 4),
         "served_follow_up": round(float(served_follow_up), 4), "candidate_follow_up": round(follow_up, 4),
+        "served_own_margin": None if served_own_margin is None else round(float(served_own_margin), 4),
+        "candidate_own_margin": None if own_margin is None else round(float(own_margin), 4),
         "answerable": {"served": _declined([r.get("served_distance") for r in rows], served_threshold),
                        "candidate": _declined([r.get("candidate_distance") for r in rows], threshold)},
         "unanswerable": {"served": _declined([r.get("served_distance") for r in others], served_threshold),
                          "candidate": _declined([r.get("candidate_distance") for r in others], threshold)},
     }
+
+
+def curated_match_calibrate(served: dict, candidate: dict, *, served_threshold: float, fit: bool = True,
+                            min_questions: int = 20, max_questions: int = 1500, seed: int = 0) -> dict:
+    """The candidate's curated-answer match threshold (``CURATED_MATCH_MAX_DISTANCE`` on its scale).
+
+    ``served`` / ``candidate``: ``{chunk id: vector}`` of the curated answers' questions as the active
+    version and the candidate stored them (``knowledge.selectors.curated_question_vectors``; any
+    dimensions). Over the curated answers both hold (at most ``max_questions``, a ``seed``ed sample),
+    the cosine distance (0..2) of every pair of their questions is taken in each version, and with
+    ``fit`` and at least ``min_questions`` of them the candidate's threshold is ``threshold_map`` of
+    ``served_threshold`` (the active version's) over those pair distances (``"method": "quantile"``):
+    the candidate then counts as many pairs of questions within its threshold as the active version
+    did within its own, the share a curated match is served on. Otherwise it carries the active
+    version's (``"method": "carried"``, the reason in ``"note"``).
+
+    Pairs of n questions are n(n-1)/2 (1,500 questions: 1.1 M pairs, two float64 n x n matrices,
+    36 MB). Returns ``{"method", "note", "questions", "pairs", "served_threshold",
+    "candidate_threshold" (4 places), "pairs_within": {"served", "candidate"}}``.
+    """
+    ids = sorted(set(served) & set(candidate))
+    if len(ids) > max_questions:
+        rng = np.random.default_rng(seed)
+        ids = sorted(rng.choice(ids, size=max_questions, replace=False).tolist())
+    result = {"questions": len(ids), "pairs": len(ids) * (len(ids) - 1) // 2,
+              "served_threshold": round(float(served_threshold), 4)}
+    if not fit or len(ids) < max(min_questions, 2):
+        note = ("calibration is off (TUNING_EMBEDDER_CALIBRATE_ABSTENTION)" if not fit else
+                f"{len(ids)} curated question(s) in both versions, fewer than the {min_questions} a fit needs; "
+                "the active version's threshold is kept")
+        return {**result, "method": "carried", "note": note, "candidate_threshold": round(float(served_threshold), 4),
+                "pairs_within": None}
+
+    def pair_distances(vectors: dict) -> np.ndarray:
+        matrix = np.asarray([np.asarray(vectors[i], dtype=float) for i in ids])
+        matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+        upper = np.triu_indices(len(ids), k=1)
+        return 1.0 - (matrix @ matrix.T)[upper]
+
+    served_d, candidate_d = pair_distances(served), pair_distances(candidate)
+    threshold = threshold_map(served_d, candidate_d, served_threshold)
+    return {**result, "method": "quantile", "candidate_threshold": round(threshold, 4),
+            "note": f"fitted on the {result['pairs']} pairs of {len(ids)} curated answers' questions",
+            "pairs_within": {"served": int((served_d <= served_threshold).sum()),
+                             "candidate": int((candidate_d <= threshold).sum())}}
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ queued ``EmbedderRun`` (one in progress at a time, a database constraint); the C
 4. the gate (``tuning.embedder_evaluation.embedder_gate_compare`` / ``embedder_gate_decide``):
    passage-hit@1/5/10, document-hit@5 and MRR@10 of the active and the candidate version through
    ``chunk_search`` on the held-out corrections, a paired bootstrap of the MRR gain; the candidate's
-   abstention thresholds fitted to its distance scale (``abstention_calibrate``, stored on its
-   version) and the answerable / unanswerable questions each version declines with its own; the
+   abstention thresholds and own-words margin fitted to its distance scale (``abstention_calibrate``)
+   and its curated-answer match threshold (``curated_match_calibrate``), stored on its version, and
+   the answerable / unanswerable questions each version declines with its own; the
    decision and its numbers are stored on the run (``evaluation``, ``decision``);
 5. a candidate that wins is promoted (status ``promoting``; ``knowledge.services.
    embedding_version_promotion_request`` then ``embedding_version_promotion_run`` in this worker:
@@ -233,7 +234,9 @@ def embedder_run_execute(run_id: int) -> EmbedderRun:
             raise _RunStopped(f"the run is no longer {expected}")
 
     try:
-        from tuning.embedder_evaluation import abstention_calibrate, embedder_gate_compare, embedder_gate_decide
+        from knowledge.selectors import curated_question_vectors
+        from tuning.embedder_evaluation import (abstention_calibrate, curated_match_calibrate, embedder_gate_compare,
+                                                embedder_gate_decide)
         from tuning.embedder_training import EmbedderExample, EmbedderHyperparameters, embedder_train
 
         if settings.EMBEDDING_THREADS > 0:
@@ -269,13 +272,19 @@ def embedder_run_execute(run_id: int) -> EmbedderRun:
         abstention = abstention_calibrate(
             comparison, served_threshold=active.abstain_distance, served_follow_up=active.follow_up_distance,
             fit=settings.TUNING_EMBEDDER_CALIBRATE_ABSTENTION,
+            min_questions=settings.TUNING_EMBEDDER_CALIBRATION_MIN_QUESTIONS, served_own_margin=active.own_margin)
+        curated_match = curated_match_calibrate(
+            curated_question_vectors(), curated_question_vectors(embedding_version=version.pk),
+            served_threshold=active.curated_match_distance, fit=settings.TUNING_EMBEDDER_CALIBRATE_ABSTENTION,
             min_questions=settings.TUNING_EMBEDDER_CALIBRATION_MIN_QUESTIONS)
         knowledge_services.embedding_version_thresholds_set(
             version.pk, abstain_max_distance=abstention["candidate_threshold"],
             follow_up_max_distance=abstention["candidate_follow_up"],
+            curated_match_max_distance=curated_match["candidate_threshold"],
+            follow_up_own_margin=abstention["candidate_own_margin"],
             calibration={k: v for k, v in abstention.items() if k not in ("answerable", "unanswerable")}
-            | {"run": run.pk, "active_version": active.model_id})
-        decision = embedder_gate_decide(comparison, abstention=abstention)
+            | {"curated_match": curated_match, "run": run.pk, "active_version": active.model_id})
+        decision = embedder_gate_decide(comparison, abstention=abstention) | {"curated_match": curated_match}
         evaluation = {"served": comparison["served"], "candidate": comparison["candidate"],
                       "chunks": version.chunks_total, "reembed_s": reembed_s, "candidate_dimension": result.dimension,
                       "search_s": comparison["search_s"], "rows": comparison["rows"],

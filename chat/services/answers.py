@@ -10,8 +10,9 @@ The answer pipeline, for one customer question:
    (``conversation_request_human``, status ``needs_human``) and yield ``chat.agent_active`` too;
 2. a message that is only a greeting, thanks or goodbye (``chat.intents.small_talk``) gets its fixed
    reply (``SMALL_TALK_REPLIES``, ``"method": "conversational"``) and nothing more is done;
-   when the question is the conversation's first customer question and is within
-   ``CURATED_MATCH_MAX_DISTANCE`` of a curated answer's question (an approved correction,
+   when the question is the conversation's first customer question and is within the curated-match
+   threshold (``CURATED_MATCH_MAX_DISTANCE``, or the active embedding version's fitted one) of a
+   curated answer's question (an approved correction,
    ``knowledge.selectors.curated_answer_match``), answer with the curated answer citing its evidence
    (``"method": "curated"``) and skip steps 3-5; otherwise
    retrieve with ``knowledge.selectors.conversation_search``: a follow-up that refers back ("how do I
@@ -222,8 +223,8 @@ def answer_compose(
     for, it is quoted at once and the model is not asked (measured better than the 135M model's own
     wording on held-out Doc2Dial questions, README "Groundedness check"); ``False`` always asks the
     model (the tuning evaluation measures the model). ``curated`` (with retrieval): a first question
-    (no user turn in ``history``, ``curated_lookup``) within
-    ``CURATED_MATCH_MAX_DISTANCE`` of a curated answer's question is answered with that answer, citing
+    (no user turn in ``history``, ``curated_lookup``) within the curated-match threshold of a
+    curated answer's question is answered with that answer, citing
     its evidence chunks ``[1]..[n]``, and nothing is retrieved or generated (``curated_reply``);
     ``curated=False`` also leaves curated answers out of retrieval (the tuning evaluation: a held-out
     correction's own answer, embedded from its question, would otherwise be the first source).
@@ -450,8 +451,9 @@ def curated_lookup(question: str, *, history=(), collection: str = "default",
                    max_distance: float | None = None, query_embedding=None) -> CuratedMatch | None:
     """The curated answer the pipeline serves for ``question``, or ``None``: only the conversation's
     first customer question (``history`` ``[{"role", "text"}]`` holds no ``user`` turn) is matched,
-    against the curated questions of ``collection`` within ``max_distance`` (default
-    ``CURATED_MATCH_MAX_DISTANCE``, cosine 0..2; ``knowledge.selectors.curated_answer_match``).
+    against the curated questions of ``collection`` within ``max_distance`` (cosine 0..2; default the
+    active embedding version's ``curated_match_distance``: ``CURATED_MATCH_MAX_DISTANCE`` unless the
+    embedder gate fitted its own; ``knowledge.selectors.curated_answer_match``).
     ``query_embedding`` is the question's embedding when the caller has it.
 
     Measured on Doc2Dial (``benchmarks/curated_answers.py``, README "Curated answers"): later turns

@@ -601,15 +601,23 @@ def embedding_version_rollback(*, note: str = "rolled back") -> EmbeddingModelVe
 
 
 def embedding_version_thresholds_set(version_id: int, *, abstain_max_distance: float | None,
-                                     follow_up_max_distance: float | None, calibration: dict | None = None) -> None:
-    """Record ``version_id``'s own abstention thresholds (cosine distance, 0..2; ``None``: the settings'
-    ``ABSTAIN_MAX_DISTANCE`` / ``FOLLOW_UP_MAX_DISTANCE``) and how they were fitted (``calibration``,
-    JSON). The pipeline reads the active version's (``knowledge.embedding.active_embedding``), so a
-    promoted version declines by its own distance scale. Raises ``ValueError`` for a threshold outside
-    0..2 (the database refuses it too)."""
-    for value in (abstain_max_distance, follow_up_max_distance):
+                                     follow_up_max_distance: float | None, calibration: dict | None = None,
+                                     curated_match_max_distance: float | None = None,
+                                     follow_up_own_margin: float | None = None) -> None:
+    """Record ``version_id``'s own thresholds and how they were fitted (``calibration``, JSON):
+    abstention (``abstain_max_distance`` / ``follow_up_max_distance``, cosine distance 0..2), the
+    curated-answer match (``curated_match_max_distance``, 0..2, question to question) and the
+    own-words margin (``follow_up_own_margin``, a difference of distances, -2..2, negative: off);
+    ``None`` means the settings' ``ABSTAIN_MAX_DISTANCE`` / ``FOLLOW_UP_MAX_DISTANCE`` /
+    ``CURATED_MATCH_MAX_DISTANCE`` / ``FOLLOW_UP_OWN_MARGIN``. The pipeline reads the active version's
+    (``knowledge.embedding.active_embedding``), so a promoted version decides by its own distance
+    scale. Raises ``ValueError`` for a value out of its range (the database refuses it too)."""
+    for value in (abstain_max_distance, follow_up_max_distance, curated_match_max_distance):
         if value is not None and not 0 <= value <= 2:
             raise ValueError(f"a cosine distance threshold must be in [0, 2], got {value}")
+    if follow_up_own_margin is not None and not -2 <= follow_up_own_margin <= 2:
+        raise ValueError(f"a margin of cosine distances must be in [-2, 2], got {follow_up_own_margin}")
     EmbeddingModelVersion.objects.filter(pk=version_id).update(
         abstain_max_distance=abstain_max_distance, follow_up_max_distance=follow_up_max_distance,
+        curated_match_max_distance=curated_match_max_distance, follow_up_own_margin=follow_up_own_margin,
         calibration=calibration or {})

@@ -395,14 +395,23 @@ def test_a_follow_up_whose_history_retrieves_weakly_is_answered_from_its_own_wor
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("margin, follow_up, first_chunk", [(0.10, "own words first", 101), (-1.0, "refers back", 102)])
+@pytest.mark.parametrize("margin, version_margin, follow_up, first_chunk", [
+    (0.10, None, "own words first", 101), (-1.0, None, "refers back", 102),
+    # an active embedding version's fitted margin wins over the setting
+    (0.10, -1.0, "refers back", 102), (-1.0, 0.10, "own words first", 101), (0.10, 0.30, "refers back", 102)])
 def test_a_question_with_a_pronoun_that_names_its_own_topic_is_led_by_its_own_words(
-    fake_engine, retrieval, settings, margin, follow_up, first_chunk
+    fake_engine, retrieval, settings, margin, version_margin, follow_up, first_chunk
 ):
     # given a conversation about a tent, then "Can I cancel my order after I placed it?": "it" points
     # inside the question; its own words find the cancellation passage (0.28) far closer than the
     # question read with the tent question does (0.55, still within the abstention threshold)
     settings.ABSTAIN_MAX_DISTANCE, settings.FOLLOW_UP_OWN_MARGIN = 0.62, margin
+    if version_margin is not None:
+        from knowledge.models import EmbeddingModelVersion
+
+        EmbeddingModelVersion.objects.create(
+            name=settings.EMBEDDING_MODEL_NAME, path=str(settings.EMBEDDING_MODEL), dimension=settings.EMBEDDING_DIM,
+            status="active", follow_up_own_margin=version_margin)
     cancel = "You can change or cancel an order within 60 minutes of placing it."
     retrieval.results_for = lambda query: (
         [chunk(2, distance=0.55, text="Packed weight 1.6 kg."), chunk(1, distance=0.6, text=cancel)]

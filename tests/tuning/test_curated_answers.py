@@ -150,6 +150,46 @@ def test_an_unrelated_question_matches_no_curated_answer(kb, agent, agent2):
     assert curated_answer_match(QUESTION, collection="other") is None
 
 
+def test_the_active_embedding_versions_fitted_match_threshold_decides_which_questions_match(kb, agent, agent2, settings):
+    from knowledge.models import EmbeddingModelVersion
+
+    # Given an approved correction and a paraphrase of its question at distance d from it
+    approved(kb, agent, agent2)
+    paraphrase = "How many days can I take to send an item back?"
+    question, other = get_embedding_model().encode([QUESTION, paraphrase])
+    d = 1.0 - float(np.dot(question, other))
+    assert 0.05 < d < 0.6
+    # and the settings' threshold above d, so the paraphrase matches with no version registered
+    settings.CURATED_MATCH_MAX_DISTANCE = d + 0.05
+    assert curated_answer_match(paraphrase, collection="default") is not None
+
+    # When the active embedding version (the settings' model) carries a fitted threshold below d
+    version = EmbeddingModelVersion.objects.create(
+        name=settings.EMBEDDING_MODEL_NAME, path=str(settings.EMBEDDING_MODEL), dimension=settings.EMBEDDING_DIM,
+        status="active", curated_match_max_distance=d - 0.05)
+    # Then the paraphrase no longer matches, the question itself still does
+    assert curated_answer_match(paraphrase, collection="default") is None
+    assert curated_answer_match(QUESTION, collection="default").question == QUESTION
+    # and an explicit max_distance still overrides it
+    assert curated_answer_match(paraphrase, collection="default", max_distance=d + 0.01) is not None
+    # When the fitted threshold is cleared, then the setting decides again
+    EmbeddingModelVersion.objects.filter(pk=version.pk).update(curated_match_max_distance=None)
+    assert curated_answer_match(paraphrase, collection="default") is not None
+
+
+def test_curated_question_vectors_are_the_stored_embeddings_of_the_live_curated_questions(kb, agent, agent2):
+    from knowledge.selectors import curated_question_vectors
+
+    # Given one approved correction: its curated chunk holds the embedding of its question
+    correction = approved(kb, agent, agent2)
+    (chunk_id, vector), = curated_question_vectors().items()
+    assert chunk_id == Chunk.objects.get(source__kind="curated").pk
+    assert np.allclose(vector, get_embedding_model().encode([QUESTION])[0], atol=1e-5)
+    # When the correction is withdrawn (its curated answer leaves), then there is none
+    services.correction_revoke(correction.pk, reviewer=agent2)
+    assert curated_question_vectors() == {}
+
+
 def test_only_a_conversations_first_question_is_answered_from_a_curated_answer(kb, agent, agent2, fake_engine):
     approved(kb, agent, agent2)
     # given a conversation in which the customer already asked something

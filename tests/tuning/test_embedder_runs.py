@@ -266,6 +266,10 @@ def test_an_embedder_run_promotes_a_candidate_that_passes_the_gate_and_one_actio
     assert (version.abstain_max_distance, version.follow_up_max_distance) == (settings.ABSTAIN_MAX_DISTANCE,
                                                                               settings.FOLLOW_UP_MAX_DISTANCE)
     assert version.calibration["method"] == "carried" and version.calibration["run"] == run.pk
+    # and so are its own-words margin and curated-answer match threshold (no curated answers to fit on)
+    assert version.follow_up_own_margin == settings.FOLLOW_UP_OWN_MARGIN
+    assert run.decision["curated_match"]["method"] == "carried" and run.decision["curated_match"]["questions"] == 0
+    assert version.curated_match_max_distance == settings.CURATED_MATCH_MAX_DISTANCE
     assert abstention["answerable"]["served"]["n"] == 2 and abstention["unanswerable"]["served"]["n"] == 0
     from knowledge.embedding import get_embedding_model, model_id
 
@@ -290,6 +294,8 @@ def test_an_embedder_run_promotes_a_candidate_that_passes_the_gate_and_one_actio
     page = client.get(reverse("admin:tuning_embedderrun_change", args=[run.pk])).content.decode()
     assert "Promotion gate" in page and "<strong>promote</strong>" in page and "MRR@10" in page
     assert f"<td>{run.decision['candidate']['mrr']}</td>" in page
+    assert (f"<td>curated-answer match threshold (cosine distance)</td><td>{settings.CURATED_MATCH_MAX_DISTANCE}</td>"
+            f"<td>{settings.CURATED_MATCH_MAX_DISTANCE} (carried)</td>") in page
 
     # When an admin rolls back (one action), then the previous vectors serve again, unchanged
     from knowledge.services import embedding_version_rollback
@@ -507,6 +513,17 @@ def test_the_abstention_calibration_fits_the_candidates_scale_and_the_gate_check
     decision = embedder_gate_decide(clear, gate, fitted)
     assert decision["promote"] is True and decision["abstention"] == fitted
     assert "declines 0/18 answerable (active 0) and 3/3 unanswerable (active 3)" in decision["reason"]
+    # and the own-words margin keeps its width on the candidate's scale: 0.10 below 0.62 is 0.10 below 0.92
+    assert fitted["served_own_margin"] is None and fitted["candidate_own_margin"] is None
+    margin = abstention_calibrate(comparison, served_threshold=0.62, served_follow_up=0.70, served_own_margin=0.10)
+    assert margin["candidate_own_margin"] == pytest.approx(0.10) and margin["served_own_margin"] == 0.10
+    # on a candidate whose distances are half as large, it is half as wide
+    halved = _abstention_rows([(s, s / 2) for s, _ in answerable], [(s, s / 2) for s, _ in unanswerable])
+    margin = abstention_calibrate(halved, served_threshold=0.62, served_follow_up=0.70, served_own_margin=0.10)
+    assert margin["candidate_threshold"] == pytest.approx(0.31) and margin["candidate_own_margin"] == pytest.approx(0.05)
+    # and a negative margin (the rule off) stays off
+    assert abstention_calibrate(halved, served_threshold=0.62, served_follow_up=0.70,
+                                served_own_margin=-1.0)["candidate_own_margin"] == -1.0
     # and with too few questions for a fit, the active version's thresholds are kept
     assert abstention_calibrate(comparison, served_threshold=0.62, served_follow_up=0.70,
                                 min_questions=22)["method"] == "carried"
@@ -519,6 +536,37 @@ def test_the_abstention_calibration_fits_the_candidates_scale_and_the_gate_check
     assert decision["promote"] is False
     assert decision["reason"].startswith("it declines 0 of 3 unanswerable questions against the active embedder's 3 "
                                          "(-1.0000; tolerance 0.0;")
+
+
+def test_the_curated_match_calibration_keeps_the_share_of_question_pairs_that_match():
+    from tuning.embedder_evaluation import curated_match_calibrate
+
+    rng = np.random.default_rng(1)
+    served = {i: v / np.linalg.norm(v) for i, v in enumerate(rng.normal(size=(40, 8)))}
+    # Given a candidate whose questions are the same, then the threshold is unchanged
+    same = curated_match_calibrate(served, dict(served), served_threshold=0.25, min_questions=20)
+    assert (same["method"], same["questions"], same["pairs"]) == ("quantile", 40, 780)
+    assert same["candidate_threshold"] == pytest.approx(0.25, abs=1e-4)
+
+    # Given a candidate that pulls every question towards one direction (all pairs closer; another dimension)
+    # and holds one more question than the active version (left out of the fit)
+    direction = np.ones(8) / np.sqrt(8)
+    candidate = {i: np.concatenate([v + 1.5 * direction, [0.0, 0.0]]) for i, v in served.items()}
+    candidate[99] = np.ones(10)
+    closer = curated_match_calibrate(served, candidate, served_threshold=0.6, min_questions=20)
+    # Then its threshold is smaller, and it matches as many pairs within it as the active version within 0.6
+    assert closer["questions"] == 40 and closer["candidate_threshold"] < 0.6
+    within = closer["pairs_within"]
+    assert within["served"] > 0 and within["candidate"] == within["served"]
+
+    # Given too few questions in both, or the calibration off, then the active threshold is carried with the reason
+    few = curated_match_calibrate(served, candidate, served_threshold=0.25, min_questions=41)
+    assert (few["method"], few["candidate_threshold"]) == ("carried", 0.25)
+    assert few["note"].startswith("40 curated question(s) in both versions, fewer than the 41")
+    off = curated_match_calibrate(served, candidate, served_threshold=0.25, fit=False)
+    assert (off["method"], off["candidate_threshold"]) == ("carried", 0.25)
+    # and a sample of at most max_questions is fitted on
+    assert curated_match_calibrate(served, candidate, served_threshold=0.6, max_questions=25)["questions"] == 25
 
 
 def test_the_stale_sweep_leaves_a_run_whose_switch_holds_its_row(transactional_db, settings):

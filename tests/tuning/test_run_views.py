@@ -182,8 +182,9 @@ def test_the_fine_tunes_page_shows_embedder_runs_and_embedding_versions_live(sta
     # When it is done (promoted, serving with a fitted threshold), then the page stops reloading
     EmbedderRun.objects.filter(pk=run.pk).update(status="succeeded", promoted=True,
                                                  decision={"promote": True, "reason": "MRR@10 0.5 vs 0.4"})
-    EmbeddingModelVersion.objects.filter(pk=version.pk).update(status="active", abstain_max_distance=0.71)
+    EmbeddingModelVersion.objects.filter(pk=version.pk).update(status="active", abstain_max_distance=0.71,
+                                                               curated_match_max_distance=0.23)
     page = client_for(staff).get("/dashboard/fine-tunes/").content.decode()
     assert 'http-equiv="refresh"' not in page
     assert "promote: MRR@10 0.5 vs 0.4 (promoted)" in page and "embedder-run-1-abc <strong>(serving)</strong>" in page
-    assert "0.71 (fitted)" in page
+    assert "<td>0.71 (fitted)</td>" in page and "<td>0.23 (fitted)</td>" in page
