@@ -749,3 +749,33 @@ def test_another_process_with_its_own_encoder_switches_on_its_next_search(transa
     finally:
         process.stdin.close()
         process.wait(timeout=60)
+
+
+def test_curated_question_vectors_of_a_candidate_are_its_shadow_vectors_of_the_question(db, candidate_folders):
+    from sentence_transformers import SentenceTransformer
+
+    from knowledge.selectors import curated_question_vectors
+
+    # Given a curated answer (its one chunk embedded from the question) citing a passage
+    (source, *_) = ingest(PAGES)
+    source.refresh_from_db()
+    passage = Chunk.objects.filter(source=source).order_by("ordinal").first()
+    services.curated_answer_put(key="renewal", collection=source.collection, question=QUESTION,
+                                answer="Six to eight weeks.", evidence=[{
+                                    "source_id": source.pk, "start": passage.start, "end": passage.end,
+                                    "content_hash": source.content_hash}])
+    curated = Chunk.objects.get(source__kind="curated")
+
+    # When a candidate of another dimension is built
+    version = built(candidate_folders["narrow"])
+
+    # Then the candidate's vector of the curated question is its encoding of the question alone (128 numbers),
+    # and the active version's is the settings' model's (384), each keyed by the curated chunk
+    (chunk_id, vector), = curated_question_vectors(embedding_version=version.pk).items()
+    narrow = SentenceTransformer(str(candidate_folders["narrow"]), device="cpu")
+    assert chunk_id == curated.pk and len(vector) == 128
+    assert np.allclose(vector, narrow.encode([QUESTION], normalize_embeddings=True)[0], atol=1e-4)
+    (chunk_id, vector), = curated_question_vectors().items()
+    assert chunk_id == curated.pk and len(vector) == 384
+    # and passages are not among them
+    assert passage.pk not in curated_question_vectors(embedding_version=version.pk)
