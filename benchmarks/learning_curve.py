@@ -82,6 +82,7 @@ def main() -> None:
     from tuning.evaluation import ARMS, arm_metrics, extractive_rows, heldout_questions
     from tuning.fine_tuning import fine_tune_run_execute, fine_tune_run_start
     from tuning.models import FineTuneRun, ModelEvaluation
+    from tuning.seeding import question_lines
 
     print(header("learning_curve: base+retrieval vs candidate (alone, + retrieval) by training-set size, "
                  "beside an extractive answer", [("arguments", str(vars(args))),
@@ -106,8 +107,7 @@ def main() -> None:
         raw = [json.loads(line) for line in Path(args.questions).read_text().splitlines() if line.strip()]
         subset.write_text("".join(json.dumps(r) + "\n" for r in raw if r.get("domain") != args.unseen_domain))
         unrelated = Path(folder) / "unrelated.txt"
-        unrelated.write_text("\n".join([line for line in UNRELATED.read_text().splitlines() if line.strip()]
-                                       [: args.unanswerable]) + "\n")
+        unrelated.write_text("\n".join(question_lines(UNRELATED.read_text())[: args.unanswerable]) + "\n")
         call_command("seed_training_data", questions=str(subset), collection=args.collection,
                      docs_root=str(Path(args.questions).parent), unanswerable=str(unrelated))
     print(f"seeding: {len(seeded)} questions offered (unseen domain {args.unseen_domain or 'none'} left out)", flush=True)

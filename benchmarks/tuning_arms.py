@@ -59,6 +59,7 @@ def main() -> None:
     from tuning.evaluation import ARMS
     from tuning.fine_tuning import fine_tune_run_execute, fine_tune_run_start
     from tuning.models import FineTuneRun, ModelEvaluation
+    from tuning.seeding import question_lines
 
     if args.report_run:
         report(FineTuneRun.objects.get(pk=args.report_run))
@@ -70,7 +71,7 @@ def main() -> None:
     settings.TUNING_EVAL_MAX_QUESTIONS = args.eval_questions
     if args.gold_share is not None:
         settings.TUNING_GOLD_SHARE = args.gold_share
-    unrelated = [line for line in UNRELATED.read_text().splitlines() if line.strip()][: args.unanswerable]
+    unrelated = question_lines(UNRELATED.read_text())[: args.unanswerable]
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
         handle.write("\n".join(unrelated) + "\n")
     call_command("seed_training_data", questions=args.questions, collection=args.collection,

@@ -44,6 +44,12 @@ class SeedReport:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
+def question_lines(text: str) -> list[str]:
+    """The questions of a plain-text question file: one per line, blank lines and lines starting
+    with ``#`` (comments) left out, each stripped."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def dialogue_of(question: GoldQuestion) -> str:
     """The dialogue a question belongs to: its qid up to the last ``_`` (Doc2Dial's ``<dial_id>_<turn>``)."""
     return question.qid.rsplit("_", 1)[0]

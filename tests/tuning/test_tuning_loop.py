@@ -113,14 +113,14 @@ def seeded(loop_settings, embedding_model, tmp_path):
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     unanswerable = tmp_path / "unanswerable.txt"
-    unanswerable.write_text("\n".join(UNANSWERABLE) + "\n")
+    unanswerable.write_text("# out-of-scope questions, one per line\n\n" + "\n".join(UNANSWERABLE) + "\n")
     call_command("seed_training_data", questions=str(questions), collection=COLLECTION, docs_root=str(DEMO),
                  unanswerable=str(unanswerable))
     return questions
 
 
 def test_seeding_builds_approved_corrections_with_real_retrieval(seeded):
-    # given 12 questions with gold spans and 2 unanswerable questions
+    # given 12 questions with gold spans and 2 unanswerable questions (in a file with a comment and a blank line)
     corrections = list(Correction.objects.filter(seeded=True).order_by("id"))
     # then each became an approved, seeded correction with the retrieved chunks and its gold chunk
     assert len(corrections) == 14

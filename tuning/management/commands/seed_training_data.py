@@ -12,7 +12,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from knowledge.evaluation import load_questions
-from tuning.seeding import dialogue_of, training_data_seed
+from tuning.seeding import dialogue_of, question_lines, training_data_seed
 
 
 class Command(BaseCommand):
@@ -26,7 +26,7 @@ class Command(BaseCommand):
         parser.add_argument("--dialogues", help="only dialogues I..J of the file in order of appearance, e.g. 0:40 "
                             "(keeps other dialogues for evaluation)")
         parser.add_argument("--unanswerable", help="text file of questions the knowledge base cannot answer, one per "
-                            "line (seeded with the abstention answer)")
+                            "line, # comments (seeded with the abstention answer)")
 
     def handle(self, *args, questions, collection, docs_root, limit, dialogues, unanswerable, **options):
         path = Path(questions)
@@ -48,7 +48,7 @@ class Command(BaseCommand):
         if unanswerable:
             if not Path(unanswerable).is_file():
                 raise CommandError(f"no such file: {unanswerable}")
-            extra = [line for line in Path(unanswerable).read_text(encoding="utf-8").splitlines() if line.strip()]
+            extra = question_lines(Path(unanswerable).read_text(encoding="utf-8"))
         report = training_data_seed(gold, docs_root=docs_root or path.parent, collection=collection, unanswerable=extra)
         self.stdout.write(f"seeded {report.created} approved example(s) ({report.curated} served as curated "
                           f"answers); {report.existing} already seeded; {len(report.skipped)} skipped")
