@@ -209,15 +209,17 @@ def test_engine_swaps_batched_models_without_dropping_the_answer_in_flight(base_
 
 
 def test_ignore_eos_generates_exactly_max_tokens(base_key):
-    # given a question the model answers in a few tokens
+    # given a question the model answers in a few tokens (12 here; "Say hello." stopped under 40 tokens
+    # on the machine this was written on and at exactly 40 on another build of llama.cpp: too close)
     model = batched(base_key)
     try:
-        natural = submit(model, "Say hello.", max_tokens=40)
-        forced = submit(model, "Say hello.", max_tokens=40, ignore_eos=True)
+        prompt = "Reply with the single word: hello."
+        natural = submit(model, prompt, max_tokens=64)
+        forced = submit(model, prompt, max_tokens=64, ignore_eos=True)
         read_all([natural, forced])
         # then with ignore_eos it runs to max_tokens, without it the model stops on its own
-        assert natural.stats.finish_reason == "stop" and natural.stats.tokens < 40
-        assert (forced.stats.finish_reason, forced.stats.tokens) == ("length", 40)
+        assert natural.stats.finish_reason == "stop" and natural.stats.tokens < 64
+        assert (forced.stats.finish_reason, forced.stats.tokens) == ("length", 64)
     finally:
         shut(model)
 
